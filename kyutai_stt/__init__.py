@@ -1,0 +1,1 @@
+"""kyutai-stt: streaming speech-to-text on Kyutai delayed-streams models."""

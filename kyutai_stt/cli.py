@@ -1,0 +1,167 @@
+"""The ``kyutai-stt`` command: serve, transcribe, make-checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Streaming speech-to-text with Kyutai's delayed-streams models.")
+err = Console(stderr=True)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)])
+
+
+def _settings(**overrides):
+    from .settings import Settings
+
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="Listen address [env KYUTAI_STT_HOST, default 127.0.0.1]."),
+    port: Optional[int] = typer.Option(None, help="Port [env KYUTAI_STT_PORT, default 8000]."),
+    model: Optional[str] = typer.Option(None, help="HF repo id or local checkpoint folder [env KYUTAI_STT_MODEL]."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N [env KYUTAI_STT_DEVICE]."),
+    dtype: Optional[str] = typer.Option(None, help="auto, bfloat16, float16, float32 [env KYUTAI_STT_DTYPE]."),
+    slots: Optional[int] = typer.Option(None, help="Concurrent streams in one batch [env KYUTAI_STT_SLOTS]."),
+    record_dir: Optional[str] = typer.Option(None, help="Debug: save each session's decoded audio here."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the server: WebSocket streaming, HTTP transcription, browser page."""
+    import uvicorn
+
+    from .checkpoint import CheckpointError, load_model
+    from .server import create_app
+
+    _logging(verbose)
+    settings = _settings(host=host, port=port, model=model, device=device, dtype=dtype, slots=slots,
+                         record_dir=record_dir)
+    try:
+        stt = load_model(settings.model, settings.device, settings.dtype)
+    except CheckpointError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    err.print(f"kyutai-stt: serving on [bold]http://{settings.host}:{settings.port}[/bold] "
+              f"(WebSocket ws://{settings.host}:{settings.port}/ws)")
+    uvicorn.run(create_app(settings, stt), host=settings.host, port=settings.port,
+                ws_max_size=settings.max_message_bytes, ws_ping_interval=settings.ping_interval_s,
+                ws_ping_timeout=2 * settings.ping_interval_s, log_level="info")
+
+
+@app.command("make-checkpoint")
+def make_checkpoint(
+    folder: Path = typer.Argument(..., help="Where to write the checkpoint."),
+    size: str = typer.Option("tiny", help="tiny (seconds to build, tests), small, or 1b (stt-1b-en_fr architecture)."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Write a RANDOM-WEIGHT checkpoint in the real layout. It produces meaningless text: tests and benchmarks only."""
+    from .testing_checkpoint import SIZES, make_checkpoint as build
+
+    _logging(False)
+    if size not in SIZES:
+        err.print(f"[red]error:[/red] --size must be one of {', '.join(SIZES)}")
+        raise typer.Exit(2)
+    build(folder, size, seed)
+    err.print(f"wrote a random-weight {size} checkpoint to {folder} (it produces MEANINGLESS text)")
+
+
+@app.command()
+def transcribe(
+    files: list[Path] = typer.Argument(..., help="Audio files (wav, mp3, flac, ogg)."),
+    url: Optional[str] = typer.Option(None, help="Transcribe through a running server (e.g. ws://127.0.0.1:8000)."),
+    realtime: bool = typer.Option(False, help="Send the audio at real-time pace, as a live stream would."),
+    format: str = typer.Option("text", "--format", "-f", help="text (timestamped words as they come), json, srt, vtt."),
+    model: Optional[str] = typer.Option(None, help="In-process: HF repo id or local checkpoint folder."),
+    device: Optional[str] = typer.Option(None, help="In-process: auto, cpu, cuda."),
+    dtype: Optional[str] = typer.Option(None, help="In-process: auto, bfloat16, float16, float32."),
+    api_key: Optional[str] = typer.Option(None, envvar="KYUTAI_STT_API_KEY", help="With --url: API key."),
+) -> None:
+    """Transcribe files, printing words with timestamps as they are recognised."""
+    from .audio import AudioFormatError, load_audio_file
+    from .checkpoint import SAMPLE_RATE, CheckpointError
+    from .events import Step, Word, WordEnd
+    from .formats import render
+    from .words import pair_words
+
+    _logging(False)
+    if format not in ("text", "json", "srt", "vtt"):
+        err.print("[red]error:[/red] --format must be text, json, srt or vtt")
+        raise typer.Exit(2)
+    try:
+        audios = [load_audio_file(f) for f in files]
+    except (FileNotFoundError, AudioFormatError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+
+    events: list[list] = [[] for _ in files]
+    many = len(files) > 1
+    show_progress = err.is_terminal and not realtime
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+                        TimeRemainingColumn(), console=err, disable=not show_progress)
+    tasks = [progress.add_task(f.name, total=len(a) / SAMPLE_RATE) for f, a in zip(files, audios)]
+
+    def on_event(index: int, event) -> None:
+        events[index].append(event)
+        if isinstance(event, Step):
+            progress.update(tasks[index], completed=min(len(audios[index]) / SAMPLE_RATE, (event.step_idx + 1) * 0.08))
+        elif isinstance(event, Word) and format == "text":
+            prefix = f"{files[index].name}: " if many else ""
+            progress.console.print(f"{prefix}[{event.start_time:8.2f}] {event.text}", highlight=False, soft_wrap=True) \
+                if show_progress else print(f"{prefix}[{event.start_time:8.2f}] {event.text}", flush=True)
+
+    async def run_remote() -> None:
+        from .client import stream_events
+        from .transcribe import run_many
+
+        source = partial(stream_events, url, realtime=realtime, steps=True, api_key=api_key)
+        await run_many([(a, source) for a in audios], on_event)
+
+    async def run_local() -> None:
+        from .checkpoint import load_model
+        from .engine import Engine
+        from .transcribe import run_many, session_events
+
+        settings = _settings(model=model, device=device, dtype=dtype)
+        stt = load_model(settings.model, settings.device, settings.dtype)
+        engine = Engine(stt, slots=min(len(audios), 64), flush_seconds=settings.flush_seconds).start()
+        try:
+            source = partial(session_events, engine, realtime=realtime,
+                             end_of_turn_threshold=settings.end_of_turn_threshold)
+            await run_many([(a, source) for a in audios], on_event)
+        finally:
+            engine.stop()
+
+    try:
+        with progress:
+            asyncio.run(run_remote() if url else run_local())
+    except CheckpointError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    except (OSError, RuntimeError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+
+    if format != "text":
+        for index, file in enumerate(files):
+            words = pair_words(e for e in events[index] if isinstance(e, (Word, WordEnd)))
+            if many:
+                print(f"==> {file} <==")
+            print(render(format, words, duration=round(len(audios[index]) / SAMPLE_RATE, 3)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,45 @@
+"""The single-stream reference: a plain moshi loop at batch 1, greedy, no masks, no engine.
+
+Every stream the engine serves must get exactly these outputs for the same audio; tests and the soak check it.
+It follows the engine's documented conventions (see ``engine``): the first frame is stepped twice (as
+``moshi.run_inference`` does), a partial last frame is zero-padded and the flush silence is appended.
+It needs its own model instance: moshi keeps streaming state on the modules themselves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moshi.models import LMGen
+
+from .checkpoint import FRAME_SIZE, SttModel
+from .engine import StepOutput, flush_frame_count
+
+
+def padded_stream(model: SttModel, pcm: np.ndarray, flush_seconds: float) -> np.ndarray:
+    """The audio the model actually hears: silence prefix + audio zero-padded to frames + flush silence."""
+    pcm = np.asarray(pcm, np.float32).reshape(-1)
+    frames = -(-len(pcm) // FRAME_SIZE)
+    total = (model.prefix_frames + frames + flush_frame_count(model, flush_seconds)) * FRAME_SIZE
+    out = np.zeros(total, np.float32)
+    start = model.prefix_frames * FRAME_SIZE
+    out[start:start + len(pcm)] = pcm
+    return out
+
+
+@torch.no_grad()
+def reference_outputs(model: SttModel, pcm: np.ndarray, flush_seconds: float = 0.5) -> list[StepOutput]:
+    audio = torch.from_numpy(padded_stream(model, pcm, flush_seconds)).to(model.device)
+    lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
+    outputs: list[StepOutput] = []
+    with model.mimi.streaming(1), lm_gen.streaming(1):
+        frames = audio.view(-1, FRAME_SIZE)
+        for index, frame in enumerate(frames):
+            codes = model.mimi.encode(frame[None, None])
+            if index == 0:
+                lm_gen.step(codes)  # the init step: its input is replaced by the initial tokens
+            tokens, heads = lm_gen.step_with_extra_heads(codes)
+            pauses = tuple(float(h[0, 0, 0]) for h in heads) if heads else None
+            outputs.append(StepOutput(index, int(tokens[0, 0, 0]), pauses, 0))
+    return outputs

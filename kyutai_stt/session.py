@@ -1,0 +1,175 @@
+"""One stream, seen from asyncio: audio in, typed events out. Every protocol adapter is a thin layer over this.
+
+    session = Session(engine, settings)
+    session.start()                 # takes a slot (NoFreeSlot when full); emits Ready
+    session.push_pcm(pcm_24k)       # any length, any time
+    session.push_marker(7)          # echoed once all audio before it is transcribed
+    session.end()                   # no more audio: the engine flushes, the last words come, then End
+    async for event in session: ... # Ready, Text, Word, WordEnd, Step, EndOfTurn, Marker, End | Error
+
+The engine calls back on its worker thread; the session hops to the event loop and turns the raw token stream
+into events (``words.WordAssembler``, end-of-turn from VAD head 2, marker bookkeeping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import uuid
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import FRAME_SIZE, SAMPLE_RATE
+from .engine import Engine, EngineEvent, StepOutput, StreamEnd, StreamFailed, StreamHandle
+from .events import End, EndOfTurn, Error, Event, Marker, Ready, Step, Word
+from .words import WordAssembler
+
+log = logging.getLogger(__name__)
+
+END_OF_TURN_HEAD = 2  # the 2 s horizon head, as Kyutai's tools use
+
+
+class SessionLimitError(ValueError):
+    """The client went past a configured bound (session length)."""
+
+
+class Session:
+    def __init__(self, engine: Engine, *, end_of_turn_threshold: float = 0.5, max_seconds: float = math.inf,
+                 record_dir: str | None = None, session_id: str | None = None):
+        self.engine = engine
+        self.id = session_id or uuid.uuid4().hex[:12]
+        self.samples_received = 0
+        self._threshold = end_of_turn_threshold
+        self._max_samples = max_seconds * SAMPLE_RATE
+        self._record: list[np.ndarray] | None = [] if record_dir else None
+        self._record_dir = record_dir
+        model = engine.model
+        self._assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
+        self._lead_frames = model.delay_frames + model.prefix_frames
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._handle: StreamHandle | None = None
+        self._markers: deque[tuple[int, int]] = deque()  # (frames needed, marker id)
+        self._frames_done = 0
+        self._last_pause = 1.0
+        self._words_in_turn = 0
+        self.ended = False  # end() was called
+        self.finished = False  # End or Error was emitted
+
+    # ------------------------------------------------------------ input (event-loop thread)
+    def start(self) -> None:
+        self._handle = self.engine.open(self._sink)
+        self._emit(Ready())
+
+    def push_pcm(self, pcm: np.ndarray) -> None:
+        if self.ended or self.finished or self._handle is None:
+            return
+        pcm = np.asarray(pcm, np.float32).reshape(-1)
+        if self.samples_received + pcm.size > self._max_samples:
+            raise SessionLimitError(f"stream longer than the {self._max_samples / SAMPLE_RATE:.0f} s limit")
+        self.samples_received += pcm.size
+        if self._record is not None:
+            self._record.append(pcm)
+        self.engine.push(self._handle, pcm)
+
+    def push_marker(self, marker_id: int) -> None:
+        frames = math.ceil(self.samples_received / FRAME_SIZE) + self._lead_frames
+        self._markers.append((frames, marker_id))
+        self._echo_markers()
+
+    def end(self) -> None:
+        if self.ended or self._handle is None:
+            return
+        self.ended = True
+        self.engine.close(self._handle)
+
+    def abort(self) -> None:
+        """The client is gone: give the slot back now."""
+        if self._handle is not None and not self.finished:
+            self.engine.abort(self._handle)
+        self.finished = True
+        self._save_recording()
+
+    @property
+    def buffered_samples(self) -> int:
+        return self.engine.buffered_samples(self._handle) if self._handle else 0
+
+    # ------------------------------------------------------------ output
+    def __aiter__(self):
+        return self._events()
+
+    async def _events(self):
+        while True:
+            event = await self._queue.get()
+            yield event
+            if isinstance(event, (End, Error)):
+                return
+
+    def fail(self, message: str) -> None:
+        """Report an error to the consumer and drop the stream."""
+        if not self.finished:
+            self.abort()
+            self._queue.put_nowait(Error(message=message))
+
+    def _emit(self, event: Event) -> None:
+        self._queue.put_nowait(event)
+
+    def _sink(self, events: list[EngineEvent]) -> None:  # engine worker thread
+        try:
+            self._loop.call_soon_threadsafe(self._on_engine, events)
+        except RuntimeError:  # event loop closed: nobody is listening any more
+            pass
+
+    def _on_engine(self, events: list[EngineEvent]) -> None:
+        if self.finished:
+            return
+        for item in events:
+            if isinstance(item, StepOutput):
+                self._on_step(item)
+            elif isinstance(item, StreamEnd):
+                for event in self._assembler.finish(item.frames):
+                    self._emit(event)
+                self._frames_done = item.frames
+                for _, marker_id in self._markers:
+                    self._emit(Marker(id=marker_id))
+                self._markers.clear()
+                self.finished = True
+                self._emit(End(duration=self.samples_received / SAMPLE_RATE))
+                self._save_recording()
+            elif isinstance(item, StreamFailed):
+                self.finished = True
+                self._emit(Error(message=item.reason))
+
+    def _on_step(self, out: StepOutput) -> None:
+        self._frames_done = out.frame + 1
+        self._emit(Step(step_idx=out.frame, pause_probabilities=out.pauses, buffered_samples=out.buffered_samples))
+        for event in self._assembler.feed(out.frame, out.token):
+            if isinstance(event, Word):
+                self._words_in_turn += 1
+            self._emit(event)
+        if out.pauses is not None:
+            pause = out.pauses[END_OF_TURN_HEAD]
+            if pause >= self._threshold > self._last_pause and self._words_in_turn:
+                self._emit(EndOfTurn(probability=pause, time=self._assembler.time(out.frame)))
+                self._words_in_turn = 0
+            self._last_pause = pause
+        self._echo_markers()
+
+    def _echo_markers(self) -> None:
+        while self._markers and self._frames_done >= self._markers[0][0]:
+            self._emit(Marker(id=self._markers.popleft()[1]))
+
+    def _save_recording(self) -> None:
+        if self._record is None or not self._record_dir:
+            return
+        import soundfile
+
+        pcm = np.concatenate(self._record) if self._record else np.zeros(0, np.float32)
+        self._record = None
+        path = Path(self._record_dir) / f"{self.id}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(str(path), pcm, SAMPLE_RATE, subtype="FLOAT")
+        log.info("session %s: recorded %.2f s of decoded audio to %s", self.id, len(pcm) / SAMPLE_RATE, path)

@@ -1,0 +1,66 @@
+"""One settings object for the whole service.
+
+Every field can be set from the environment with the prefix ``KYUTAI_STT_`` (for example
+``KYUTAI_STT_SLOTS=64``); the CLI flags of ``kyutai-stt serve`` map onto the same fields, and the Modal app
+reads the same object.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+from pydantic import field_validator
+
+DEFAULT_MODEL = "kyutai/stt-1b-en_fr-candle"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KYUTAI_STT_", extra="ignore")
+
+    # --- model and engine -------------------------------------------------------------------------------
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Hugging Face repo id, or a local directory in the same layout (config.json naming the LM "
+        "weights, the Mimi weights and the tokenizer). The default variant carries the VAD heads.",
+    )
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: str = Field("auto", description="'auto' (bfloat16 on GPU, float32 on CPU), 'bfloat16', 'float16', 'float32'.")
+    slots: int = Field(8, ge=1, le=4096, description="Concurrent streams served by one model instance (the batch size).")
+    flush_seconds: float = Field(
+        0.5,
+        ge=0.08,
+        description="Silence fed after the model's own delay at end of stream, so the last word comes out.",
+    )
+    end_of_turn_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="End of turn fires when VAD head 2's pause probability crosses this."
+    )
+    cuda_graphs: bool = Field(True, description="Use CUDA graphs for the Mimi and LM steps on CUDA.")
+
+    # --- server -------------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the server listens on.")
+    port: int = Field(8000, description="Port the server listens on.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys (comma separated in the environment). Empty: no authentication.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS (comma separated); empty: same origin only."
+    )
+    record_dir: str | None = Field(
+        None, description="Debug: write the 24 kHz audio each session decoded to this folder as WAV files."
+    )
+
+    # --- session bounds -----------------------------------------------------------------------------------
+    idle_timeout_s: float = Field(30.0, gt=0, description="Close a stream that sends nothing for this long.")
+    ping_interval_s: float = Field(10.0, gt=0, description="WebSocket keepalive ping interval.")
+    max_session_s: float = Field(4 * 3600.0, gt=0, description="Longest audio a single stream may send, in seconds.")
+    max_message_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest WebSocket message accepted.")
+    max_upload_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Largest uploaded file accepted over HTTP.")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value

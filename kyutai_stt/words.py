@@ -1,0 +1,97 @@
+"""From text tokens to words with times: a pure function of the token stream and the model's timing.
+
+Token ids (Kyutai STT convention): 3 is padding, 0 marks a word boundary (a new word starts at this step),
+1 and 2 are never text, anything above 3 is a sentencepiece piece ("▁" is a space). A word starts at its boundary
+token (or at its first piece when no boundary came before it) and is complete at the first padding or boundary
+after its pieces; its end is known at the next boundary, or at the end of the audio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from .checkpoint import FRAME_RATE
+from .events import Text, Word, WordEnd
+
+PAD = 3
+BOUNDARY = 0
+
+
+@dataclass
+class WordAssembler:
+    piece: Callable[[int], str]  # token id -> sentencepiece piece
+    offset_frames: int  # model delay + silence prefix, in frames
+    _pieces: list[str] = field(default_factory=list)
+    _start: float | None = None  # start of the word being assembled (or awaiting its pieces)
+    _open_word: bool = False  # a Word was sent whose WordEnd is still due
+
+    def time(self, frame: int) -> float:
+        return max(0.0, (frame - self.offset_frames) / FRAME_RATE)
+
+    def feed(self, frame: int, token: int) -> list[Text | Word | WordEnd]:
+        now = self.time(frame)
+        out: list[Text | Word | WordEnd] = []
+        if token > PAD:
+            piece = self.piece(token)
+            if self._start is None:
+                self._start = now
+            text = piece.replace("▁", " ")
+            if not self._pieces and not text.startswith(" "):
+                text = " " + text
+            self._pieces.append(piece)
+            out.append(Text(text=text, time=now))
+            return out
+        if token not in (PAD, BOUNDARY):
+            return out  # bos/eos/unk-like ids carry no text
+        out.extend(self._complete())
+        if token == BOUNDARY:
+            if self._open_word:
+                out.append(WordEnd(stop_time=now))
+                self._open_word = False
+            self._start = now
+        return out
+
+    def _complete(self) -> list[Word]:
+        if not self._pieces:
+            return []
+        text = "".join(self._pieces).replace("▁", " ").strip()
+        start = self._start if self._start is not None else 0.0
+        self._pieces = []
+        self._start = None
+        if not text:
+            return []
+        self._open_word = True
+        return [Word(text=text, start_time=start)]
+
+    def finish(self, frame: int) -> list[Word | WordEnd]:
+        """End of the audio: complete the last word and close it at the end of the stream."""
+        out: list[Word | WordEnd] = list(self._complete())
+        if self._open_word:
+            out.append(WordEnd(stop_time=self.time(frame)))
+            self._open_word = False
+        return out
+
+
+@dataclass(frozen=True)
+class TimedWord:
+    text: str
+    start: float
+    end: float
+
+
+def pair_words(events: Iterable[object]) -> list[TimedWord]:
+    """Join Word and WordEnd events into words with start and end (for files and transcript formats)."""
+    words: list[TimedWord] = []
+    pending: Word | None = None
+    for event in events:
+        if isinstance(event, Word):
+            if pending is not None:  # no WordEnd between two words: end at the next start
+                words.append(TimedWord(pending.text, pending.start_time, event.start_time))
+            pending = event
+        elif isinstance(event, WordEnd) and pending is not None:
+            words.append(TimedWord(pending.text, pending.start_time, max(event.stop_time, pending.start_time)))
+            pending = None
+    if pending is not None:
+        words.append(TimedWord(pending.text, pending.start_time, pending.start_time))
+    return words

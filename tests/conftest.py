@@ -1,0 +1,116 @@
+"""Shared fixtures: one tiny random checkpoint per run, reference computations, a real server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+
+from kyutai_stt.checkpoint import load_model
+from kyutai_stt.reference import reference_outputs
+from kyutai_stt.settings import Settings
+from kyutai_stt.testing_checkpoint import make_checkpoint, synthetic_sounds
+
+FLUSH_SECONDS = 0.5
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight checkpoint, made once per run (or reused from KYUTAI_STT_TEST_CHECKPOINT)."""
+    cached = os.environ.get("KYUTAI_STT_TEST_CHECKPOINT")
+    if cached:
+        folder = Path(cached)
+        if not (folder / "config.json").exists():
+            make_checkpoint(folder, "tiny")
+        return folder
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="session")
+def reference_model(checkpoint_dir):
+    """A model instance used only by the single-stream reference (moshi keeps streaming state on modules)."""
+    return load_model(str(checkpoint_dir), "cpu", "float32")
+
+
+class Reference:
+    def __init__(self, model):
+        self.model = model
+        self._cache: dict[bytes, list] = {}
+
+    def outputs(self, pcm: np.ndarray):
+        key = np.asarray(pcm, np.float32).tobytes()
+        if key not in self._cache:
+            self._cache[key] = reference_outputs(self.model, pcm, FLUSH_SECONDS)
+        return self._cache[key]
+
+    def tokens(self, pcm: np.ndarray) -> list[int]:
+        return [o.token for o in self.outputs(pcm)]
+
+
+@pytest.fixture(scope="session")
+def reference(reference_model) -> Reference:
+    return Reference(reference_model)
+
+
+@pytest.fixture(scope="session")
+def sounds():
+    """Different synthetic speech-like clips, seeded."""
+    def make(seconds: float, seed: int) -> np.ndarray:
+        return synthetic_sounds(seconds, 1000 + seed)
+    return make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, app, port: int):
+        self.app = app
+        self.port = port
+        self.http = f"http://127.0.0.1:{port}"
+        self.ws = f"ws://127.0.0.1:{port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=app.state.settings.max_message_bytes)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 120
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+
+def start_server(checkpoint_dir, **overrides) -> RunningServer:
+    from kyutai_stt.server import create_app
+
+    settings = Settings(model=str(checkpoint_dir), device="cpu", dtype="float32", flush_seconds=FLUSH_SECONDS, **overrides)
+    model = load_model(str(checkpoint_dir), "cpu", "float32")
+    return RunningServer(create_app(settings, model), free_port())
+
+
+@pytest.fixture(scope="session")
+def server(checkpoint_dir):
+    """The real server (uvicorn, FastAPI) on loopback with the tiny checkpoint and 8 slots."""
+    with start_server(checkpoint_dir, slots=8) as running:
+        yield running

@@ -1,0 +1,192 @@
+"""Engine parity: every stream gets exactly the tokens of a plain single-stream loop, whatever else happens."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from kyutai_stt.checkpoint import FRAME_SIZE, load_model
+from kyutai_stt.engine import Engine, NoFreeSlot, StepOutput, StreamEnd, StreamFailed, flush_frame_count
+
+from .conftest import FLUSH_SECONDS
+
+
+@pytest.fixture(scope="module")
+def engine_model(checkpoint_dir):
+    return load_model(str(checkpoint_dir), "cpu", "float32")
+
+
+def make_engine(model, slots: int) -> Engine:
+    return Engine(model, slots, flush_seconds=FLUSH_SECONDS).start()
+
+
+class Stream:
+    """Drives one stream from its own thread: random start, random chunks, random pauses, then close."""
+
+    def __init__(self, engine: Engine, pcm: np.ndarray, seed: int):
+        self.engine, self.pcm, self.rng = engine, pcm, random.Random(seed)
+        self.outputs: list[StepOutput] = []
+        self.end: StreamEnd | StreamFailed | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def sink(self, events) -> None:
+        for event in events:
+            if isinstance(event, StepOutput):
+                self.outputs.append(event)
+            else:
+                self.end = event
+                self.done.set()
+
+    def run(self) -> None:
+        time.sleep(self.rng.uniform(0, 1.5))
+        while True:
+            try:
+                handle = self.engine.open(self.sink)
+                break
+            except NoFreeSlot:  # joining later, when another stream leaves
+                time.sleep(0.05)
+        position = 0
+        while position < len(self.pcm):
+            size = self.rng.choice([1, 100, 960, 1920, 2500, 7000, 24000])
+            self.engine.push(handle, self.pcm[position:position + size])
+            position += size
+            if self.rng.random() < 0.2:
+                time.sleep(self.rng.uniform(0, 0.4))  # a pause: this slot sits out some steps
+        self.engine.close(handle)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [o.token for o in self.outputs]
+
+
+def run_streams(engine: Engine, clips: list[np.ndarray], seed: int = 0) -> list[Stream]:
+    streams = [Stream(engine, clip, seed + i) for i, clip in enumerate(clips)]
+    for s in streams:
+        s.thread.start()
+    for s in streams:
+        assert s.done.wait(300), "stream did not finish"
+    return streams
+
+
+def test_concurrent_streams_match_single_stream_reference(engine_model, reference, sounds):
+    # 8 streams of different lengths through 5 slots: they join and leave at different times, some wait for a
+    # free slot (which is then reused and must be reset), chunking and pauses are random.
+    clips = [sounds(seconds, seed) for seed, seconds in enumerate([0.5, 2.3, 1.1, 3.0, 0.9, 1.7, 2.6, 0.3])]
+    engine = make_engine(engine_model, slots=5)
+    try:
+        streams = run_streams(engine, clips)
+    finally:
+        engine.stop()
+    for stream, clip in zip(streams, clips):
+        assert isinstance(stream.end, StreamEnd)
+        expected = reference.outputs(clip)
+        assert stream.tokens == [o.token for o in expected]
+        assert [o.frame for o in stream.outputs] == list(range(len(expected)))
+        got = np.array([o.pauses for o in stream.outputs])
+        want = np.array([o.pauses for o in expected])
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_output_covers_audio_and_flush(engine_model, reference, sounds):
+    """The last frames come out: one output per audio frame (last one zero-padded) plus the flush."""
+    clip = sounds(1.234, 42)
+    engine = make_engine(engine_model, slots=2)
+    try:
+        (stream,) = run_streams(engine, [clip])
+    finally:
+        engine.stop()
+    expected_frames = -(-len(clip) // FRAME_SIZE) + flush_frame_count(engine_model, FLUSH_SECONDS)
+    assert flush_frame_count(engine_model, FLUSH_SECONDS) >= engine_model.delay_frames + 1
+    assert len(stream.outputs) == expected_frames == len(reference.outputs(clip))
+    assert stream.end.frames == expected_frames
+
+
+def test_the_checkpoint_listens(reference, sounds):
+    a, b = sounds(2.0, 1), sounds(2.0, 2)
+    assert reference.tokens(a) != reference.tokens(b)
+    # the first frame is heard: changing only the first 80 ms changes the result
+    c = a.copy()
+    c[:FRAME_SIZE] = np.random.default_rng(0).normal(scale=0.5, size=FRAME_SIZE)
+    assert reference.tokens(c) != reference.tokens(a)
+
+
+def test_first_frame_changes_engine_output_too(engine_model, reference, sounds):
+    a = sounds(1.0, 3)
+    c = a.copy()
+    c[:FRAME_SIZE] = np.random.default_rng(1).normal(scale=0.5, size=FRAME_SIZE)
+    engine = make_engine(engine_model, slots=2)
+    try:
+        sa, sc = run_streams(engine, [a, c])
+    finally:
+        engine.stop()
+    assert sa.tokens == reference.tokens(a)
+    assert sc.tokens == reference.tokens(c)
+    assert sa.tokens != sc.tokens
+
+
+def test_parity_check_catches_a_slot_that_is_not_reset(engine_model, reference, sounds, monkeypatch):
+    """The parity test can fail: an engine that reuses a slot without resetting it gives other tokens."""
+    clips = [sounds(1.0, 7), sounds(1.0, 8)]
+    original = Engine._plan
+
+    def plan_without_reset(self):
+        reset, init, audio, pcm, targets = original(self)
+        reset[:] = False
+        return reset, init, audio, pcm, targets
+
+    monkeypatch.setattr(Engine, "_plan", plan_without_reset)
+    engine = make_engine(engine_model, slots=1)  # one slot: the second stream reuses the first one's state
+    try:
+        first = run_streams(engine, clips[:1])[0]
+        second = run_streams(engine, clips[1:])[0]
+    finally:
+        engine.stop()
+    assert first.tokens == reference.tokens(clips[0])
+    assert second.tokens != reference.tokens(clips[1])
+
+
+def test_parity_check_catches_a_swallowed_first_frame(engine_model, reference, sounds, monkeypatch):
+    """Without the init step the LM never hears the first frame: the result differs from the reference."""
+    clip = sounds(1.0, 9)
+    clip[:FRAME_SIZE] = np.random.default_rng(2).normal(scale=0.5, size=FRAME_SIZE)  # a first frame that matters
+    original = Engine._plan
+
+    def plan_without_init(self):
+        reset, init, audio, pcm, targets = original(self)
+        if init.any():  # skip the init step: the slot goes straight to its first frame
+            for index in np.flatnonzero(init):
+                slot = targets[index][0]
+                pcm[index] = slot.take_frame()
+                audio[index] = True
+            init[:] = False
+        return reset, init, audio, pcm, targets
+
+    monkeypatch.setattr(Engine, "_plan", plan_without_init)
+    engine = make_engine(engine_model, slots=1)
+    try:
+        (stream,) = run_streams(engine, [clip])
+    finally:
+        engine.stop()
+    assert stream.tokens != reference.tokens(clip)
+
+
+def test_abort_frees_the_slot_and_full_engine_refuses(engine_model, sounds):
+    engine = make_engine(engine_model, slots=2)
+    try:
+        h1 = engine.open(lambda events: None)
+        h2 = engine.open(lambda events: None)
+        with pytest.raises(NoFreeSlot):
+            engine.open(lambda events: None)
+        engine.push(h1, sounds(0.5, 1))
+        engine.abort(h1)
+        assert engine.stats().slots_in_use == 1
+        engine.open(lambda events: None)
+        assert engine.stats().slots_in_use == 2
+        engine.abort(h2)
+    finally:
+        engine.stop()
