@@ -1,0 +1,62 @@
+"""The kyutai-stt command as a user runs it: transcribe in-process and through a server give the same words."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import soundfile
+
+from kyutai_stt.audio import load_audio_file
+
+from .helpers import expected_words
+
+
+def kyutai_stt(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kyutai_stt.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_transcribe_in_process_and_via_url_agree_with_reference(tmp_path, checkpoint_dir, server, reference, sounds):
+    clips = [sounds(1.8, 11), sounds(1.1, 12)]
+    paths = []
+    for i, clip in enumerate(clips):
+        path = tmp_path / f"clip{i}.wav"
+        soundfile.write(path, clip, 24000, subtype="FLOAT")
+        paths.append(str(path))
+
+    local = kyutai_stt("transcribe", *paths, "--model", str(checkpoint_dir), "--device", "cpu", "--format", "json")
+    assert local.returncode == 0, local.stderr
+    remote = kyutai_stt("transcribe", *paths, "--url", server.ws, "--format", "json")
+    assert remote.returncode == 0, remote.stderr
+
+    def parse(stdout: str) -> list[dict]:
+        docs = [chunk for chunk in stdout.split("==> ") if chunk.strip()]
+        return [json.loads(doc.split(" <==\n", 1)[1]) for doc in docs]
+
+    local_docs, remote_docs = parse(local.stdout), parse(remote.stdout)
+    assert local_docs == remote_docs
+    for doc, path in zip(local_docs, paths):
+        want = expected_words(reference.model, reference.outputs(load_audio_file(path)))
+        assert [(w["text"], w["start"], w["end"]) for w in doc["words"]] == [
+            (w.text, round(w.start, 3), round(w.end, 3)) for w in want]
+
+
+def test_transcribe_text_format_prints_timestamped_words(tmp_path, server, reference, sounds):
+    clip = sounds(1.5, 13)
+    path = tmp_path / "clip.wav"
+    soundfile.write(path, clip, 24000, subtype="FLOAT")
+    result = kyutai_stt("transcribe", str(path), "--url", server.ws)
+    assert result.returncode == 0, result.stderr
+    want = expected_words(reference.model, reference.outputs(load_audio_file(path)))
+    assert result.stdout.splitlines() == [f"[{w.start:8.2f}] {w.text}" for w in want]
+
+
+def test_transcribe_reports_missing_file_and_unreachable_hub(tmp_path):
+    missing = kyutai_stt("transcribe", str(tmp_path / "nope.wav"))
+    assert missing.returncode == 2 and "no such audio file" in missing.stderr
+    wav = tmp_path / "a.wav"
+    soundfile.write(wav, [0.0] * 2400, 24000)
+    hub = kyutai_stt("transcribe", str(wav), "--model", "kyutai/definitely-not-reachable")
+    assert hub.returncode == 2
+    assert "--model /path/to/folder" in hub.stderr.replace("\n", " ")
