@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import sphn
 import torch
 
-from .checkpoint import SAMPLE_RATE
+from .checkpoint import FRAME_SIZE, SAMPLE_RATE
 
 
 class AudioFormatError(ValueError):
@@ -161,3 +162,29 @@ class StreamResampler:
         pad = (-rest) % self.old
         out = self.feed(np.zeros(pad + self.margin, np.float32))
         return out[: round(rest * self.new / self.old)] if len(out) else out
+
+
+class audio_chunks:
+    """Audio as an async iterator of float32 chunks: slices of an array (paced at real time if asked), or the
+    chunks of an async iterable as they come. Counts the samples it yielded."""
+
+    def __init__(self, audio, chunk_samples: int = FRAME_SIZE, realtime: bool = False):
+        self.audio, self.chunk_samples, self.realtime = audio, chunk_samples, realtime
+        self.samples = 0
+
+    async def __aiter__(self):
+        if isinstance(self.audio, np.ndarray):
+            pcm = np.asarray(self.audio, np.float32).reshape(-1)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for offset in range(0, len(pcm), self.chunk_samples):
+                chunk = pcm[offset:offset + self.chunk_samples]
+                self.samples += len(chunk)
+                yield chunk
+                if self.realtime:
+                    await asyncio.sleep(max(0.0, start + self.samples / SAMPLE_RATE - loop.time()))
+        else:
+            async for chunk in self.audio:
+                chunk = np.asarray(chunk, np.float32).reshape(-1)
+                self.samples += len(chunk)
+                yield chunk

@@ -81,8 +81,10 @@ def make_checkpoint(
 
 @app.command()
 def transcribe(
-    files: list[Path] = typer.Argument(..., help="Audio files (wav, mp3, flac, ogg)."),
+    files: list[Path] = typer.Argument(None, help="Audio files (wav, mp3, flac, ogg)."),
+    mic: bool = typer.Option(False, "--mic", help="Transcribe the default microphone until Ctrl+C."),
     url: Optional[str] = typer.Option(None, help="Transcribe through a running server (e.g. ws://127.0.0.1:8000)."),
+    protocol: str = typer.Option("events", help="With --url: events (JSON, default), kyutai (moshi-server msgpack), seed (Opus, text only)."),
     realtime: bool = typer.Option(False, help="Send the audio at real-time pace, as a live stream would."),
     format: str = typer.Option("text", "--format", "-f", help="text (timestamped words as they come), json, srt, vtt."),
     model: Optional[str] = typer.Option(None, help="In-process: HF repo id or local checkpoint folder."),
@@ -98,26 +100,47 @@ def transcribe(
     from .words import pair_words
 
     _logging(False)
+    files = list(files or [])
     if format not in ("text", "json", "srt", "vtt"):
         err.print("[red]error:[/red] --format must be text, json, srt or vtt")
         raise typer.Exit(2)
-    try:
-        audios = [load_audio_file(f) for f in files]
-    except (FileNotFoundError, AudioFormatError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
+    if protocol not in ("events", "kyutai", "seed"):
+        err.print("[red]error:[/red] --protocol must be events, kyutai or seed")
         raise typer.Exit(2)
+    if mic == bool(files):
+        err.print("[red]error:[/red] give audio files, or --mic (not both)")
+        raise typer.Exit(2)
+    if mic:
+        from .microphone import MicrophoneError, microphone
+
+        try:
+            audios = [microphone()]
+        except MicrophoneError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2)
+        files = [Path("microphone")]
+        err.print("listening to the microphone; Ctrl+C to stop")
+    else:
+        try:
+            audios = [load_audio_file(f) for f in files]
+        except (FileNotFoundError, AudioFormatError) as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2)
+
+    def duration(audio) -> float:
+        return len(audio) / SAMPLE_RATE if hasattr(audio, "__len__") else 0.0
 
     events: list[list] = [[] for _ in files]
     many = len(files) > 1
-    show_progress = err.is_terminal and not realtime
+    show_progress = err.is_terminal and not realtime and not mic
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
                         TimeRemainingColumn(), console=err, disable=not show_progress)
-    tasks = [progress.add_task(f.name, total=len(a) / SAMPLE_RATE) for f, a in zip(files, audios)]
+    tasks = [progress.add_task(f.name, total=duration(a)) for f, a in zip(files, audios)]
 
     def on_event(index: int, event) -> None:
         events[index].append(event)
         if isinstance(event, Step):
-            progress.update(tasks[index], completed=min(len(audios[index]) / SAMPLE_RATE, (event.step_idx + 1) * 0.08))
+            progress.update(tasks[index], completed=min(duration(audios[index]), (event.step_idx + 1) * 0.08))
         elif isinstance(event, Word) and format == "text":
             prefix = f"{files[index].name}: " if many else ""
             progress.console.print(f"{prefix}[{event.start_time:8.2f}] {event.text}", highlight=False, soft_wrap=True) \
@@ -127,7 +150,7 @@ def transcribe(
         from .client import stream_events
         from .transcribe import run_many
 
-        source = partial(stream_events, url, realtime=realtime, steps=True, api_key=api_key)
+        source = partial(stream_events, url, realtime=realtime, steps=True, api_key=api_key, protocol=protocol)
         await run_many([(a, source) for a in audios], on_event)
 
     async def run_local() -> None:
@@ -148,6 +171,8 @@ def transcribe(
     try:
         with progress:
             asyncio.run(run_remote() if url else run_local())
+    except KeyboardInterrupt:
+        err.print("stopped")
     except CheckpointError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
@@ -160,7 +185,7 @@ def transcribe(
             words = pair_words(e for e in events[index] if isinstance(e, (Word, WordEnd)))
             if many:
                 print(f"==> {file} <==")
-            print(render(format, words, duration=round(len(audios[index]) / SAMPLE_RATE, 3)))
+            print(render(format, words, duration=round(duration(audios[index]), 3)))
 
 
 if __name__ == "__main__":  # pragma: no cover

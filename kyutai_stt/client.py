@@ -1,23 +1,33 @@
-"""Python client for a running kyutai-stt server (``WS /v1/stream``, JSON events).
+"""Python client for a running kyutai-stt (or Kyutai moshi-server) over any of its WebSocket protocols.
 
-    async for event in stream_events("ws://127.0.0.1:8000", pcm_24k):
+    client = Client("ws://127.0.0.1:8000")                       # our JSON events (timestamps, turns)
+    client = Client("ws://127.0.0.1:8000", protocol="kyutai")    # moshi-server's msgpack protocol
+    client = Client("ws://127.0.0.1:8000", protocol="seed")      # Modal example's Opus protocol (text only)
+    async for event in client.stream(pcm_24k, realtime=True):
         if isinstance(event, Word): print(event.start_time, event.text)
+
+Every protocol yields the same typed events (``kyutai_stt.events``) and ends with ``End``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator
+from typing import AsyncIterable, AsyncIterator, Literal
 
+import msgpack
 import numpy as np
+import sphn
 import websockets
 from pydantic import TypeAdapter
 
+from .audio import audio_chunks
 from .checkpoint import FRAME_SIZE, SAMPLE_RATE
-from .events import End, Error, Event
+from .events import End, Error, Event, Marker, Ready, Step, Text, Word, WordEnd
 
 _events = TypeAdapter(Event)
+Protocol = Literal["events", "kyutai", "seed"]
+PATHS = {"events": "/v1/stream", "kyutai": "/api/asr-streaming", "seed": "/ws"}
 
 
 def parse_event(data: str | bytes) -> Event:
@@ -28,48 +38,135 @@ class ServerError(RuntimeError):
     """The server reported an error or closed the stream abnormally."""
 
 
-def _ws_url(url: str, path: str) -> str:
+def ws_url(url: str, path: str) -> str:
     url = url.rstrip("/")
-    if url.startswith("http://"):
-        url = "ws://" + url[len("http://"):]
-    elif url.startswith("https://"):
-        url = "wss://" + url[len("https://"):]
+    for http, ws in (("http://", "ws://"), ("https://", "wss://")):
+        if url.startswith(http):
+            url = ws + url[len(http):]
     return url if url.endswith(path) else url + path
 
 
-async def stream_events(
-    url: str,
-    pcm: np.ndarray,
-    *,
-    realtime: bool = False,
-    chunk_samples: int = FRAME_SIZE,
-    steps: bool = False,
-    api_key: str | None = None,
-) -> AsyncIterator[Event]:
-    """Send 24 kHz mono float PCM to the server's JSON-events endpoint and yield events until ``End``."""
-    query = "?format=pcm_f32le&sample_rate=24000" + ("&steps=true" if steps else "")
-    headers = {"kyutai-api-key": api_key} if api_key else None
-    async with websockets.connect(_ws_url(url, "/v1/stream") + query, additional_headers=headers,
-                                  max_size=None) as ws:
-        async def sender() -> None:
-            start = asyncio.get_running_loop().time()
-            for offset in range(0, len(pcm), chunk_samples):
-                chunk = np.asarray(pcm[offset:offset + chunk_samples], "<f4")
-                await ws.send(chunk.tobytes())
-                if realtime:
-                    due = start + (offset + len(chunk)) / SAMPLE_RATE
-                    await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
-            await ws.send(json.dumps({"type": "end"}))
+class Client:
+    def __init__(self, url: str, protocol: Protocol = "events", api_key: str | None = None):
+        if protocol not in PATHS:
+            raise ValueError(f"protocol must be one of {', '.join(PATHS)}")
+        self.url, self.protocol, self.api_key = url, protocol, api_key
 
+    def _connect(self, query: str = ""):
+        headers = {"kyutai-api-key": self.api_key} if self.api_key else None
+        return websockets.connect(ws_url(self.url, PATHS[self.protocol]) + query, additional_headers=headers,
+                                  max_size=None)
+
+    async def stream(self, audio: np.ndarray | AsyncIterable[np.ndarray], *, realtime: bool = False,
+                     chunk_samples: int = FRAME_SIZE, steps: bool = False) -> AsyncIterator[Event]:
+        """Send 24 kHz mono float PCM (an array, or an async iterable of chunks such as a microphone) and yield
+        events until ``End`` (``ServerError`` on failure)."""
+        chunks = audio_chunks(audio, chunk_samples, realtime)
+        if self.protocol == "events":
+            stream = self._events(chunks, steps)
+        elif self.protocol == "kyutai":
+            stream = self._kyutai(chunks, realtime, steps)
+        else:
+            stream = self._seed(chunks)
+        async for event in stream:
+            yield event
+
+    async def _run(self, ws, sender, handle) -> AsyncIterator[Event]:
         task = asyncio.create_task(sender())
         try:
             async for message in ws:
-                event = parse_event(message)
-                yield event
-                if isinstance(event, Error):
-                    raise ServerError(event.message)
-                if isinstance(event, End):
-                    return
+                for event in handle(message):
+                    yield event
+                    if isinstance(event, Error):
+                        raise ServerError(event.message)
+                    if isinstance(event, End):
+                        return
             raise ServerError(f"connection closed before the end of the stream ({ws.close_code} {ws.close_reason})")
         finally:
             task.cancel()
+
+    async def _events(self, chunks, steps):
+        query = "?format=pcm_f32le&sample_rate=24000" + ("&steps=true" if steps else "")
+        async with self._connect(query) as ws:
+            async def sender():
+                async for chunk in chunks:
+                    await ws.send(np.asarray(chunk, "<f4").tobytes())
+                await ws.send(json.dumps({"type": "end"}))
+
+            async for event in self._run(ws, sender, lambda message: [parse_event(message)]):
+                yield event
+
+    async def _kyutai(self, chunks, realtime, steps):
+        # moshi-server has no end-of-stream message: send a marker, then silence until the marker comes back.
+        marker_id = 1_000_001
+
+        def handle(message):
+            msg = msgpack.unpackb(message, raw=False)
+            kind = msg.get("type")
+            if kind == "Ready":
+                return [Ready()]
+            if kind == "Word":
+                return [Word(text=msg["text"], start_time=msg["start_time"])]
+            if kind == "EndWord":
+                return [WordEnd(stop_time=msg["stop_time"])]
+            if kind == "Step":
+                return [Step(step_idx=msg["step_idx"], pause_probabilities=tuple(msg["prs"]),
+                             buffered_samples=msg["buffered_pcm"])] if steps else []
+            if kind == "Marker" and msg["id"] == marker_id:
+                return [End(duration=chunks.samples / SAMPLE_RATE)]
+            if kind == "Marker":
+                return [Marker(id=msg["id"])]
+            if kind == "Error":
+                return [Error(message=msg["message"])]
+            return []
+
+        async with self._connect() as ws:
+            async def sender():
+                async for chunk in chunks:
+                    await ws.send(msgpack.packb({"type": "Audio", "pcm": chunk.tolist()}, use_single_float=True))
+                await ws.send(msgpack.packb({"type": "Marker", "id": marker_id}))
+                silence = [0.0] * FRAME_SIZE
+                for _ in range(2000):  # bounded: the marker comes back after the model's delay
+                    await ws.send(msgpack.packb({"type": "Audio", "pcm": silence}, use_single_float=True))
+                    await asyncio.sleep(FRAME_SIZE / SAMPLE_RATE if realtime else 0.01)
+
+            async for event in self._run(ws, sender, handle):
+                yield event
+
+    async def _seed(self, chunks):
+        writer = sphn.OpusStreamWriter(SAMPLE_RATE)
+        async with self._connect() as ws:
+            async def sender():
+                pending = np.zeros(0, np.float32)
+                async for chunk in chunks:
+                    pending = np.concatenate([pending, chunk])
+                    while len(pending) >= FRAME_SIZE:  # the encoder takes whole 80 ms frames
+                        page = writer.append_pcm(pending[:FRAME_SIZE])
+                        pending = pending[FRAME_SIZE:]
+                        if page:
+                            await ws.send(page)
+                if len(pending):
+                    page = writer.append_pcm(np.pad(pending, (0, FRAME_SIZE - len(pending))))
+                    if page:
+                        await ws.send(page)
+                await ws.send(b"")
+
+            def handle(message):
+                if message[:1] == b"\x01":
+                    return [Text(text=message[1:].decode(), time=0.0)]
+                if message == b"\x00":
+                    return [End(duration=chunks.samples / SAMPLE_RATE)]
+                return []
+
+            yield Ready()
+            async for event in self._run(ws, sender, handle):
+                yield event
+
+
+async def stream_events(url: str, pcm: np.ndarray, *, realtime: bool = False, chunk_samples: int = FRAME_SIZE,
+                        steps: bool = False, api_key: str | None = None,
+                        protocol: Protocol = "events") -> AsyncIterator[Event]:
+    """Shortcut for ``Client(url, protocol, api_key).stream(pcm, ...)``."""
+    async for event in Client(url, protocol, api_key).stream(pcm, realtime=realtime, chunk_samples=chunk_samples,
+                                                            steps=steps):
+        yield event

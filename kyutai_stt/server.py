@@ -36,10 +36,10 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None) 
     app = FastAPI(title="kyutai-stt", lifespan=lifespan)
     app.state.settings = settings
 
-    from .protocols import events_ws, seed
+    from .protocols import events_ws, kyutai, openai, seed
 
-    app.include_router(seed.router)
-    app.include_router(events_ws.router)
+    for protocol in (seed, events_ws, kyutai, openai):
+        app.include_router(protocol.router)
 
     @app.get("/status")
     async def status(request: Request) -> dict:

@@ -94,6 +94,11 @@ class Session:
         self._save_recording()
 
     @property
+    def frames_done(self) -> int:
+        """Frames of this stream the engine has processed so far."""
+        return self._frames_done
+
+    @property
     def buffered_samples(self) -> int:
         return self.engine.buffered_samples(self._handle) if self._handle else 0
 

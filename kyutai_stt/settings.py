@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     ping_interval_s: float = Field(10.0, gt=0, description="WebSocket keepalive ping interval.")
     max_session_s: float = Field(4 * 3600.0, gt=0, description="Longest audio a single stream may send, in seconds.")
     max_message_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest WebSocket message accepted.")
+    http_slot_wait_s: float = Field(
+        30.0, ge=0, description="HTTP file requests wait this long for a free slot before answering 503."
+    )
     max_upload_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Largest uploaded file accepted over HTTP.")
 
     @field_validator("api_keys", "cors_origins", mode="before")

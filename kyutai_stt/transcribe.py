@@ -7,27 +7,42 @@ from typing import AsyncIterator, Callable
 
 import numpy as np
 
-from .checkpoint import FRAME_SIZE, SAMPLE_RATE
-from .engine import Engine
+from .audio import audio_chunks
+from .checkpoint import FRAME_SIZE
+from .engine import Engine, NoFreeSlot
 from .events import Event
 from .session import Session
 
 
-async def session_events(engine: Engine, pcm: np.ndarray, *, realtime: bool = False,
-                         chunk_samples: int = FRAME_SIZE, end_of_turn_threshold: float = 0.5) -> AsyncIterator[Event]:
-    """Stream ``pcm`` (24 kHz mono) through a new engine session and yield its events until ``End``/``Error``."""
-    session = Session(engine, end_of_turn_threshold=end_of_turn_threshold)
-    session.start()
+async def start_session(engine: Engine, *, wait_seconds: float = 0.0, **session_kwargs) -> Session:
+    """A started session; when every slot is busy, wait up to ``wait_seconds`` for one (then NoFreeSlot)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_seconds
+    while True:
+        session = Session(engine, **session_kwargs)
+        try:
+            session.start()
+            return session
+        except NoFreeSlot:
+            if loop.time() >= deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def session_events(engine: Engine, audio, *, realtime: bool = False,
+                         chunk_samples: int = FRAME_SIZE, end_of_turn_threshold: float = 0.5,
+                         wait_seconds: float = 0.0) -> AsyncIterator[Event]:
+    """Stream ``audio`` (24 kHz mono: an array, or an async iterable of chunks) through a new engine session and
+    yield its events until ``End``/``Error``."""
+    session = await start_session(engine, wait_seconds=wait_seconds, end_of_turn_threshold=end_of_turn_threshold)
 
     async def feed() -> None:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        for offset in range(0, len(pcm), chunk_samples):
-            session.push_pcm(pcm[offset:offset + chunk_samples])
-            if realtime:
-                await asyncio.sleep(max(0.0, start + (offset + chunk_samples) / SAMPLE_RATE - loop.time()))
-            elif offset % (chunk_samples * 64) == 0:
-                await asyncio.sleep(0)
+        count = 0
+        async for chunk in audio_chunks(audio, chunk_samples, realtime):
+            session.push_pcm(chunk)
+            count += 1
+            if count % 64 == 0:
+                await asyncio.sleep(0)  # let the events flow while a long file is pushed
         session.end()
 
     feeder = asyncio.create_task(feed())

@@ -114,3 +114,36 @@ def server(checkpoint_dir):
     """The real server (uvicorn, FastAPI) on loopback with the tiny checkpoint and 8 slots."""
     with start_server(checkpoint_dir, slots=8) as running:
         yield running
+
+
+def ensure_debian_packages(*commands_and_packages: tuple[str, str]) -> bool:
+    """Install Debian packages whose command is missing (CI runs as root); True when all commands exist."""
+    import shutil
+    import subprocess
+
+    missing = [pkg for cmd, pkg in commands_and_packages if shutil.which(cmd) is None]
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-q", *missing], capture_output=True, timeout=900)
+    return all(shutil.which(cmd) for cmd, _ in commands_and_packages)
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory) -> np.ndarray:
+    """Generated English speech (espeak-ng) at 24 kHz mono, installed on demand."""
+    import subprocess
+
+    from kyutai_stt.audio import load_audio_file
+
+    assert ensure_debian_packages(("espeak-ng", "espeak-ng")), "espeak-ng is needed to generate speech"
+    path = tmp_path_factory.mktemp("speech") / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), "-s", "160",
+                    "The quick brown fox jumps over the lazy dog. Streaming speech recognition."], check=True)
+    return load_audio_file(path)
+
+
+@pytest.fixture(scope="session")
+def bria() -> np.ndarray:
+    from kyutai_stt.audio import load_audio_file
+
+    return load_audio_file(Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "bria.mp3")

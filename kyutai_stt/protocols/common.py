@@ -10,6 +10,9 @@ from typing import Awaitable, Callable
 from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from starlette.responses import JSONResponse
+
+from ..auth import is_authorized
 from ..engine import EngineStopped, NoFreeSlot
 from ..session import Session
 
@@ -68,9 +71,14 @@ async def serve_session(
         first = receiver if receiver in done else sender
         exc = first.exception()
         if exc is None and first is receiver:
-            # The client ended its audio: the words still due come during the flush.
-            flush_bound = (session.engine.flush_frames + 50) * 0.08 + settings.idle_timeout_s
-            await asyncio.wait_for(sender, timeout=flush_bound)
+            # The client ended its audio: the words still due come during the flush, which takes as long as the
+            # buffered audio needs. Wait as long as the stream makes progress; give up only if it stalls.
+            while not sender.done():
+                before = session.frames_done
+                await asyncio.wait({sender}, timeout=settings.idle_timeout_s)
+                if not sender.done() and session.frames_done == before:
+                    raise asyncio.TimeoutError
+            sender.result()
         elif exc is not None:
             raise exc
     except CloseSocket as exc:
@@ -98,8 +106,22 @@ async def serve_session(
                  session.samples_received / 24000)
 
 
+async def deny_unauthorized(ws: WebSocket) -> bool:
+    """Refuse the upgrade with HTTP 401 when API keys are configured and none matches. True when denied."""
+    if is_authorized(ws):
+        return False
+    response = JSONResponse({"detail": "missing or invalid API key"}, status_code=401)
+    try:
+        await ws.send_denial_response(response)
+    except RuntimeError:  # server without the denial-response extension: close before accepting (HTTP 403)
+        await ws.close(POLICY_VIOLATION, "missing or invalid API key")
+    return True
+
+
 async def open_session(ws: WebSocket, on_full: Callable[[str], Awaitable[None]] | None = None) -> Session | None:
-    """Accept the socket and take a slot; when none is free, tell the client and close with 1013."""
+    """Check the key, accept the socket and take a slot; when none is free, tell the client and close with 1013."""
+    if await deny_unauthorized(ws):
+        return None
     await ws.accept()
     session = new_session(ws)
     try:
