@@ -99,10 +99,10 @@ CONTAINER_ENV: dict[str, str] = {
     "KYUTAI_STT_MODAL_STARTUP_TIMEOUT_S": str(STARTUP_TIMEOUT_S),
     "KYUTAI_STT_MODAL_SNAPSHOT": "1" if SNAPSHOT else "0",
 }
-for _name in ("KYUTAI_STT_MODAL_MIN_CONTAINERS", "KYUTAI_STT_MODAL_MAX_CONTAINERS", "KYUTAI_STT_MODAL_SECRET",
-              "KYUTAI_STT_MODAL_STT_URL", *(f"KYUTAI_STT_{s.upper()}" for s in FORWARDED_SETTINGS)):
-    if os.environ.get(_name, "").strip():
-        CONTAINER_ENV[_name] = os.environ[_name].strip()
+for _var in ("KYUTAI_STT_MODAL_MIN_CONTAINERS", "KYUTAI_STT_MODAL_MAX_CONTAINERS", "KYUTAI_STT_MODAL_SECRET",
+             "KYUTAI_STT_MODAL_STT_URL", *(f"KYUTAI_STT_{s.upper()}" for s in FORWARDED_SETTINGS)):
+    if os.environ.get(_var, "").strip():
+        CONTAINER_ENV[_var] = os.environ[_var].strip()
 
 # ---------------------------------------------------------------------------------------- image and storage
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -185,7 +185,7 @@ if NO_DEPS_PIP_PACKAGES:
     image = image.uv_pip_install(*NO_DEPS_PIP_PACKAGES, extra_options="--no-deps")
 image = image.env(IMAGE_ENV).add_local_python_source(PACKAGE, ignore=["**/__pycache__/**", "**/*.pyc"])
 if FRONTEND_INCLUDED:
-    image = image.add_local_dir(FRONTEND_DIR, REMOTE_FRONTEND_DIR, ignore=["**/node_modules/**"])
+    image = image.add_local_dir(FRONTEND_DIR, REMOTE_FRONTEND_DIR)
 
 hf_cache = modal.Volume.from_name(HF_CACHE_VOLUME, create_if_missing=True)
 VOLUMES = {HF_CACHE_PATH: hf_cache}
@@ -243,17 +243,19 @@ class STT:
         from kyutai_stt.settings import Settings
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        self.settings = Settings()
+        settings = Settings()
         self.engine = None
         start = time.perf_counter()
-        self.model = load_model(self.settings.model, "cpu", planned_dtype(self.settings))
-        log.info("loaded %s on CPU in %.1f s", self.settings.model, time.perf_counter() - start)
+        self.model = load_model(settings.model, "cpu", planned_dtype(settings))
+        log.info("loaded %s on CPU in %.1f s", settings.model, time.perf_counter() - start)
 
     @modal.enter(snap=False)
     def start(self) -> None:
         """After the snapshot: move to the GPU, build the batched engine, warm it up (CUDA graphs), start it."""
         from kyutai_stt.engine import Engine
+        from kyutai_stt.settings import Settings
 
+        self.settings = Settings()  # read after the snapshot: the Secret's API keys may have changed since
         start = time.perf_counter()
         move_model(self.model, self.settings.device)
         engine = Engine(self.model, self.settings.slots, flush_seconds=self.settings.flush_seconds)
@@ -293,16 +295,22 @@ def stt_web_url() -> str:
     override = os.environ.get("KYUTAI_STT_MODAL_STT_URL", "").strip()
     if override:
         return override.rstrip("/")
-    try:  # the STT class of the app this container belongs to (works under `modal serve` too)
+    url = None
+    try:  # the STT class of the app this container belongs to (so `modal serve` pairs with its own STT)
         url = STT().api.get_web_url()
-    except Exception:  # fall back to the deployed app of that name
+    except Exception as exc:
+        log.info("no web URL from this app's STT class (%s); looking up the deployed app %r", exc, APP_NAME)
+    if not url:  # the deployed app of that name
         url = modal.Cls.from_name(APP_NAME, "STT")().api.get_web_url()
     if not url:
         raise RuntimeError(f"the STT class of app {APP_NAME!r} has no web URL: deploy it first")
     return url.rstrip("/")
 
 
-@app.function(image=image, env=CONTAINER_ENV, secrets=SECRETS, timeout=TIMEOUT_S, scaledown_window=SCALEDOWN_WINDOW_S)
+UI_OPTIONS = dict(image=image, env=CONTAINER_ENV, timeout=TIMEOUT_S, scaledown_window=SCALEDOWN_WINDOW_S)
+
+
+@app.function(**UI_OPTIONS)  # no GPU, no Secret: the page needs neither
 @modal.concurrent(**UI_CONCURRENCY)
 @modal.asgi_app()
 def ui():
@@ -338,6 +346,52 @@ def opus_chunks(data: bytes, pages_per_chunk: int) -> list[tuple[bytes, float]]:
             for i in range(0, len(pages), pages_per_chunk)]
 
 
+async def stream_through_queue(q, chunks: list[tuple[bytes, float]], *, realtime: bool = False,
+                               write=print) -> tuple[float | None, list[dict]]:
+    """The client side of ``transcribe_queue`` (with ``events=True``): send ``chunks`` to partition ``"audio"``
+    (at the pace of their audio with ``realtime``), print words as they arrive; returns (seconds to the first
+    word, every event received)."""
+    from kyutai_stt.queue_bridge import AUDIO, TRANSCRIPTION, _call
+
+    start = time.perf_counter()
+
+    async def send() -> None:
+        for chunk, until in chunks:
+            if realtime:  # a live client has a chunk only once its audio has been spoken
+                await asyncio.sleep(max(0.0, start + until - time.perf_counter()))
+            await _call(q.put, chunk, partition=AUDIO)
+        await _call(q.put, None, partition=AUDIO)
+
+    first_word: float | None = None
+    received: list[dict] = []
+    column = 0
+    sender = asyncio.create_task(send())
+    try:
+        while True:
+            event = await _call(q.get, partition=TRANSCRIPTION)
+            if event is None:
+                break
+            received.append(event)
+            if event["type"] == "word":
+                if first_word is None:
+                    first_word = time.perf_counter() - start
+                if column and column + len(event["text"]) > 100:
+                    write()
+                    column = 0
+                write(event["text"], end=" ", flush=True)
+                column += len(event["text"]) + 1
+            elif event["type"] in ("end_of_turn", "end") and column:
+                write()
+                column = 0
+            elif event["type"] == "error":
+                write(f"error: {event['message']}")
+    finally:
+        if not sender.done():  # the service ended the stream early (an error): stop sending
+            sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+    return first_word, received
+
+
 @app.local_entrypoint()
 async def main(audio: str = DEFAULT_AUDIO, realtime: bool = False, raw: bool = False, chunk_ms: int = 400):
     """Stream a local file or URL through a Queue to the deployed STT class and print words as they come.
@@ -348,47 +402,17 @@ async def main(audio: str = DEFAULT_AUDIO, realtime: bool = False, raw: bool = F
     print(f"reading {audio}")
     data = _read_source(audio)
     if raw:
-        size = 24_000
-        chunks = [(data[i:i + size], 0.0) for i in range(0, len(data), size)]
+        chunks = [(data[i:i + 24_000], 0.0) for i in range(0, len(data), 24_000)]
     else:
         chunks = opus_chunks(data, max(1, round(chunk_ms / 80)))
     duration = chunks[-1][1] if chunks and not raw else None
+    print("streaming" + (" at real-time pace" if realtime and not raw else "") + " (a cold start adds a few seconds)")
 
     async with modal.Queue.ephemeral() as q:
         start = time.perf_counter()
         call = await STT().transcribe_queue.spawn.aio(q, events=True)
-
-        async def send() -> None:
-            for chunk, until in chunks:
-                await q.put.aio(chunk, partition="audio")
-                if realtime and until:
-                    await asyncio.sleep(max(0.0, start + until - time.perf_counter()))
-            await q.put.aio(None, partition="audio")
-
-        first_word: float | None = None
-        column = 0
-        sender = asyncio.create_task(send())
-        while True:
-            event = await q.get.aio(partition="transcription")
-            if event is None:
-                break
-            if event["type"] == "word":
-                if first_word is None:
-                    first_word = time.perf_counter() - start
-                word = event["text"]
-                if column + len(word) > 100:
-                    print()
-                    column = 0
-                print(word, end=" ", flush=True)
-                column += len(word) + 1
-            elif event["type"] == "end_of_turn":
-                print()
-                column = 0
-            elif event["type"] == "error":
-                print(f"\nerror: {event['message']}", file=sys.stderr)
-        await sender
-        await call.get.aio()
+        first_word, _ = await stream_through_queue(q, chunks, realtime=realtime and not raw)
+        await call.get.aio()  # raises the service's error, if any
     total = time.perf_counter() - start
-    print()
     print(f"time to first word: {first_word:.2f} s" if first_word is not None else "no words")
     print(f"total time: {total:.2f} s" + (f" for {duration:.1f} s of audio" if duration else ""))

@@ -134,6 +134,7 @@ def test_default_gpu_concurrency_and_timeouts():
     assert isinstance(modal_app.VOLUMES[modal_app.HF_CACHE_PATH], modal.Volume)
     assert modal_app.STT_OPTIONS["volumes"] is modal_app.VOLUMES
     assert modal_app.SECRETS == []  # a Secret only when named
+    assert "gpu" not in modal_app.UI_OPTIONS and modal_app.UI_CONCURRENCY == {"max_inputs": 1000}
 
 
 def test_image_pins_every_dependency_to_the_tested_version():
@@ -160,7 +161,16 @@ def test_image_pins_every_dependency_to_the_tested_version():
     assert modal_app.FRONTEND_INCLUDED == modal_app.FRONTEND_DIR.is_dir()
 
 
-def test_settings_come_from_the_environment_at_deploy_time(tmp_path):
+def test_inside_a_container_the_image_is_not_recomputed(monkeypatch):
+    """In a container the package is source, not an installed distribution: no pins, and no error."""
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(modal_app.metadata, "requires", missing)
+    assert modal_app.pinned_requirements() == ([], [])
+
+
+def test_settings_come_from_the_environment_at_deploy_time():
     env = {**os.environ, "KYUTAI_STT_MODAL_GPU": "H100", "KYUTAI_STT_SLOTS": "64",
            "KYUTAI_STT_MODAL_TARGET_INPUTS": "40", "KYUTAI_STT_MODAL_SCALEDOWN_S": "60",
            "KYUTAI_STT_MODAL_TIMEOUT_S": "7200", "KYUTAI_STT_MODAL_SECRET": "kyutai-stt-secrets",
@@ -334,3 +344,27 @@ def test_ui_points_at_the_configured_stt_url(monkeypatch):
     assert modal_app.stt_web_url() == "https://example--kyutai-stt-stt-api.modal.run"
     with TestClient(modal_app.ui.local()) as client:
         assert client.get("/").status_code == 200
+
+
+async def test_local_entrypoint_client_prints_the_reference_words(stt, reference, sounds):
+    """The entrypoint's client half (file -> Ogg/Opus pages -> Queue -> printed words) against the service."""
+    import soundfile
+
+    obj, _ = stt
+    buffer = io.BytesIO()
+    soundfile.write(buffer, sounds(1.5, 12), 24000, format="WAV", subtype="FLOAT")
+    chunks = modal_app.opus_chunks(buffer.getvalue(), pages_per_chunk=5)
+    assert [until for _, until in chunks] == sorted(until for _, until in chunks) and chunks[-1][1] == 1.5
+    decoder = OggOpusDecoder()
+    decoded = np.concatenate([decoder.feed(chunk) for chunk, _ in chunks])
+    expected = [e.text for e in reference_events(reference, decoded) if isinstance(e, Word)]
+    assert expected, "the reference has no words: pick other audio"
+
+    printed: list[str] = []
+    q = MemoryQueue()
+    service = asyncio.ensure_future(obj.transcribe_queue.local(q, events=True))
+    first_word, received = await asyncio.wait_for(
+        modal_app.stream_through_queue(q, chunks, write=lambda *a, **k: printed.append(" ".join(a))), timeout=120)
+    await asyncio.wait_for(service, timeout=30)
+    assert [e["text"] for e in received if e["type"] == "word"] == expected
+    assert [p for p in printed if p] == expected and first_word is not None and first_word > 0
