@@ -14,27 +14,37 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, model: SttModel | None = None) -> FastAPI:
-    """Build the app. The model is loaded (or taken as given) and the engine started in the lifespan."""
+def create_app(settings: Settings | None = None, model: SttModel | None = None,
+               engine: Engine | None = None) -> FastAPI:
+    """Build the app. The model is loaded (or taken as given) and the engine started in the lifespan.
+
+    ``engine``: serve an engine that is already warmed up and running (the Modal app shares one between its
+    web app and its Queue method); its owner stops it, not the app.
+    """
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if engine is not None:
+            yield
+            return
         stt = model or load_model(settings.model, settings.device, settings.dtype)
-        engine = Engine(stt, settings.slots, flush_seconds=settings.flush_seconds)
-        engine.warmup()
-        engine.start()
-        app.state.engine = engine
+        own = Engine(stt, settings.slots, flush_seconds=settings.flush_seconds)
+        own.warmup()
+        own.start()
+        app.state.engine = own
         if stt.random_weights:
             log.warning("%s has RANDOM WEIGHTS: it produces meaningless text", settings.model)
         log.info("serving %s on %s (%s), %d slots", settings.model, stt.device, stt.dtype, settings.slots)
         try:
             yield
         finally:
-            engine.stop()
+            own.stop()
 
     app = FastAPI(title="kyutai-stt", lifespan=lifespan)
     app.state.settings = settings
+    if engine is not None:
+        app.state.engine = engine
 
     from .protocols import events_ws, kyutai, openai, seed
 
