@@ -11,7 +11,7 @@ start, after warm-up and at the end.
 
     # the long form (on a GPU; real model; the server is started here and stopped at the end)
     python scripts/soak.py --model kyutai/stt-1b-en_fr-candle --slots 64 --streams 48 --minutes 30 \\
-        --audio shared/fixtures/bria.mp3 --out artifacts/soak
+        --audio ../shared/fixtures/bria.mp3 --out artifacts/soak
     # against a running server (give the same model so the references match)
     python scripts/soak.py --url http://127.0.0.1:8000 --model kyutai/stt-1b-en_fr-candle --streams 8 --minutes 5
 
@@ -145,7 +145,9 @@ def compute_references(config: SoakConfig, clips: list[np.ndarray],
 
     references = []
     for clip in clips:
-        words = word_tuples(expected_from_outputs(model, outputs(clip))) if {"events", "kyutai"} & set(config.protocols) else []
+        words = []
+        if {"events", "kyutai"} & set(config.protocols):
+            words = word_tuples(expected_from_outputs(model, outputs(clip)))
         opus_text = []
         if "seed" in config.protocols:
             decoder = OggOpusDecoder()
@@ -357,7 +359,8 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-async def run_soak(config: SoakConfig, *, outputs=None, model=None, rss: Callable[[], int | None] | None = None) -> dict:
+async def run_soak(config: SoakConfig, *, outputs=None, model=None,
+                   rss: Callable[[], int | None] | None = None) -> dict:
     """Run the soak and return its report (also written to ``config.out`` when set). ``outputs``/``model``: a
     reference function and its model, to reuse; ``rss``: how to read the server's memory (default: the local
     process, or /metrics)."""
@@ -448,22 +451,24 @@ def build_report(config, results, health, final, elapsed, reference_seconds, sta
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started_at)),
         "elapsed_s": round(elapsed, 1),
         "reference_s": round(reference_seconds, 1),
-        "streams": {"total": len(results), "checked": len(checked), "abrupt": sum(r.outcome == "abrupt" for r in results),
+        "streams": {"total": len(results), "checked": len(checked),
+                    "abrupt": sum(r.outcome == "abrupt" for r in results),
                     "refused": sum(r.outcome == "refused" for r in results), "failed": len(failed),
                     "by_protocol": by_protocol,
                     "audio_s_checked": round(sum(r.audio_s for r in checked), 1)},
-        "words": {"expected": sum(r.expected_words for r in checked), "received": sum(r.received_words for r in checked),
-                  "lost": lost, "wrong": wrong, "streams_with_errors": sum(1 for r in checked if r.lost or r.wrong)},
+        "words": {"expected": sum(r.expected_words for r in checked),
+                  "received": sum(r.received_words for r in checked), "lost": lost, "wrong": wrong, "streams_with_errors": sum(1 for r in checked if r.lost or r.wrong)},
         "latency_s": None if not latencies else {
-            "words": len(latencies), "p50": round(percentile(latencies, 50), 3), "p90": round(percentile(latencies, 90), 3),
-            "p99": round(percentile(latencies, 99), 3), "max": round(max(latencies), 3)},
+            "words": len(latencies), **{f"p{q}": round(percentile(latencies, q), 3) for q in (50, 90, 99)},
+            "max": round(max(latencies), 3)},
         "memory_mib": {"start": mib(rss_start), "after_warmup": mib(rss_warm), "end": mib(rss_end),
                        "max": mib(max(health["rss"])) if health["rss"] else None,
                        "drift_from_start": None if rss_start is None or rss_end is None else mib(rss_end - rss_start),
                        "drift_from_warmup": None if rss_warm is None or rss_end is None else mib(rss_end - rss_warm)},
         "server": {"status_polls": health["polls"], "unhealthy_polls": health["unhealthy"],
                    "max_slots_in_use": health["max_slots_in_use"], "final_status": final},
-        "problems": [asdict(r) | {"latencies": None} for r in results if r.outcome == "failed" or r.lost or r.wrong][:20],
+        "problems": [asdict(r) | {"latencies": None} for r in results
+                     if r.outcome == "failed" or r.lost or r.wrong][:20],
     }
     report["ok"] = (lost == 0 and wrong == 0 and not failed and health["unhealthy"] == 0
                     and final is not None and final.get("slots_in_use") == 0 and len(checked) > 0)
@@ -473,22 +478,24 @@ def build_report(config, results, health, final, elapsed, reference_seconds, sta
 def summary(report: dict) -> str:
     c, s, w, m = report["config"], report["streams"], report["words"], report["memory_mib"]
     lat = report["latency_s"]
+    source = "from " + ", ".join(Path(a).name for a in c["audio"]) if c["audio"] else "synthetic"
     lines = [
         f"## Soak: {c['streams']} streams for {c['seconds'] / 60:.1f} min ({'real time' if c['realtime'] else 'fast'})",
         "",
         f"Model `{c['model']}` ({c['device']}, {c['dtype']}), clips of {c['clip_seconds'][0]:g} to "
-        f"{c['clip_seconds'][1]:g} s ({'from ' + ', '.join(Path(a).name for a in c['audio']) if c['audio'] else 'synthetic'}),"
-        f" protocols {', '.join(c['protocols'])}, {c['abrupt']:.0%} abrupt leaves. Started {report['started']}.",
+        f"{c['clip_seconds'][1]:g} s ({source}), protocols {', '.join(c['protocols'])}, {c['abrupt']:.0%} abrupt leaves. Started {report['started']}.",
         "",
         "| | |",
         "|---|---|",
         f"| result | **{'PASS' if report['ok'] else 'FAIL'}** |",
-        f"| streams checked / abrupt / refused / failed | {s['checked']} / {s['abrupt']} / {s['refused']} / {s['failed']} |",
+        f"| streams checked / abrupt / refused / failed | {s['checked']} / {s['abrupt']} / {s['refused']} / "
+        f"{s['failed']} |",
         f"| words expected / received | {w['expected']} / {w['received']} |",
         f"| lost words / wrong words | **{w['lost']} / {w['wrong']}** ({w['streams_with_errors']} streams) |",
         "| word latency p50 / p90 / p99 / max | " + (f"{lat['p50']} / {lat['p90']} / **{lat['p99']}** / {lat['max']} s "
                                                      f"({lat['words']} words)" if lat else "n/a (not paced)") + " |",
-        f"| server RSS start / after warm-up / end / max | {m['start']} / {m['after_warmup']} / {m['end']} / {m['max']} MiB |",
+        f"| server RSS start / after warm-up / end / max | {m['start']} / {m['after_warmup']} / {m['end']} / "
+        f"{m['max']} MiB |",
         f"| memory drift (end - start, end - warm-up) | {m['drift_from_start']} / {m['drift_from_warmup']} MiB |",
         f"| max slots in use, unhealthy /status polls | {report['server']['max_slots_in_use']}, "
         f"{report['server']['unhealthy_polls']} |",

@@ -23,7 +23,8 @@ def words_of(events) -> list[tuple[str, float, float]]:
 
 
 def ref_words(reference, pcm) -> list[tuple[str, float, float]]:
-    return [(w.text, round(w.start, 4), round(w.end, 4)) for w in expected_words(reference.model, reference.outputs(pcm))]
+    return [(w.text, round(w.start, 4), round(w.end, 4))
+            for w in expected_words(reference.model, reference.outputs(pcm))]
 
 
 class Closed:
@@ -52,7 +53,8 @@ async def exchange(url: str, messages, *, timeout: float = 60.0, headers=None) -
         except websockets.ConnectionClosed:
             pass
         except TimeoutError:
-            raise AssertionError(f"{url}: the server did not close within {timeout} s (got {received[-3:]!r})") from None
+            raise AssertionError(f"{url}: the server did not close within {timeout} s "
+                                 f"(got {received[-3:]!r})") from None
     return Closed(received, ws.close_code, ws.close_reason or "")
 
 

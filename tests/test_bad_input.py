@@ -188,7 +188,8 @@ def encoded(tmp_path_factory, sounds) -> dict:
         files[f"opus{rate}"] = out.read_bytes()
     at48 = resample(pcm, 24000, 48000)
     other = resample(sounds(1.5, 104), 24000, 48000)
-    for name, channels in (("mono", [at48]), ("left", [at48, 0 * at48]), ("stereo", [at48, other]), ("six", [at48] * 6)):
+    layouts = {"mono": [at48], "left": [at48, 0 * at48], "stereo": [at48, other], "six": [at48] * 6}
+    for name, channels in layouts.items():
         (folder / f"{name}.wav").write_bytes(wav_bytes(np.stack(channels, 1), 48000))
         subprocess.run(["opusenc", "--quiet", str(folder / f"{name}.wav"), str(folder / f"{name}.opus")], check=True)
         files[name] = (folder / f"{name}.opus").read_bytes()

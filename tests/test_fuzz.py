@@ -131,7 +131,8 @@ seed_messages = st.one_of(
 ).flatmap(lambda messages: st.sampled_from([messages, messages + [b""]]))
 events_query = st.sampled_from(["", "?format=opus", "?format=pcm_f32le", "?format=pcm_s16le&sample_rate=16000",
                                 "?format=pcm_s16le&sample_rate=44100&steps=true"]) | st.builds(
-    lambda key, value: f"?{key}={quote(value)}", st.sampled_from(["format", "sample_rate", "steps"]), st.text(max_size=12))
+    lambda key, value: f"?{key}={quote(value)}", st.sampled_from(["format", "sample_rate", "steps"]),
+    st.text(max_size=12))
 events_messages = st.lists(binary | text | json_control() | ogg_bytes(), max_size=8)
 kyutai_messages = st.lists(kyutai_message(), max_size=6)
 
@@ -245,7 +246,8 @@ def test_fuzz_openai_transcriptions(server, loop, body, filename, response_forma
                                              files={"file": (filename, body)},
                                              data={"model": "x", "response_format": response_format})
             else:
-                headers = {"content-type": content_type} if content_type.isascii() and content_type.isprintable() else {}
+                sendable = content_type.isascii() and content_type.isprintable()
+                headers = {"content-type": content_type} if sendable else {}
                 response = await client.post(server.http + "/v1/audio/transcriptions", content=body, headers=headers)
             event(f"HTTP {response.status_code}")
             assert response.status_code in OPENAI_STATUS, (response.status_code, response.text[:300])
