@@ -121,14 +121,14 @@ class OggOpusDecoder:
     def _starts_new_stream(self, page: bytes) -> bool:
         """Check a page's logical stream; True when it begins a chained stream (after the first one)."""
         _, _, flags, _, serial, _, _, segments = _OGG_HEADER.unpack_from(page)
-        if serial == self._serial:
-            return False
-        if not flags & 2:  # not a beginning-of-stream page
+        if not flags & 2:  # not a beginning-of-stream page: it must continue the current stream
             if self._serial is None:
                 raise AudioFormatError("the Ogg stream does not start with its header page (OpusHead)")
-            raise AudioFormatError("interleaved (multiplexed) Ogg streams are not supported")
+            if serial != self._serial:
+                raise AudioFormatError("interleaved (multiplexed) Ogg streams are not supported")
+            return False
         self._check_opus_head(page[_OGG_HEADER.size + segments:])
-        chained = self._serial is not None
+        chained = self._serial is not None  # (encoders may reuse the serial number: sphn's is always 42)
         self._serial = serial
         return chained
 

@@ -18,7 +18,7 @@ import pytest
 import soundfile
 import websockets
 
-from kyutai_stt.audio import OggOpusDecoder, load_audio_file, resample
+from kyutai_stt.audio import OggOpusDecoder, load_audio_file, ogg_crc, resample
 from kyutai_stt.client import parse_event
 
 from .conftest import ensure_debian_packages, start_server
@@ -115,6 +115,20 @@ async def test_random_bytes(hard, reference, clip):
 
 
 # ------------------------------------------------------------------------------------------------ Ogg damage
+def with_serial(data: bytes, serial: int) -> bytes:
+    """The same Ogg pages, moved to another logical stream (checksums recomputed)."""
+    out, position = bytearray(), 0
+    while position < len(data):
+        segments = data[position + 26]
+        end = position + 27 + segments + sum(data[position + 27:position + 27 + segments])
+        page = bytearray(data[position:end])
+        page[14:18] = struct.pack("<I", serial)
+        page[22:26] = struct.pack("<I", ogg_crc(bytes(page)))
+        out += page
+        position = end
+    return bytes(out)
+
+
 def ogg_page_count(data: bytes) -> int:
     """Ogg pages that start in ``data`` (walking the page headers; the last may be cut)."""
     count = position = 0
@@ -134,6 +148,10 @@ async def test_corrupt_and_truncated_ogg(hard, reference, clip, sounds):
     flipped[middle] ^= 0x10
     headerless = pages[1:]  # pages[0] holds the OpusHead and OpusTags pages
     garbage = pages[:4] + [b"garbage!"] + pages[4:]
+    other_pages, other_decoded = opus_pages_and_decoded(sounds(1.0, 106))
+    chained = pages + other_pages  # a second Opus stream after the first, as an encoder restart sends
+    chained_heard = np.concatenate([OggOpusDecoder().feed(data), other_decoded])
+    interleaved = pages[:3] + [with_serial(other_pages[2], 7)] + pages[3:]  # a page of another logical stream
     truncated = data[:middle]  # ends in the middle of a page
     decoder = OggOpusDecoder()
     heard = decoder.feed(truncated)  # what any decoder gets from the complete pages
@@ -148,8 +166,10 @@ async def test_corrupt_and_truncated_ogg(hard, reference, clip, sounds):
             exchange(hard.ws + "/ws", headerless),
             exchange(hard.ws + "/ws", garbage),
             exchange(hard.ws + "/ws", regroup(truncated, rng) + [b""]),
-            exchange(hard.ws + "/v1/stream", regroup(truncated, rng) + [json.dumps({"type": "end"})]))
-    seed_flip, events_flip, kyutai_flip, no_header, between, seed_cut, events_cut = results
+            exchange(hard.ws + "/v1/stream", regroup(truncated, rng) + [json.dumps({"type": "end"})]),
+            exchange(hard.ws + "/ws", regroup(b"".join(chained), rng) + [b""]),
+            exchange(hard.ws + "/ws", interleaved))
+    seed_flip, events_flip, kyutai_flip, no_header, between, seed_cut, events_cut, seed_chained, mixed = results
     damaged = f"page {ogg_page_count(data[:middle])}"  # the page ``middle`` falls in
     for closed in (seed_flip, events_flip):
         assert (closed.code, closed.reason) == (1007, f"corrupt Ogg data: {damaged} fails its checksum"), closed
@@ -162,6 +182,11 @@ async def test_corrupt_and_truncated_ogg(hard, reference, clip, sounds):
     want = expected_pieces(reference.model, reference.outputs(heard))
     assert want and [m[1:].decode() for m in seed_cut.received[:-1]] == want
     assert events_cut.code == 1000 and words_of(events_of(events_cut)) == ref_words(reference, heard)
+    # chained streams are decoded one after the other
+    assert seed_chained.code == 1000 and seed_chained.received[-1] == b"\x00"
+    want = expected_pieces(reference.model, reference.outputs(chained_heard))
+    assert [m[1:].decode() for m in seed_chained.received[:-1]] == want
+    assert (mixed.code, mixed.reason) == (1007, "interleaved (multiplexed) Ogg streams are not supported")
     await wait_idle(hard)
 
 
