@@ -132,12 +132,11 @@ def flush_frame_count(model: SttModel, flush_seconds: float) -> int:
 
 
 class Engine:
-    def __init__(self, model: SttModel, slots: int, flush_seconds: float = 0.5,
-                 on_step: Callable[[int, float], None] | None = None):
+    def __init__(self, model: SttModel, slots: int, flush_seconds: float = 0.5):
         self.model = model
         self.batch_size = slots
         self.flush_frames = flush_frame_count(model, flush_seconds)
-        self._on_step = on_step  # metrics hook: (active streams, seconds)
+        self._step_listeners: list[Callable[[int, float], None]] = []  # (frames in the step, seconds)
         self._slots = [_Slot(i) for i in range(slots)]
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
@@ -171,6 +170,10 @@ class Engine:
             self._worker.join(timeout=30)
         if self._worker is None or not self._worker.is_alive():
             self._streaming.close()
+
+    def add_step_listener(self, listener: Callable[[int, float], None]) -> None:
+        """Call ``listener(frames, seconds)`` after every step, on the worker thread (metrics, benchmarks)."""
+        self._step_listeners.append(listener)
 
     @property
     def alive(self) -> bool:
@@ -331,8 +334,8 @@ class Engine:
         self._steps += 1
         self._frames += int(audio.sum())
         self._last_step_seconds = elapsed
-        if self._on_step is not None:
-            self._on_step(int(audio.sum()), elapsed)
+        for listener in self._step_listeners:
+            listener(int(audio.sum()), elapsed)
         deliveries = []
         with self._cond:
             for index, (slot, stream_id, sink) in targets.items():

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (comma separated); empty: same origin only."
     )
+    log_format: str = Field("text", pattern="^(text|json)$", description="'text' or 'json' (one JSON object per line).")
+    shutdown_flush_s: float = Field(
+        15.0, ge=0, description="On SIGTERM, how long active streams get to flush their last words before closing."
+    )
     record_dir: str | None = Field(
         None, description="Debug: write the 24 kHz audio each session decoded to this folder as WAV files."
     )
@@ -58,6 +62,13 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest WebSocket message accepted.")
     http_slot_wait_s: float = Field(
         30.0, ge=0, description="HTTP file requests wait this long for a free slot before answering 503."
+    )
+    queue_max: int = Field(
+        0, ge=0, description="WebSocket clients that may wait for a free slot when all are busy (0: refuse at once)."
+    )
+    queue_timeout_s: float = Field(10.0, ge=0, description="How long a queued WebSocket client waits for a slot.")
+    max_pending_events: int = Field(
+        4000, gt=0, description="Results queued for a client that does not read them before it is dropped (1008)."
     )
     max_upload_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Largest uploaded file accepted over HTTP.")
 

@@ -51,7 +51,7 @@ async def events_socket(ws: WebSocket, format: str = "opus", sample_rate: int = 
         await ws.accept()
         await close(ws, POLICY_VIOLATION, f"format must be one of {', '.join(FORMATS)} and 8000 <= sample_rate <= 192000")
         return
-    session = await open_session(ws, on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()))
+    session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()))
     if session is None:
         return
     decoder = OggOpusDecoder() if format == "opus" else _PcmDecoder(format, sample_rate)
