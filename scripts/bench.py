@@ -192,6 +192,17 @@ def model_info(stt) -> dict:
     }
 
 
+def free_device_memory() -> None:
+    """Between batch sizes: drop the previous streaming states (and CUDA graphs) before allocating new ones."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def sync(device) -> None:
     import torch
 
@@ -414,6 +425,7 @@ def time_mirrored(stt, batch: int, steps: int, warmup: int, pool: list[np.ndarra
             t = stepper.step()
             if i >= warmup:
                 times.append(t)
+    free_device_memory()
     part = lambda name: stats_ms([getattr(t, name) for t in times])  # noqa: E731
     return {
         "step_ms": part("total"),
@@ -512,6 +524,8 @@ def run_engine(stt, batch: int, steps: int, warmup: int, pool: list[np.ndarray],
         for h in handles:
             engine.abort(h)
         engine.stop()
+        del engine
+        free_device_memory()
     if pace == "backtoback":
         measured = step_times[warmup:total_frames]
         latency: list[float] = []
@@ -526,8 +540,33 @@ def run_engine(stt, batch: int, steps: int, warmup: int, pool: list[np.ndarray],
     return EngineRun(batch, measured, counts["all"], wall, latency, max_backlog)
 
 
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
+
+
+def recover_from_oom(stt, batch: int) -> None:
+    import gc
+
+    import torch
+
+    # an allocation that failed while entering streaming mode leaves some modules streaming: clear them
+    stt.mimi._stop_streaming()
+    stt.lm._stop_streaming()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    err.print(f"  batch {batch}: out of memory")
+
+
 def probe_engine(stt, batch: int, steps: int, warmup: int, pool, pace: str, budget_ms: float, percentile: float) -> dict:
-    run = run_engine(stt, batch, steps, warmup, pool, pace)
+    try:
+        run = run_engine(stt, batch, steps, warmup, pool, pace)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_oom(exc):
+            raise
+        recover_from_oom(stt, batch)
+        return {"batch": batch, "pace": pace, "step_ms": stats_ms([]), f"step_p{percentile:g}_ms": None,
+                "steps_per_second": None, "realtime_ok": False, "error": "out of memory"}
     step = stats_ms(run.step_s)
     p = float(np.percentile(np.asarray(run.step_s) * 1000, percentile)) if run.step_s else math.inf
     result = {"batch": batch, "pace": pace, "step_ms": step, f"step_p{percentile:g}_ms": round(p, 3),
@@ -610,10 +649,17 @@ def engine(
     rows = []
     for b in sizes:
         err.print(f"engine: batch {b} ({warmup}+{steps} steps)")
-        r = {"batch": b, **time_mirrored(stt, b, steps, warmup, pool)}
-        if with_engine:
-            run = run_engine(stt, b, steps, warmup, pool)
-            r["engine_step_ms"] = stats_ms(run.step_s)
+        try:
+            r = {"batch": b, **time_mirrored(stt, b, steps, warmup, pool)}
+            if with_engine:
+                run = run_engine(stt, b, steps, warmup, pool)
+                r["engine_step_ms"] = stats_ms(run.step_s)
+        except (RuntimeError, MemoryError) as exc:
+            if not is_oom(exc):
+                raise
+            recover_from_oom(stt, b)
+            err.print("  (larger batch sizes are skipped)")
+            break
         p99 = r["step_ms"]["p99"]
         r["realtime_ok"] = p99 is not None and p99 <= budget_ms
         r["ms_per_stream_p50"] = round(r["step_ms"]["p50"] / b, 3)
@@ -664,7 +710,9 @@ def capacity_search(stt, pace: str, steps: int, warmup: int, start: int, maximum
         err.print(f"capacity: probing {n} streams ({pace})")
         probes[n] = probe_engine(stt, n, steps, warmup, pool, pace, budget_ms, percentile)
         r = probes[n]
-        err.print(f"  p{percentile:g} step {r[f'step_p{percentile:g}_ms']:.1f} ms -> {'ok' if r['realtime_ok'] else 'too slow'}")
+        p = r[f"step_p{percentile:g}_ms"]
+        if p is not None:
+            err.print(f"  p{percentile:g} step {p:.1f} ms -> {'ok' if r['realtime_ok'] else 'too slow'}")
         return r["realtime_ok"]
 
     best, order = search_max(passes, start, maximum, resolution)
@@ -707,7 +755,8 @@ def capacity(
     for p in result["probes"]:
         row = [p["batch"], p["step_ms"]["p50"], p[key], p["steps_per_second"]]
         if pace == "realtime":
-            row += [p["frame_latency_ms"]["p50"], p["frame_latency_ms"]["p99"]]
+            lat = p.get("frame_latency_ms") or {}
+            row += [lat.get("p50"), lat.get("p99")]
         rows.append(row + [p["realtime_ok"]])
     print(f"### Capacity ({stt.name}, {stt.device}, {str(stt.dtype).removeprefix('torch.')}, pace {pace})\n")
     print(markdown_table(headers, rows))
@@ -1085,7 +1134,7 @@ def e2e(
         sampler.join(timeout=5)
         memory["peak_rss_mib"] = mib(sampler.peak_rss)
         memory["full_slots_rss_mib"] = mib(sampler.full_rss) if sampler.full_rss else None
-        memory["max_slots_in_use_seen"] = sampler.max_in_use
+        max_in_use = sampler.max_in_use
         if sampler.gpu:
             memory["peak_gpu_mib"] = mib(sampler.peak_gpu)
         status_after = server.status()
@@ -1116,6 +1165,7 @@ def e2e(
     result["clients"] = clients
     result["slots"] = slots
     result["server_status_after"] = status_after
+    result["max_slots_in_use_seen"] = max_in_use  # from /status, polled every second
     result["memory"] = memory
     print(f"### End to end over WebSockets ({model}, {device}, {clients} real-time Opus clients, {slots} slots)\n")
     rows = [[name, result[k]["count"], result[k]["p50"], result[k]["p99"], result[k]["max"]]
@@ -1127,7 +1177,7 @@ def e2e(
                             ("load generator send lateness", "send_lateness_ms"))]
     print(markdown_table(["measure", "count", "p50 ms", "p99 ms", "max ms"], rows))
     print(f"\nclients completed: {result['completed']}/{clients}, errors: {len(result['errors'])}, "
-          f"words: {result['words']}")
+          f"words: {result['words']}, most slots in use at once: {max_in_use}")
     print()
     print(markdown_table(["memory", "MiB"], [[k, v] for k, v in memory.items() if not isinstance(v, dict)]
                          + [[f"per stream (config): {k}", v] for k, v in memory.get("formula_per_stream_mib", {}).items()]))
