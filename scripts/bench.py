@@ -24,7 +24,6 @@ import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -749,7 +748,7 @@ def capacity(
     key = f"step_p{percentile:g}_ms"
     headers = ["streams", "step p50 ms", f"step p{percentile:g} ms", "steps/s"]
     if pace == "realtime":
-        headers += ["frame latency p50 ms", f"frame latency p99 ms"]
+        headers += ["frame latency p50 ms", "frame latency p99 ms"]
     headers += ["keeps real time"]
     rows = []
     for p in result["probes"]:
@@ -1104,7 +1103,7 @@ def e2e(
     sampler = None
     try:
         err.print(f"e2e: starting the server with {slots} slots on port {server.port} (log {server.log_path})")
-        status = server.wait_ready(startup_timeout)
+        server.wait_ready(startup_timeout)
         time.sleep(1.0)
         memory["idle_rss_mib"] = mib(rss_bytes(server.proc.pid))
         if device.startswith("cuda"):
