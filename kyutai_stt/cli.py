@@ -158,7 +158,7 @@ def transcribe(
 
         settings = _settings(model=model, device=device, dtype=dtype)
         stt = load_model(settings.model, settings.device, settings.dtype)
-        engine = Engine(stt, slots=min(len(audios), 64), flush_seconds=settings.flush_seconds).start()
+        engine = Engine.from_settings(stt, settings, slots=min(len(audios), 64)).start()
         try:
             source = partial(session_events, engine, realtime=realtime,
                              end_of_turn_threshold=settings.end_of_turn_threshold)

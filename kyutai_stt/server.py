@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
             yield
             return
         stt = model or load_model(settings.model, settings.device, settings.dtype)
-        own = Engine(stt, settings.slots, flush_seconds=settings.flush_seconds)
+        own = Engine.from_settings(stt, settings)
         own.add_step_listener(metrics.on_step)
         own.warmup()
         own.start()

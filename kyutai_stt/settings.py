@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         ge=0.08,
         description="Silence fed after the model's own delay at end of stream, so the last word comes out.",
     )
+    frames_per_step: int = Field(
+        0, ge=0, le=8,
+        description="80 ms frames each stream advances per engine step. 0: auto (1 on GPU; 2 on CPU, where "
+        "Mimi's per-call cost dominates: more streams keep real time, for 80 ms more latency). Results are identical.",
+    )
     end_of_turn_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="End of turn fires when VAD head 2's pause probability crosses this."
     )

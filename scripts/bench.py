@@ -447,7 +447,7 @@ class EngineRun:
 
 
 def run_engine(stt, batch: int, steps: int, warmup: int, pool: list[np.ndarray], pace: str = "backtoback",
-               flush_seconds: float = 0.5) -> EngineRun:
+               flush_seconds: float = 0.5, frames_per_step: int = 1) -> EngineRun:
     """Drive the real ``Engine`` through its public API with ``batch`` slots, all in use.
 
     backtoback: every stream has all its audio queued, so each step is a full batch (the engine's throughput).
@@ -457,7 +457,8 @@ def run_engine(stt, batch: int, steps: int, warmup: int, pool: list[np.ndarray],
     from kyutai_stt.checkpoint import FRAME_SIZE
     from kyutai_stt.engine import Engine, StepOutput
 
-    total_frames = warmup + steps
+    total_steps = warmup + steps
+    total_frames = total_steps * frames_per_step
     step_times: list[float] = []
     counts = {"all": 0}
     enough = threading.Event()
@@ -469,12 +470,13 @@ def run_engine(stt, batch: int, steps: int, warmup: int, pool: list[np.ndarray],
         counts["all"] += 1
         # back to back: full batches only (the init steps are partial). Real time: every step, since a step
         # costs a full batch whatever the number of slots with a frame.
-        if active == batch or (pace == "realtime" and active > 0):
+        if active == batch * frames_per_step or (pace == "realtime" and active > 0):
             step_times.append(seconds)
-            if len(step_times) >= total_frames:
+            if len(step_times) >= total_steps:
                 enough.set()
 
-    engine = Engine(stt, batch, flush_seconds=flush_seconds, on_step=on_step)
+    engine = Engine(stt, batch, flush_seconds=flush_seconds, frames_per_step=frames_per_step)
+    engine.add_step_listener(on_step)
     engine.warmup(3)
     engine.start()
     push_times = np.zeros((batch, total_frames))
@@ -526,7 +528,7 @@ def run_engine(stt, batch: int, steps: int, warmup: int, pool: list[np.ndarray],
         del engine
         free_device_memory()
     if pace == "backtoback":
-        measured = step_times[warmup:total_frames]
+        measured = step_times[warmup:total_steps]
         latency: list[float] = []
         max_backlog = 0.0
     else:
@@ -557,9 +559,11 @@ def recover_from_oom(stt, batch: int) -> None:
     err.print(f"  batch {batch}: out of memory")
 
 
-def probe_engine(stt, batch: int, steps: int, warmup: int, pool, pace: str, budget_ms: float, percentile: float) -> dict:
+def probe_engine(stt, batch: int, steps: int, warmup: int, pool, pace: str, budget_ms: float, percentile: float,
+                 frames_per_step: int = 1) -> dict:
+    budget_ms = budget_ms * frames_per_step  # a step carries frames_per_step x 80 ms of every stream's audio
     try:
-        run = run_engine(stt, batch, steps, warmup, pool, pace)
+        run = run_engine(stt, batch, steps, warmup, pool, pace, frames_per_step=frames_per_step)
     except (RuntimeError, MemoryError) as exc:
         if not is_oom(exc):
             raise
@@ -701,13 +705,13 @@ def engine(
 
 # ============================================================================================ capacity
 def capacity_search(stt, pace: str, steps: int, warmup: int, start: int, maximum: int, resolution: int,
-                    budget_ms: float, percentile: float) -> dict:
+                    budget_ms: float, percentile: float, frames_per_step: int = 1) -> dict:
     pool = audio_pool()
     probes: dict[int, dict] = {}
 
     def passes(n: int) -> bool:
         err.print(f"capacity: probing {n} streams ({pace})")
-        probes[n] = probe_engine(stt, n, steps, warmup, pool, pace, budget_ms, percentile)
+        probes[n] = probe_engine(stt, n, steps, warmup, pool, pace, budget_ms, percentile, frames_per_step)
         r = probes[n]
         p = r[f"step_p{percentile:g}_ms"]
         if p is not None:
@@ -716,7 +720,8 @@ def capacity_search(stt, pace: str, steps: int, warmup: int, start: int, maximum
 
     best, order = search_max(passes, start, maximum, resolution)
     return {"max_streams": best, "probes": [probes[n] for n in sorted(probes)], "probe_order": order,
-            "pace": pace, "budget_ms": budget_ms, "percentile": percentile, "resolution": resolution}
+            "pace": pace, "budget_ms": budget_ms, "percentile": percentile, "resolution": resolution,
+            "frames_per_step": frames_per_step}
 
 
 @app.command()
@@ -735,6 +740,7 @@ def capacity(
     threads: Optional[int] = ThreadsOpt,
     cuda_graphs: bool = GraphsOpt,
     budget_ms: float = BudgetOpt,
+    frames_per_step: int = typer.Option(1, min=1, help="Frames per engine step (the step budget scales with it)."),
     out: Optional[Path] = OutOpt,
 ) -> None:
     """Largest number of concurrent streams whose every step finishes within 80 ms at p99 (real Engine)."""
@@ -744,7 +750,8 @@ def capacity(
     machine = machine_info(device)
     warn_if_busy(machine)
     stt = load(model, device, dtype)
-    result = capacity_search(stt, pace, steps, warmup, start, max_streams, resolution, budget_ms, percentile)
+    result = capacity_search(stt, pace, steps, warmup, start, max_streams, resolution, budget_ms, percentile,
+                             frames_per_step)
     key = f"step_p{percentile:g}_ms"
     headers = ["streams", "step p50 ms", f"step p{percentile:g} ms", "steps/s"]
     if pace == "realtime":
@@ -759,7 +766,8 @@ def capacity(
         rows.append(row + [p["realtime_ok"]])
     print(f"### Capacity ({stt.name}, {stt.device}, {str(stt.dtype).removeprefix('torch.')}, pace {pace})\n")
     print(markdown_table(headers, rows))
-    print(f"\n**Max real-time streams: {result['max_streams']}** (p{percentile:g} step <= {budget_ms:g} ms"
+    print(f"\n**Max real-time streams: {result['max_streams']}** (p{percentile:g} step <= "
+          f"{budget_ms * frames_per_step:g} ms for {frames_per_step} frame(s) per step"
           + (", p99 frame latency <= 2x budget" if pace == "realtime" else "") + ")")
     write_json(out, {"command": "capacity", "machine": machine,
                      "config": {"model": model_info(stt), "steps": steps, "warmup": warmup, "threads": threads,
