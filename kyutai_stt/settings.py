@@ -50,7 +50,9 @@ class Settings(BaseSettings):
         description="Accepted API keys (comma separated in the environment). Empty: no authentication.",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Origins allowed by CORS (comma separated); empty: same origin only."
+        default_factory=list,
+        description="Origins allowed for browser cross-origin requests and WebSockets (comma separated). Empty: no "
+        "CORS headers (same-origin pages only) and WebSockets from any origin (protect them with API keys).",
     )
     log_format: str = Field("text", pattern="^(text|json)$", description="'text' or 'json' (one JSON object per line).")
     shutdown_flush_s: float = Field(
