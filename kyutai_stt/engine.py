@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from moshi.models import LMGen
+from moshi.modules.streaming import StreamingModule
 
 from .checkpoint import FRAME_RATE, FRAME_SIZE, SttModel
 
@@ -65,6 +66,10 @@ Sink = Callable[[list[EngineEvent]], None]
 
 class NoFreeSlot(RuntimeError):
     """Every slot is in use."""
+
+
+class StreamClosed(RuntimeError):
+    """The stream no longer holds its slot (ended, aborted or failed)."""
 
 
 class EngineStopped(RuntimeError):
@@ -172,6 +177,11 @@ class Engine:
         self.fault_injector: Callable[[], None] | None = None  # tests: raise inside a step
         device = model.device
         self._lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
+        # STT only encodes: keep Mimi's decoder side out of streaming mode, so no decoder state (its transformer's
+        # KV cache is 7.8 MiB per slot) is allocated for any slot.
+        for part in (model.mimi.decoder, model.mimi.decoder_transformer, getattr(model.mimi, "upsample", None)):
+            if isinstance(part, StreamingModule):
+                part.set_streaming_detached(True)
         # moshi keeps streaming state on the modules; stop() leaves streaming mode so the model can be reused.
         self._streaming = ExitStack()
         self._streaming.enter_context(model.mimi.streaming(slots))
@@ -254,7 +264,7 @@ class Engine:
         with self._cond:
             slot = self._own(handle)
             if slot is None or slot.closing:
-                raise RuntimeError("stream is closed")
+                raise StreamClosed("stream is closed")
             slot.buffer = np.concatenate([slot.buffer, pcm])
             if len(slot.buffer) >= FRAME_SIZE * self.frames_per_step:
                 self._cond.notify_all()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import FRAME_SIZE, SAMPLE_RATE
-from .engine import Engine, EngineEvent, StepOutput, StreamEnd, StreamFailed, StreamHandle
+from .engine import Engine, EngineEvent, StepOutput, StreamClosed, StreamEnd, StreamFailed, StreamHandle
 from .events import End, EndOfTurn, Error, Event, Marker, Ready, Step, Word
 from .words import WordAssembler
 
@@ -75,7 +75,10 @@ class Session:
         self.samples_received += pcm.size
         if self._record is not None:
             self._record.append(pcm)
-        self.engine.push(self._handle, pcm)
+        try:
+            self.engine.push(self._handle, pcm)
+        except StreamClosed:
+            pass  # the engine dropped the stream (a failed step): its StreamFailed event is on its way
 
     def push_marker(self, marker_id: int) -> None:
         frames = math.ceil(self.samples_received / FRAME_SIZE) + self._lead_frames
