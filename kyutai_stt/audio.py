@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import julius
@@ -19,24 +22,130 @@ class AudioFormatError(ValueError):
     """The bytes are not audio we can decode; the message says why."""
 
 
+_OGG_HEADER = struct.Struct("<4sBBqIIIB")  # capture, version, flags, granule, serial, sequence, crc, segments
+_BIT_REVERSED = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
+_OTHER_CODECS = ((b"\x01vorbis", "Vorbis"), (b"\x7fFLAC", "FLAC"), (b"Speex   ", "Speex"), (b"\x80theora", "Theora"),
+                 (b"PCM     ", "PCM"), (b"fishead\x00", "Skeleton"))
+
+
+def ogg_crc(page: bytes) -> int:
+    """The Ogg page checksum (CRC-32, polynomial 0x04C11DB7, not reflected, checksum field zeroed).
+
+    zlib's CRC-32 is the reflected form of the same polynomial: run it over bit-reversed bytes with the
+    initial and final inversions undone, and bit-reverse the result (C speed, no Python loop over bytes)."""
+    page = page[:22] + b"\0\0\0\0" + page[26:]
+    raw = zlib.crc32(page.translate(_BIT_REVERSED), 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return int(f"{raw:032b}"[::-1], 2)
+
+
 class OggOpusDecoder:
-    """Incremental Ogg/Opus decoder: takes bytes in any grouping (headers first), returns 24 kHz mono PCM."""
+    """Incremental Ogg/Opus decoder: takes bytes in any grouping (headers first), returns 24 kHz mono PCM.
+
+    The bytes are framed into Ogg pages here and each page is checked before libopus (through sphn) sees it,
+    so bad input fails with a clear ``AudioFormatError`` instead of being decoded as noise:
+    - not Ogg at all, a page that does not start where the previous one ended, an unknown Ogg version;
+    - a page whose checksum does not match (corrupted bytes);
+    - an Ogg stream carrying another codec (Vorbis, FLAC, Speex...): the first page names its codec;
+    - Opus with more than two channels (channel mapping family other than 0).
+    Stereo Opus is decoded to mono by libopus, as the average of the two channels ((L + R) / 2).
+    Chained streams (a new Opus stream starting after the previous one, as an encoder restart produces) are
+    decoded one after the other; interleaved (multiplexed) streams are refused. Incomplete pages are held
+    until the rest arrives (at most one page, under 64 KiB); a page left incomplete at the end is dropped.
+    """
+
+    MAX_CHANNELS = 2
+    PAGES_PER_CALL = 8
 
     def __init__(self) -> None:
         self._reader = sphn.OpusStreamReader(SAMPLE_RATE)
-        self._seen = 0
+        self._buffer = b""
+        self._pages = 0
+        self._serial: int | None = None  # the logical stream being decoded
 
     def feed(self, data: bytes) -> np.ndarray:
-        if self._seen < 4:
-            head = data[: 4 - self._seen]
-            if head != b"OggS"[self._seen: self._seen + len(head)]:
-                raise AudioFormatError("not an Ogg stream (expected Ogg/Opus pages starting with 'OggS')")
-        self._seen += len(data)
+        buffer = self._buffer + bytes(data) if self._buffer else bytes(data)
+        position, pages, out = 0, [], []
         try:
-            pcm = self._reader.append_bytes(data)
-        except Exception as exc:  # sphn raises ValueError/RuntimeError with a decoder message
-            raise AudioFormatError(f"invalid Ogg/Opus data: {exc}") from None
-        return np.asarray(pcm, dtype=np.float32).reshape(-1)
+            while (end := self._next_page(buffer, position)) is not None:
+                page = buffer[position:end]
+                position = end
+                if self._starts_new_stream(page):
+                    out.append(self._decode(pages))
+                    pages = []
+                    self._reader = sphn.OpusStreamReader(SAMPLE_RATE)
+                pages.append(page)
+        finally:
+            self._buffer = buffer[position:]  # at most one incomplete page
+        out.append(self._decode(pages))
+        return out[-1] if len(out) == 1 else np.concatenate(out)
+
+    def _decode(self, pages: list[bytes]) -> np.ndarray:
+        out = []
+        # sphn decodes one call into a buffer of about 5 s: hand it a few pages at a time
+        for start in range(0, len(pages), self.PAGES_PER_CALL):
+            try:
+                pcm = self._reader.append_bytes(b"".join(pages[start:start + self.PAGES_PER_CALL]))
+            except BaseException as exc:  # sphn raises ValueError/RuntimeError with a decoder message
+                if not _decoder_failed(exc):
+                    raise
+                raise AudioFormatError(f"invalid Ogg/Opus data: {exc}") from None
+            out.append(np.asarray(pcm, dtype=np.float32).reshape(-1))
+        if not out:
+            return np.zeros(0, np.float32)
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def _next_page(self, buffer: bytes, position: int) -> int | None:
+        """End offset of the complete, checked page at ``position``; None when it is not all there yet."""
+        where = "the stream" if self._pages == 0 else f"page {self._pages + 1}"
+        head = buffer[position:position + 4]
+        if head != b"OggS"[: len(head)]:
+            if self._pages == 0:
+                raise AudioFormatError("not an Ogg stream (expected Ogg/Opus pages starting with 'OggS')")
+            raise AudioFormatError(f"corrupt Ogg data: {where} does not start with 'OggS'")
+        if len(buffer) - position < _OGG_HEADER.size:
+            return None
+        _, version, _, _, _, _, checksum, segments = _OGG_HEADER.unpack_from(buffer, position)
+        if version != 0:
+            raise AudioFormatError(f"corrupt Ogg data: {where} has unknown Ogg version {version}")
+        body = position + _OGG_HEADER.size
+        if len(buffer) < body + segments:
+            return None
+        end = body + segments + sum(buffer[body:body + segments])
+        if len(buffer) < end:
+            return None
+        if ogg_crc(buffer[position:end]) != checksum:
+            raise AudioFormatError(f"corrupt Ogg data: {where} fails its checksum")
+        self._pages += 1
+        return end
+
+    def _starts_new_stream(self, page: bytes) -> bool:
+        """Check a page's logical stream; True when it begins a chained stream (after the first one)."""
+        _, _, flags, _, serial, _, _, segments = _OGG_HEADER.unpack_from(page)
+        if serial == self._serial:
+            return False
+        if not flags & 2:  # not a beginning-of-stream page
+            if self._serial is None:
+                raise AudioFormatError("the Ogg stream does not start with its header page (OpusHead)")
+            raise AudioFormatError("interleaved (multiplexed) Ogg streams are not supported")
+        self._check_opus_head(page[_OGG_HEADER.size + segments:])
+        chained = self._serial is not None
+        self._serial = serial
+        return chained
+
+    def _check_opus_head(self, payload: bytes) -> None:
+        if not payload.startswith(b"OpusHead"):
+            for magic, codec in _OTHER_CODECS:
+                if payload.startswith(magic):
+                    raise AudioFormatError(f"the Ogg stream carries {codec}, not Opus: send Ogg/Opus")
+            raise AudioFormatError("the Ogg stream does not carry Opus (no OpusHead): send Ogg/Opus")
+        if len(payload) < 19:
+            raise AudioFormatError("invalid OpusHead (too short)")
+        version, channels, mapping = payload[8], payload[9], payload[18]
+        if version >> 4:
+            raise AudioFormatError(f"unsupported Opus header version {version}")
+        if channels == 0 or channels > self.MAX_CHANNELS or mapping != 0:
+            raise AudioFormatError(f"Opus with {channels} channels (mapping family {mapping}) is not supported: "
+                                   "send mono or stereo")
 
 
 def resample(pcm: np.ndarray, from_rate: int, to_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -52,11 +161,61 @@ def to_mono(pcm: np.ndarray) -> np.ndarray:
     return pcm.mean(axis=0) if pcm.ndim == 2 else pcm.reshape(-1)
 
 
-def load_audio_file(path: str | Path) -> np.ndarray:
-    """Read wav/mp3/flac/ogg (Vorbis or Opus) into 24 kHz mono float32."""
+class AudioTooLong(AudioFormatError):
+    """The file holds more audio than the configured limit."""
+
+
+MIN_FILE_SAMPLE_RATE = 8000  # a tiny rate in a small file would expand into hours of audio
+
+
+def _decoder_failed(exc: BaseException) -> bool:
+    """True for a decoder's own failure, including a panic in sphn's Rust decoders, which pyo3 raises as
+    ``PanicException``, a BaseException (seen with a WAV header declaring a 0 Hz sample rate)."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
+def _probe(path: Path) -> tuple[int | None, float | None, bool]:
+    """(sample rate, duration in seconds, is Opus) from the header, without decoding; None when unknown.
+    For Opus the header's rate is only the encoder's input rate (decoding is always at 48 kHz)."""
+    try:
+        reader = sphn.FileReader(str(path))
+        return reader.sample_rate, reader.duration_sec, False
+    except BaseException as exc:
+        if not _decoder_failed(exc):
+            raise
+    try:
+        import soundfile
+
+        info = soundfile.info(str(path))
+        return info.samplerate, info.duration, info.subtype == "OPUS"
+    except BaseException as exc:
+        if not _decoder_failed(exc):
+            raise
+    return None, None, False
+
+
+def load_audio_file(path: str | Path, max_seconds: float | None = None, label: str | None = None) -> np.ndarray:
+    """Read wav/mp3/flac/ogg (Vorbis or Opus) into 24 kHz mono float32.
+
+    Refuses (``AudioFormatError``) sample rates under 8 kHz and, with ``max_seconds``, files holding more audio
+    than that (``AudioTooLong``), both checked from the header before decoding when the header says, and the
+    duration again after decoding.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such audio file: {path}")
+    rate, duration, is_opus = _probe(path)
+    if rate is not None and not is_opus and rate < MIN_FILE_SAMPLE_RATE:
+        raise AudioFormatError(f"unsupported sample rate {rate} Hz (at least {MIN_FILE_SAMPLE_RATE} Hz)")
+    if max_seconds is not None and duration is not None and duration > max_seconds:
+        raise AudioTooLong(f"audio longer than the {max_seconds:g} s limit ({duration:.0f} s)")
+    pcm = _decode_file(path, label or path.name)
+    if max_seconds is not None and len(pcm) > max_seconds * SAMPLE_RATE:
+        raise AudioTooLong(f"audio longer than the {max_seconds:g} s limit ({len(pcm) / SAMPLE_RATE:.0f} s)")
+    return pcm
+
+
+def _decode_file(path: Path, label: str) -> np.ndarray:
     errors = []
     with open(path, "rb") as f:
         head = f.read(64)
@@ -64,32 +223,43 @@ def load_audio_file(path: str | Path) -> np.ndarray:
         try:
             pcm, rate = sphn.read_opus(str(path))
             return resample(to_mono(pcm), rate)
-        except Exception as exc:
+        except BaseException as exc:
+            if not _decoder_failed(exc):
+                raise
             errors.append(f"opus: {exc}")
     try:
         pcm, rate = sphn.read(str(path), sample_rate=SAMPLE_RATE)
         return to_mono(pcm)
-    except Exception as exc:
+    except BaseException as exc:
+        if not _decoder_failed(exc):
+            raise
         errors.append(f"sphn: {exc}")
     try:
         import soundfile
 
         pcm, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        if rate < MIN_FILE_SAMPLE_RATE:
+            raise AudioFormatError(f"unsupported sample rate {rate} Hz")
         return resample(to_mono(pcm.T), rate)
-    except Exception as exc:
+    except BaseException as exc:
+        if not _decoder_failed(exc):
+            raise
         errors.append(f"soundfile: {exc}")
-    raise AudioFormatError(f"could not decode {path.name} as audio ({'; '.join(errors)})")
+    raise AudioFormatError(f"could not decode {label} as audio ({'; '.join(errors)})")
 
 
-def load_audio_bytes(data: bytes, suffix: str = "") -> np.ndarray:
-    """Decode a whole uploaded file (any format load_audio_file reads)."""
+def load_audio_bytes(data: bytes, suffix: str = "", max_seconds: float | None = None) -> np.ndarray:
+    """Decode a whole uploaded file (any format load_audio_file reads). ``suffix`` (a file name's extension,
+    a hint for the decoders) is ignored unless it looks like one."""
     if not data:
         raise AudioFormatError("empty audio file")
+    if not re.fullmatch(r"\.[A-Za-z0-9]{1,10}", suffix or ""):
+        suffix = ""
     fd, name = tempfile.mkstemp(suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return load_audio_file(name)
+        return load_audio_file(name, max_seconds, label="the file")
     finally:
         os.unlink(name)
 

@@ -10,6 +10,7 @@ then ``{"type": "end"}`` and closes with 1000). Server messages are the events o
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 from fastapi import APIRouter, WebSocket
@@ -17,15 +18,19 @@ from fastapi import APIRouter, WebSocket
 from ..audio import AudioFormatError, OggOpusDecoder, StreamResampler
 from ..events import Error, Step
 from ..session import Session, SessionLimitError
-from .common import (INVALID_PAYLOAD, POLICY_VIOLATION, CloseSocket, close, open_session, receive_message,
-                     serve_session)
+from .common import (INVALID_PAYLOAD, POLICY_VIOLATION, CloseSocket, close, deny_unauthorized, open_session,
+                     receive_message, serve_session)
 
 router = APIRouter()
 
 FORMATS = ("opus", "pcm_f32le", "pcm_s16le")
+FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
 class _PcmDecoder:
+    """Raw little-endian PCM to 24 kHz float. Samples may be split across messages. NaN or infinite samples are
+    refused (1007); finite float samples beyond [-1, 1] are clipped to it, as a sound card would."""
+
     def __init__(self, dtype: str, sample_rate: int):
         self.dtype = np.dtype("<f4" if dtype == "pcm_f32le" else "<i2")
         self.scale = 1.0 if dtype == "pcm_f32le" else 1 / 32768
@@ -46,15 +51,21 @@ class _PcmDecoder:
 
 
 @router.websocket("/v1/stream")
-async def events_socket(ws: WebSocket, format: str = "opus", sample_rate: int = 24000, steps: bool = False) -> None:
-    if format not in FORMATS or not 8000 <= sample_rate <= 192000:
+async def events_socket(ws: WebSocket, format: str = "opus", sample_rate: str = "24000", steps: str = "false") -> None:
+    # the query is parsed here, not by FastAPI, so that a bad value gets a close reason rather than a bare HTTP 403
+    rate = int(sample_rate) if re.fullmatch(r"[0-9]{1,9}", sample_rate) else 0
+    steps_on = FLAGS.get(steps.lower())
+    if format not in FORMATS or not 8000 <= rate <= 192000 or steps_on is None:
+        if await deny_unauthorized(ws):
+            return
         await ws.accept()
-        await close(ws, POLICY_VIOLATION, f"format must be one of {', '.join(FORMATS)} and 8000 <= sample_rate <= 192000")
+        await close(ws, POLICY_VIOLATION, f"format must be one of {', '.join(FORMATS)}, 8000 <= sample_rate <= 192000, "
+                    "steps true or false")
         return
     session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()))
     if session is None:
         return
-    decoder = OggOpusDecoder() if format == "opus" else _PcmDecoder(format, sample_rate)
+    decoder = OggOpusDecoder() if format == "opus" else _PcmDecoder(format, rate)
 
     async def receive(session: Session) -> None:
         while True:
@@ -63,14 +74,17 @@ async def events_socket(ws: WebSocket, format: str = "opus", sample_rate: int = 
                 if message.get("bytes") is not None:
                     session.push_pcm(decoder.feed(message["bytes"]))
                     continue
-                control = json.loads(message.get("text") or "null")
+                try:
+                    control = json.loads(message.get("text") or "null")
+                except (ValueError, RecursionError) as exc:  # bad JSON, too deeply nested, an integer too long
+                    raise CloseSocket(INVALID_PAYLOAD, f"invalid JSON control: {exc}") from None
                 kind = control.get("type") if isinstance(control, dict) else None
                 if kind == "end":
                     if isinstance(decoder, _PcmDecoder):
                         session.push_pcm(decoder.flush())
                     session.end()
                     return
-                if kind == "marker" and isinstance(control.get("id"), int):
+                if kind == "marker" and isinstance(control.get("id"), int) and not isinstance(control["id"], bool):
                     session.push_marker(control["id"])
                 else:
                     raise CloseSocket(POLICY_VIOLATION, 'unknown control: send {"type": "end"} or {"type": "marker", "id": N}')
@@ -81,7 +95,7 @@ async def events_socket(ws: WebSocket, format: str = "opus", sample_rate: int = 
 
     async def send(session: Session) -> None:
         async for event in session:
-            if isinstance(event, Step) and not steps:
+            if isinstance(event, Step) and not steps_on:
                 continue
             await ws.send_text(event.model_dump_json())
             if isinstance(event, Error):

@@ -14,8 +14,9 @@ import msgpack
 import numpy as np
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
-from ..audio import AudioFormatError, OggOpusDecoder, load_audio_bytes
+from ..audio import AudioFormatError, AudioTooLong, OggOpusDecoder, load_audio_bytes
 from ..auth import is_authorized
 from ..engine import NoFreeSlot
 from ..events import Error, Marker, Ready, Step, Word, WordEnd
@@ -52,6 +53,8 @@ def pack(message: dict) -> bytes:
 
 
 def _pcm(value) -> np.ndarray:
+    """Audio.pcm as float32. NaN or infinite samples are refused (1007); finite samples beyond [-1, 1] are clipped
+    to it, as a sound card would."""
     if isinstance(value, (bytes, bytearray)):  # raw little-endian float32 is accepted too
         pcm = np.frombuffer(value[: len(value) // 4 * 4], "<f4").astype(np.float32)
     elif isinstance(value, list):
@@ -83,7 +86,10 @@ async def kyutai_socket(ws: WebSocket) -> None:
             if data is None:
                 continue  # moshi-server ignores text frames
             try:
-                msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
+                try:
+                    msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
+                except (ValueError, TypeError, msgpack.StackError) as exc:  # ExtraData, FormatError: ValueErrors
+                    raise AudioFormatError(f"malformed msgpack ({exc or type(exc).__name__})") from None
                 if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
                     raise AudioFormatError("each message must be a msgpack map with a 'type'")
                 kind = msg["type"]
@@ -95,20 +101,20 @@ async def kyutai_socket(ws: WebSocket) -> None:
                     opus = opus or OggOpusDecoder()
                     session.push_pcm(opus.feed(bytes(msg["data"])))
                 elif kind == "Marker":
-                    if not isinstance(msg.get("id"), int):
+                    if not isinstance(msg.get("id"), int) or isinstance(msg["id"], bool):
                         raise AudioFormatError("Marker.id must be an integer")
                     session.push_marker(msg["id"])
                 elif kind == "Init":
                     await ws.send_bytes(pack({"type": "Ready"}))
                 else:
-                    raise AudioFormatError(f"unknown message type {kind!r}")
-            except (AudioFormatError, ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
-                    msgpack.StackError) as exc:
-                await ws.send_bytes(pack({"type": "Error", "message": f"invalid message: {exc}"}))
-                raise CloseSocket(INVALID_PAYLOAD, f"invalid message: {exc}") from None
-            except SessionLimitError as exc:
+                    raise AudioFormatError(f"unknown message type {kind[:40]!r}")
+            except SessionLimitError as exc:  # before ValueError, its base class
                 await ws.send_bytes(pack({"type": "Error", "message": str(exc)}))
                 raise CloseSocket(POLICY_VIOLATION, str(exc)) from None
+            except (AudioFormatError, ValueError, TypeError, OverflowError) as exc:  # also numpy's, on a bad pcm
+                message = f"invalid message: {str(exc)[:200]}"
+                await ws.send_bytes(pack({"type": "Error", "message": message}))
+                raise CloseSocket(INVALID_PAYLOAD, message) from None
 
     async def send(session: Session) -> None:
         async for event in session:
@@ -127,11 +133,20 @@ async def kyutai_post(request: Request):
     if not is_authorized(request):
         return JSONResponse({"detail": "missing or invalid API key"}, status_code=401)
     settings = request.app.state.settings
-    body = await request.body()
-    if len(body) > settings.max_upload_bytes:
-        return JSONResponse({"detail": f"file larger than {settings.max_upload_bytes} bytes"}, status_code=413)
+    too_big = JSONResponse({"detail": f"file larger than {settings.max_upload_bytes} bytes"}, status_code=413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > settings.max_upload_bytes:
+        return too_big
+    body = bytearray()
+    async for chunk in request.stream():  # never hold more than the limit in memory
+        body += chunk
+        if len(body) > settings.max_upload_bytes:
+            return too_big
     try:
-        pcm = load_audio_bytes(body)
+        # decoding takes a while for a long file: off the event loop, so that live streams are not held up
+        pcm = await run_in_threadpool(load_audio_bytes, bytes(body), max_seconds=settings.max_session_s)
+    except AudioTooLong as exc:
+        return JSONResponse({"detail": str(exc)}, status_code=413)
     except AudioFormatError as exc:
         return JSONResponse({"detail": str(exc)}, status_code=400)
     messages = []

@@ -14,8 +14,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from ..audio import AudioFormatError, load_audio_bytes
+from ..audio import AudioFormatError, AudioTooLong, load_audio_bytes
 from ..auth import is_authorized
 from ..checkpoint import SAMPLE_RATE
 from ..engine import NoFreeSlot
@@ -67,7 +68,11 @@ async def transcriptions(
     if len(data) > settings.max_upload_bytes:
         return _error(413, f"file larger than {settings.max_upload_bytes} bytes")
     try:
-        pcm = load_audio_bytes(data, suffix=Path(file.filename or "").suffix)
+        # decoding takes a while for a long file: off the event loop, so that live streams are not held up
+        pcm = await run_in_threadpool(load_audio_bytes, data, suffix=Path(file.filename or "").suffix,
+                                      max_seconds=settings.max_session_s)
+    except AudioTooLong as exc:
+        return _error(413, str(exc))
     except AudioFormatError as exc:
         return _error(400, str(exc))
     duration = len(pcm) / SAMPLE_RATE
