@@ -69,14 +69,21 @@ def _origin_allowed(ws: WebSocket) -> bool:
     return urlsplit(origin).netloc == ws.headers.get("host")  # same origin is always fine
 
 
+async def deny_unauthorized(ws: WebSocket) -> bool:
+    """Refuse the upgrade with HTTP 401 when API keys are configured and none matches. True when refused."""
+    if is_authorized(ws):
+        return False
+    _metrics(ws).errors.labels("unauthorized").inc()
+    await _deny(ws, 401, "missing or invalid API key")
+    return True
+
+
 async def open_session(ws: WebSocket, protocol: str,
                        on_full: Callable[[str], Awaitable[None]] | None = None) -> Session | None:
     """Admit a client: key, origin, a free slot (or a bounded wait for one). None when refused (already closed)."""
     app = ws.app
     settings = app.state.settings
-    if not is_authorized(ws):
-        _metrics(ws).errors.labels("unauthorized").inc()
-        await _deny(ws, 401, "missing or invalid API key")
+    if await deny_unauthorized(ws):
         return None
     if not _origin_allowed(ws):
         _metrics(ws).errors.labels("forbidden_origin").inc()
@@ -177,7 +184,8 @@ async def serve_session(
             # buffered audio needs. Wait as long as the stream makes progress; give up only if it stalls.
             while not sender.done():
                 before = session.frames_done
-                await asyncio.wait({sender, dropped}, timeout=settings.idle_timeout_s)
+                await asyncio.wait({sender, dropped}, timeout=settings.idle_timeout_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
                 if dropped.done():
                     raise CloseSocket(POLICY_VIOLATION, "client is not reading its results")
                 if not sender.done() and session.frames_done == before:
