@@ -37,9 +37,11 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None) 
     app.state.settings = settings
 
     from .protocols import events_ws, seed
+    from .ui import mount_ui
 
     app.include_router(seed.router)
     app.include_router(events_ws.router)
+    mount_ui(app)  # the browser page at / and its assets at /static
 
     @app.get("/status")
     async def status(request: Request) -> dict:
