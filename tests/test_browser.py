@@ -141,6 +141,15 @@ def browser(chromium, speech_wav, tmp_path_factory):
     assert not b.errors, f"JavaScript errors on the page: {b.errors}"
 
 
+@pytest.fixture(autouse=True)
+def _close_pages(request):
+    """A failed test must not leave a page streaming (it would hold the server's only slot)."""
+    yield
+    if "browser" in request.fixturenames:
+        for page in request.getfixturevalue("browser").context.pages:
+            page.close()
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 def _ogg_crc(data: bytes) -> int:
     crc = 0
@@ -341,6 +350,9 @@ def test_file_upload_with_progress_and_downloads(ui_server, browser, reference, 
     got = page_transcript(page)
     assert_same_words(got, want)
     shot(page, "browser-file.png")
+    page.emulate_media(color_scheme="dark")
+    shot(page, "browser-file-dark.png")
+    page.emulate_media(color_scheme="light")
 
     words = pair_words_from(want)
     downloads = {}
@@ -380,7 +392,7 @@ def test_server_full_then_reconnects(ui_server, browser):
         other.send(b"\x00\x00" * 2400)
     # the slot is free again: the page reconnects by itself
     wait_state(page, "listening", timeout=30)
-    assert page.is_hidden("#notice")
+    assert page.is_hidden("#notice"), page.inner_text("#notice")
     page.wait_for_function("kyutaiStt.words().length >= 1", timeout=60_000)
     page.click("#record")
     wait_state(page, "idle", timeout=60)

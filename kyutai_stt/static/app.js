@@ -37,6 +37,7 @@ const FRAME_SECONDS = 0.08;
 const PENDING_SECONDS = 5; // audio kept while (re)connecting, sent once the server is ready
 const FINISH_TIMEOUT_MS = 30000; // longest wait for the last words after Stop
 const MAX_RETRY_SECONDS = 10;
+const ENCODER_FAILED = 4000; // our own close code when the browser's Opus encoder fails
 
 // ------------------------------------------------------------------------------------------------ server URLs
 function serverBase() {
@@ -247,6 +248,7 @@ class Stream {
 
 // Why a stream closed, in words, and whether trying again makes sense.
 function describeClose(info) {
+  if (info.code === ENCODER_FAILED) return { kind: "encoder", message: "The Opus encoder failed: switching to PCM." };
   const full = info.code === 1013 || /server full/i.test(info.error || "");
   if (full) return { kind: "full", message: "The server is full: all its streams are in use." };
   if (info.code === 1006 || info.code === 1001 || info.code === 1012) {
@@ -491,7 +493,7 @@ function onAudio({ pcm, rms, final }) {
     showLevel(rms);
     if (mic.stream && mic.stream.sender && mic.stream.open && mic.stream.sentEnd !== true) {
       mic.stream.sender.push(pcm);
-    } else if (mic.recording) {
+    } else if (mic.active) {
       mic.pending.push({ pcm, at });
       let kept = mic.pending.reduce((n, chunk) => n + chunk.pcm.length, 0);
       while (kept > PENDING_SECONDS * mic.rate && mic.pending.length > 1) kept -= mic.pending.shift().pcm.length;
@@ -516,9 +518,11 @@ function onMicEvent(stream, event) {
   if (stream !== mic.stream) return;
   switch (event.type) {
     case "ready": {
+      clearInterval(mic.countdownTimer);
       mic.attempt = 0;
       clearNotice();
       setState("listening");
+      refreshServerInfo();
       const first = mic.pending.length ? mic.pending[0].at : mic.captured;
       mic.offset = mic.timeBase + first / mic.rate;
       stream.sender = mic.codec === "opus"
@@ -549,7 +553,7 @@ function opusFailed(stream, error) {
   mic.codec = "pcm";
   showAudioInfo();
   showNotice(`The Opus encoder failed (${error.message || error}); sending uncompressed audio instead.`, "warn");
-  stream.ws.close(4000, "encoder error");
+  stream.ws.close(ENCODER_FAILED, "encoder error");
 }
 
 function showAudioInfo() {
@@ -600,19 +604,23 @@ function onMicClosed(stream, info) {
 }
 
 function scheduleMicRetry(why) {
+  clearTimeout(mic.retryTimer);
+  clearInterval(mic.countdownTimer);
   const delay = retryDelay(mic.attempt);
   mic.attempt += 1;
   let left = delay;
   const state = why.kind === "full" ? "full" : why.kind === "gone" ? "offline" : "reconnecting";
   const tick = () => {
+    if (left < 1 || mic.stream) return;
     setState(state, `${STATE_TEXT[state]}: retrying in ${left} s`);
     showNotice(`${why.message} Retrying in ${left} s…`, why.kind === "full" ? "warn" : "error");
     left -= 1;
   };
   tick();
-  mic.countdownTimer = setInterval(tick, 1000);
+  const countdown = setInterval(tick, 1000);
+  mic.countdownTimer = countdown;
   mic.retryTimer = setTimeout(() => {
-    clearInterval(mic.countdownTimer);
+    clearInterval(countdown);
     if (mic.recording) connectMic();
   }, delay * 1000);
 }
@@ -691,6 +699,7 @@ const file = {
 
 const FILE_CHUNK = FILE_RATE / 2; // 0.5 s per message
 const FILE_AHEAD = 20 * FILE_RATE; // at most this much audio sent beyond what the server has transcribed
+const KEEPALIVE_MS = 5000;
 
 function setProgress(fraction, text) {
   const percent = Math.round(Math.max(0, Math.min(1, fraction)) * 100);
@@ -739,10 +748,6 @@ async function transcribeFile(chosen) {
   if (!file.active) return; // cancelled while decoding
   file.pcm = mixdown(decoded);
   file.attempt = 0;
-  clearTranscript();
-  transcript.source = "file";
-  transcript.name = baseName(chosen.name);
-  transcript.duration = file.pcm.length / FILE_RATE;
   connectFile();
 }
 
@@ -756,6 +761,8 @@ function connectFile() {
   transcript.duration = file.pcm.length / FILE_RATE;
   file.sent = 0;
   file.processed = 0;
+  file.markers = 0;
+  file.lastSend = performance.now();
   setState("connecting");
   setProgress(0, `Connecting…`);
   const stream = new Stream(streamUrl({ format: "pcm_s16le", sample_rate: String(FILE_RATE), steps: "true" }), {
@@ -774,6 +781,12 @@ function pumpFile() {
     const chunk = file.pcm.subarray(file.sent, Math.min(total, file.sent + FILE_CHUNK));
     stream.send(toInt16(chunk));
     file.sent += chunk.length;
+    file.lastSend = performance.now();
+  }
+  if (file.sent < total && performance.now() - file.lastSend > KEEPALIVE_MS) {
+    // Waiting for a slow server: a marker tells it we are still here (it closes streams that send nothing).
+    stream.send(JSON.stringify({ type: "marker", id: ++file.markers }));
+    file.lastSend = performance.now();
   }
   if (file.sent >= total) {
     stream.sentEnd = true;
@@ -836,14 +849,18 @@ function onFileClosed(stream, info) {
   let left = delay;
   const state = why.kind === "full" ? "full" : "offline";
   const tick = () => {
+    if (left < 1 || file.stream) return;
     setState(state, `${STATE_TEXT[state]}: retrying in ${left} s`);
     showNotice(`${why.message} Starting the file again in ${left} s…`, why.kind === "full" ? "warn" : "error");
     left -= 1;
   };
+  clearTimeout(file.retryTimer);
+  clearInterval(file.countdownTimer);
   tick();
-  file.countdownTimer = setInterval(tick, 1000);
+  const countdown = setInterval(tick, 1000);
+  file.countdownTimer = countdown;
   file.retryTimer = setTimeout(() => {
-    clearInterval(file.countdownTimer);
+    clearInterval(countdown);
     if (file.active) connectFile();
   }, delay * 1000);
 }
