@@ -212,8 +212,7 @@ def expected_transcript(reference, pcm: np.ndarray, threshold: float = 0.5) -> l
 
 
 def page_transcript(page) -> list[tuple[str, float, float, int]]:
-    words = page.evaluate("kyutaiStt.words()")
-    # turns as paragraphs: renumber from 0 as the reference does
+    words = page.evaluate("kyutaiStt.words()")  # the page's words, ends paired as pair_words does
     return [(w["text"], w["start"], w["end"], w["turn"]) for w in words]
 
 
