@@ -73,9 +73,11 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
         return response
 
     from .protocols import events_ws, kyutai, openai, seed
+    from .ui import mount_ui
 
     for protocol in (seed, events_ws, kyutai, openai):
         app.include_router(protocol.router)
+    mount_ui(app)  # the browser page at / and its assets at /static
 
     @app.get("/status")
     async def status(request: Request):
