@@ -52,7 +52,12 @@ function serverBase() {
 function streamUrl(params) {
   const url = new URL("v1/stream", serverBase());
   url.protocol = url.protocol === "https:" || url.protocol === "wss:" ? "wss:" : "ws:";
-  url.search = new URLSearchParams(params).toString();
+  const search = new URLSearchParams(params);
+  // A server with API keys: open the page as /?api_key=KEY; browsers cannot set WebSocket headers, so the key
+  // travels in the WebSocket URL (the server never logs query strings).
+  const key = new URLSearchParams(location.search).get("api_key");
+  if (key) search.set("api_key", key);
+  url.search = search.toString();
   return url.toString();
 }
 
