@@ -11,17 +11,17 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Streaming speech-to-text with Kyutai's delayed-streams models.")
 err = Console(stderr=True)
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_path=False)])
+def _logging(verbose: bool, fmt: str = "text") -> None:
+    from .logs import setup_logging
+
+    setup_logging(fmt, verbose)
 
 
 def _settings(**overrides):
@@ -39,27 +39,25 @@ def serve(
     dtype: Optional[str] = typer.Option(None, help="auto, bfloat16, float16, float32 [env KYUTAI_STT_DTYPE]."),
     slots: Optional[int] = typer.Option(None, help="Concurrent streams in one batch [env KYUTAI_STT_SLOTS]."),
     record_dir: Optional[str] = typer.Option(None, help="Debug: save each session's decoded audio here."),
+    api_key: Optional[list[str]] = typer.Option(None, help="Accepted API key (repeat for several) [env KYUTAI_STT_API_KEYS]."),
+    log_format: Optional[str] = typer.Option(None, help="text or json [env KYUTAI_STT_LOG_FORMAT]."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the server: WebSocket streaming, HTTP transcription, browser page."""
-    import uvicorn
-
     from .checkpoint import CheckpointError, load_model
-    from .server import create_app
+    from .server import serve as run_server
 
-    _logging(verbose)
     settings = _settings(host=host, port=port, model=model, device=device, dtype=dtype, slots=slots,
-                         record_dir=record_dir)
+                         record_dir=record_dir, api_keys=api_key or None, log_format=log_format)
+    _logging(verbose, settings.log_format)
     try:
         stt = load_model(settings.model, settings.device, settings.dtype)
     except CheckpointError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
-    err.print(f"kyutai-stt: serving on [bold]http://{settings.host}:{settings.port}[/bold] "
-              f"(WebSocket ws://{settings.host}:{settings.port}/ws)")
-    uvicorn.run(create_app(settings, stt), host=settings.host, port=settings.port,
-                ws_max_size=settings.max_message_bytes, ws_ping_interval=settings.ping_interval_s,
-                ws_ping_timeout=2 * settings.ping_interval_s, log_level="info")
+    err.print(f"kyutai-stt: open [bold]http://{settings.host}:{settings.port}/[/bold] "
+              f"(streaming: ws://{settings.host}:{settings.port}/v1/stream, /api/asr-streaming, /ws)")
+    run_server(settings, stt)
 
 
 @app.command("make-checkpoint")
@@ -160,7 +158,7 @@ def transcribe(
 
         settings = _settings(model=model, device=device, dtype=dtype)
         stt = load_model(settings.model, settings.device, settings.dtype)
-        engine = Engine(stt, slots=min(len(audios), 64), flush_seconds=settings.flush_seconds).start()
+        engine = Engine.from_settings(stt, settings, slots=min(len(audios), 64)).start()
         try:
             source = partial(session_events, engine, realtime=realtime,
                              end_of_turn_threshold=settings.end_of_turn_threshold)

@@ -123,9 +123,10 @@ class LocalStream:
 class SpeechToText:
     """A model and its engine, in this process."""
 
-    def __init__(self, model: SttModel, slots: int = 4, flush_seconds: float = 0.5):
+    def __init__(self, model: SttModel, slots: int = 4, flush_seconds: float = 0.5, frames_per_step: int = 0):
         self.model = model
-        self.engine = Engine(model, slots, flush_seconds=flush_seconds).start()
+        frames = frames_per_step or (1 if model.device.type == "cuda" else 2)
+        self.engine = Engine(model, slots, flush_seconds=flush_seconds, frames_per_step=frames).start()
 
     @classmethod
     def load(cls, model: str, device: str = "auto", dtype: str = "auto", slots: int = 4) -> "SpeechToText":

@@ -258,7 +258,7 @@ class STT:
         self.settings = Settings()  # read after the snapshot: the Secret's API keys may have changed since
         start = time.perf_counter()
         move_model(self.model, self.settings.device)
-        engine = Engine(self.model, self.settings.slots, flush_seconds=self.settings.flush_seconds)
+        engine = Engine.from_settings(self.model, self.settings)
         engine.warmup()
         self.engine = engine.start()
         log.info("engine ready on %s (%s), %d slots, in %.1f s", self.model.device,

@@ -1,17 +1,24 @@
-"""The FastAPI app: one engine, one router per protocol."""
+"""The FastAPI app: one engine, one router per protocol, status, metrics, graceful shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
 
 from .checkpoint import SttModel, load_model
 from .engine import Engine
+from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("kyutai_stt.access")
 
 
 def create_app(settings: Settings | None = None, model: SttModel | None = None,
@@ -22,6 +29,7 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
     web app and its Queue method); its owner stops it, not the app.
     """
     settings = settings or Settings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -29,7 +37,8 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
             yield
             return
         stt = model or load_model(settings.model, settings.device, settings.dtype)
-        own = Engine(stt, settings.slots, flush_seconds=settings.flush_seconds)
+        own = Engine.from_settings(stt, settings)
+        own.add_step_listener(metrics.on_step)
         own.warmup()
         own.start()
         app.state.engine = own
@@ -43,20 +52,41 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
 
     app = FastAPI(title="kyutai-stt", lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.sessions = set()  # live Session objects, for graceful shutdown
+    app.state.draining = False
+    app.state.queued = 0  # WebSocket clients waiting for a slot
     if engine is not None:
+        engine.add_step_listener(metrics.on_step)
         app.state.engine = engine
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+
+    @app.middleware("http")
+    async def log_requests(request: Request, call_next):
+        # Our own access log: the path without its query string, which may carry an API key.
+        start = time.perf_counter()
+        response = await call_next(request)
+        access_log.info("%s %s %d %.0f ms", request.method, request.url.path, response.status_code,
+                        (time.perf_counter() - start) * 1000)
+        return response
 
     from .protocols import events_ws, kyutai, openai, seed
+    from .ui import mount_ui
 
     for protocol in (seed, events_ws, kyutai, openai):
         app.include_router(protocol.router)
+    mount_ui(app)  # the browser page at / and its assets at /static
 
     @app.get("/status")
-    async def status(request: Request) -> dict:
+    async def status(request: Request):
         engine: Engine = request.app.state.engine
         stats = engine.stats()
-        return {
-            "healthy": stats.worker_alive,
+        healthy = stats.worker_alive and not request.app.state.draining
+        body = {
+            "healthy": healthy,
+            "draining": request.app.state.draining,
             "model": settings.model,
             "random_weights": engine.model.random_weights,
             "device": str(engine.model.device),
@@ -67,5 +97,47 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
             "frames": stats.frames,
             "step_failures": stats.failures,
         }
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(request.app.state.engine), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+async def drain(app: FastAPI, timeout: float) -> None:
+    """Stop taking streams, end every active one (they flush their last words) and wait for them to close."""
+    app.state.draining = True
+    sessions = list(app.state.sessions)
+    if sessions:
+        log.info("shutting down: flushing %d active stream(s)", len(sessions))
+    for session in sessions:
+        session.end()
+    deadline = time.monotonic() + timeout
+    while app.state.sessions and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if app.state.sessions:
+        log.warning("shutting down: %d stream(s) did not finish in %.0f s", len(app.state.sessions), timeout)
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, but on SIGTERM/SIGINT active streams flush and close cleanly before connections are cut."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
+        super().__init__(config)
+        self._app = app
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:  # stop accepting first
+            server.close()
+        await drain(self._app, self._app.state.settings.shutdown_flush_s)
+        await super().shutdown(sockets)
+
+
+def serve(settings: Settings, model: SttModel | None = None) -> None:
+    app = create_app(settings, model)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, ws_max_size=settings.max_message_bytes,
+                            ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=2 * settings.ping_interval_s,
+                            access_log=False, log_config=None)
+    GracefulServer(config, app).run()

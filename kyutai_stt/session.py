@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import FRAME_SIZE, SAMPLE_RATE
-from .engine import Engine, EngineEvent, StepOutput, StreamEnd, StreamFailed, StreamHandle
+from .engine import Engine, EngineEvent, StepOutput, StreamClosed, StreamEnd, StreamFailed, StreamHandle
 from .events import End, EndOfTurn, Error, Event, Marker, Ready, Step, Word
 from .words import WordAssembler
 
@@ -38,7 +38,7 @@ class SessionLimitError(ValueError):
 
 class Session:
     def __init__(self, engine: Engine, *, end_of_turn_threshold: float = 0.5, max_seconds: float = math.inf,
-                 record_dir: str | None = None, session_id: str | None = None):
+                 record_dir: str | None = None, session_id: str | None = None, max_pending_events: int = 0):
         self.engine = engine
         self.id = session_id or uuid.uuid4().hex[:12]
         self.samples_received = 0
@@ -56,6 +56,8 @@ class Session:
         self._frames_done = 0
         self._last_pause = 1.0
         self._words_in_turn = 0
+        self._max_pending = max_pending_events  # 0: unbounded (in-process consumers)
+        self.dropped = asyncio.Event()  # set when the consumer fell too far behind: the stream was aborted
         self.ended = False  # end() was called
         self.finished = False  # End or Error was emitted
 
@@ -73,7 +75,10 @@ class Session:
         self.samples_received += pcm.size
         if self._record is not None:
             self._record.append(pcm)
-        self.engine.push(self._handle, pcm)
+        try:
+            self.engine.push(self._handle, pcm)
+        except StreamClosed:
+            pass  # the engine dropped the stream (a failed step): its StreamFailed event is on its way
 
     def push_marker(self, marker_id: int) -> None:
         frames = math.ceil(self.samples_received / FRAME_SIZE) + self._lead_frames
@@ -120,6 +125,12 @@ class Session:
             self._queue.put_nowait(Error(message=message))
 
     def _emit(self, event: Event) -> None:
+        if self._max_pending and self._queue.qsize() >= self._max_pending:
+            if not self.dropped.is_set():  # the consumer is stuck: give the slot back, never block the engine
+                log.warning("session %s: client is not reading its results, dropping it", self.id, extra={"session_id": self.id})
+                self.abort()
+                self.dropped.set()
+            return
         self._queue.put_nowait(event)
 
     def _sink(self, events: list[EngineEvent]) -> None:  # engine worker thread
@@ -177,4 +188,4 @@ class Session:
         path = Path(self._record_dir) / f"{self.id}.wav"
         path.parent.mkdir(parents=True, exist_ok=True)
         soundfile.write(str(path), pcm, SAMPLE_RATE, subtype="FLOAT")
-        log.info("session %s: recorded %.2f s of decoded audio to %s", self.id, len(pcm) / SAMPLE_RATE, path)
+        log.info("session %s: recorded %.2f s of decoded audio to %s", self.id, len(pcm) / SAMPLE_RATE, path, extra={"session_id": self.id})

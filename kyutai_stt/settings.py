@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         ge=0.08,
         description="Silence fed after the model's own delay at end of stream, so the last word comes out.",
     )
+    frames_per_step: int = Field(
+        0, ge=0, le=8,
+        description="80 ms frames each stream advances per engine step. 0: auto (1 on GPU; 2 on CPU, where "
+        "Mimi's per-call cost dominates: more streams keep real time, for 80 ms more latency). Results are identical.",
+    )
     end_of_turn_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="End of turn fires when VAD head 2's pause probability crosses this."
     )
@@ -45,7 +50,13 @@ class Settings(BaseSettings):
         description="Accepted API keys (comma separated in the environment). Empty: no authentication.",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Origins allowed by CORS (comma separated); empty: same origin only."
+        default_factory=list,
+        description="Origins allowed for browser cross-origin requests and WebSockets (comma separated). Empty: no "
+        "CORS headers (same-origin pages only) and WebSockets from any origin (protect them with API keys).",
+    )
+    log_format: str = Field("text", pattern="^(text|json)$", description="'text' or 'json' (one JSON object per line).")
+    shutdown_flush_s: float = Field(
+        15.0, ge=0, description="On SIGTERM, how long active streams get to flush their last words before closing."
     )
     record_dir: str | None = Field(
         None, description="Debug: write the 24 kHz audio each session decoded to this folder as WAV files."
@@ -58,6 +69,13 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest WebSocket message accepted.")
     http_slot_wait_s: float = Field(
         30.0, ge=0, description="HTTP file requests wait this long for a free slot before answering 503."
+    )
+    queue_max: int = Field(
+        0, ge=0, description="WebSocket clients that may wait for a free slot when all are busy (0: refuse at once)."
+    )
+    queue_timeout_s: float = Field(10.0, ge=0, description="How long a queued WebSocket client waits for a slot.")
+    max_pending_events: int = Field(
+        4000, gt=0, description="Results queued for a client that does not read them before it is dropped (1008)."
     )
     max_upload_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Largest uploaded file accepted over HTTP.")
 

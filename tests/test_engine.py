@@ -20,8 +20,8 @@ def engine_model(checkpoint_dir):
     return load_model(str(checkpoint_dir), "cpu", "float32")
 
 
-def make_engine(model, slots: int) -> Engine:
-    return Engine(model, slots, flush_seconds=FLUSH_SECONDS).start()
+def make_engine(model, slots: int, frames_per_step: int = 1) -> Engine:
+    return Engine(model, slots, flush_seconds=FLUSH_SECONDS, frames_per_step=frames_per_step).start()
 
 
 class Stream:
@@ -92,6 +92,19 @@ def test_concurrent_streams_match_single_stream_reference(engine_model, referenc
         np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+def test_several_frames_per_step_give_the_same_tokens(engine_model, reference, sounds):
+    """Stepping 3 frames at a time (cheaper Mimi calls on CPU) changes nothing in the results."""
+    clips = [sounds(seconds, 200 + i) for i, seconds in enumerate([0.45, 1.3, 2.0, 0.9])]
+    engine = make_engine(engine_model, slots=3, frames_per_step=3)
+    try:
+        streams = run_streams(engine, clips, seed=5)
+    finally:
+        engine.stop()
+    for stream, clip in zip(streams, clips):
+        assert isinstance(stream.end, StreamEnd)
+        assert stream.tokens == reference.tokens(clip)
+
+
 def test_output_covers_audio_and_flush(engine_model, reference, sounds):
     """The last frames come out: one output per audio frame (last one zero-padded) plus the flush."""
     clip = sounds(1.234, 42)
@@ -135,9 +148,9 @@ def test_parity_check_catches_a_slot_that_is_not_reset(engine_model, reference, 
     original = Engine._plan
 
     def plan_without_reset(self):
-        reset, init, audio, pcm, targets = original(self)
-        reset[:] = False
-        return reset, init, audio, pcm, targets
+        plan = original(self)
+        plan.reset[:] = False
+        return plan
 
     monkeypatch.setattr(Engine, "_plan", plan_without_reset)
     engine = make_engine(engine_model, slots=1)  # one slot: the second stream reuses the first one's state
@@ -157,14 +170,14 @@ def test_parity_check_catches_a_swallowed_first_frame(engine_model, reference, s
     original = Engine._plan
 
     def plan_without_init(self):
-        reset, init, audio, pcm, targets = original(self)
-        if init.any():  # skip the init step: the slot goes straight to its first frame
-            for index in np.flatnonzero(init):
-                slot = targets[index][0]
-                pcm[index] = slot.take_frame()
-                audio[index] = True
-            init[:] = False
-        return reset, init, audio, pcm, targets
+        plan = original(self)
+        for index in np.flatnonzero(plan.init):  # skip the init step: the slot goes straight to its first frame
+            slot = plan.targets[index][0]
+            plan.pcm[index] = slot.take_frame()
+            plan.audio[index] = True
+            plan.deliver[index] = 1
+        plan.init[:] = False
+        return plan
 
     monkeypatch.setattr(Engine, "_plan", plan_without_init)
     engine = make_engine(engine_model, slots=1)

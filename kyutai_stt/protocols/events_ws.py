@@ -62,7 +62,7 @@ async def events_socket(ws: WebSocket, format: str = "opus", sample_rate: str = 
         await close(ws, POLICY_VIOLATION, f"format must be one of {', '.join(FORMATS)}, 8000 <= sample_rate <= 192000, "
                     "steps true or false")
         return
-    session = await open_session(ws, on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()))
+    session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()))
     if session is None:
         return
     decoder = OggOpusDecoder() if format == "opus" else _PcmDecoder(format, rate)

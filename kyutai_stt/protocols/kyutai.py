@@ -73,7 +73,7 @@ async def kyutai_socket(ws: WebSocket) -> None:
     async def refuse(_reason: str) -> None:
         await ws.send_bytes(pack({"type": "Error", "message": "no free channels"}))
 
-    session = await open_session(ws, on_full=refuse)
+    session = await open_session(ws, "kyutai", on_full=refuse)
     if session is None:
         return
     opus: OggOpusDecoder | None = None

@@ -18,7 +18,7 @@ router = APIRouter()
 
 @router.websocket("/ws")
 async def seed_socket(ws: WebSocket) -> None:
-    session = await open_session(ws)
+    session = await open_session(ws, "seed")
     if session is None:
         return
     decoder = OggOpusDecoder()

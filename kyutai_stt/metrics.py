@@ -1,0 +1,34 @@
+"""Prometheus metrics, one registry per app (tests run several apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.active_streams = Gauge("kyutai_stt_active_streams", "Streams holding a slot", registry=r)
+        self.slots_total = Gauge("kyutai_stt_slots_total", "Slots (batch size) of the engine", registry=r)
+        self.queued_clients = Gauge("kyutai_stt_queued_clients", "WebSocket clients waiting for a slot", registry=r)
+        self.engine_healthy = Gauge("kyutai_stt_engine_healthy", "1 while the engine worker is running", registry=r)
+        self.step_seconds = Histogram("kyutai_stt_step_duration_seconds", "Duration of one batched engine step",
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.frames = Counter("kyutai_stt_frames_processed", "80 ms audio frames transcribed", registry=r)
+        self.sessions = Counter("kyutai_stt_sessions", "Streams started, by protocol", ["protocol"], registry=r)
+        self.errors = Counter("kyutai_stt_errors", "Streams or requests ended by an error, by kind", ["kind"],
+                              registry=r)
+
+    def on_step(self, frames: int, seconds: float) -> None:  # engine worker thread; prometheus_client is thread-safe
+        self.step_seconds.observe(seconds)
+        self.frames.inc(frames)
+
+    def render(self, engine) -> bytes:
+        stats = engine.stats()
+        self.active_streams.set(stats.slots_in_use)
+        self.slots_total.set(stats.slots_total)
+        self.engine_healthy.set(1 if stats.worker_alive else 0)
+        return generate_latest(self.registry)
