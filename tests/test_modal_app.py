@@ -145,7 +145,9 @@ def test_image_pins_every_dependency_to_the_tested_version():
     for requirement in declared:
         name = modal_app._normal(modal_app._name(requirement))
         version = metadata.version(name).split("+")[0]
-        if name == "moshi":  # installed without its torch<2.10 pin
+        if name in modal_app.SKIPPED_PACKAGES:  # the microphone's sounddevice: no microphone in a container
+            assert name not in pins
+        elif name == "moshi":  # installed without its torch<2.10 pin
             assert modal_app.NO_DEPS_PIP_PACKAGES == [f"moshi=={version}"]
             assert name not in pins
         else:

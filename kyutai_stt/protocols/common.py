@@ -208,8 +208,8 @@ async def serve_session(
     finally:
         for task in (receiver, sender, dropped):
             task.cancel()
-            if task.done() and not task.cancelled():
-                task.exception()  # retrieved: its outcome was handled above
+        # wait for the cancelled loops to finish, and retrieve whatever they ended with: handled above
+        await asyncio.gather(receiver, sender, dropped, return_exceptions=True)
         if not session.finished:
             session.abort()
         ws.app.state.sessions.discard(session)
