@@ -887,6 +887,7 @@ def seed(
     ours: Optional[int] = typer.Option(None, help="Our max real-time streams, if already measured (skips the capacity search)."),
     ours_json: Optional[Path] = typer.Option(None, help="A `capacity --out` JSON to take our figure from."),
     capacity_steps: int = typer.Option(100, min=1, help="Steps per probe of the capacity search (when it runs)."),
+    frames_per_step: int = typer.Option(1, min=1, help="Our engine's frames per step in the capacity search."),
     percentile: float = typer.Option(99.0),
     cuda_graphs: bool = GraphsOpt,
     budget_ms: float = BudgetOpt,
@@ -935,7 +936,8 @@ def seed(
         ours_source = str(ours_json)
     if ours is None:
         stt = stt or load(model, device, dtype)
-        cap = capacity_search(stt, "backtoback", capacity_steps, warmup, 1, 4096, 1, budget_ms, percentile)
+        cap = capacity_search(stt, "backtoback", capacity_steps, warmup, 1, 4096, 1, budget_ms, percentile,
+                              frames_per_step)
         ours = cap["max_streams"]
         ours_source = "capacity search (backtoback) in this run"
         result["capacity"] = cap
