@@ -67,7 +67,12 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
     async def log_requests(request: Request, call_next):
         # Our own access log: the path without its query string, which may carry an API key.
         start = time.perf_counter()
-        response = await call_next(request)
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:  # + multipart overhead
+            # refuse before the body is read (Starlette would spool a multipart upload to disk first)
+            response = JSONResponse({"detail": f"body larger than {settings.max_upload_bytes} bytes"}, status_code=413)
+        else:
+            response = await call_next(request)
         access_log.info("%s %s %d %.0f ms", request.method, request.url.path, response.status_code,
                         (time.perf_counter() - start) * 1000)
         return response

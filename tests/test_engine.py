@@ -203,3 +203,35 @@ def test_abort_frees_the_slot_and_full_engine_refuses(engine_model, sounds):
         engine.abort(h2)
     finally:
         engine.stop()
+
+
+def test_streams_longer_than_the_lm_context(checkpoint_dir, sounds, tmp_path):
+    """A long stream wraps the LM's ring KV cache (and runs RoPE past the context): still exact.
+
+    The same weights with a 16-frame context (1.3 s) make a 4 s stream as long, relative to the context, as a
+    stream of hours would be for the real 750-frame context; exactness is checked against the reference.
+    """
+    import json
+
+    from kyutai_stt.reference import reference_outputs
+
+    short = tmp_path / "short-context"
+    short.mkdir()
+    for item in checkpoint_dir.iterdir():
+        if item.name != "config.json":
+            (short / item.name).symlink_to(item.resolve())
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    config["context"] = 16
+    (short / "config.json").write_text(json.dumps(config))
+    model = load_model(str(short), "cpu", "float32")
+    reference_model = load_model(str(short), "cpu", "float32")
+    assert model.lm.context == 16
+    clips = [sounds(4.0, 301), sounds(3.2, 302)]
+    engine = make_engine(model, slots=2, frames_per_step=2)
+    try:
+        streams = run_streams(engine, clips, seed=9)
+    finally:
+        engine.stop()
+    for stream, clip in zip(streams, clips):
+        assert stream.tokens == [o.token for o in reference_outputs(reference_model, clip, FLUSH_SECONDS)]
+        assert len(stream.tokens) > 3 * 16
