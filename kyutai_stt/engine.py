@@ -186,6 +186,10 @@ class Engine:
         self._streaming = ExitStack()
         self._streaming.enter_context(model.mimi.streaming(slots))
         self._streaming.enter_context(self._lm_gen.streaming(slots))
+        # On CUDA, audio goes to the device through one reused page-locked buffer (an asynchronous copy); the
+        # previous step's copy is complete by then, since each step ends with a device-to-host sync.
+        self._pinned = (torch.empty((slots, frames_per_step * FRAME_SIZE), pin_memory=True)
+                        if device.type == "cuda" else None)
         self._zero_codes = torch.zeros((slots, model.mimi.num_codebooks, 1), dtype=torch.long, device=device)
 
     # ---------------------------------------------------------------- lifecycle
@@ -371,7 +375,10 @@ class Engine:
             tokens = pauses = None
             if plan.audio.any():
                 self.model.mimi.set_exec_mask(torch.from_numpy(plan.audio).to(device))
-                batch = torch.from_numpy(plan.pcm).to(device, non_blocking=True)[:, None, :]
+                host = torch.from_numpy(plan.pcm)
+                if self._pinned is not None:
+                    host = self._pinned.copy_(host)
+                batch = host.to(device, non_blocking=True)[:, None, :]
                 codes = self.model.mimi.encode(batch)  # [B, K, frames_per_step]
                 steps = [self._lm_step(codes[:, :, j:j + 1], plan.audio) for j in range(self.frames_per_step)]
                 # one host sync per engine step, not one per slot or per frame
