@@ -151,6 +151,11 @@ class EngineStats:
     failures: int
 
 
+def default_frames_per_step(device: torch.device) -> int:
+    """1 on GPU; 2 on CPU, where Mimi's fixed per-call cost dominates (same results, 80 ms more latency)."""
+    return 1 if device.type == "cuda" else 2
+
+
 def flush_frame_count(model: SttModel, flush_seconds: float) -> int:
     """Silent frames fed after the audio: the model's delay plus ``flush_seconds`` (at least one frame)."""
     return model.delay_frames + max(1, math.ceil(flush_seconds * FRAME_RATE - 1e-9))
@@ -211,7 +216,7 @@ class Engine:
     @classmethod
     def from_settings(cls, model: SttModel, settings, slots: int | None = None) -> "Engine":
         """An engine configured by a ``Settings`` object (slots, flush, frames per step)."""
-        frames = settings.frames_per_step or (1 if model.device.type == "cuda" else 2)
+        frames = settings.frames_per_step or default_frames_per_step(model.device)
         return cls(model, slots or settings.slots, flush_seconds=settings.flush_seconds, frames_per_step=frames)
 
     def add_step_listener(self, listener: Callable[[int, float], None]) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from .audio import StreamResampler
 from .checkpoint import SttModel, load_model
-from .engine import Engine, StepOutput, StreamEnd, StreamFailed
+from .engine import Engine, StepOutput, StreamEnd, StreamFailed, default_frames_per_step
 from .events import Text, Word, WordEnd
 from .words import TimedWord, WordAssembler
 
@@ -125,7 +125,7 @@ class SpeechToText:
 
     def __init__(self, model: SttModel, slots: int = 4, flush_seconds: float = 0.5, frames_per_step: int = 0):
         self.model = model
-        frames = frames_per_step or (1 if model.device.type == "cuda" else 2)
+        frames = frames_per_step or default_frames_per_step(model.device)
         self.engine = Engine(model, slots, flush_seconds=flush_seconds, frames_per_step=frames).start()
 
     @classmethod
