@@ -12,6 +12,8 @@ Conventions (equal to ``reference.reference_outputs``, a plain single-stream loo
   (the "init step"); it needs no audio, so it runs as soon as the slot opens and costs the stream no latency.
 - A partial last frame is zero-padded; after it, ``delay + flush_seconds`` of silence is fed so the last word,
   which lags the audio by the model's delay, comes out. Models with a silence prefix get it before the audio.
+- Mimi's encoder attention always sees its full 10 s context, whether it is given one frame per call or several
+  (``attention_cache``); moshi's default cache drops a few of the oldest keys for multi-step calls.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from moshi.models import LMGen
 from moshi.modules.streaming import StreamingModule
 
+from .attention_cache import fit_encoder_attention
 from .checkpoint import FRAME_RATE, FRAME_SIZE, SttModel
 
 log = logging.getLogger(__name__)
@@ -187,6 +190,8 @@ class Engine:
         for part in (model.mimi.decoder, model.mimi.decoder_transformer, getattr(model.mimi, "upsample", None)):
             if isinstance(part, StreamingModule):
                 part.set_streaming_detached(True)
+        # Mimi encodes frames_per_step frames per call; its attention must see the same keys as frame by frame.
+        fit_encoder_attention(model.mimi, frames_per_step)
         # moshi keeps streaming state on the modules; stop() leaves streaming mode so the model can be reused.
         self._streaming = ExitStack()
         self._streaming.enter_context(model.mimi.streaming(slots))

@@ -2,7 +2,8 @@
 
 Every stream the engine serves must get exactly these outputs for the same audio; tests and the soak check it.
 It follows the engine's documented conventions (see ``engine``): the first frame is stepped twice (as
-``moshi.run_inference`` does), a partial last frame is zero-padded and the flush silence is appended.
+``moshi.run_inference`` does), a partial last frame is zero-padded and the flush silence is appended. Mimi's
+encoder attention keeps its whole context (``attention_cache``), so its codes do not depend on call sizes.
 It needs its own model instance: moshi keeps streaming state on the modules themselves.
 """
 
@@ -13,6 +14,7 @@ import torch
 
 from moshi.models import LMGen
 
+from .attention_cache import fit_encoder_attention
 from .checkpoint import FRAME_SIZE, SttModel
 from .engine import StepOutput, flush_frame_count
 
@@ -32,6 +34,7 @@ def padded_stream(model: SttModel, pcm: np.ndarray, flush_seconds: float) -> np.
 def reference_outputs(model: SttModel, pcm: np.ndarray, flush_seconds: float = 0.5) -> list[StepOutput]:
     audio = torch.from_numpy(padded_stream(model, pcm, flush_seconds)).to(model.device)
     lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
+    fit_encoder_attention(model.mimi, 1)
     outputs: list[StepOutput] = []
     with model.mimi.streaming(1), lm_gen.streaming(1):
         frames = audio.view(-1, FRAME_SIZE)

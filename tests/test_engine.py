@@ -105,6 +105,49 @@ def test_several_frames_per_step_give_the_same_tokens(engine_model, reference, s
         assert stream.tokens == reference.tokens(clip)
 
 
+def test_stream_longer_than_mimi_context_with_several_frames_per_step(engine_model, reference, bria):
+    """Past Mimi's 10 s attention context, 2 frames per Mimi call still give the single-stream tokens.
+
+    Found by the soak: with moshi's default KV cache (exactly the context) a multi-step call drops the oldest keys
+    early and this clip's tokens differ at frames 124-125; ``attention_cache`` fixes it.
+    """
+    clip = bria[375441: 375441 + 24000 * 11]  # 11 s of real speech (a soak clip that exposed the bug)
+    engine = make_engine(engine_model, slots=2, frames_per_step=2)
+    try:
+        (stream,) = run_streams(engine, [clip], seed=9)
+    finally:
+        engine.stop()
+    assert stream.tokens == reference.tokens(clip)
+
+
+def test_mimi_attention_sees_its_whole_context_whatever_the_call_size(checkpoint_dir, bria):
+    """Mimi's encoder latents past its 10 s context are the same for 1 or 2 frames per call (float noise only),
+    and the comparison does catch moshi's default cache, which drops keys for multi-step calls."""
+    import torch
+
+    from kyutai_stt.attention_cache import fit_encoder_attention
+
+    pcm = torch.from_numpy(bria[375441: 375441 + FRAME_SIZE * 150].copy())  # 12 s of speech
+
+    @torch.no_grad()
+    def latents(mimi, frames_per_call):
+        with mimi.streaming(1):
+            chunks = pcm.view(-1, FRAME_SIZE * frames_per_call)
+            return torch.cat([mimi.encode_to_latent(c[None, None], quantize=False) for c in chunks], -1)[0]
+
+    def late_difference(mimi):
+        a, b = latents(mimi, 1), latents(mimi, 2)
+        assert (a[:, :120] - b[:, :120]).abs().max() < 1e-6  # within the context: always the same (float noise)
+        difference = float((a[:, 126:] - b[:, 126:]).abs().max())
+        print("late latent difference", difference)
+        return difference
+
+    mimi = load_model(str(checkpoint_dir), "cpu", "float32").mimi
+    assert late_difference(mimi) > 5e-6  # moshi's own cache: the grouping of frames shows after 10 s
+    fit_encoder_attention(mimi, 2)
+    assert late_difference(mimi) < 1e-6
+
+
 def test_output_covers_audio_and_flush(engine_model, reference, sounds):
     """The last frames come out: one output per audio frame (last one zero-padded) plus the flush."""
     clip = sounds(1.234, 42)
