@@ -23,6 +23,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable
@@ -79,12 +80,48 @@ class EngineStopped(RuntimeError):
     """The engine is not running (stopped, or its worker died)."""
 
 
+class _AudioQueue:
+    """A stream's audio waiting for the engine, kept as the chunks that were pushed: a push costs its own size,
+    never a copy of the backlog (a client far ahead of the engine would otherwise cost quadratic time)."""
+
+    def __init__(self, pcm: np.ndarray | None = None):
+        self._chunks: deque[np.ndarray] = deque()
+        self._offset = 0  # samples of the first chunk already taken
+        self._size = 0
+        if pcm is not None:
+            self.push(pcm)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def push(self, pcm: np.ndarray) -> None:
+        if pcm.size:
+            self._chunks.append(pcm)
+            self._size += pcm.size
+
+    def take(self, count: int) -> np.ndarray:
+        """The next ``count`` samples, zero-padded when fewer are left."""
+        out = np.zeros(count, np.float32)
+        filled = 0
+        while filled < count and self._chunks:
+            chunk = self._chunks[0]
+            part = chunk[self._offset:self._offset + count - filled]
+            out[filled:filled + part.size] = part
+            filled += part.size
+            self._offset += part.size
+            if self._offset == chunk.size:
+                self._chunks.popleft()
+                self._offset = 0
+        self._size -= filled
+        return out
+
+
 @dataclass(eq=False)
 class _Slot:
     index: int
     stream_id: int = 0
     sink: Sink | None = None
-    buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    buffer: _AudioQueue = field(default_factory=_AudioQueue)
     needs_reset: bool = False
     needs_init: bool = False
     closing: bool = False
@@ -110,16 +147,9 @@ class _Slot:
         return self.needs_init or available >= frames_per_step or (self.closing and available > 0)
 
     def take_frame(self) -> np.ndarray:
-        if len(self.buffer) >= FRAME_SIZE:
-            frame, self.buffer = self.buffer[:FRAME_SIZE], self.buffer[FRAME_SIZE:]
-            return frame
-        if len(self.buffer) > 0:  # the partial last frame, zero-padded
-            frame = np.zeros(FRAME_SIZE, np.float32)
-            frame[: len(self.buffer)] = self.buffer
-            self.buffer = np.zeros(0, np.float32)
-            return frame
-        self.flush_frames_left -= 1
-        return np.zeros(FRAME_SIZE, np.float32)
+        if len(self.buffer) == 0:
+            self.flush_frames_left -= 1  # the buffer is empty only once closing: a frame of flush silence
+        return self.buffer.take(FRAME_SIZE)  # the partial last frame comes zero-padded
 
     def done(self) -> bool:
         return self.closing and len(self.buffer) == 0 and self.flush_frames_left <= 0
@@ -259,7 +289,7 @@ class Engine:
                 raise NoFreeSlot(f"all {self.batch_size} slots are in use")
             slot.stream_id = next(self._ids)
             slot.sink = sink
-            slot.buffer = np.zeros(self.model.prefix_frames * FRAME_SIZE, np.float32)
+            slot.buffer = _AudioQueue(np.zeros(self.model.prefix_frames * FRAME_SIZE, np.float32))
             slot.needs_reset = slot.needs_init = True
             slot.closing = False
             slot.flush_frames_left = self.flush_frames
@@ -279,7 +309,7 @@ class Engine:
             slot = self._own(handle)
             if slot is None or slot.closing:
                 raise StreamClosed("stream is closed")
-            slot.buffer = np.concatenate([slot.buffer, pcm])
+            slot.buffer.push(pcm.copy())  # the caller may reuse its array
             if len(slot.buffer) >= FRAME_SIZE * self.frames_per_step:
                 self._cond.notify_all()
 
@@ -311,7 +341,7 @@ class Engine:
 
     def _release(self, slot: _Slot) -> None:
         slot.sink = None
-        slot.buffer = np.zeros(0, np.float32)
+        slot.buffer = _AudioQueue()
         slot.closing = False
 
     # ---------------------------------------------------------------- worker

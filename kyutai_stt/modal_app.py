@@ -86,7 +86,7 @@ if not 1 <= TARGET_INPUTS <= SLOTS:
 # (put them in the Secret, not in the function definition).
 FORWARDED_SETTINGS = (
     "model", "dtype", "flush_seconds", "end_of_turn_threshold", "cuda_graphs", "cors_origins", "idle_timeout_s",
-    "ping_interval_s", "max_session_s", "max_message_bytes", "max_upload_bytes",
+    "ping_interval_s", "max_session_s", "max_message_bytes", "max_buffered_audio_s", "max_upload_bytes",
 )
 
 CONTAINER_ENV: dict[str, str] = {

@@ -114,7 +114,7 @@ async def transcribe_queue(engine: Engine, q, settings: Settings | None = None, 
     settings = settings or Settings()
     timeout = settings.idle_timeout_s if idle_timeout is None else idle_timeout
     session = Session(engine, end_of_turn_threshold=settings.end_of_turn_threshold,
-                      max_seconds=settings.max_session_s)
+                      max_seconds=settings.max_session_s, max_buffered_seconds=settings.max_buffered_audio_s)
     decoder = ChunkDecoder(settings.max_upload_bytes)
     pieces: list[str] = []
     errors: list[str] = []
@@ -127,6 +127,7 @@ async def transcribe_queue(engine: Engine, q, settings: Settings | None = None, 
 
     async def receive() -> None:
         while True:
+            await session.wait_for_room()  # a client far ahead of the engine waits in the Queue, not in memory
             try:
                 chunk = await _call(q.get, timeout=timeout, partition=audio_partition)
             except std_queue.Empty:

@@ -38,14 +38,16 @@ class SessionLimitError(ValueError):
 
 class Session:
     def __init__(self, engine: Engine, *, end_of_turn_threshold: float = 0.5, max_seconds: float = math.inf,
-                 record_dir: str | None = None, session_id: str | None = None, max_pending_events: int = 0):
+                 record_dir: str | None = None, session_id: str | None = None, max_pending_events: int = 0,
+                 max_buffered_seconds: float = math.inf):
         self.engine = engine
         self.id = session_id or uuid.uuid4().hex[:12]
         self.samples_received = 0
         self._threshold = end_of_turn_threshold
         self._max_samples = max_seconds * SAMPLE_RATE
-        self._record: list[np.ndarray] | None = [] if record_dir else None
         self._record_dir = record_dir
+        self._recording = None  # soundfile.SoundFile, opened by the first audio (record_dir only)
+        self._recorded_samples = 0
         model = engine.model
         self._assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
         self._lead_frames = model.delay_frames + model.prefix_frames
@@ -57,6 +59,8 @@ class Session:
         self._last_pause = 1.0
         self._words_in_turn = 0
         self._max_pending = max_pending_events  # 0: unbounded (in-process consumers)
+        self._max_buffered = max_buffered_seconds * SAMPLE_RATE
+        self._progress = asyncio.Event()  # set whenever the engine reports on this stream
         self.dropped = asyncio.Event()  # set when the consumer fell too far behind: the stream was aborted
         self.ended = False  # end() was called
         self.finished = False  # End or Error was emitted
@@ -73,8 +77,8 @@ class Session:
         if self.samples_received + pcm.size > self._max_samples:
             raise SessionLimitError(f"stream longer than the {self._max_samples / SAMPLE_RATE:.0f} s limit")
         self.samples_received += pcm.size
-        if self._record is not None:
-            self._record.append(pcm)
+        if self._record_dir:
+            self._record(pcm)
         try:
             self.engine.push(self._handle, pcm)
         except StreamClosed:
@@ -97,6 +101,17 @@ class Session:
             self.engine.abort(self._handle)
         self.finished = True
         self._save_recording()
+
+    async def wait_for_room(self) -> None:
+        """Return once this stream has at most ``max_buffered_seconds`` of audio waiting in the engine.
+
+        Adapters call it before reading the next message, so a client sending faster than the engine transcribes
+        (a long file at full speed) is read no faster than that: its socket's buffers fill and TCP slows it down,
+        instead of the server holding hours of its audio in memory.
+        """
+        while not self.finished and self.buffered_samples > self._max_buffered:
+            self._progress.clear()
+            await self._progress.wait()
 
     @property
     def frames_done(self) -> int:
@@ -140,6 +155,7 @@ class Session:
             pass
 
     def _on_engine(self, events: list[EngineEvent]) -> None:
+        self._progress.set()
         if self.finished:
             return
         for item in events:
@@ -178,14 +194,24 @@ class Session:
         while self._markers and self._frames_done >= self._markers[0][0]:
             self._emit(Marker(id=self._markers.popleft()[1]))
 
-    def _save_recording(self) -> None:
-        if self._record is None or not self._record_dir:
-            return
-        import soundfile
+    def _record(self, pcm: np.ndarray) -> None:
+        """Debug: append the decoded audio to ``<record_dir>/<session id>.wav.part`` as it comes (hours of audio
+        never sit in memory); it is renamed ``.wav`` once the session is over."""
+        if self._recording is None:
+            import soundfile
 
-        pcm = np.concatenate(self._record) if self._record else np.zeros(0, np.float32)
-        self._record = None
-        path = Path(self._record_dir) / f"{self.id}.wav"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        soundfile.write(str(path), pcm, SAMPLE_RATE, subtype="FLOAT")
-        log.info("session %s: recorded %.2f s of decoded audio to %s", self.id, len(pcm) / SAMPLE_RATE, path, extra={"session_id": self.id})
+            path = Path(self._record_dir) / f"{self.id}.wav.part"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._recording = soundfile.SoundFile(str(path), "w", SAMPLE_RATE, 1, subtype="FLOAT", format="WAV")
+        self._recording.write(pcm)
+        self._recorded_samples += pcm.size
+
+    def _save_recording(self) -> None:
+        if self._recording is None:
+            return
+        recording, self._recording = self._recording, None
+        recording.close()
+        path = Path(recording.name)
+        path = path.rename(path.with_suffix(""))  # drop ".part": a .wav file is always complete
+        log.info("session %s: recorded %.2f s of decoded audio to %s", self.id, self._recorded_samples / SAMPLE_RATE,
+                 path, extra={"session_id": self.id})

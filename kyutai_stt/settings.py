@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     ping_interval_s: float = Field(10.0, gt=0, description="WebSocket keepalive ping interval.")
     max_session_s: float = Field(4 * 3600.0, gt=0, description="Longest audio a single stream may send, in seconds.")
     max_message_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest WebSocket message accepted.")
+    max_buffered_audio_s: float = Field(
+        10.0, gt=0, description="Audio a WebSocket stream may have waiting for the engine. A client sending faster "
+        "(a file at full speed) is read no faster than it is transcribed: TCP slows it down.",
+    )
     http_slot_wait_s: float = Field(
         30.0, ge=0, description="HTTP file requests wait this long for a free slot before answering 503."
     )

@@ -236,3 +236,24 @@ def test_sigterm_flushes_active_streams(checkpoint_dir, reference, sounds, tmp_p
             proc.kill()
         output = proc.stdout.read() if proc.stdout else ""
         assert "Traceback" not in output, output
+
+
+@pytest.mark.parametrize("protocol", ["events", "kyutai"])
+async def test_fast_sender_is_read_no_faster_than_transcribed(checkpoint_dir, reference, sounds, protocol):
+    """A client sending far faster than real time never has more than ``max_buffered_audio_s`` of audio waiting
+    in the server (it is read no faster than it is transcribed: TCP pushes back), and its words are unchanged."""
+    from kyutai_stt.events import Step
+
+    clip = sounds(6.0, 21)
+    limit_s = 0.5
+    with start_server(checkpoint_dir, slots=2, max_buffered_audio_s=limit_s) as running:
+        events = [e async for e in Client(running.ws, protocol=protocol).stream(clip, steps=True)]
+        for _ in range(100):  # the Kyutai client hangs up once its marker is back: the slot is freed just after
+            if running.engine.stats().slots_in_use == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert running.engine.stats().slots_in_use == 0
+    waiting = max(e.buffered_samples for e in events if isinstance(e, Step))
+    # the bound, plus the message read just before it was reached; without backpressure it would be ~6 s
+    assert 0 < waiting <= limit_s * 24000 + 1920
+    assert words_of(events) == ref_words(reference, clip)

@@ -95,7 +95,8 @@ async def open_session(ws: WebSocket, protocol: str,
         return None
     session = Session(app.state.engine, end_of_turn_threshold=settings.end_of_turn_threshold,
                       max_seconds=settings.max_session_s, record_dir=settings.record_dir,
-                      max_pending_events=settings.max_pending_events)
+                      max_pending_events=settings.max_pending_events,
+                      max_buffered_seconds=settings.max_buffered_audio_s)
     try:
         await _take_slot(ws, session)
     except NoFreeSlot:
@@ -144,8 +145,12 @@ async def _take_slot(ws: WebSocket, session: Session) -> None:
 
 
 async def receive_message(ws: WebSocket, session: Session) -> dict:
-    """Next client message, with the idle timeout applied; raises WebSocketDisconnect when gone."""
+    """Next client message, with the idle timeout applied; raises WebSocketDisconnect when gone.
+
+    A client ahead of the engine by more than ``max_buffered_audio_s`` is not read until the engine catches up
+    (backpressure); that wait does not count as idle."""
     settings = ws.app.state.settings
+    await session.wait_for_room()
     try:
         message = await asyncio.wait_for(ws.receive(), timeout=settings.idle_timeout_s)
     except asyncio.TimeoutError:
