@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -166,9 +167,23 @@ def transcribe(
         finally:
             engine.stop()
 
+    async def run() -> None:
+        if mic:
+            # Ctrl+C ends the microphone's stream: the words still due are flushed and printed. A second Ctrl+C
+            # stops at once.
+            loop = asyncio.get_running_loop()
+
+            def stop_listening() -> None:
+                loop.remove_signal_handler(signal.SIGINT)
+                err.print("stopping: transcribing the last words (Ctrl+C again to quit now)")
+                audios[0].stop()
+
+            loop.add_signal_handler(signal.SIGINT, stop_listening)
+        await (run_remote() if url else run_local())
+
     try:
         with progress:
-            asyncio.run(run_remote() if url else run_local())
+            asyncio.run(run())
     except KeyboardInterrupt:
         err.print("stopped")
     except CheckpointError as exc:

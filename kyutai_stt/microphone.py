@@ -14,7 +14,7 @@ class MicrophoneError(RuntimeError):
 
 
 class microphone:
-    """Async iterator of 80 ms chunks from the default input device, until the consumer stops."""
+    """Async iterator of 80 ms chunks from the default input device, until ``stop()`` (or the consumer stops)."""
 
     def __init__(self) -> None:
         try:
@@ -32,15 +32,24 @@ class microphone:
             raise MicrophoneError("no microphone found; transcribe a file instead")
         self._sd = sounddevice
         self.name = device.get("name", "default")
+        self._queue: asyncio.Queue[np.ndarray | None] = asyncio.Queue()
+
+    def stop(self) -> None:
+        """End the stream after the audio already captured (call it on the event loop, e.g. on Ctrl+C)."""
+        self._queue.put_nowait(None)
 
     async def __aiter__(self):
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[np.ndarray] = asyncio.Queue()
+        queue = self._queue
 
         def callback(indata, frames, time, status) -> None:  # PortAudio thread
             loop.call_soon_threadsafe(queue.put_nowait, indata[:, 0].copy())
 
         with self._sd.InputStream(samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=FRAME_SIZE,
                                   callback=callback):
-            while True:
-                yield await queue.get()
+            while (chunk := await queue.get()) is not None:
+                yield chunk
+        await asyncio.sleep(0)  # run the hand-overs PortAudio scheduled before the stream closed
+        while not queue.empty():  # and yield what they carried
+            if (chunk := queue.get_nowait()) is not None:
+                yield chunk

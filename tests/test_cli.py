@@ -60,3 +60,43 @@ def test_transcribe_reports_missing_file_and_unreachable_hub(tmp_path):
     hub = kyutai_stt("transcribe", str(wav), "--model", "kyutai/definitely-not-reachable")
     assert hub.returncode == 2
     assert "--model /path/to/folder" in hub.stderr.replace("\n", " ")
+
+
+def test_mic_ctrl_c_flushes_the_last_words(tmp_path, server, reference, sounds):
+    """``transcribe --mic``: Ctrl+C ends the stream and the words still due are printed, exactly the reference's
+    over what the microphone delivered. The microphone is a stand-in for PortAudio (tests/fake_sounddevice) that
+    plays a WAV file at real time; everything else is the real CLI, client and server."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    clip = sounds(3.0, 14)
+    wav, log = tmp_path / "mic.wav", tmp_path / "delivered"
+    soundfile.write(wav, clip, 24000, subtype="FLOAT")
+    fake = Path(__file__).parent / "fake_sounddevice"
+    env = dict(os.environ, FAKE_MIC_WAV=str(wav), FAKE_MIC_LOG=str(log),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")])))
+    process = subprocess.Popen([sys.executable, "-m", "kyutai_stt.cli", "transcribe", "--mic", "--url", server.ws,
+                                "--format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(str(log) + ".started").exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.05)
+        time.sleep(2.0)  # mid-speech: words are still due when Ctrl+C comes
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert "transcribing the last words" in stderr
+    delivered = int(log.read_text())
+    heard = np.zeros(delivered, np.float32)
+    heard[:min(delivered, len(clip))] = clip[:delivered]
+    assert 1.0 * 24000 < delivered < 3.0 * 24000
+    want = expected_words(reference.model, reference.outputs(heard))
+    assert want and [(w["text"], w["start"], w["end"]) for w in json.loads(stdout)["words"]] == [
+        (w.text, round(w.start, 3), round(w.end, 3)) for w in want]
