@@ -31,18 +31,27 @@ def padded_stream(model: SttModel, pcm: np.ndarray, flush_seconds: float) -> np.
 
 
 @torch.no_grad()
-def reference_outputs(model: SttModel, pcm: np.ndarray, flush_seconds: float = 0.5) -> list[StepOutput]:
+def reference_outputs(model: SttModel, pcm: np.ndarray, flush_seconds: float = 0.5,
+                      mimi_frames_per_call: int = 1) -> list[StepOutput]:
+    """``mimi_frames_per_call`` > 1 encodes several frames per Mimi call: the same codes (Mimi is causal and its
+    attention keeps its whole context whatever the call size), much faster for hours of audio."""
     audio = torch.from_numpy(padded_stream(model, pcm, flush_seconds)).to(model.device)
+    frames = audio.numel() // FRAME_SIZE
+    per_call = mimi_frames_per_call
+    audio = torch.nn.functional.pad(audio, (0, (-frames % per_call) * FRAME_SIZE))  # causal: changes nothing before
     lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
-    fit_encoder_attention(model.mimi, 1)
+    fit_encoder_attention(model.mimi, per_call)
     outputs: list[StepOutput] = []
     with model.mimi.streaming(1), lm_gen.streaming(1):
-        frames = audio.view(-1, FRAME_SIZE)
-        for index, frame in enumerate(frames):
-            codes = model.mimi.encode(frame[None, None])
-            if index == 0:
-                lm_gen.step(codes)  # the init step: its input is replaced by the initial tokens
-            tokens, heads = lm_gen.step_with_extra_heads(codes)
-            pauses = tuple(float(h[0, 0, 0]) for h in heads) if heads else None
-            outputs.append(StepOutput(index, int(tokens[0, 0, 0]), pauses, 0))
+        for chunk in audio.view(-1, per_call * FRAME_SIZE):
+            codes = model.mimi.encode(chunk[None, None])
+            for j in range(per_call):
+                index = len(outputs)
+                if index == frames:
+                    break
+                if index == 0:
+                    lm_gen.step(codes[:, :, :1])  # the init step: its input is replaced by the initial tokens
+                tokens, heads = lm_gen.step_with_extra_heads(codes[:, :, j:j + 1])
+                pauses = tuple(float(h[0, 0, 0]) for h in heads) if heads else None
+                outputs.append(StepOutput(index, int(tokens[0, 0, 0]), pauses, 0))
     return outputs
