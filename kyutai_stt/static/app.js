@@ -608,26 +608,32 @@ function onMicClosed(stream, info) {
   scheduleMicRetry(why);
 }
 
-function scheduleMicRetry(why) {
-  clearTimeout(mic.retryTimer);
-  clearInterval(mic.countdownTimer);
-  const delay = retryDelay(mic.attempt);
-  mic.attempt += 1;
+// Retry after a backoff, counting the seconds down in the state line and the notice. `owner` is `mic` or `file`
+// (attempt, stream, retryTimer, countdownTimer); `reconnect` runs at the end unless the owner was stopped.
+function scheduleRetry(owner, why, state, action, stillWanted, reconnect) {
+  clearTimeout(owner.retryTimer);
+  clearInterval(owner.countdownTimer);
+  const delay = retryDelay(owner.attempt);
+  owner.attempt += 1;
   let left = delay;
-  const state = why.kind === "full" ? "full" : why.kind === "gone" ? "offline" : "reconnecting";
   const tick = () => {
-    if (left < 1 || mic.stream) return;
+    if (left < 1 || owner.stream) return;
     setState(state, `${STATE_TEXT[state]}: retrying in ${left} s`);
-    showNotice(`${why.message} Retrying in ${left} s…`, why.kind === "full" ? "warn" : "error");
+    showNotice(`${why.message} ${action} in ${left} s…`, why.kind === "full" ? "warn" : "error");
     left -= 1;
   };
   tick();
   const countdown = setInterval(tick, 1000);
-  mic.countdownTimer = countdown;
-  mic.retryTimer = setTimeout(() => {
+  owner.countdownTimer = countdown;
+  owner.retryTimer = setTimeout(() => {
     clearInterval(countdown);
-    if (mic.recording) connectMic();
+    if (stillWanted()) reconnect();
   }, delay * 1000);
+}
+
+function scheduleMicRetry(why) {
+  const state = why.kind === "full" ? "full" : why.kind === "gone" ? "offline" : "reconnecting";
+  scheduleRetry(mic, why, state, "Retrying", () => mic.recording, connectMic);
 }
 
 async function stopRecording() {
@@ -849,25 +855,8 @@ function onFileClosed(stream, info) {
     fileDone(false);
     return;
   }
-  const delay = retryDelay(file.attempt);
-  file.attempt += 1;
-  let left = delay;
   const state = why.kind === "full" ? "full" : "offline";
-  const tick = () => {
-    if (left < 1 || file.stream) return;
-    setState(state, `${STATE_TEXT[state]}: retrying in ${left} s`);
-    showNotice(`${why.message} Starting the file again in ${left} s…`, why.kind === "full" ? "warn" : "error");
-    left -= 1;
-  };
-  clearTimeout(file.retryTimer);
-  clearInterval(file.countdownTimer);
-  tick();
-  const countdown = setInterval(tick, 1000);
-  file.countdownTimer = countdown;
-  file.retryTimer = setTimeout(() => {
-    clearInterval(countdown);
-    if (file.active) connectFile();
-  }, delay * 1000);
+  scheduleRetry(file, why, state, "Starting the file again", () => file.active, connectFile);
 }
 
 function cancelFile() {
