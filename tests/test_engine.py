@@ -73,15 +73,21 @@ def run_streams(engine: Engine, clips: list[np.ndarray], seed: int = 0) -> list[
     return streams
 
 
+def streams_through_engine(model, clips: list[np.ndarray], slots: int, frames_per_step: int = 1,
+                           seed: int = 0) -> list[Stream]:
+    """Run ``clips`` as concurrent streams (see ``Stream``) through a fresh engine, stopped afterwards."""
+    engine = make_engine(model, slots, frames_per_step)
+    try:
+        return run_streams(engine, clips, seed)
+    finally:
+        engine.stop()
+
+
 def test_concurrent_streams_match_single_stream_reference(engine_model, reference, sounds):
     # 8 streams of different lengths through 5 slots: they join and leave at different times, some wait for a
     # free slot (which is then reused and must be reset), chunking and pauses are random.
     clips = [sounds(seconds, seed) for seed, seconds in enumerate([0.5, 2.3, 1.1, 3.0, 0.9, 1.7, 2.6, 0.3])]
-    engine = make_engine(engine_model, slots=5)
-    try:
-        streams = run_streams(engine, clips)
-    finally:
-        engine.stop()
+    streams = streams_through_engine(engine_model, clips, slots=5)
     for stream, clip in zip(streams, clips):
         assert isinstance(stream.end, StreamEnd)
         expected = reference.outputs(clip)
@@ -95,11 +101,7 @@ def test_concurrent_streams_match_single_stream_reference(engine_model, referenc
 def test_several_frames_per_step_give_the_same_tokens(engine_model, reference, sounds):
     """Stepping 3 frames at a time (cheaper Mimi calls on CPU) changes nothing in the results."""
     clips = [sounds(seconds, 200 + i) for i, seconds in enumerate([0.45, 1.3, 2.0, 0.9])]
-    engine = make_engine(engine_model, slots=3, frames_per_step=3)
-    try:
-        streams = run_streams(engine, clips, seed=5)
-    finally:
-        engine.stop()
+    streams = streams_through_engine(engine_model, clips, slots=3, frames_per_step=3, seed=5)
     for stream, clip in zip(streams, clips):
         assert isinstance(stream.end, StreamEnd)
         assert stream.tokens == reference.tokens(clip)
@@ -112,11 +114,7 @@ def test_stream_longer_than_mimi_context_with_several_frames_per_step(engine_mod
     early and this clip's tokens differ at frames 124-125; ``attention_cache`` fixes it.
     """
     clip = bria[375441: 375441 + 24000 * 11]  # 11 s of real speech (a soak clip that exposed the bug)
-    engine = make_engine(engine_model, slots=2, frames_per_step=2)
-    try:
-        (stream,) = run_streams(engine, [clip], seed=9)
-    finally:
-        engine.stop()
+    (stream,) = streams_through_engine(engine_model, [clip], slots=2, frames_per_step=2, seed=9)
     assert stream.tokens == reference.tokens(clip)
 
 
@@ -151,11 +149,7 @@ def test_mimi_attention_sees_its_whole_context_whatever_the_call_size(checkpoint
 def test_output_covers_audio_and_flush(engine_model, reference, sounds):
     """The last frames come out: one output per audio frame (last one zero-padded) plus the flush."""
     clip = sounds(1.234, 42)
-    engine = make_engine(engine_model, slots=2)
-    try:
-        (stream,) = run_streams(engine, [clip])
-    finally:
-        engine.stop()
+    (stream,) = streams_through_engine(engine_model, [clip], slots=2)
     expected_frames = -(-len(clip) // FRAME_SIZE) + flush_frame_count(engine_model, FLUSH_SECONDS)
     assert flush_frame_count(engine_model, FLUSH_SECONDS) >= engine_model.delay_frames + 1
     assert len(stream.outputs) == expected_frames == len(reference.outputs(clip))
@@ -175,11 +169,7 @@ def test_first_frame_changes_engine_output_too(engine_model, reference, sounds):
     a = sounds(1.0, 3)
     c = a.copy()
     c[:FRAME_SIZE] = np.random.default_rng(1).normal(scale=0.5, size=FRAME_SIZE)
-    engine = make_engine(engine_model, slots=2)
-    try:
-        sa, sc = run_streams(engine, [a, c])
-    finally:
-        engine.stop()
+    sa, sc = streams_through_engine(engine_model, [a, c], slots=2)
     assert sa.tokens == reference.tokens(a)
     assert sc.tokens == reference.tokens(c)
     assert sa.tokens != sc.tokens
@@ -216,18 +206,14 @@ def test_parity_check_catches_a_swallowed_first_frame(engine_model, reference, s
         plan = original(self)
         for index in np.flatnonzero(plan.init):  # skip the init step: the slot goes straight to its first frame
             slot = plan.targets[index][0]
-            plan.pcm[index] = slot.take_frame()
+            slot.take_frame(plan.pcm[index, :FRAME_SIZE])
             plan.audio[index] = True
             plan.deliver[index] = 1
         plan.init[:] = False
         return plan
 
     monkeypatch.setattr(Engine, "_plan", plan_without_init)
-    engine = make_engine(engine_model, slots=1)
-    try:
-        (stream,) = run_streams(engine, [clip])
-    finally:
-        engine.stop()
+    (stream,) = streams_through_engine(engine_model, [clip], slots=1)
     assert stream.tokens != reference.tokens(clip)
 
 
@@ -270,11 +256,7 @@ def test_streams_longer_than_the_lm_context(checkpoint_dir, sounds, tmp_path):
     reference_model = load_model(str(short), "cpu", "float32")
     assert model.lm.context == 16
     clips = [sounds(4.0, 301), sounds(3.2, 302)]
-    engine = make_engine(model, slots=2, frames_per_step=2)
-    try:
-        streams = run_streams(engine, clips, seed=9)
-    finally:
-        engine.stop()
+    streams = streams_through_engine(model, clips, slots=2, frames_per_step=2, seed=9)
     for stream, clip in zip(streams, clips):
         assert stream.tokens == [o.token for o in reference_outputs(reference_model, clip, FLUSH_SECONDS)]
         assert len(stream.tokens) > 3 * 16
