@@ -99,10 +99,9 @@ class _AudioQueue:
             self._chunks.append(pcm)
             self._size += pcm.size
 
-    def take(self, count: int) -> np.ndarray:
-        """The next ``count`` samples, zero-padded when fewer are left."""
-        out = np.zeros(count, np.float32)
-        filled = 0
+    def take_into(self, out: np.ndarray) -> None:
+        """Fill ``out`` with the next samples, zero-padded when fewer are left."""
+        count, filled = out.size, 0
         while filled < count and self._chunks:
             chunk = self._chunks[0]
             part = chunk[self._offset:self._offset + count - filled]
@@ -112,8 +111,8 @@ class _AudioQueue:
             if self._offset == chunk.size:
                 self._chunks.popleft()
                 self._offset = 0
+        out[filled:] = 0
         self._size -= filled
-        return out
 
 
 @dataclass(eq=False)
@@ -146,10 +145,11 @@ class _Slot:
         available = self.frames_available()
         return self.needs_init or available >= frames_per_step or (self.closing and available > 0)
 
-    def take_frame(self) -> np.ndarray:
+    def take_frame(self, out: np.ndarray) -> None:
+        """Write the next frame into ``out`` (a row of the step's audio batch)."""
         if len(self.buffer) == 0:
             self.flush_frames_left -= 1  # the buffer is empty only once closing: a frame of flush silence
-        return self.buffer.take(FRAME_SIZE)  # the partial last frame comes zero-padded
+        self.buffer.take_into(out)  # the partial last frame comes zero-padded
 
     def done(self) -> bool:
         return self.closing and len(self.buffer) == 0 and self.flush_frames_left <= 0
@@ -386,7 +386,7 @@ class Engine:
             for j in range(k):
                 if slot.frames_available() == 0:
                     break  # the end of a closing stream: the rest of this step is padding, never delivered
-                plan.pcm[i, j * FRAME_SIZE:(j + 1) * FRAME_SIZE] = slot.take_frame()
+                slot.take_frame(plan.pcm[i, j * FRAME_SIZE:(j + 1) * FRAME_SIZE])
                 plan.deliver[i] += 1
         return plan
 

@@ -47,7 +47,6 @@ class Session:
         self._max_samples = max_seconds * SAMPLE_RATE
         self._record_dir = record_dir
         self._recording = None  # soundfile.SoundFile, opened by the first audio (record_dir only)
-        self._recorded_samples = 0
         model = engine.model
         self._assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
         self._lead_frames = model.delay_frames + model.prefix_frames
@@ -204,7 +203,6 @@ class Session:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._recording = soundfile.SoundFile(str(path), "w", SAMPLE_RATE, 1, subtype="FLOAT", format="WAV")
         self._recording.write(pcm)
-        self._recorded_samples += pcm.size
 
     def _save_recording(self) -> None:
         if self._recording is None:
@@ -213,5 +211,5 @@ class Session:
         recording.close()
         path = Path(recording.name)
         path = path.rename(path.with_suffix(""))  # drop ".part": a .wav file is always complete
-        log.info("session %s: recorded %.2f s of decoded audio to %s", self.id, self._recorded_samples / SAMPLE_RATE,
+        log.info("session %s: recorded %.2f s of decoded audio to %s", self.id, self.samples_received / SAMPLE_RATE,
                  path, extra={"session_id": self.id})

@@ -27,15 +27,13 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from kyutai_stt.audio import load_audio_file
 from kyutai_stt.checkpoint import SAMPLE_RATE, load_model
 from kyutai_stt.client import Client
-from kyutai_stt.events import Step, Word, WordEnd
+from kyutai_stt.events import Step
 from kyutai_stt.reference import reference_outputs
-from kyutai_stt.words import pair_words
 
 sys.path.insert(0, str(Path(__file__).parent))
 from soak import LocalServer, SoakConfig, diff, expected_from_outputs, word_tuples  # noqa: E402
@@ -53,11 +51,6 @@ def long_audio(source: np.ndarray, hours: float) -> np.ndarray:
         out[position:position + take] = piece[:take]
         position += take + int(rng.uniform(0.5, 2.0) * SAMPLE_RATE)
     return out
-
-
-def words_of(events) -> list[tuple[str, float, float]]:
-    return [(w.text, round(w.start, 3), round(w.end, 3))
-            for w in pair_words(e for e in events if isinstance(e, (Word, WordEnd)))]
 
 
 async def run(args) -> dict:
@@ -123,7 +116,7 @@ async def run(args) -> dict:
         async def neighbour_lane(done: asyncio.Event):
             while not done.is_set():
                 events = [e async for e in Client(server.url).stream(neighbour_clip, realtime=True)]
-                lost, wrong = diff(words_of(events), want_neighbour)
+                lost, wrong = diff(word_tuples(events), want_neighbour)
                 neighbours.append({"lost": lost, "wrong": wrong, "words": len(want_neighbour)})
                 await asyncio.sleep(1.0)
 
@@ -138,7 +131,7 @@ async def run(args) -> dict:
     finally:
         server.stop()
 
-    got = words_of(events)
+    got = word_tuples(events)
     lost, wrong = diff(got, want)
     got_pauses = np.array(pauses, np.float32)
     steps_match = got_pauses.shape == want_pauses.shape

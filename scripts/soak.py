@@ -200,8 +200,7 @@ async def checked_stream(config: SoakConfig, url: str, lane: int, protocol: str,
             _, wrong = diff(words, want[:max(required, len(words))])
             result.lost, result.wrong = lost_required, wrong
         else:
-            result.lost, result.wrong = diff([(w.text, round(w.start, 3), round(w.end, 3)) for w in pair_words(
-                e for e in events if isinstance(e, (Word, WordEnd)))], expected.words)
+            result.lost, result.wrong = diff(word_tuples(events), expected.words)
         got = words
         if config.realtime and ready_at is not None:
             result.latencies = [arrival - (ready_at + event.start_time)
