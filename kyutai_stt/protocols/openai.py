@@ -21,6 +21,7 @@ from ..auth import is_authorized
 from ..checkpoint import SAMPLE_RATE
 from ..engine import NoFreeSlot
 from ..events import Error, Text, Word, WordEnd
+from ..service import get_service
 from ..formats import cues, to_srt, to_text, to_vtt
 from ..transcribe import session_events
 from ..words import pair_words
@@ -36,8 +37,8 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", heade
 
 
 def _model_id(request: Request) -> str:
-    return Path(request.app.state.settings.model).name if Path(request.app.state.settings.model).exists() \
-        else request.app.state.settings.model
+    model = get_service(request).settings.model
+    return Path(model).name if Path(model).exists() else model
 
 
 @router.get("/models")
@@ -63,7 +64,8 @@ async def transcriptions(
         return _error(401, "missing or invalid API key", "authentication_error")
     if response_format not in FORMATS:
         return _error(400, f"response_format must be one of {', '.join(FORMATS)}")
-    settings = request.app.state.settings
+    service = get_service(request)
+    settings = service.settings
     data = await file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         return _error(413, f"file larger than {settings.max_upload_bytes} bytes")
@@ -76,7 +78,7 @@ async def transcriptions(
     except AudioFormatError as exc:
         return _error(400, str(exc))
     duration = len(pcm) / SAMPLE_RATE
-    events = session_events(request.app.state.engine, pcm, wait_seconds=settings.http_slot_wait_s,
+    events = session_events(service.running_engine, pcm, wait_seconds=settings.http_slot_wait_s,
                             end_of_turn_threshold=settings.end_of_turn_threshold)
 
     if stream:
