@@ -22,6 +22,7 @@ from ..checkpoint import SAMPLE_RATE
 from ..engine import NoFreeSlot
 from ..events import Error, Text, Word, WordEnd
 from ..service import get_service
+from .errors import upload_error_detail
 from ..formats import cues, to_srt, to_text, to_vtt
 from ..transcribe import session_events
 from ..words import pair_words
@@ -76,7 +77,7 @@ async def transcriptions(
     except AudioTooLong as exc:
         return _error(413, str(exc))
     except AudioFormatError as exc:
-        return _error(400, str(exc))
+        return _error(400, upload_error_detail(exc))
     duration = len(pcm) / SAMPLE_RATE
     events = session_events(service.running_engine, pcm, wait_seconds=settings.http_slot_wait_s,
                             end_of_turn_threshold=settings.end_of_turn_threshold)
