@@ -10,6 +10,8 @@ keep sending silence, and close when it comes back.
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -25,6 +27,7 @@ from ..transcribe import session_events
 from .common import AuthQuery, open_session, parse_query, receive_message, serve_session
 from .errors import INTERNAL_ERROR, INVALID_PAYLOAD, CloseSocket, ServerFault, close_for, upload_error_detail
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 PATH = "/api/asr-streaming"
 
@@ -137,5 +140,6 @@ async def kyutai_post(request: Request):
             elif isinstance(event, Error):
                 return JSONResponse({"detail": event.message}, status_code=500)
     except NoFreeSlot:
+        log.warning("POST %s refused: server full (no slot within %g s)", PATH, settings.http_slot_wait_s)
         return JSONResponse({"detail": "no free channels"}, status_code=503, headers={"Retry-After": "5"})
     return messages
