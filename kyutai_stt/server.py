@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from .checkpoint import SttModel, load_model
 from .engine import Engine
 from .metrics import Metrics
+from .pace import RealTimeMonitor
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
         stt = model or load_model(settings.model, settings.device, settings.dtype)
         own = Engine.from_settings(stt, settings)
         own.add_step_listener(metrics.on_step)
+        own.add_step_listener(_pace(app, own).on_step)
         own.warmup()
         own.start()
         app.state.engine = own
@@ -58,6 +60,7 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
     app.state.queued = 0  # WebSocket clients waiting for a slot
     if engine is not None:
         engine.add_step_listener(metrics.on_step)
+        engine.add_step_listener(_pace(app, engine).on_step)
         app.state.engine = engine
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
@@ -101,6 +104,8 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
             "steps": stats.steps,
             "frames": stats.frames,
             "step_failures": stats.failures,
+            "real_time_factor": round(app.state.pace.real_time_factor(), 3),
+            "max_backlog_s": round(app.state.pace.max_backlog_seconds(), 2),
         }
         return JSONResponse(body, status_code=200 if healthy else 503)
 
@@ -138,6 +143,13 @@ class GracefulServer(uvicorn.Server):
             server.close()
         await drain(self._app, self._app.state.settings.shutdown_flush_s)
         await super().shutdown(sockets)
+
+
+def _pace(app: FastAPI, engine: Engine) -> RealTimeMonitor:
+    """The real-time monitor of ``engine`` (``pace``), on ``app.state.pace`` and in the app's metrics."""
+    app.state.pace = RealTimeMonitor(engine.frames_per_step, lambda: [s.buffered_samples for s in list(app.state.sessions)],
+                                     app.state.metrics.registry)
+    return app.state.pace
 
 
 def serve(settings: Settings, model: SttModel | None = None) -> None:

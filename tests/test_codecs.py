@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from kyutai_stt.audio import AudioFormatError
 from kyutai_stt.codecs import ContainerStreamDecoder, decode_container, g711_decode
 
-CASES = Path(__file__).resolve().parents[1] / "tests" / "cases"
+from .conftest import CASES
+
 WEBM = CASES / "speech_en_48k.webm"
 
 

@@ -96,7 +96,8 @@ async def open_session(ws: WebSocket, protocol: str,
     session = Session(app.state.engine, end_of_turn_threshold=settings.end_of_turn_threshold,
                       max_seconds=settings.max_session_s, record_dir=settings.record_dir,
                       max_pending_events=settings.max_pending_events,
-                      max_buffered_seconds=settings.max_buffered_audio_s)
+                      max_buffered_seconds=settings.max_buffered_audio_s,
+                      spool_memory_seconds=settings.spool_memory_s)
     try:
         await _take_slot(ws, session)
     except NoFreeSlot:
@@ -147,10 +148,9 @@ async def _take_slot(ws: WebSocket, session: Session) -> None:
 async def receive_message(ws: WebSocket, session: Session) -> dict:
     """Next client message, with the idle timeout applied; raises WebSocketDisconnect when gone.
 
-    A client ahead of the engine by more than ``max_buffered_audio_s`` is not read until the engine catches up
-    (backpressure); that wait does not count as idle."""
+    The socket is always read, however far ahead of the engine the client is: its audio waits in the session's
+    spool, and its keepalive pongs (behind that audio in TCP) keep arriving."""
     settings = ws.app.state.settings
-    await session.wait_for_room()
     try:
         message = await asyncio.wait_for(ws.receive(), timeout=settings.idle_timeout_s)
     except asyncio.TimeoutError:
@@ -184,7 +184,9 @@ async def serve_session(
             raise CloseSocket(POLICY_VIOLATION, "client is not reading its results")
         first = receiver if receiver in done else sender
         exc = first.exception()
-        if exc is None and first is receiver:
+        if first is receiver and isinstance(exc, CloseSocket) and not session.finished:
+            session.end()  # a close we initiate (idle, bad input, limit) first finishes the audio already received
+        if first is receiver and (exc is None or isinstance(exc, CloseSocket)):
             # The client ended its audio: the words still due come during the flush, which takes as long as the
             # buffered audio needs. Wait as long as the stream makes progress; give up only if it stalls.
             while not sender.done():
@@ -196,12 +198,16 @@ async def serve_session(
                 if not sender.done() and session.frames_done == before:
                     raise asyncio.TimeoutError
             sender.result()
+            if exc is not None:
+                raise exc
         elif exc is not None:
             raise exc
     except CloseSocket as exc:
         code, reason = exc.code, exc.reason
-    except (WebSocketDisconnect, ConnectionError):
-        code = -1  # the client is gone: nothing to close
+    except WebSocketDisconnect as exc:
+        code, reason = -1, disconnect_cause(ws, exc.code)  # the client is gone: nothing to close
+    except ConnectionError:
+        code, reason = -1, "connection lost"
     except asyncio.TimeoutError:
         code, reason = INTERNAL_ERROR, "timed out while flushing the stream"
     except Exception:  # a send on a socket the client dropped, or a bug: never leak the slot
@@ -220,7 +226,24 @@ async def serve_session(
         ws.app.state.sessions.discard(session)
         if code in ERROR_KINDS:
             _metrics(ws).errors.labels(ERROR_KINDS[code]).inc()
+        elif code == -1 and reason != "client closed" and not session.finished:
+            _metrics(ws).errors.labels(reason.replace(" ", "_")).inc()  # keepalive_timeout, connection_lost
         if code != -1:
             await close(ws, code, reason)
-        log.info("session %s: closed (%s) after %.1f s of audio%s", session.id, "client gone" if code == -1 else code,
-                 session.samples_received / 24000, f": {reason}" if reason else "", extra={"session_id": session.id})
+        who = f"server closed {code}" if code != -1 else reason or "client gone"
+        log.info("session %s: %s after %.1f s of audio%s", session.id, who, session.samples_received / 24000,
+                 f": {reason}" if reason and code != -1 else "", extra={"session_id": session.id})
+
+
+def disconnect_cause(ws: WebSocket, code: int | None) -> str:
+    """Why the connection ended on the client's side: "client closed" (it sent a close frame), "keepalive timeout"
+    (our ping went unanswered: uvicorn's websockets protocol failed the connection with 1011), or
+    "connection lost" (no close frame at all). The protocol object is reached through the ASGI receive callable;
+    other servers just give the close code."""
+    if code not in (1005, 1006, None):
+        return "client closed"
+    protocol = getattr(getattr(ws, "_receive", None), "__self__", None)
+    sent = getattr(getattr(protocol, "conn", None), "close_sent", None) or getattr(protocol, "close_sent", None)
+    if getattr(sent, "code", None) == INTERNAL_ERROR and "keepalive" in (getattr(sent, "reason", "") or ""):
+        return "keepalive timeout"
+    return "connection lost"
