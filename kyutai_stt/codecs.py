@@ -22,7 +22,8 @@ import numpy as np
 from .audio import AudioFormatError, StreamResampler, resample
 from .checkpoint import SAMPLE_RATE
 
-__all__ = ["g711_decode", "ContainerStreamDecoder", "decode_container", "CONTAINER_FORMATS"]
+__all__ = ["g711_decode", "G711StreamDecoder", "ContainerStreamDecoder", "decode_container", "CONTAINER_FORMATS",
+           "stream_decoder"]
 
 
 def _mulaw_table() -> np.ndarray:
@@ -53,6 +54,23 @@ def g711_decode(data: bytes, law: Literal["mulaw", "alaw"]) -> np.ndarray:
     except KeyError:
         raise ValueError(f"unknown G.711 law {law!r}: use 'mulaw' or 'alaw'") from None
     return table[np.frombuffer(data, np.uint8)]
+
+
+class G711StreamDecoder:
+    """Raw G.711 (``law``: "mulaw" or "alaw") at ``sample_rate`` pushed in pieces, to 24 kHz mono float32 with
+    exact times (``audio.StreamResampler``)."""
+
+    def __init__(self, law: Literal["mulaw", "alaw"], sample_rate: int = 8000):
+        self.law = law
+        self.resampler = StreamResampler(sample_rate)
+
+    def feed(self, data: bytes) -> np.ndarray:
+        return self.resampler.feed(g711_decode(data, self.law))
+
+    def finish(self) -> np.ndarray:
+        return self.resampler.flush()
+
+    flush = finish
 
 
 # Container names accepted from clients, mapped to FFmpeg demuxers; None: let FFmpeg probe the bytes.
@@ -155,6 +173,8 @@ class ContainerStreamDecoder:
             out = np.concatenate([out, self._resampler.flush()])
         return out
 
+    flush = finish  # the name the PCM decoders use
+
     def close(self) -> None:
         """Stop the helper thread (at end of stream, or when the client is gone)."""
         with self._feed.cond:
@@ -200,6 +220,21 @@ class ContainerStreamDecoder:
                 self._feed.cond.notify_all()
 
 
+def probe_duration(path: str) -> float | None:
+    """Seconds of audio the file's header announces, without decoding; None when it does not say (or is not a
+    container FFmpeg reads: decoding then reports why)."""
+    try:
+        with av.open(path, mode="r") as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            if stream.duration is not None and stream.time_base is not None:
+                return float(stream.duration * stream.time_base)
+            return container.duration / 1e6 if container.duration else None
+    except Exception:
+        return None
+
+
 def decode_container(path: str, max_seconds: float | None = None) -> np.ndarray:
     """A whole audio file (any container and codec FFmpeg reads: wav, mp3, flac, ogg, webm, m4a/AAC...) to 24 kHz
     mono float32, times unchanged. Raises ``AudioFormatError`` when it holds no decodable audio, or more than
@@ -222,7 +257,7 @@ def decode_container(path: str, max_seconds: float | None = None) -> np.ndarray:
                 pieces.append(_to_mono(frame))
                 samples += frame.samples
                 if max_seconds is not None and samples > max_seconds * rate:
-                    raise AudioTooLong(f"audio longer than the {max_seconds:g} s limit")
+                    raise AudioTooLong(f"audio longer than the {max_seconds:g} s limit (more than {max_seconds:.0f} s)")
     except AudioFormatError:
         raise
     except Exception as exc:
@@ -230,3 +265,11 @@ def decode_container(path: str, max_seconds: float | None = None) -> np.ndarray:
     if not pieces:
         raise AudioFormatError("could not decode the file as audio: it holds no audio samples")
     return resample(np.concatenate(pieces), rate)
+
+
+def stream_decoder(fmt: str, sample_rate: int = 8000) -> G711StreamDecoder | ContainerStreamDecoder:
+    """The streaming decoder for a ``format`` query value other than Ogg/Opus and raw PCM: "mulaw"/"alaw" (raw
+    G.711 at ``sample_rate``) or a key of ``CONTAINER_FORMATS``. Raises ``AudioFormatError`` for anything else."""
+    if fmt in ("mulaw", "alaw"):
+        return G711StreamDecoder(fmt, sample_rate)
+    return ContainerStreamDecoder(fmt)

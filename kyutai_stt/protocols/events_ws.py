@@ -1,7 +1,10 @@
 """Our own streaming protocol at ``WS /v1/stream``: audio in, typed JSON events out.
 
 Query parameters choose the audio format: ``format=opus`` (Ogg/Opus pages, the default), ``pcm_f32le`` or
-``pcm_s16le`` (raw little-endian mono at ``sample_rate``, resampled to 24 kHz when needed), and ``steps=true``
+``pcm_s16le`` (raw little-endian mono at ``sample_rate``, resampled to 24 kHz when needed), ``mulaw``/``alaw``
+(raw G.711 at ``sample_rate``, 8000 unless given), an audio container pushed in pieces (``webm`` as a browser's
+MediaRecorder records it, ``ogg``, ``mp3``, ``aac``, ``flac``, ``wav``, or ``container`` to let FFmpeg tell;
+see ``codecs``), and ``steps=true``
 to also receive a ``step`` event every 80 ms. Binary messages carry audio; text messages are JSON controls:
 ``{"type": "marker", "id": 1}`` and ``{"type": "end"}`` (end of audio: the server flushes, sends the last words,
 then ``{"type": "end"}`` and closes with 1000). Server messages are the events of ``kyutai_stt.events``.
@@ -16,6 +19,7 @@ import numpy as np
 from fastapi import APIRouter, WebSocket
 
 from ..audio import AudioFormatError, OggOpusDecoder, StreamResampler
+from ..codecs import CONTAINER_FORMATS, stream_decoder
 from ..events import Error, Step
 from ..session import Session, SessionLimitError
 from .common import (INVALID_PAYLOAD, POLICY_VIOLATION, CloseSocket, close, deny_unauthorized, open_session,
@@ -23,7 +27,7 @@ from .common import (INVALID_PAYLOAD, POLICY_VIOLATION, CloseSocket, close, deny
 
 router = APIRouter()
 
-FORMATS = ("opus", "pcm_f32le", "pcm_s16le")
+FORMATS = ("opus", "pcm_f32le", "pcm_s16le", "mulaw", "alaw", *CONTAINER_FORMATS)
 FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
@@ -65,7 +69,8 @@ async def events_socket(ws: WebSocket, format: str = "opus", sample_rate: str = 
     session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()))
     if session is None:
         return
-    decoder = OggOpusDecoder() if format == "opus" else _PcmDecoder(format, rate)
+    decoder = (OggOpusDecoder() if format == "opus" else _PcmDecoder(format, rate) if format.startswith("pcm_")
+               else stream_decoder(format, rate if "sample_rate" in ws.query_params else 8000))
 
     async def receive(session: Session) -> None:
         while True:
@@ -80,7 +85,7 @@ async def events_socket(ws: WebSocket, format: str = "opus", sample_rate: str = 
                     raise CloseSocket(INVALID_PAYLOAD, f"invalid JSON control: {exc}") from None
                 kind = control.get("type") if isinstance(control, dict) else None
                 if kind == "end":
-                    if isinstance(decoder, _PcmDecoder):
+                    if hasattr(decoder, "flush"):
                         session.push_pcm(decoder.flush())
                     session.end()
                     return
@@ -101,4 +106,8 @@ async def events_socket(ws: WebSocket, format: str = "opus", sample_rate: str = 
             if isinstance(event, Error):
                 raise CloseSocket(1011, event.message)
 
-    await serve_session(ws, session, receive, send)
+    try:
+        await serve_session(ws, session, receive, send)
+    finally:
+        if hasattr(decoder, "close"):
+            decoder.close()  # a container decoder's helper thread
