@@ -172,7 +172,10 @@ async def test_idle_client_gets_the_words_of_its_audio_and_end_before_the_close(
         async with websockets.connect(running.ws + "/v1/stream?format=pcm_s16le") as ws:
             for i in range(0, len(pcm), FRAME_SIZE):
                 await ws.send(pcm[i:i + FRAME_SIZE].tobytes())
-            events = [json.loads(m) async for m in ws]
+            events = []
+            with pytest.raises(websockets.ConnectionClosedError):  # closed 1008, after everything was sent
+                while True:
+                    events.append(json.loads(await ws.recv()))
     assert ws.close_code == 1008 and "no data" in (ws.close_reason or "")
     assert events[-1]["type"] == "end"
     audio = pcm.astype(np.float32) / 32768
@@ -197,10 +200,14 @@ async def test_disconnects_are_told_apart_in_logs_and_metrics(checkpoint_dir, ca
                 if any("keepalive timeout" in r.getMessage() for r in caplog.records):
                     break
             quiet.transport.abort()
+            for _ in range(300):  # the server logs once it has cleaned up: wait for both (a loaded machine is slow)
+                found = [m for m in (r.getMessage() for r in caplog.records) if " after " in m]
+                if len(found) >= 2 and any("keepalive" in m for m in found):
+                    break
+                await asyncio.sleep(0.1)
             async with httpx.AsyncClient() as http:
                 metrics = (await http.get(running.http + "/metrics")).text
-    messages = [r.getMessage() for r in caplog.records]
-    assert any(": client closed after" in m for m in messages), messages
-    assert any(": keepalive timeout after" in m for m in messages), messages
+    messages = [m for m in (r.getMessage() for r in caplog.records) if "s of audio" in m]
+    assert len(messages) == 2 and sum(": keepalive timeout after" in m for m in messages) == 1, messages
     assert 'kyutai_stt_errors_total{kind="keepalive_timeout"} 1.0' in metrics
     assert 'kind="client_closed"' not in metrics

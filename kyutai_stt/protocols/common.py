@@ -221,12 +221,13 @@ async def serve_session(
             task.cancel()
         # wait for the cancelled loops to finish, and retrieve whatever they ended with: handled above
         await asyncio.gather(receiver, sender, dropped, return_exceptions=True)
+        completed = session.finished  # its End (or Error) went out: a disconnect after it loses nothing
         if not session.finished:
             session.abort()
         ws.app.state.sessions.discard(session)
         if code in ERROR_KINDS:
             _metrics(ws).errors.labels(ERROR_KINDS[code]).inc()
-        elif code == -1 and reason != "client closed" and not session.finished:
+        elif code == -1 and reason != "client closed" and not completed:
             _metrics(ws).errors.labels(reason.replace(" ", "_")).inc()  # keepalive_timeout, connection_lost
         if code != -1:
             await close(ws, code, reason)
