@@ -42,6 +42,11 @@ class CloseSocket(Exception):
         self.reason = reason[:120]  # a close reason must fit in 123 bytes
 
 
+class FinishThenClose(CloseSocket):
+    """A close the server chooses although the client did nothing wrong (idle timeout): the audio already
+    received is finished first, its words and end are sent, then the socket closes with the code."""
+
+
 def _metrics(ws: WebSocket):
     return ws.app.state.metrics
 
@@ -154,7 +159,7 @@ async def receive_message(ws: WebSocket, session: Session) -> dict:
     try:
         message = await asyncio.wait_for(ws.receive(), timeout=settings.idle_timeout_s)
     except asyncio.TimeoutError:
-        raise CloseSocket(POLICY_VIOLATION, f"no data for {settings.idle_timeout_s:g} s") from None
+        raise FinishThenClose(POLICY_VIOLATION, f"no data for {settings.idle_timeout_s:g} s") from None
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     return message
@@ -184,9 +189,9 @@ async def serve_session(
             raise CloseSocket(POLICY_VIOLATION, "client is not reading its results")
         first = receiver if receiver in done else sender
         exc = first.exception()
-        if first is receiver and isinstance(exc, CloseSocket) and not session.finished:
-            session.end()  # a close we initiate (idle, bad input, limit) first finishes the audio already received
-        if first is receiver and (exc is None or isinstance(exc, CloseSocket)):
+        if first is receiver and isinstance(exc, FinishThenClose) and not session.finished:
+            session.end()  # finish the audio already received, then close
+        if first is receiver and (exc is None or isinstance(exc, FinishThenClose)):
             # The client ended its audio: the words still due come during the flush, which takes as long as the
             # buffered audio needs. Wait as long as the stream makes progress; give up only if it stalls.
             while not sender.done():
