@@ -174,78 +174,28 @@ def _decoder_failed(exc: BaseException) -> bool:
     return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
-def _probe(path: Path) -> tuple[int | None, float | None, bool]:
-    """(sample rate, duration in seconds, is Opus) from the header, without decoding; None when unknown.
-    For Opus the header's rate is only the encoder's input rate (decoding is always at 48 kHz)."""
-    try:
-        reader = sphn.FileReader(str(path))
-        return reader.sample_rate, reader.duration_sec, False
-    except BaseException as exc:
-        if not _decoder_failed(exc):
-            raise
-    try:
-        import soundfile
-
-        info = soundfile.info(str(path))
-        return info.samplerate, info.duration, info.subtype == "OPUS"
-    except BaseException as exc:
-        if not _decoder_failed(exc):
-            raise
-    return None, None, False
-
-
 def load_audio_file(path: str | Path, max_seconds: float | None = None, label: str | None = None) -> np.ndarray:
-    """Read wav/mp3/flac/ogg (Vorbis or Opus) into 24 kHz mono float32.
+    """Read any audio file FFmpeg reads (wav, mp3, flac, ogg Vorbis/Opus, WebM/Opus, m4a/AAC...) into 24 kHz mono
+    float32, through PyAV (``codecs.decode_container``): channels mixed as their mean, the rate converted with a
+    zero-phase kernel, so times are unchanged whatever the file's rate.
 
     Refuses (``AudioFormatError``) sample rates under 8 kHz and, with ``max_seconds``, files holding more audio
-    than that (``AudioTooLong``), both checked from the header before decoding when the header says, and the
-    duration again after decoding.
+    than that (``AudioTooLong``), checked from the header before decoding when the header says, and while
+    decoding. Messages name neither server paths nor library internals.
     """
+    from .codecs import decode_container, probe_duration
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such audio file: {path}")
-    rate, duration, is_opus = _probe(path)
-    if rate is not None and not is_opus and rate < MIN_FILE_SAMPLE_RATE:
-        raise AudioFormatError(f"unsupported sample rate {rate} Hz (at least {MIN_FILE_SAMPLE_RATE} Hz)")
-    if max_seconds is not None and duration is not None and duration > max_seconds:
-        raise AudioTooLong(f"audio longer than the {max_seconds:g} s limit ({duration:.0f} s)")
-    pcm = _decode_file(path, label or path.name)
+    if max_seconds is not None:
+        duration = probe_duration(str(path))
+        if duration is not None and duration > max_seconds:
+            raise AudioTooLong(f"audio longer than the {max_seconds:g} s limit ({duration:.0f} s)")
+    pcm = decode_container(str(path), max_seconds)
     if max_seconds is not None and len(pcm) > max_seconds * SAMPLE_RATE:
         raise AudioTooLong(f"audio longer than the {max_seconds:g} s limit ({len(pcm) / SAMPLE_RATE:.0f} s)")
     return pcm
-
-
-def _decode_file(path: Path, label: str) -> np.ndarray:
-    errors = []
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if head.startswith(b"OggS") and b"OpusHead" in head:
-        try:
-            pcm, rate = sphn.read_opus(str(path))
-            return resample(to_mono(pcm), rate)
-        except BaseException as exc:
-            if not _decoder_failed(exc):
-                raise
-            errors.append(f"opus: {exc}")
-    try:
-        pcm, rate = sphn.read(str(path), sample_rate=SAMPLE_RATE)
-        return to_mono(pcm)
-    except BaseException as exc:
-        if not _decoder_failed(exc):
-            raise
-        errors.append(f"sphn: {exc}")
-    try:
-        import soundfile
-
-        pcm, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-        if rate < MIN_FILE_SAMPLE_RATE:
-            raise AudioFormatError(f"unsupported sample rate {rate} Hz")
-        return resample(to_mono(pcm.T), rate)
-    except BaseException as exc:
-        if not _decoder_failed(exc):
-            raise
-        errors.append(f"soundfile: {exc}")
-    raise AudioFormatError(f"could not decode {label} as audio ({'; '.join(errors)})")
 
 
 def load_audio_bytes(data: bytes, suffix: str = "", max_seconds: float | None = None) -> np.ndarray:

@@ -115,8 +115,7 @@ async def transcribe_queue(engine: Engine, q, settings: Settings | None = None, 
     """
     settings = settings or Settings()
     timeout = settings.idle_timeout_s if idle_timeout is None else idle_timeout
-    session = Session(engine, end_of_turn_threshold=settings.end_of_turn_threshold,
-                      max_seconds=settings.max_session_s, max_buffered_seconds=settings.max_buffered_audio_s)
+    session = Session.from_settings(engine, settings, record_dir=None, max_pending_events=0)
     decoder = ChunkDecoder(settings.max_upload_bytes)
     pieces: list[str] = []
     errors: list[str] = []

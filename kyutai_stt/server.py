@@ -31,7 +31,9 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
     """
     settings = settings or Settings()
     metrics = Metrics()
-    service = Service(settings, metrics, engine)
+    service = Service(settings, metrics)
+    if engine is not None:
+        service.attach(engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -40,10 +42,9 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
             return
         stt = model or load_model(settings.model, settings.device, settings.dtype)
         own = Engine.from_settings(stt, settings)
-        own.add_step_listener(metrics.on_step)
         own.warmup()
         own.start()
-        service.engine = own
+        service.attach(own)
         if stt.random_weights:
             log.warning("%s has RANDOM WEIGHTS: it produces meaningless text", settings.model)
         log.info("serving %s on %s (%s), %d slots", settings.model, stt.device, stt.dtype, settings.slots)
@@ -54,8 +55,6 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
 
     app = FastAPI(title="kyutai-stt", lifespan=lifespan)
     app.state.service = service  # the one object handlers reach, through service.get_service / ServiceDep
-    if engine is not None:
-        engine.add_step_listener(metrics.on_step)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
@@ -99,6 +98,8 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
             "steps": stats.steps,
             "frames": stats.frames,
             "step_failures": stats.failures,
+            "real_time_factor": round(service.pace.real_time_factor(), 3),
+            "max_backlog_s": round(service.pace.max_backlog_seconds(), 2),
         }
         return JSONResponse(body, status_code=200 if healthy else 503)
 

@@ -23,6 +23,7 @@ from starlette.requests import HTTPConnection
 
 from .engine import Engine, EngineStopped, NoFreeSlot
 from .metrics import Metrics
+from .pace import RealTimeMonitor
 from .session import Session
 from .settings import Settings
 
@@ -37,7 +38,16 @@ class Service:
     sessions: set[Session] = field(default_factory=set)  # live WebSocket sessions
     draining: bool = False  # shutting down: no new streams
     queued: int = 0  # WebSocket clients waiting for a slot
+    pace: RealTimeMonitor | None = None  # is the engine keeping real time? (set by ``attach``)
     _waits: set[asyncio.Task] = field(default_factory=set, repr=False)
+
+    def attach(self, engine: Engine) -> None:
+        """Serve ``engine``: its steps feed the metrics and the real-time monitor (``pace``)."""
+        self.pace = RealTimeMonitor(engine.frames_per_step, lambda: [s.buffered_samples for s in list(self.sessions)],
+                                    self.metrics.registry)
+        engine.add_step_listener(self.metrics.on_step)
+        engine.add_step_listener(self.pace.on_step)
+        self.engine = engine
 
     @property
     def running_engine(self) -> Engine:

@@ -9,6 +9,13 @@
 
 The engine calls back on its worker thread; the session hops to the event loop and turns the raw token stream
 into events (``words.WordAssembler``, end-of-turn from VAD head 2, marker bookkeeping).
+
+Pace: the engine holds at most ``max_buffered_seconds`` of a stream's audio; what a client sends beyond that
+waits in the session's ``AudioSpool`` (memory up to ``spool_memory_seconds``, then a temporary file) and is fed to
+the engine as it drains. So an adapter can always read its socket: a client far ahead of the engine (a file
+sent at full speed, or a real-time client while the engine is slower than real time) keeps its keepalive pongs
+flowing and gets every word, at the engine's pace, with bounded memory. Markers and the end of the stream count
+spooled audio, so they stay in order with it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import tempfile
 import uuid
 from collections import deque
 from pathlib import Path
@@ -37,10 +45,49 @@ class SessionLimitError(ValueError):
     """The client went past a configured bound (session length)."""
 
 
+class AudioSpool:
+    """A FIFO of float32 samples held in memory up to ``memory_bytes``, then in a temporary file (deleted when
+    closed). Put and take any lengths; the file is reset whenever the spool runs empty."""
+
+    def __init__(self, memory_bytes: int):
+        self._file = tempfile.SpooledTemporaryFile(max_size=memory_bytes)
+        self._read = 0  # byte offsets in the file
+        self._write = 0
+
+    def __len__(self) -> int:
+        """Samples waiting."""
+        return (self._write - self._read) // 4
+
+    @property
+    def on_disk(self) -> bool:
+        return bool(getattr(self._file, "_rolled", False))
+
+    def put(self, pcm: np.ndarray) -> None:
+        data = np.ascontiguousarray(pcm, np.float32).tobytes()
+        self._file.seek(self._write)
+        self._file.write(data)
+        self._write += len(data)
+
+    def take(self, samples: int) -> np.ndarray:
+        """Up to ``samples`` samples from the front."""
+        self._file.seek(self._read)
+        data = self._file.read(min(samples, len(self)) * 4)
+        self._read += len(data)
+        if self._read == self._write:  # empty: start again at the beginning of the file
+            self._file.seek(0)
+            self._file.truncate()
+            self._read = self._write = 0
+        return np.frombuffer(data, np.float32)
+
+    def close(self) -> None:
+        self._file.close()
+        self._read = self._write = 0
+
+
 class Session:
     def __init__(self, engine: Engine, *, end_of_turn_threshold: float = 0.5, max_seconds: float = math.inf,
                  record_dir: str | None = None, session_id: str | None = None, max_pending_events: int = 0,
-                 max_buffered_seconds: float = math.inf):
+                 max_buffered_seconds: float = math.inf, spool_memory_seconds: float = 30.0):
         self.engine = engine
         self.id = session_id or uuid.uuid4().hex[:12]
         self.samples_received = 0
@@ -60,6 +107,8 @@ class Session:
         self._words_in_turn = 0
         self._max_pending = max_pending_events  # 0: unbounded (in-process consumers)
         self._max_buffered = max_buffered_seconds * SAMPLE_RATE
+        self._spool = AudioSpool(int(spool_memory_seconds * SAMPLE_RATE) * 4)
+        self._close_pending = False  # end() came while audio was still spooled
         self._progress = asyncio.Event()  # set whenever the engine reports on this stream
         self.dropped = asyncio.Event()  # set when the consumer fell too far behind: the stream was aborted
         self.ended = False  # end() was called
@@ -70,7 +119,8 @@ class Session:
         """A live stream's session bounded by a ``Settings`` object (the one place they map onto a Session)."""
         options = dict(end_of_turn_threshold=settings.end_of_turn_threshold, max_seconds=settings.max_session_s,
                        record_dir=settings.record_dir, max_pending_events=settings.max_pending_events,
-                       max_buffered_seconds=settings.max_buffered_audio_s)
+                       max_buffered_seconds=settings.max_buffered_audio_s,
+                       spool_memory_seconds=settings.spool_memory_s)
         return cls(engine, **{**options, **overrides})
 
     # ------------------------------------------------------------ input (event-loop thread)
@@ -92,10 +142,33 @@ class Session:
         self.samples_received += pcm.size
         if self._record_dir:
             self._record(pcm)
+        if not pcm.size:
+            return
+        if not len(self._spool) and self.engine.buffered_samples(self._handle) + pcm.size <= self._max_buffered:
+            self._push_to_engine(pcm)
+        else:
+            self._spool.put(pcm)
+            self._drain()
+
+    def _push_to_engine(self, pcm: np.ndarray) -> None:
         try:
             self.engine.push(self._handle, pcm)
         except StreamClosed:
             pass  # the engine dropped the stream (a failed step): its StreamFailed event is on its way
+
+    def _drain(self) -> None:
+        """Move spooled audio to the engine while it holds less than ``max_buffered_seconds``; close the stream
+        in the engine once the spool is empty after ``end``."""
+        if self.finished or self._handle is None:
+            return
+        while len(self._spool):
+            room = min(self._max_buffered - self.engine.buffered_samples(self._handle), len(self._spool))
+            if room < min(FRAME_SIZE, len(self._spool)):
+                break
+            self._push_to_engine(self._spool.take(int(room)))
+        if self._close_pending and not len(self._spool):
+            self._close_pending = False
+            self.engine.close(self._handle)
 
     def push_marker(self, marker_id: int) -> None:
         frames = math.ceil(self.samples_received / FRAME_SIZE) + self._lead_frames
@@ -106,21 +179,24 @@ class Session:
         if self.ended or self._handle is None:
             return
         self.ended = True
-        self.engine.close(self._handle)
+        self._assembler.audio_end = self.samples_received / SAMPLE_RATE  # the flush silence is not audio
+        self._close_pending = True
+        self._drain()
 
     def abort(self) -> None:
         """The client is gone: give the slot back now."""
         if self._handle is not None and not self.finished:
             self.engine.abort(self._handle)
         self.finished = True
+        self._spool.close()
         self._save_recording()
 
     async def wait_for_room(self) -> None:
-        """Return once this stream has at most ``max_buffered_seconds`` of audio waiting in the engine.
+        """Return once nothing is spooled and the engine holds at most ``max_buffered_seconds`` of this stream.
 
-        Adapters call it before reading the next message, so a client sending faster than the engine transcribes
-        (a long file at full speed) is read no faster than that: its socket's buffers fill and TCP slows it down,
-        instead of the server holding hours of its audio in memory.
+        For sources that hold the client's audio themselves (the Modal Queue): reading no faster than the engine
+        leaves it there. WebSocket adapters do not call it: they always read (keepalive pongs queue behind the
+        audio in TCP) and let the spool hold what is ahead.
         """
         while not self.finished and self.buffered_samples > self._max_buffered:
             self._progress.clear()
@@ -133,7 +209,12 @@ class Session:
 
     @property
     def buffered_samples(self) -> int:
-        return self.engine.buffered_samples(self._handle) if self._handle else 0
+        """Samples received and not yet transcribed: in the engine and in the spool."""
+        return (self.engine.buffered_samples(self._handle) if self._handle else 0) + len(self._spool)
+
+    @property
+    def spooled_samples(self) -> int:
+        return len(self._spool)
 
     # ------------------------------------------------------------ output
     def __aiter__(self):
@@ -171,6 +252,7 @@ class Session:
         self._progress.set()
         if self.finished:
             return
+        self._drain()
         for item in events:
             if isinstance(item, StepOutput):
                 self._on_step(item)
@@ -182,15 +264,18 @@ class Session:
                     self._emit(Marker(id=marker_id))
                 self._markers.clear()
                 self.finished = True
+                self._spool.close()
                 self._emit(End(duration=self.samples_received / SAMPLE_RATE))
                 self._save_recording()
             elif isinstance(item, StreamFailed):
                 self.finished = True
+                self._spool.close()
                 self._emit(Error(message=item.reason))
 
     def _on_step(self, out: StepOutput) -> None:
         self._frames_done = out.frame + 1
-        self._emit(Step(step_idx=out.frame, pause_probabilities=out.pauses, buffered_samples=out.buffered_samples))
+        self._emit(Step(step_idx=out.frame, pause_probabilities=out.pauses,
+                        buffered_samples=out.buffered_samples + len(self._spool)))
         for event in self._assembler.feed(out.frame, out.token):
             if isinstance(event, Word):
                 self._words_in_turn += 1

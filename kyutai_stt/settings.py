@@ -68,8 +68,13 @@ class Settings(BaseSettings):
     max_session_s: float = Field(4 * 3600.0, gt=0, description="Longest audio a single stream may send, in seconds.")
     max_message_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest WebSocket message accepted.")
     max_buffered_audio_s: float = Field(
-        10.0, gt=0, description="Audio a WebSocket stream may have waiting for the engine. A client sending faster "
-        "(a file at full speed) is read no faster than it is transcribed: TCP slows it down.",
+        10.0, gt=0, description="Audio of one stream handed to the engine ahead of it. A client sending faster (a "
+        "file at full speed) is still read at once: the rest waits in the stream's spool and follows as the engine "
+        "catches up, so its keepalive pongs keep flowing and no word is lost.",
+    )
+    spool_memory_s: float = Field(
+        30.0, ge=0, description="Audio of one stream held in memory beyond max_buffered_audio_s before the rest "
+        "spills to a temporary file (float32, 96 kB per second of audio).",
     )
     http_slot_wait_s: float = Field(
         30.0, ge=0, description="HTTP file requests wait this long for a free slot before answering 503."

@@ -1,13 +1,23 @@
 """From text tokens to words with times: a pure function of the token stream and the model's timing.
 
 Token ids (Kyutai STT convention): 3 is padding, 0 marks a word boundary (a new word starts at this step),
-1 and 2 are never text, anything above 3 is a sentencepiece piece ("▁" is a space). A word starts at its boundary
-token (or at its first piece when no boundary came before it) and is complete at the first padding or boundary
-after its pieces; its end is known at the next boundary, or at the end of the audio.
+1 and 2 are never text, anything above 3 is a sentencepiece piece ("▁" is a space).
+
+Words follow Kyutai's own server (``State::step_tokens`` in ``rust/moshi-core/src/asr.rs`` of kyutai-labs/moshi,
+which moshi-server's ``/api/asr-streaming`` sends as ``Word``/``EndWord``): the pieces since the last padding or
+boundary form a word, sent at the first padding (3) or boundary (0) after them; ``EndWord`` comes at the next
+boundary, with that boundary's time, and ends every word sent since the previous one. So pieces separated by
+padding are sent as separate words there, and here. (Kyutai's PyTorch example ``stt_from_file_pytorch.py``
+instead groups all pieces between two boundaries and splits them at spaces; the server's rule is the one its
+clients see.) A word starts at its boundary token, or at its first piece when no boundary came before it
+(Kyutai's server then reuses the previous boundary's time). At the end of the stream the open word ends at the
+end of the audio; no time is ever past ``audio_end``, the end of the audio the client sent (the flush silence
+after it is not audio).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -25,9 +35,11 @@ class WordAssembler:
     _pieces: list[str] = field(default_factory=list)
     _start: float | None = None  # start of the word being assembled (or awaiting its pieces)
     _open_word: bool = False  # a Word was sent whose WordEnd is still due
+    audio_end: float = math.inf  # seconds of audio the client sent, once known (set at the end of the stream)
 
     def time(self, frame: int) -> float:
-        return max(0.0, (frame - self.offset_frames) / FRAME_RATE)
+        """Seconds into the client's audio of a token produced at ``frame`` (0 before it, ``audio_end`` after)."""
+        return min(max(0.0, (frame - self.offset_frames) / FRAME_RATE), self.audio_end)
 
     def feed(self, frame: int, token: int) -> list[Text | Word | WordEnd]:
         now = self.time(frame)

@@ -19,6 +19,7 @@ from kyutai_stt.settings import Settings
 from kyutai_stt.testing_checkpoint import make_checkpoint, synthetic_sounds
 
 FLUSH_SECONDS = 0.5
+CASES = Path(__file__).resolve().parent / "cases"  # small real-world inputs that once showed a fault (README there)
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +40,12 @@ def reference_model(checkpoint_dir):
     return load_model(str(checkpoint_dir), "cpu", "float32")
 
 
+class ReferenceOutputs(list):
+    """Reference step outputs, and the length of the audio they transcribe (times never pass it)."""
+
+    audio_seconds: float
+
+
 class Reference:
     def __init__(self, model):
         self.model = model
@@ -47,7 +54,9 @@ class Reference:
     def outputs(self, pcm: np.ndarray):
         key = np.asarray(pcm, np.float32).tobytes()
         if key not in self._cache:
-            self._cache[key] = reference_outputs(self.model, pcm, FLUSH_SECONDS)
+            outputs = ReferenceOutputs(reference_outputs(self.model, pcm, FLUSH_SECONDS))
+            outputs.audio_seconds = np.asarray(pcm).size / 24000
+            self._cache[key] = outputs
         return self._cache[key]
 
     def tokens(self, pcm: np.ndarray) -> list[int]:
@@ -79,7 +88,10 @@ class RunningServer:
         self.port = port
         self.http = f"http://127.0.0.1:{port}"
         self.ws = f"ws://127.0.0.1:{port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=app.state.service.settings.max_message_bytes)
+        settings = app.state.service.settings
+        # keepalive as `kyutai-stt serve` configures it (server.serve)
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=settings.max_message_bytes,
+                                ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=2 * settings.ping_interval_s)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -13,9 +13,16 @@ from kyutai_stt.events import Text, Word, WordEnd
 from kyutai_stt.words import WordAssembler, pair_words
 
 
-def expected_events(model, outputs) -> list:
-    """Text/Word/WordEnd events a stream must produce, from reference outputs (as session.py assembles them)."""
+def expected_events(model, outputs, audio_seconds: float | None = None) -> list:
+    """Text/Word/WordEnd events a stream must produce, from reference outputs (as session.py assembles them).
+
+    Times are capped at the end of the audio (``audio_seconds``, or the ``audio_seconds`` that
+    ``conftest.Reference.outputs`` attaches): once the client's audio is all in, the session knows its length."""
     assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
+    end = audio_seconds if audio_seconds is not None else getattr(outputs, "audio_seconds", None)
+    # The session learns the length at end of stream; every event before the flush has an earlier time anyway.
+    if end is not None:
+        assembler.audio_end = end
     events = []
     for out in outputs:
         events += assembler.feed(out.frame, out.token)
@@ -27,8 +34,8 @@ def expected_pieces(model, outputs) -> list[str]:
     return [e.text for e in expected_events(model, outputs) if isinstance(e, Text)]
 
 
-def expected_words(model, outputs):
-    return pair_words(e for e in expected_events(model, outputs) if isinstance(e, (Word, WordEnd)))
+def expected_words(model, outputs, audio_seconds: float | None = None):
+    return pair_words(e for e in expected_events(model, outputs, audio_seconds) if isinstance(e, (Word, WordEnd)))
 
 
 def words_of(events) -> list[tuple[str, float, float]]:

@@ -381,9 +381,9 @@ def test_file_upload_with_progress_and_downloads(ui_server, browser, reference, 
             page.click(f"button[data-format={fmt}]")
         assert download.value.suggested_filename == f"upload speech.{fmt}"
         downloads[fmt] = Path(download.value.path()).read_text()
-    assert downloads["srt"] == formats.to_srt(words)
-    assert downloads["vtt"] == formats.to_vtt(words)
     payload = json.loads(downloads["json"])
+    assert downloads["srt"] == formats.to_srt(words, payload["duration"])
+    assert downloads["vtt"] == formats.to_vtt(words, payload["duration"])
     assert payload == json.loads(formats.to_json(words, duration=payload["duration"]))
     assert abs(payload["duration"] - len(pcm) / SAMPLE_RATE) < 1e-3
     assert downloads["txt"].split() == formats.to_text(words).split()

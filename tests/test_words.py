@@ -56,3 +56,70 @@ def test_special_ids_are_not_text():
 def test_pair_words():
     events = run([0, 10, 11, 3, 0, 12, 3])
     assert pair_words(events) == [TimedWord("hello", 0.0, 0.32), TimedWord("world", 0.32, 0.56)]
+
+
+def kyutai_server_words(tokens, delay=0):
+    """Word/EndWord as Kyutai's server sends them: ``State::step_tokens`` in rust/moshi-core/src/asr.rs
+    (kyutai-labs/moshi), rewritten here step by step as the specification: a token 3 or 0 after pieces sends the
+    pieces as a Word (start: the time of the last boundary); a 0 sends EndWord (its own time) if a word is open."""
+    out, word, unended, last_stop = [], [], False, 0.0
+    for step, token in enumerate(tokens):
+        if token in (3, 0):
+            if word:
+                out.append(("Word", "".join(PIECES[t] for t in word).replace("▁", " ").strip(), last_stop))
+                word, unended = [], True
+        else:
+            word.append(token)
+        if token == 0:
+            stop = max(0.0, (step - delay) / 12.5)
+            if unended:
+                out.append(("EndWord", stop))
+                unended = False
+            last_stop = stop
+    return out
+
+
+def ours(tokens):
+    assembler = WordAssembler(PIECES.__getitem__, 0)
+    out = []
+    for frame, token in enumerate(tokens):
+        for event in assembler.feed(frame, token):
+            if isinstance(event, Word):
+                out.append(("Word", event.text, event.start_time))
+            elif isinstance(event, WordEnd):
+                out.append(("EndWord", event.stop_time))
+    return out
+
+
+def test_words_as_kyutai_server_delimits_them():
+    """Hand-written sequences, each word opened by its boundary: the same Word/EndWord messages, in the same
+    order and at the same times, as Kyutai's server. Padding ends a word there (pieces split by padding are two
+    words), a boundary ends it too, and EndWord comes at the next boundary."""
+    cases = [
+        [0, 10, 11, 3, 3, 0, 12, 3, 0],            # "hello", then "world"
+        [0, 10, 3, 3, 11, 3, 0, 12, 3, 0],         # padding between pieces: Kyutai's server sends "hel", "lo"
+        [0, 10, 11, 0, 12, 14, 0, 3, 3],           # words ended by the next boundary, no padding
+        [3, 3, 0, 13, 3, 3, 3, 3, 0, 12, 11, 3, 0],
+    ]
+    for tokens in cases:
+        got, want = ours(tokens), kyutai_server_words(tokens)
+        assert [m for m in got if m[0] == "EndWord"] == [m for m in want if m[0] == "EndWord"], tokens
+        assert [m[:2] for m in got] == [m[:2] for m in want], tokens
+        # start times: equal whenever the word's pieces come right after its boundary (Kyutai's server gives a
+        # word with no boundary of its own the previous boundary's time; we give its first piece's)
+        assert [m[2] for m in got if m[0] == "Word"][:1] == [m[2] for m in want if m[0] == "Word"][:1], tokens
+    assert [m[1] for m in ours(cases[1]) if m[0] == "Word"] == ["hel", "lo", "world"]
+
+
+def test_nothing_is_timed_after_the_end_of_the_audio():
+    """Once the session knows where the client's audio ends, the flush after it adds no time: the last word ends
+    at the end of the audio, not at the end of the flush."""
+    assembler = WordAssembler(PIECES.__getitem__, 0)
+    assembler.audio_end = 0.3
+    events = []
+    for frame, token in enumerate([0, 10, 11, 3, 3, 3, 3, 3, 3, 0, 12, 3, 3]):
+        events += assembler.feed(frame, token)
+    events += assembler.finish(13)
+    words = pair_words(events)
+    assert [(w.text, w.start, w.end) for w in words] == [("hello", 0.0, 0.3), ("world", 0.3, 0.3)]
+    assert all(e.time <= 0.3 for e in events if isinstance(e, Text))

@@ -16,10 +16,15 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError, model_validator
 
+from .. import codecs
 from ..events import Event
 from .errors import MessageError, UnknownMessage
 
-FORMATS = ("opus", "pcm_f32le", "pcm_s16le")
+PCM_FORMATS = ("pcm_f32le", "pcm_s16le")
+G711_FORMATS = ("mulaw", "alaw")
+# audio containers pushed in pieces ("container"/"auto": FFmpeg tells)
+CONTAINER_FORMATS = tuple(codecs.CONTAINER_FORMATS)
+FORMATS = ("opus", *PCM_FORMATS, *G711_FORMATS, *CONTAINER_FORMATS)
 QUERY_ERROR = (f"format must be one of {', '.join(FORMATS)}, 8000 <= sample_rate <= 192000, channels 1 or 2, "
                "steps true or false")
 
@@ -27,19 +32,28 @@ QUERY_ERROR = (f"format must be one of {', '.join(FORMATS)}, 8000 <= sample_rate
 class StreamQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["opus", "pcm_f32le", "pcm_s16le"] = "opus"
-    sample_rate: int = Field(24000, ge=8000, le=192000)  # of raw PCM; "16000.5" or "abc" are refused
+    format: Literal[FORMATS] = "opus"  # type: ignore[valid-type]
+    # of raw PCM, or of G.711 (8000 when not given); "16000.5" or "abc" are refused
+    sample_rate: int = Field(24000, ge=8000, le=192000)
     channels: int = Field(1, ge=1, le=2)  # of raw PCM: 2 is interleaved stereo, mixed down to mono
     steps: bool = False  # true/false, 1/0, yes/no, on/off
     api_key: str | None = None
     auth_id: str | None = None
 
     @model_validator(mode="after")
-    def _channels_of_pcm(self) -> "StreamQuery":
-        if self.format == "opus" and "channels" in self.model_fields_set and self.channels != 1:
-            raise ValueError("channels applies to raw PCM: an Ogg/Opus stream declares its own (stereo is mixed "
-                             "down)")
+    def _fields_of_raw_audio(self) -> "StreamQuery":
+        if self.format not in PCM_FORMATS and "channels" in self.model_fields_set and self.channels != 1:
+            raise ValueError("channels applies to raw PCM: other formats declare their own (stereo is mixed down)")
+        if self.format in CONTAINER_FORMATS and "sample_rate" in self.model_fields_set:
+            raise ValueError("sample_rate applies to raw PCM and G.711: an audio container declares its own")
         return self
+
+    @property
+    def rate(self) -> int:
+        """The raw audio's sample rate: as given, else 24000 for PCM and 8000 for G.711 (telephony)."""
+        if self.format in G711_FORMATS and "sample_rate" not in self.model_fields_set:
+            return 8000
+        return self.sample_rate
 
 
 class MarkerControl(BaseModel):

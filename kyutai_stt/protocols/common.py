@@ -19,7 +19,7 @@ from ..service import get_service
 from ..session import Session
 from .errors import (ERROR_KINDS, GOING_AWAY, INTERNAL_ERROR, INVALID_PAYLOAD, NORMAL, POLICY_VIOLATION,  # noqa: F401
                      SERVICE_RESTART, TOO_BIG, TRY_AGAIN_LATER, UNSUPPORTED_DATA, CloseSocket, InvalidPayload,
-                     PolicyViolation, ServerFault, UnsupportedData, close_for)
+                     FinishThenClose, PolicyViolation, ServerFault, UnsupportedData, close_for)
 
 log = logging.getLogger(__name__)
 
@@ -144,14 +144,14 @@ async def open_session(ws: WebSocket, protocol: str,
 async def receive_message(ws: WebSocket, session: Session) -> dict:
     """Next client message, with the idle timeout applied; raises WebSocketDisconnect when gone.
 
-    A client ahead of the engine by more than ``max_buffered_audio_s`` is not read until the engine catches up
-    (backpressure); that wait does not count as idle."""
+    The socket is always read, however far ahead of the engine the client is: its audio waits in the session's
+    spool, and its keepalive pongs (behind that audio in TCP) keep arriving. Idle for too long: the audio already
+    received is finished first (``FinishThenClose``)."""
     settings = get_service(ws).settings
-    await session.wait_for_room()
     try:
         message = await asyncio.wait_for(ws.receive(), timeout=settings.idle_timeout_s)
     except asyncio.TimeoutError:
-        raise PolicyViolation(f"no data for {settings.idle_timeout_s:g} s") from None
+        raise FinishThenClose(POLICY_VIOLATION, f"no data for {settings.idle_timeout_s:g} s") from None
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     return message
@@ -176,14 +176,15 @@ async def serve_session(
     sender = asyncio.create_task(send(session))
     dropped = asyncio.create_task(session.dropped.wait())
     code, reason = NORMAL, ""
-    client_close: int | None = None  # the client's own close code, when it closed the connection
     try:
         done, _ = await asyncio.wait({receiver, sender, dropped}, return_when=asyncio.FIRST_COMPLETED)
         if dropped in done:
             raise PolicyViolation("client is not reading its results")
         first = receiver if receiver in done else sender
         exc = first.exception()
-        if exc is None and first is receiver:
+        if first is receiver and isinstance(exc, FinishThenClose) and not session.finished:
+            session.end()  # finish the audio already received, then close
+        if first is receiver and (exc is None or isinstance(exc, FinishThenClose)):
             # The client ended its audio: the words still due come during the flush, which takes as long as the
             # buffered audio needs. Wait as long as the stream makes progress; give up only if it stalls.
             while not sender.done():
@@ -195,14 +196,16 @@ async def serve_session(
                 if not sender.done() and session.frames_done == before:
                     raise ServerFault("timed out while flushing the stream")
             sender.result()
+            if exc is not None:
+                raise exc
         elif exc is not None:
             raise exc
     except CloseSocket as exc:  # an adapter's own decision: its code and reason
         code, reason = exc.code, exc.reason
     except WebSocketDisconnect as exc:
-        code, client_close = -1, exc.code  # the client closed: nothing to close
+        code, reason = -1, disconnect_cause(ws, exc.code)  # the client is gone: nothing to close
     except ConnectionError:
-        code = -1
+        code, reason = -1, "connection lost"
     except Exception as exc:  # bad input raised below the adapter, a send on a dropped socket, or a bug
         if ws.client_state == WebSocketState.DISCONNECTED or ws.application_state == WebSocketState.DISCONNECTED:
             code = -1
@@ -215,18 +218,30 @@ async def serve_session(
             task.cancel()
         # wait for the cancelled loops to finish, and retrieve whatever they ended with: handled above
         await asyncio.gather(receiver, sender, dropped, return_exceptions=True)
+        completed = session.finished  # its End (or Error) went out: a disconnect after it loses nothing
         if not session.finished:
             session.abort()
         service.forget(session)
         if code in ERROR_KINDS:
             service.metrics.errors.labels(ERROR_KINDS[code]).inc()
+        elif code == -1 and reason != "client closed" and not completed:
+            service.metrics.errors.labels(reason.replace(" ", "_")).inc()  # keepalive_timeout, connection_lost
         if code != -1:
             await close(ws, code, reason)
-        if code != -1:
-            how = str(code)
-        elif client_close in (NORMAL, GOING_AWAY):  # a clean close: how moshi-server clients end a stream
-            how = f"by the client, {client_close}"
-        else:  # no close frame (1006) or a connection reset: the client really left
-            how = "client gone" + (f", {client_close}" if client_close else "")
-        log.info("session %s: closed (%s) after %.1f s of audio%s", session.id, how,
-                 session.samples_received / 24000, f": {reason}" if reason else "", extra={"session_id": session.id})
+        who = f"server closed {code}" if code != -1 else reason or "client gone"
+        log.info("session %s: %s after %.1f s of audio%s", session.id, who, session.samples_received / 24000,
+                 f": {reason}" if reason and code != -1 else "", extra={"session_id": session.id})
+
+
+def disconnect_cause(ws: WebSocket, code: int | None) -> str:
+    """Why the connection ended on the client's side: "client closed" (it sent a close frame), "keepalive timeout"
+    (our ping went unanswered: uvicorn's websockets protocol failed the connection with 1011), or
+    "connection lost" (no close frame at all). The protocol object is reached through the ASGI receive callable;
+    other servers just give the close code."""
+    if code not in (1005, 1006, None):
+        return "client closed"
+    protocol = getattr(getattr(ws, "_receive", None), "__self__", None)
+    sent = getattr(getattr(protocol, "conn", None), "close_sent", None) or getattr(protocol, "close_sent", None)
+    if getattr(sent, "code", None) == INTERNAL_ERROR and "keepalive" in (getattr(sent, "reason", "") or ""):
+        return "keepalive timeout"
+    return "connection lost"

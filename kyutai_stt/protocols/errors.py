@@ -71,6 +71,11 @@ class PolicyViolation(CloseSocket):
     code = POLICY_VIOLATION
 
 
+class FinishThenClose(CloseSocket):
+    """A close the server chooses although the client did nothing wrong (idle timeout): the audio already
+    received is finished first, its words and end are sent, then the socket closes with the code."""
+
+
 class ServerFault(CloseSocket):
     """The server could not go on with this stream (engine failure, flush stalled). 1011."""
 

@@ -2,9 +2,11 @@
 
 Query parameters choose the audio format: ``format=opus`` (Ogg/Opus pages, the default), ``pcm_f32le`` or
 ``pcm_s16le`` (raw little-endian at ``sample_rate``, resampled to 24 kHz when needed; ``channels=2`` for
-interleaved stereo, mixed down to mono; a stream that declares nothing is mono), and ``steps=true`` to also
-receive a ``step`` event every 80 ms. Any other query parameter is refused (1008). The messages are declared in
-``kyutai_stt.messages.events``. Binary messages carry audio; text messages are JSON controls:
+interleaved stereo, mixed down to mono; a stream that declares nothing is mono), ``mulaw``/``alaw`` (raw G.711 at
+``sample_rate``, 8000 unless given), an audio container pushed in pieces (``webm`` as a browser's MediaRecorder
+records it, ``ogg``, ``mp3``, ``aac``, ``flac``, ``wav``, or ``container`` to let FFmpeg tell; see ``codecs``), and
+``steps=true`` to also receive a ``step`` event every 80 ms. Any other query parameter is refused (1008). The
+messages are declared in ``kyutai_stt.messages.events``. Binary messages carry audio; text messages are JSON controls:
 ``{"type": "marker", "id": 1}`` and ``{"type": "end"}`` (end of audio: the server flushes, sends the last words,
 then ``{"type": "end"}`` and closes with 1000). Server messages are the events of ``kyutai_stt.events``.
 """
@@ -15,6 +17,7 @@ import numpy as np
 from fastapi import APIRouter, WebSocket
 
 from ..audio import AudioFormatError, OggOpusDecoder, StreamResampler
+from ..codecs import stream_decoder
 from ..events import Error, Step
 from ..messages.events import QUERY_ERROR, EndControl, MarkerControl, StreamQuery, parse_control
 from ..session import Session
@@ -62,7 +65,12 @@ async def events_socket(ws: WebSocket) -> None:
     session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()))
     if session is None:
         return
-    decoder = OggOpusDecoder() if query.format == "opus" else PcmDecoder(query.format, query.sample_rate, query.channels)
+    if query.format == "opus":
+        decoder = OggOpusDecoder()
+    elif query.format.startswith("pcm_"):
+        decoder = PcmDecoder(query.format, query.rate, query.channels)
+    else:  # G.711 or an audio container
+        decoder = stream_decoder(query.format, query.rate)
 
     async def receive(session: Session) -> None:
         while True:
@@ -72,7 +80,7 @@ async def events_socket(ws: WebSocket) -> None:
                 continue
             match parse_control(message.get("text") or ""):
                 case EndControl():
-                    if isinstance(decoder, PcmDecoder):
+                    if hasattr(decoder, "flush"):
                         session.push_pcm(decoder.flush())
                     session.end()
                     return
@@ -87,4 +95,8 @@ async def events_socket(ws: WebSocket) -> None:
             if isinstance(event, Error):
                 raise ServerFault(event.message)
 
-    await serve_session(ws, session, receive, send)
+    try:
+        await serve_session(ws, session, receive, send)
+    finally:
+        if hasattr(decoder, "close"):
+            decoder.close()  # a container decoder's helper thread

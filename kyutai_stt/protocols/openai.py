@@ -118,9 +118,9 @@ async def transcriptions(
     if response_format == "text":
         return PlainTextResponse(text)
     if response_format == "srt":
-        return PlainTextResponse(to_srt(words))
+        return PlainTextResponse(to_srt(words, duration))
     if response_format == "vtt":
-        return PlainTextResponse(to_vtt(words), media_type="text/vtt")
+        return PlainTextResponse(to_vtt(words, duration), media_type="text/vtt")
     body = {
         "task": "transcribe",
         "language": language or "english",

@@ -4,6 +4,7 @@
 const MAX_CUE_WORDS = 12;
 const MAX_CUE_SECONDS = 6.0;
 const CUE_GAP_SECONDS = 1.0;
+const MIN_CUE_SECONDS = 0.3; // a cue is shown at least this long when the words around it leave room
 
 // words: [{text, start, end|null, turn}] in order. A word whose end never came ends at the next word's start,
 // the last one at its own start (as words.pair_words does).
@@ -44,9 +45,18 @@ export function clock(seconds, sep) {
   return `${pad(h, 2)}:${pad(m, 2)}:${pad(s, 2)}${sep}${pad(ms, 3)}`;
 }
 
-function cueEnd(group) {
-  const last = group[group.length - 1];
-  return Math.max(last.end, last.start + 0.3);
+// [{start, end, words}] per cue: at least MIN_CUE_SECONDS when there is room, never overlapping the next cue,
+// never after `duration` (the end of the audio) when it is given.
+export function cueTimes(words, duration = null) {
+  const groups = cues(words);
+  return groups.map((group, i) => {
+    const start = group[0].start;
+    const last = group[group.length - 1];
+    let end = Math.max(last.end, last.start + MIN_CUE_SECONDS);
+    if (i + 1 < groups.length) end = Math.min(end, groups[i + 1][0].start);
+    if (duration != null) end = Math.min(end, duration);
+    return { start, end: Math.max(end, start), words: group };
+  });
 }
 
 const joinText = (words) => words.map((w) => w.text).join(" ");
@@ -61,15 +71,15 @@ export function toText(words) {
   return turns.map((t) => joinText(t.words)).join("\n\n") + (turns.length ? "\n" : "");
 }
 
-export function toSrt(words) {
-  return cues(words)
-    .map((g, i) => `${i + 1}\n${clock(g[0].start, ",")} --> ${clock(cueEnd(g), ",")}\n${joinText(g)}\n`)
+export function toSrt(words, duration = null) {
+  return cueTimes(words, duration)
+    .map((c, i) => `${i + 1}\n${clock(c.start, ",")} --> ${clock(c.end, ",")}\n${joinText(c.words)}\n`)
     .join("\n");
 }
 
-export function toVtt(words) {
+export function toVtt(words, duration = null) {
   const blocks = ["WEBVTT\n"];
-  for (const g of cues(words)) blocks.push(`${clock(g[0].start, ".")} --> ${clock(cueEnd(g), ".")}\n${joinText(g)}\n`);
+  for (const c of cueTimes(words, duration)) blocks.push(`${clock(c.start, ".")} --> ${clock(c.end, ".")}\n${joinText(c.words)}\n`);
   return blocks.join("\n");
 }
 
@@ -86,7 +96,7 @@ export function toJson(words, extra = {}) {
 
 export const FORMATS = {
   txt: { render: (words) => toText(words), type: "text/plain" },
-  srt: { render: (words) => toSrt(words), type: "application/x-subrip" },
-  vtt: { render: (words) => toVtt(words), type: "text/vtt" },
+  srt: { render: (words, extra) => toSrt(words, extra?.duration), type: "application/x-subrip" },
+  vtt: { render: (words, extra) => toVtt(words, extra?.duration), type: "text/vtt" },
   json: { render: (words, extra) => toJson(words, extra), type: "application/json" },
 };
