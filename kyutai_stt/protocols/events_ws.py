@@ -63,8 +63,8 @@ async def events_socket(ws: WebSocket, format: str = "opus", sample_rate: str = 
         if await deny_unauthorized(ws):
             return
         await ws.accept()
-        await close(ws, POLICY_VIOLATION, f"format must be one of {', '.join(FORMATS)}, 8000 <= sample_rate <= 192000, "
-                    "steps true or false")
+        await close(ws, POLICY_VIOLATION, f"format must be one of {', '.join(FORMATS[:6])}...; "
+                    "sample_rate 8000-192000; steps true/false")
         return
     session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()))
     if session is None:
