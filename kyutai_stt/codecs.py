@@ -222,15 +222,22 @@ class ContainerStreamDecoder:
 
 def probe_duration(path: str) -> float | None:
     """Seconds of audio the file's header announces, without decoding; None when it does not say (or is not a
-    container FFmpeg reads: decoding then reports why)."""
+    container FFmpeg reads: decoding then reports why). Raises ``AudioFormatError`` for a rate under 8 kHz."""
+    from .audio import MIN_FILE_SAMPLE_RATE
+
     try:
         with av.open(path, mode="r") as container:
             if not container.streams.audio:
                 return None
             stream = container.streams.audio[0]
+            rate = stream.sample_rate or stream.codec_context.sample_rate
+            if rate and rate < MIN_FILE_SAMPLE_RATE:
+                raise AudioFormatError(f"unsupported sample rate {rate} Hz (at least {MIN_FILE_SAMPLE_RATE} Hz)")
             if stream.duration is not None and stream.time_base is not None:
                 return float(stream.duration * stream.time_base)
             return container.duration / 1e6 if container.duration else None
+    except AudioFormatError:
+        raise
     except Exception:
         return None
 

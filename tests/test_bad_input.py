@@ -337,7 +337,7 @@ async def test_text_frames_malformed_messages_and_wrong_types(hard, reference, c
         pack({"type": "Marker"}): "Marker.id must be an integer",
         pack({"type": "OggOpus", "data": "text"}): "OggOpus.data must be bytes",
     }
-    query_cases = ["?sample_rate=abc", "?sample_rate=16000.5", "?sample_rate=4000", "?format=speex", "?steps=maybe"]
+    query_cases = ["?sample_rate=abc", "?sample_rate=16000.5", "?sample_rate=4000", "?format=mp4", "?steps=maybe"]
     async with Neighbour(hard, reference, clip):
         text_on_seed = await exchange(hard.ws + "/ws", ["hello"])
         events = await gather(*(exchange(hard.ws + "/v1/stream", [m]) for m in events_cases))
