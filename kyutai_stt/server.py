@@ -82,6 +82,8 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
 
     for protocol in (seed, events_ws, kyutai, openai):
         app.include_router(protocol.router)
+    from .protocols import deepgram
+    app.include_router(deepgram.router)
     mount_ui(app)  # the browser page at / and its assets at /static
 
     @app.get("/status")
