@@ -116,3 +116,69 @@ async def test_deepgram_bad_query_and_bad_data(keyed, sounds):
             await ws.recv()
     assert '"type":"Error"' in error and "DATA-0000" in error
     assert closed.value.rcvd.code == 1008
+
+
+async def test_livekit_deepgram_plugin(keyed, reference, sounds):
+    import aiohttp
+    from livekit import rtc
+    from livekit.agents.stt import SpeechEventType
+    from livekit.plugins import deepgram as lk_deepgram
+
+    data, heard = int16(sounds(2.0, 73))
+    want = [w.text for w in expected_words(reference.model, reference.outputs(heard))]
+    async with aiohttp.ClientSession() as http:
+        stt = lk_deepgram.STT(api_key=KEY, base_url=keyed.http + "/v1/listen", sample_rate=24000, language="en-US",
+                              interim_results=True, http_session=http)
+        stream = stt.stream()
+        step = 2400 * 2
+        for i in range(0, len(data), step):
+            chunk = data[i:i + step]
+            stream.push_frame(rtc.AudioFrame(data=chunk, sample_rate=24000, num_channels=1,
+                                             samples_per_channel=len(chunk) // 2))
+        stream.end_input()
+        finals = []
+
+        async def read():
+            async for event in stream:
+                if event.type == SpeechEventType.FINAL_TRANSCRIPT:
+                    finals.append(event.alternatives[0].text)
+
+        await asyncio.wait_for(read(), 120)
+        await stream.aclose()
+    assert finals == want  # one final result per word, in order
+
+
+def test_openai_file_parameters(keyed, reference, sounds, tmp_path):
+    import io
+
+    import openai
+    import soundfile
+
+    pcm = sounds(1.0, 74)
+    path = tmp_path / "clip.wav"
+    buffer = io.BytesIO()
+    soundfile.write(buffer, pcm, 24000, format="WAV", subtype="FLOAT")
+    path.write_bytes(buffer.getvalue())
+    client = openai.OpenAI(base_url=keyed.http + "/v1", api_key=KEY, timeout=300)
+    # the tiny checkpoint has stt-1b's timing: English and French
+    french = client.audio.transcriptions.create(model="m", file=path.open("rb"), language="fr",
+                                                response_format="verbose_json", temperature=0)
+    assert french.language == "french"
+    assert french.text == " ".join(w.text for w in expected_words(reference.model, reference.outputs(pcm)))
+    refusals = {"language": dict(language="de"), "prompt": dict(prompt="hello"), "temperature": dict(temperature=0.7),
+                "include": dict(include=["logprobs"]), "chunking_strategy": dict(chunking_strategy={"type": "server_vad"})}
+    for param, kwargs in refusals.items():
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.audio.transcriptions.create(model="m", file=path.open("rb"), **kwargs)
+        assert refused.value.status_code == 400 and refused.value.body["param"] == param, param
+    with pytest.raises(openai.BadRequestError) as translation:
+        client.audio.translations.create(model="m", file=path.open("rb"))
+    assert "translation is not supported" in translation.value.body["message"]
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF not really a wave file")
+    with pytest.raises(openai.BadRequestError) as undecodable:
+        client.audio.transcriptions.create(model="m", file=bad.open("rb"))
+    assert "/tmp" not in undecodable.value.body["message"] and undecodable.value.body["param"] == "file"
+    response = httpx.post(keyed.http + "/v1/audio/transcriptions", headers={"Authorization": f"Bearer {KEY}"},
+                          data={"temperature": "warm"}, files={"file": ("a.wav", path.read_bytes())})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
