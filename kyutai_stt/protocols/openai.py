@@ -119,6 +119,8 @@ async def transcriptions(
     if stream.lower() not in ("true", "false"):
         return _error(400, "stream must be true or false", param="stream")
     stream_on = stream.lower() == "true"
+    if any(key.startswith("chunking_strategy[") for key in (await request.form()).keys()):
+        chunking_strategy = "server_vad"  # the SDK sends an object as chunking_strategy[type]=...: not "auto"
     if bad := _check_parameters(request.app.state.engine.model, language, prompt, temperature, include,
                                 chunking_strategy):
         return bad
