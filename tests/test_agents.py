@@ -182,3 +182,40 @@ def test_openai_file_parameters(keyed, reference, sounds, tmp_path):
     response = httpx.post(keyed.http + "/v1/audio/transcriptions", headers={"Authorization": f"Bearer {KEY}"},
                           data={"temperature": "warm"}, files={"file": ("a.wav", path.read_bytes())})
     assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
+
+
+async def test_openai_realtime_transcription(keyed, reference, sounds):
+    import base64
+
+    import openai
+
+    data, heard = int16(sounds(1.6, 75))
+    want = [w.text for w in expected_words(reference.model, reference.outputs(heard))]
+    client = openai.AsyncOpenAI(base_url=keyed.http + "/v1", api_key=KEY)
+    async with client.realtime.connect(extra_query={"intent": "transcription"}) as connection:
+        created = await connection.recv()
+        assert created.type == "session.created"
+        await connection.session.update(session={"type": "transcription", "audio": {"input": {
+            "format": {"type": "audio/pcm", "rate": 24000}, "transcription": {"model": "kyutai", "language": "en"},
+            "turn_detection": {"type": "server_vad"}}}})
+        assert (await connection.recv()).type == "session.updated"
+        # bad input: an error event, and the session goes on
+        await connection.session.update(session={"type": "transcription", "audio": {"input": {
+            "transcription": {"language": "de"}}}})
+        refused = await connection.recv()
+        assert refused.type == "error" and refused.error.param == "session.audio.input.transcription.language"
+        for i in range(0, len(data), 4800):
+            await connection.input_audio_buffer.append(audio=base64.b64encode(data[i:i + 4800]).decode())
+        await connection.input_audio_buffer.commit()
+        deltas, completed, kinds = {}, [], []
+        async for event in connection:
+            kinds.append(event.type)
+            if event.type == "conversation.item.input_audio_transcription.delta":
+                deltas[event.item_id] = deltas.get(event.item_id, "") + event.delta
+            elif event.type == "conversation.item.input_audio_transcription.completed":
+                completed.append(event.transcript)
+                assert deltas.pop(event.item_id, "") == event.transcript  # the deltas spell the item's transcript
+                if sum(len(t.split()) for t in completed) >= len(" ".join(want).split()):
+                    break
+    assert " ".join(completed) == " ".join(want)
+    assert kinds[0] == "input_audio_buffer.speech_started" and "input_audio_buffer.committed" in kinds

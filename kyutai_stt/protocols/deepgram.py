@@ -12,10 +12,9 @@ Mapping onto our session events:
 - ``speech_final: true`` on the first final result after the VAD head's end of turn (``EndOfTurn``), unless
   ``endpointing=false``. ``UtteranceEnd`` (when ``utterance_end_ms`` is given) at that end of turn, with
   ``last_word_end`` the time the VAD decided. ``SpeechStarted`` (``vad_events=true``) with the first text of a turn.
-- ``Finalize``: the audio so far is padded to a whole frame and followed by the engine's flush silence (the
-  model's delay plus ``flush_seconds``), exactly as at the end of a stream; once that is transcribed, every word
-  heard before ``Finalize`` is sent as final (the last one ending at the end of that flush, as at the end of a
-  stream) with ``from_finalize: true``. The stream stays open; the silence is not counted in later timestamps.
+- ``Finalize``: the stream is flushed without ending (``flush.flush_now``); once that is transcribed, every word
+  heard before ``Finalize`` is sent as final (the last one ending where the audio ended) with
+  ``from_finalize: true``. The stream stays open; the silence is not counted in later timestamps.
 - ``CloseStream`` (or an empty binary message): flush, the last words, ``Metadata``, close 1000. ``KeepAlive``
   resets the idle timer.
 - ``confidence`` is 1.0: decoding is greedy and the engine does not report token probabilities.
@@ -28,6 +27,7 @@ Errors: a bad query parameter is refused at the handshake with HTTP 400 and Deep
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import uuid
@@ -40,17 +40,31 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from ..audio import AudioFormatError, AudioTooLong, OggOpusDecoder, StreamResampler, load_audio_bytes
+from ..audio import (
+    AudioFormatError,
+    AudioTooLong,
+    OggOpusDecoder,
+    StreamResampler,
+    load_audio_bytes,
+)
 from ..auth import is_authorized
-from ..checkpoint import FRAME_SIZE, SAMPLE_RATE
-from ..engine import NoFreeSlot, flush_frame_count
+from ..checkpoint import SAMPLE_RATE
+from ..engine import NoFreeSlot
 from ..events import EndOfTurn, Error, Marker, Text, Word, WordEnd
 from ..languages import base_language, model_languages
 from ..session import Session, SessionLimitError
 from ..transcribe import session_events
 from ..words import pair_words
-from .common import (INTERNAL_ERROR, POLICY_VIOLATION, CloseSocket, close, open_session,
-                     receive_message, serve_session)
+from .common import (
+    INTERNAL_ERROR,
+    POLICY_VIOLATION,
+    CloseSocket,
+    close,
+    open_session,
+    receive_message,
+    serve_session,
+)
+from .flush import Timeline, flush_now
 
 router = APIRouter()
 
@@ -409,34 +423,15 @@ async def listen_socket(ws: WebSocket) -> None:
     transcript = _Transcript(options, request_id, model.name.rstrip("/").split("/")[-1], model_uuid)
     digest = hashlib.sha256()
     created = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-    inserted: list[tuple[float, float]] = []  # (stream time where Finalize silence starts, its length), seconds
-    finalize_ends: dict[int, float] = {}  # marker id -> stream time the flush ends
-    next_marker = [0]
-
-    def shift(t: float) -> float:
-        """Stream time (with Finalize silence) -> client audio time (without it)."""
-        for at, length in inserted:
-            if t > at:
-                t = max(at, t - length)
-        return t
-    transcript.shift = shift
+    timeline = Timeline()
+    finalize_ends: dict[int, float] = {}  # marker id -> client time where the audio before Finalize ended
+    markers = itertools.count(1)
+    shift = transcript.shift = timeline.client_time
 
     def finalize() -> None:
-        """Flush now, keep the stream open (see the module docstring)."""
         session.push_pcm(decoder.flush())
-        at = session.samples_received / SAMPLE_RATE
-        pad = -session.samples_received % FRAME_SIZE
-        after = flush_frame_count(model, ws.app.state.settings.flush_seconds) - model.delay_frames
-        # the marker is echoed once frames_done >= ceil(samples / frame) + delay + prefix: pushed after `after`
-        # frames of silence, that is exactly when the engine's flush (delay + flush_seconds) has been transcribed
-        session.push_pcm(np.zeros(pad + after * FRAME_SIZE, np.float32))
-        next_marker[0] += 1
-        session.push_marker(next_marker[0])
-        # the delay's worth of silence after it, and one frame more: the engine steps a stream's last whole frame
-        # only once the next one is there (or the stream ends)
-        session.push_pcm(np.zeros((model.delay_frames + 1) * FRAME_SIZE, np.float32))
-        inserted.append((at, session.samples_received / SAMPLE_RATE - at))
-        finalize_ends[next_marker[0]] = at
+        marker = next(markers)
+        finalize_ends[marker] = flush_now(session, model, ws.app.state.settings.flush_seconds, marker, timeline)
 
     async def receive(session: Session) -> None:
         while True:

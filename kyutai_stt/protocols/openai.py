@@ -27,8 +27,8 @@ from ..auth import is_authorized
 from ..checkpoint import SAMPLE_RATE, SttModel
 from ..engine import NoFreeSlot
 from ..events import Error, Text, Word, WordEnd
-from ..languages import NAMES, base_language, model_languages
 from ..formats import cues, to_srt, to_text, to_vtt
+from ..languages import NAMES, base_language, model_languages
 from ..transcribe import session_events
 from ..words import pair_words
 
@@ -119,7 +119,7 @@ async def transcriptions(
     if stream.lower() not in ("true", "false"):
         return _error(400, "stream must be true or false", param="stream")
     stream_on = stream.lower() == "true"
-    if any(key.startswith("chunking_strategy[") for key in (await request.form()).keys()):
+    if any(key.startswith("chunking_strategy[") for key in await request.form()):
         chunking_strategy = "server_vad"  # the SDK sends an object as chunking_strategy[type]=...: not "auto"
     if bad := _check_parameters(request.app.state.engine.model, language, prompt, temperature, include,
                                 chunking_strategy):
