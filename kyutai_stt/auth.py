@@ -21,7 +21,7 @@ def provided_key(conn: HTTPConnection) -> str | None:
 
 
 def is_authorized(conn: HTTPConnection) -> bool:
-    keys: list[str] = conn.app.state.settings.api_keys
+    keys: list[str] = conn.app.state.service.settings.api_keys
     if not keys:
         return True
     key = provided_key(conn)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +93,47 @@ def _local_checkpoint_info(folder: Path) -> loaders.CheckpointInfo:
     )
 
 
+_NO_HUB_HINT = ("If the hub cannot be reached from this machine, download the repository elsewhere and pass "
+                "--model /path/to/folder (config.json, the LM weights, the Mimi weights and the tokenizer), "
+                "or make a random-weight test checkpoint with `kyutai-stt make-checkpoint DIR`.")
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the hub's host cannot be reached (one TCP connection, a few seconds at most), or None when it can.
+
+    huggingface_hub retries a failed request five times with backoff (about a minute, a warning per try), so an
+    unreachable hub is told apart first."""
+    import socket
+    from urllib.parse import urlsplit
+
+    import huggingface_hub.constants as hf_constants
+
+    url = urlsplit(hf_constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as exc:
+        return f"cannot reach {url.scheme}://{url.hostname} ({exc.strerror or exc})"
+    return None
+
+
 def _hub_checkpoint_info(repo: str) -> loaders.CheckpointInfo:
     import huggingface_hub.constants as hf_constants
 
+    offline = hf_constants.HF_HUB_OFFLINE
+    try:  # already in the local cache: no network at all
+        hf_constants.HF_HUB_OFFLINE = True
+        with warnings.catch_warnings():  # moshi warns when config.json is not cached; we then fetch it
+            warnings.simplefilter("ignore")
+            return loaders.CheckpointInfo.from_hf_repo(repo)
+    except Exception:  # not (completely) cached
+        if offline:
+            raise CheckpointError(f"{repo!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
+                                  + _NO_HUB_HINT) from None
+    finally:
+        hf_constants.HF_HUB_OFFLINE = offline
+    why = _hub_unreachable()
+    if why is not None:
+        raise CheckpointError(f"could not get {repo!r}: {why}, and it is not in the local cache. {_NO_HUB_HINT}")
     try:
         import hf_transfer  # noqa: F401
 
@@ -103,15 +142,17 @@ def _hub_checkpoint_info(repo: str) -> loaders.CheckpointInfo:
     except ImportError:
         how = "without hf_transfer"
     log.info("fetching %s from the Hugging Face Hub (%s; cached after the first download)", repo, how)
+    retries = logging.getLogger("huggingface_hub.utils._http")
+    level = retries.level
+    retries.setLevel(logging.ERROR)  # a warning per retry, with the whole exception: the final error says it all
     try:
         return loaders.CheckpointInfo.from_hf_repo(repo)
     except Exception as exc:  # the hub raises many kinds: connection, 404, offline mode...
         raise CheckpointError(
-            f"could not get {repo!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
-            "If the hub cannot be reached from this machine, download the repository elsewhere and pass "
-            "--model /path/to/folder (config.json, the LM weights, the Mimi weights and the tokenizer), "
-            "or make a random-weight test checkpoint with `kyutai-stt make-checkpoint DIR`."
-        ) from exc
+            f"could not get {repo!r} from the Hugging Face Hub ({type(exc).__name__}: {str(exc)[:300]}). "
+            + _NO_HUB_HINT) from exc
+    finally:
+        retries.setLevel(level)
 
 
 def load_model(model: str, device: str = "auto", dtype: str = "auto") -> SttModel:

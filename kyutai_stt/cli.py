@@ -25,6 +25,12 @@ def _logging(verbose: bool, fmt: str = "text") -> None:
     setup_logging(fmt, verbose)
 
 
+def _default(field: str):
+    from .settings import Settings
+
+    return Settings.model_fields[field].default
+
+
 def _settings(**overrides):
     from .settings import Settings
 
@@ -35,14 +41,18 @@ def _settings(**overrides):
 def serve(
     host: Optional[str] = typer.Option(None, help="Listen address [env KYUTAI_STT_HOST, default 127.0.0.1]."),
     port: Optional[int] = typer.Option(None, help="Port [env KYUTAI_STT_PORT, default 8000]."),
-    model: Optional[str] = typer.Option(None, help="HF repo id or local checkpoint folder [env KYUTAI_STT_MODEL]."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N [env KYUTAI_STT_DEVICE]."),
-    dtype: Optional[str] = typer.Option(None, help="auto, bfloat16, float16, float32 [env KYUTAI_STT_DTYPE]."),
-    slots: Optional[int] = typer.Option(None, help="Concurrent streams in one batch [env KYUTAI_STT_SLOTS]."),
+    model: Optional[str] = typer.Option(None, help=f"HF repo id or local checkpoint folder [env KYUTAI_STT_MODEL, "
+                                        f"default {_default('model')}]."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N [env KYUTAI_STT_DEVICE, default "
+                                         f"{_default('device')}: cuda when available]."),
+    dtype: Optional[str] = typer.Option(None, help="auto, bfloat16, float16, float32 [env KYUTAI_STT_DTYPE, default "
+                                        f"{_default('dtype')}: bfloat16 on GPU, float32 on CPU]."),
+    slots: Optional[int] = typer.Option(None, help="Concurrent streams in one batch [env KYUTAI_STT_SLOTS, default "
+                                        f"{_default('slots')}]."),
     record_dir: Optional[str] = typer.Option(None, help="Debug: save each session's decoded audio here."),
     api_key: Optional[list[str]] = typer.Option(None, help="Accepted API key (repeat for several) [env KYUTAI_STT_API_KEYS]."),
     log_format: Optional[str] = typer.Option(None, help="text or json [env KYUTAI_STT_LOG_FORMAT]."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs."),
 ) -> None:
     """Run the server: WebSocket streaming, HTTP transcription, browser page."""
     from .checkpoint import CheckpointError, load_model
@@ -52,13 +62,19 @@ def serve(
                          record_dir=record_dir, api_keys=api_key or None, log_format=log_format)
     _logging(verbose, settings.log_format)
     try:
-        stt = load_model(settings.model, settings.device, settings.dtype)
+        with err.status(f"loading {settings.model} (a first run downloads it; ~2 GB for the default model)"):
+            stt = load_model(settings.model, settings.device, settings.dtype)
     except CheckpointError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2)
-    err.print(f"kyutai-stt: open [bold]http://{settings.host}:{settings.port}/[/bold] "
-              f"(streaming: ws://{settings.host}:{settings.port}/v1/stream, /api/asr-streaming, /ws)")
-    run_server(settings, stt)
+    err.print(f"loaded {settings.model}; warming up the engine ({settings.slots} slots on {stt.device})...",
+              highlight=False)
+
+    def ready() -> None:  # once the engine is warm and the socket listens: the URL answers from now on
+        err.print(f"kyutai-stt: open [bold]http://{settings.host}:{settings.port}/[/bold] "
+                  f"(streaming: ws://{settings.host}:{settings.port}/v1/stream, /api/asr-streaming, /ws)")
+
+    run_server(settings, stt, on_ready=ready)
 
 
 @app.command("make-checkpoint")
@@ -158,7 +174,11 @@ def transcribe(
         from .transcribe import run_many, session_events
 
         settings = _settings(model=model, device=device, dtype=dtype)
-        stt = load_model(settings.model, settings.device, settings.dtype)
+        progress.console.print(f"loading {settings.model}...", highlight=False)
+        stt = await asyncio.to_thread(load_model, settings.model, settings.device, settings.dtype)
+        if stt.random_weights:
+            progress.console.print(f"[yellow]warning:[/yellow] {settings.model} has RANDOM WEIGHTS (made by "
+                                   "make-checkpoint): the text below is meaningless", highlight=False)
         engine = Engine.from_settings(stt, settings, slots=min(len(audios), 64)).start()
         try:
             source = partial(session_events, engine, realtime=realtime,

@@ -12,26 +12,21 @@ Every protocol yields the same typed events (``kyutai_stt.events``) and ends wit
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import AsyncIterable, AsyncIterator, Literal
 
-import msgpack
 import numpy as np
 import sphn
 import websockets
-from pydantic import TypeAdapter
 
 from .audio import audio_chunks
 from .checkpoint import FRAME_SIZE, SAMPLE_RATE
-from .events import End, Error, Event, Marker, Ready, Step, Text, Word, WordEnd
+from .events import End, Error, Event, Marker, Ready, Step, Word, WordEnd
+from .messages import kyutai as kyutai_wire
+from .messages import seed as seed_wire
+from .messages.events import EndControl, StreamQuery, parse_event  # noqa: F401  (parse_event: public here too)
 
-_events = TypeAdapter(Event)
 Protocol = Literal["events", "kyutai", "seed"]
 PATHS = {"events": "/v1/stream", "kyutai": "/api/asr-streaming", "seed": "/ws"}
-
-
-def parse_event(data: str | bytes) -> Event:
-    return _events.validate_json(data)
 
 
 class ServerError(RuntimeError):
@@ -86,12 +81,13 @@ class Client:
             task.cancel()
 
     async def _events(self, chunks, steps):
-        query = "?format=pcm_f32le&sample_rate=24000" + ("&steps=true" if steps else "")
-        async with self._connect(query) as ws:
+        query = StreamQuery(format="pcm_f32le", sample_rate=SAMPLE_RATE, steps=steps)
+        async with self._connect(f"?format={query.format}&sample_rate={query.sample_rate}"
+                                 + ("&steps=true" if query.steps else "")) as ws:
             async def sender():
                 async for chunk in chunks:
                     await ws.send(np.asarray(chunk, "<f4").tobytes())
-                await ws.send(json.dumps({"type": "end"}))
+                await ws.send(EndControl().model_dump_json())
 
             async for event in self._run(ws, sender, lambda message: [parse_event(message)]):
                 yield event
@@ -101,33 +97,35 @@ class Client:
         marker_id = 1_000_001
 
         def handle(message):
-            msg = msgpack.unpackb(message, raw=False)
-            kind = msg.get("type")
-            if kind == "Ready":
-                return [Ready()]
-            if kind == "Word":
-                return [Word(text=msg["text"], start_time=msg["start_time"])]
-            if kind == "EndWord":
-                return [WordEnd(stop_time=msg["stop_time"])]
-            if kind == "Step":
-                return [Step(step_idx=msg["step_idx"], pause_probabilities=tuple(msg["prs"]),
-                             buffered_samples=msg["buffered_pcm"])] if steps else []
-            if kind == "Marker" and msg["id"] == marker_id:
-                return [End(duration=chunks.samples / SAMPLE_RATE)]
-            if kind == "Marker":
-                return [Marker(id=msg["id"])]
-            if kind == "Error":
-                return [Error(message=msg["message"])]
+            match kyutai_wire.parse_server_message(message):
+                case kyutai_wire.Ready():
+                    return [Ready()]
+                case kyutai_wire.Word(text=text, start_time=start_time):
+                    return [Word(text=text, start_time=start_time)]
+                case kyutai_wire.EndWord(stop_time=stop_time):
+                    return [WordEnd(stop_time=stop_time)]
+                case kyutai_wire.Step() as step:
+                    return [Step(step_idx=step.step_idx, pause_probabilities=tuple(step.prs),
+                                 buffered_samples=step.buffered_pcm)] if steps else []
+                case kyutai_wire.Marker(id=found) if found == marker_id:
+                    return [End(duration=chunks.samples / SAMPLE_RATE)]
+                case kyutai_wire.Marker(id=found):
+                    return [Marker(id=found)]
+                case kyutai_wire.Error(message=text):
+                    return [Error(message=text)]
             return []
+
+        def audio(pcm: np.ndarray) -> bytes:
+            return kyutai_wire.pack(kyutai_wire.Audio(pcm=pcm), single_float=True)
 
         async with self._connect() as ws:
             async def sender():
                 async for chunk in chunks:
-                    await ws.send(msgpack.packb({"type": "Audio", "pcm": chunk.tolist()}, use_single_float=True))
-                await ws.send(msgpack.packb({"type": "Marker", "id": marker_id}))
-                silence = [0.0] * FRAME_SIZE
+                    await ws.send(audio(chunk))
+                await ws.send(kyutai_wire.pack(kyutai_wire.Marker(id=marker_id)))
+                silence = audio(np.zeros(FRAME_SIZE, np.float32))
                 for _ in range(2000):  # bounded: the marker comes back after the model's delay
-                    await ws.send(msgpack.packb({"type": "Audio", "pcm": silence}, use_single_float=True))
+                    await ws.send(silence)
                     await asyncio.sleep(FRAME_SIZE / SAMPLE_RATE if realtime else 0.01)
 
             async for event in self._run(ws, sender, handle):
@@ -149,14 +147,11 @@ class Client:
                     page = writer.append_pcm(np.pad(pending, (0, FRAME_SIZE - len(pending))))
                     if page:
                         await ws.send(page)
-                await ws.send(b"")
+                await ws.send(seed_wire.END_OF_AUDIO)
 
             def handle(message):
-                if message[:1] == b"\x01":
-                    return [Text(text=message[1:].decode(), time=0.0)]
-                if message == b"\x00":
-                    return [End(duration=chunks.samples / SAMPLE_RATE)]
-                return []
+                event = seed_wire.parse_server_message(message, chunks.samples / SAMPLE_RATE)
+                return [event] if event is not None else []
 
             yield Ready()
             async for event in self._run(ws, sender, handle):

@@ -280,13 +280,23 @@ class Engine:
             self._lm_gen.reset_streaming(all_on)
 
     # ---------------------------------------------------------------- stream API (any thread)
-    def open(self, sink: Sink) -> StreamHandle:
+    def open(self, sink: Sink, timeout: float = 0.0) -> StreamHandle:
+        """Take a free slot for a new stream; when all are in use, wait up to ``timeout`` seconds for one.
+
+        Raises ``NoFreeSlot`` once the wait is over, ``EngineStopped`` when the engine is not (or no longer)
+        running. The wait blocks the calling thread (asyncio callers: ``service.open_stream``)."""
+        deadline = time.monotonic() + timeout
         with self._cond:
-            if not self.alive:
-                raise EngineStopped("the engine is not running")
-            slot = next((s for s in self._slots if not s.in_use), None)
-            if slot is None:
-                raise NoFreeSlot(f"all {self.batch_size} slots are in use")
+            while True:
+                if not self.alive:
+                    raise EngineStopped("the engine is not running")
+                slot = next((s for s in self._slots if not s.in_use), None)
+                if slot is not None:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NoFreeSlot(f"all {self.batch_size} slots are in use")
+                self._cond.wait(left)  # _release and stop() notify
             slot.stream_id = next(self._ids)
             slot.sink = sink
             slot.buffer = _AudioQueue(np.zeros(self.model.prefix_frames * FRAME_SIZE, np.float32))
@@ -343,6 +353,7 @@ class Engine:
         slot.sink = None
         slot.buffer = _AudioQueue()
         slot.closing = False
+        self._cond.notify_all()  # wakes an open() waiting for a free slot
 
     # ---------------------------------------------------------------- worker
     def _run(self) -> None:

@@ -21,8 +21,8 @@ import numpy as np
 from .audio import StreamResampler
 from .checkpoint import SttModel, load_model
 from .engine import Engine, StepOutput, StreamEnd, StreamFailed, default_frames_per_step
-from .events import Text, Word, WordEnd
-from .words import TimedWord, WordAssembler
+from .events import Text, Word
+from .words import TimedWord, WordAssembler, WordPairer
 
 
 class StreamFailedError(RuntimeError):
@@ -40,8 +40,7 @@ class LocalStream:
         self._resampler = StreamResampler(sample_rate)
         self._lock = threading.Lock()
         self._done = threading.Event()
-        self._words: list[TimedWord] = []
-        self._pending: Word | None = None  # complete word whose end is not known yet
+        self._pairer = WordPairer()  # final words, and the complete word whose end is not known yet
         self._draft: list[str] = []
         self._failure: str | None = None
         self._handle = engine.open(self._sink)
@@ -62,14 +61,10 @@ class LocalStream:
         for event in events:
             if isinstance(event, Text):
                 self._draft.append(event.text)
-            elif isinstance(event, Word):
-                self._draft = []
-                if self._pending is not None:
-                    self._words.append(TimedWord(self._pending.text, self._pending.start_time, event.start_time))
-                self._pending = event
-            elif isinstance(event, WordEnd) and self._pending is not None:
-                self._words.append(TimedWord(self._pending.text, self._pending.start_time, event.stop_time))
-                self._pending = None
+            else:
+                if isinstance(event, Word):
+                    self._draft = []
+                self._pairer.feed(event)
 
     def add_audio(self, chunk) -> None:
         if self._done.is_set():
@@ -96,9 +91,7 @@ class LocalStream:
     def words(self) -> list[TimedWord]:
         """Final words so far; the last complete word has ``end == start`` until its end is known."""
         with self._lock:
-            tail = [TimedWord(self._pending.text, self._pending.start_time, self._pending.start_time)] \
-                if self._pending is not None else []
-            return list(self._words) + tail
+            return self._pairer.all_words()
 
     @property
     def text(self) -> str:

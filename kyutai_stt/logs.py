@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -26,11 +27,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+def quiet_library_warnings() -> None:
+    """Hide warnings that every run printed and no user can act on: torch's "zero-element tensors" (moshi builds
+    empty layers for the parts an STT model does not have) and CUDA_HOME notices on machines without CUDA."""
+    warnings.filterwarnings("ignore", message="Initializing zero-element tensors", category=UserWarning)
+    warnings.filterwarnings("ignore", message=".*CUDA_HOME")
+    warnings.filterwarnings("ignore", message=".*torch.jit.script_method. is deprecated", category=DeprecationWarning)
+
+
 def setup_logging(fmt: str = "text", verbose: bool = False) -> None:
+    """Text logs (rich on a terminal; plain, unwrapped lines with a timestamp when stderr is a file or pipe) or
+    one JSON object per line."""
     level = logging.DEBUG if verbose else logging.INFO
+    quiet_library_warnings()
     if fmt == "json":
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
+    elif not sys.stderr.isatty():  # rich would wrap long lines at 80 columns in a log file
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     else:
         from rich.console import Console
         from rich.logging import RichHandler

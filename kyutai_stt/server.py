@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
+from typing import Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from .checkpoint import SttModel, load_model
 from .engine import Engine
 from .metrics import Metrics
+from .service import Service, get_service
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
     """
     settings = settings or Settings()
     metrics = Metrics()
+    service = Service(settings, metrics, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -41,7 +43,7 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
         own.add_step_listener(metrics.on_step)
         own.warmup()
         own.start()
-        app.state.engine = own
+        service.engine = own
         if stt.random_weights:
             log.warning("%s has RANDOM WEIGHTS: it produces meaningless text", settings.model)
         log.info("serving %s on %s (%s), %d slots", settings.model, stt.device, stt.dtype, settings.slots)
@@ -51,14 +53,9 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
             own.stop()
 
     app = FastAPI(title="kyutai-stt", lifespan=lifespan)
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.sessions = set()  # live Session objects, for graceful shutdown
-    app.state.draining = False
-    app.state.queued = 0  # WebSocket clients waiting for a slot
+    app.state.service = service  # the one object handlers reach, through service.get_service / ServiceDep
     if engine is not None:
         engine.add_step_listener(metrics.on_step)
-        app.state.engine = engine
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
@@ -89,12 +86,13 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
 
     @app.get("/status")
     async def status(request: Request):
-        engine: Engine = request.app.state.engine
+        service = get_service(request)
+        engine = service.running_engine
         stats = engine.stats()
-        healthy = stats.worker_alive and not request.app.state.draining
+        healthy = stats.worker_alive and not service.draining
         body = {
             "healthy": healthy,
-            "draining": request.app.state.draining,
+            "draining": service.draining,
             "model": settings.model,
             "random_weights": engine.model.random_weights,
             "device": str(engine.model.device),
@@ -109,43 +107,36 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
-        return Response(metrics.render(request.app.state.engine), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(get_service(request).running_engine), media_type="text/plain; version=0.0.4")
 
     return app
-
-
-async def drain(app: FastAPI, timeout: float) -> None:
-    """Stop taking streams, end every active one (they flush their last words) and wait for them to close."""
-    app.state.draining = True
-    sessions = list(app.state.sessions)
-    if sessions:
-        log.info("shutting down: flushing %d active stream(s)", len(sessions))
-    for session in sessions:
-        session.end()
-    deadline = time.monotonic() + timeout
-    while app.state.sessions and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    if app.state.sessions:
-        log.warning("shutting down: %d stream(s) did not finish in %.0f s", len(app.state.sessions), timeout)
 
 
 class GracefulServer(uvicorn.Server):
     """uvicorn, but on SIGTERM/SIGINT active streams flush and close cleanly before connections are cut."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, on_ready: Callable[[], None] | None = None):
         super().__init__(config)
         self._app = app
+        self._on_ready = on_ready
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)  # runs the lifespan (model warm-up) first, then listens
+        if self.started and self._on_ready is not None:
+            self._on_ready()
 
     async def shutdown(self, sockets=None) -> None:
         for server in self.servers:  # stop accepting first
             server.close()
-        await drain(self._app, self._app.state.settings.shutdown_flush_s)
+        service: Service = self._app.state.service
+        await service.drain(service.settings.shutdown_flush_s)
         await super().shutdown(sockets)
 
 
-def serve(settings: Settings, model: SttModel | None = None) -> None:
+def serve(settings: Settings, model: SttModel | None = None, on_ready: Callable[[], None] | None = None) -> None:
+    """Run the server until SIGTERM/SIGINT. ``on_ready`` is called once it answers (engine warm, socket open)."""
     app = create_app(settings, model)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, ws_max_size=settings.max_message_bytes,
                             ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=2 * settings.ping_interval_s,
                             access_log=False, log_config=None)
-    GracefulServer(config, app).run()
+    GracefulServer(config, app, on_ready).run()

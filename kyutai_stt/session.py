@@ -24,6 +24,7 @@ import numpy as np
 
 from .checkpoint import FRAME_SIZE, SAMPLE_RATE
 from .engine import Engine, EngineEvent, StepOutput, StreamClosed, StreamEnd, StreamFailed, StreamHandle
+from .slots import open_when_free
 from .events import End, EndOfTurn, Error, Event, Marker, Ready, Step, Word
 from .words import WordAssembler
 
@@ -64,9 +65,22 @@ class Session:
         self.ended = False  # end() was called
         self.finished = False  # End or Error was emitted
 
+    @classmethod
+    def from_settings(cls, engine: Engine, settings, **overrides) -> "Session":
+        """A live stream's session bounded by a ``Settings`` object (the one place they map onto a Session)."""
+        options = dict(end_of_turn_threshold=settings.end_of_turn_threshold, max_seconds=settings.max_session_s,
+                       record_dir=settings.record_dir, max_pending_events=settings.max_pending_events,
+                       max_buffered_seconds=settings.max_buffered_audio_s)
+        return cls(engine, **{**options, **overrides})
+
     # ------------------------------------------------------------ input (event-loop thread)
     def start(self) -> None:
         self._handle = self.engine.open(self._sink)
+        self._emit(Ready())
+
+    async def start_waiting(self, timeout: float) -> None:
+        """``start()``, but when every slot is busy wait up to ``timeout`` s for one (then ``NoFreeSlot``)."""
+        self._handle = await open_when_free(self.engine, self._sink, timeout)
         self._emit(Ready())
 
     def push_pcm(self, pcm: np.ndarray) -> None:

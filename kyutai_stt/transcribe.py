@@ -9,24 +9,16 @@ import numpy as np
 
 from .audio import audio_chunks
 from .checkpoint import FRAME_SIZE
-from .engine import Engine, NoFreeSlot
+from .engine import Engine
 from .events import Event
 from .session import Session
 
 
 async def start_session(engine: Engine, *, wait_seconds: float = 0.0, **session_kwargs) -> Session:
     """A started session; when every slot is busy, wait up to ``wait_seconds`` for one (then NoFreeSlot)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_seconds
-    while True:
-        session = Session(engine, **session_kwargs)
-        try:
-            session.start()
-            return session
-        except NoFreeSlot:
-            if loop.time() >= deadline:
-                raise
-            await asyncio.sleep(0.05)
+    session = Session(engine, **session_kwargs)
+    await session.start_waiting(wait_seconds)
+    return session
 
 
 async def session_events(engine: Engine, audio, *, realtime: bool = False,

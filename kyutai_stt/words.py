@@ -80,18 +80,34 @@ class TimedWord:
     end: float
 
 
+class WordPairer:
+    """Joins Word and WordEnd events into words with start and end, as they come (the in-process API) or all at
+    once (``pair_words``). A Word with no WordEnd before the next Word ends at that word's start."""
+
+    def __init__(self) -> None:
+        self.words: list[TimedWord] = []  # final words
+        self.pending: Word | None = None  # a complete word whose end is not known yet
+
+    def feed(self, event: object) -> None:
+        if isinstance(event, Word):
+            if self.pending is not None:  # no WordEnd between two words: end at the next start
+                self.words.append(TimedWord(self.pending.text, self.pending.start_time, event.start_time))
+            self.pending = event
+        elif isinstance(event, WordEnd) and self.pending is not None:
+            self.words.append(TimedWord(self.pending.text, self.pending.start_time,
+                                        max(event.stop_time, self.pending.start_time)))
+            self.pending = None
+
+    def all_words(self) -> list[TimedWord]:
+        """Every word so far; the last complete word has ``end == start`` until its end is known."""
+        tail = [TimedWord(self.pending.text, self.pending.start_time, self.pending.start_time)] \
+            if self.pending is not None else []
+        return self.words + tail
+
+
 def pair_words(events: Iterable[object]) -> list[TimedWord]:
     """Join Word and WordEnd events into words with start and end (for files and transcript formats)."""
-    words: list[TimedWord] = []
-    pending: Word | None = None
+    pairer = WordPairer()
     for event in events:
-        if isinstance(event, Word):
-            if pending is not None:  # no WordEnd between two words: end at the next start
-                words.append(TimedWord(pending.text, pending.start_time, event.start_time))
-            pending = event
-        elif isinstance(event, WordEnd) and pending is not None:
-            words.append(TimedWord(pending.text, pending.start_time, max(event.stop_time, pending.start_time)))
-            pending = None
-    if pending is not None:
-        words.append(TimedWord(pending.text, pending.start_time, pending.start_time))
-    return words
+        pairer.feed(event)
+    return pairer.all_words()

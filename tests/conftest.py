@@ -79,7 +79,7 @@ class RunningServer:
         self.port = port
         self.http = f"http://127.0.0.1:{port}"
         self.ws = f"ws://127.0.0.1:{port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=app.state.settings.max_message_bytes)
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=app.state.service.settings.max_message_bytes)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -98,7 +98,7 @@ class RunningServer:
 
     @property
     def engine(self):
-        return self.app.state.engine
+        return self.app.state.service.engine
 
 
 def start_server(checkpoint_dir, **overrides) -> RunningServer:

@@ -14,17 +14,7 @@ from kyutai_stt.client import Client
 from kyutai_stt.events import Text, Word, WordEnd
 from kyutai_stt.words import pair_words
 
-from .helpers import expected_pieces, expected_words, opus_pages_and_decoded
-
-
-def words_of(events) -> list[tuple[str, float, float]]:
-    return [(w.text, round(w.start, 4), round(w.end, 4))
-            for w in pair_words(e for e in events if isinstance(e, (Word, WordEnd)))]
-
-
-def ref_words(reference, pcm) -> list[tuple[str, float, float]]:
-    return [(w.text, round(w.start, 4), round(w.end, 4))
-            for w in expected_words(reference.model, reference.outputs(pcm))]
+from .helpers import expected_pieces, expected_words, opus_pages_and_decoded, ref_words, words_of  # noqa: F401
 
 
 class Closed:

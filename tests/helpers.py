@@ -31,6 +31,18 @@ def expected_words(model, outputs):
     return pair_words(e for e in expected_events(model, outputs) if isinstance(e, (Word, WordEnd)))
 
 
+def words_of(events) -> list[tuple[str, float, float]]:
+    """(text, start, end) of the words in a stream's events, rounded to 0.1 ms."""
+    return [(w.text, round(w.start, 4), round(w.end, 4))
+            for w in pair_words(e for e in events if isinstance(e, (Word, WordEnd)))]
+
+
+def ref_words(reference, pcm) -> list[tuple[str, float, float]]:
+    """(text, start, end) of the words the single-stream reference gives for ``pcm``."""
+    return [(w.text, round(w.start, 4), round(w.end, 4))
+            for w in expected_words(reference.model, reference.outputs(pcm))]
+
+
 def opus_pages_and_decoded(pcm: np.ndarray) -> tuple[list[bytes], np.ndarray]:
     """Ogg/Opus pages as a browser client sends them, and the PCM any decoder (the server's too) gets back."""
     pages = encode_ogg_opus(pcm)

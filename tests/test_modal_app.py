@@ -236,7 +236,7 @@ def test_enter_hooks_build_engine_and_web_app(stt):
     engine = obj.engine
     assert engine is not None and engine.alive and engine.batch_size == 2
     assert obj.model.device.type == "cpu"
-    assert web_app.state.engine is engine  # the web app and the queue method share one engine
+    assert web_app.state.service.engine is engine  # the web app and the queue method share one engine
     from starlette.testclient import TestClient
 
     with TestClient(web_app) as client:

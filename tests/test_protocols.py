@@ -24,7 +24,7 @@ from kyutai_stt.local import SpeechToText
 from kyutai_stt.words import WordAssembler, pair_words
 
 from .conftest import start_server
-from .helpers import expected_events, expected_pieces, expected_words, opus_pages_and_decoded
+from .helpers import expected_events, expected_pieces, expected_words, opus_pages_and_decoded, ref_words, words_of
 
 KEY = "test-key-123"
 
@@ -33,14 +33,6 @@ def wav_bytes(pcm: np.ndarray, rate: int = 24000) -> bytes:
     buffer = io.BytesIO()
     soundfile.write(buffer, pcm, rate, format="WAV", subtype="FLOAT")
     return buffer.getvalue()
-
-
-def words_of(events) -> list[tuple[str, float, float]]:
-    return [(w.text, round(w.start, 4), round(w.end, 4)) for w in pair_words(e for e in events if isinstance(e, (Word, WordEnd)))]
-
-
-def ref_words(reference, pcm) -> list[tuple[str, float, float]]:
-    return [(w.text, round(w.start, 4), round(w.end, 4)) for w in expected_words(reference.model, reference.outputs(pcm))]
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +168,7 @@ def test_openai_sdk_all_formats(server, reference, sounds, tmp_path):
 
 def reference_model_name(server) -> str:
     from pathlib import Path
-    return Path(server.app.state.settings.model).name
+    return Path(server.app.state.service.settings.model).name
 
 
 async def test_openai_concurrent_files_share_the_batch(server, reference, sounds):

@@ -5,45 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, TypeVar
 from urllib.parse import urlsplit
 
 from fastapi import WebSocket
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..auth import is_authorized
 from ..engine import EngineStopped, NoFreeSlot
+from ..service import get_service
 from ..session import Session
+from .errors import (ERROR_KINDS, GOING_AWAY, INTERNAL_ERROR, INVALID_PAYLOAD, NORMAL, POLICY_VIOLATION,  # noqa: F401
+                     SERVICE_RESTART, TOO_BIG, TRY_AGAIN_LATER, UNSUPPORTED_DATA, CloseSocket, InvalidPayload,
+                     PolicyViolation, ServerFault, UnsupportedData, close_for)
 
 log = logging.getLogger(__name__)
 
-# WebSocket close codes (RFC 6455 and IANA registry).
-NORMAL = 1000
-GOING_AWAY = 1001
-UNSUPPORTED_DATA = 1003
-INVALID_PAYLOAD = 1007
-POLICY_VIOLATION = 1008
-TOO_BIG = 1009
-INTERNAL_ERROR = 1011
-SERVICE_RESTART = 1012
-TRY_AGAIN_LATER = 1013
-
-ERROR_KINDS = {UNSUPPORTED_DATA: "unsupported_data", INVALID_PAYLOAD: "invalid_data", POLICY_VIOLATION: "policy",
-               TOO_BIG: "too_big", INTERNAL_ERROR: "internal", TRY_AGAIN_LATER: "no_free_slot"}
-
-
-class CloseSocket(Exception):
-    """Raised by an adapter's loops to close the socket with a code and reason."""
-
-    def __init__(self, code: int, reason: str):
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason[:120]  # a close reason must fit in 123 bytes
-
-
-def _metrics(ws: WebSocket):
-    return ws.app.state.metrics
+Q = TypeVar("Q", bound=BaseModel)
 
 
 async def close(ws: WebSocket, code: int, reason: str = "") -> None:
@@ -62,7 +42,7 @@ async def _deny(ws: WebSocket, status: int, message: str) -> None:
 
 def _origin_allowed(ws: WebSocket) -> bool:
     """With CORS origins configured, a browser's cross-site WebSocket must come from one of them."""
-    allowed = ws.app.state.settings.cors_origins
+    allowed = get_service(ws).settings.cors_origins
     origin = ws.headers.get("origin")
     if not allowed or origin is None or "*" in allowed or origin in allowed:
         return True
@@ -73,75 +53,92 @@ async def deny_unauthorized(ws: WebSocket) -> bool:
     """Refuse the upgrade with HTTP 401 when API keys are configured and none matches. True when refused."""
     if is_authorized(ws):
         return False
-    _metrics(ws).errors.labels("unauthorized").inc()
+    get_service(ws).metrics.errors.labels("unauthorized").inc()
     await _deny(ws, 401, "missing or invalid API key")
     return True
+
+
+class AuthQuery(BaseModel):
+    """The query parameters every WebSocket endpoint takes: only the API key (browsers cannot set headers).
+    Protocols with parameters of their own subclass it; anything else is refused, never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: str | None = None
+    auth_id: str | None = None  # moshi-server's name for it
+
+
+def query_error(model: type[BaseModel], exc: ValidationError, value_error: str | None = None) -> str:
+    """A close reason for a query the model refuses: the unknown parameter by name, else ``value_error`` (or
+    pydantic's own message for the first wrong value)."""
+    for error in exc.errors(include_url=False):
+        if error["type"] == "extra_forbidden":
+            accepted = ", ".join(model.model_fields)
+            return f"unknown query parameter {str(error['loc'][0])[:30]!r} (accepted: {accepted})"
+    first = exc.errors(include_url=False)[0]
+    if first["type"] == "value_error" and not first["loc"]:  # the model's own check across parameters
+        return str(first["ctx"]["error"])
+    if value_error:
+        return value_error
+    return f"query parameter {'.'.join(map(str, first['loc']))}: {first['msg']}"
+
+
+async def parse_query(ws: WebSocket, model: type[Q], value_error: str | None = None) -> Q | None:
+    """The connection's query parameters as ``model`` (pydantic, ``extra="forbid"``). A refused query is answered
+    as the tests and clients expect: unauthorized clients get HTTP 401 first; others are accepted, then closed
+    with 1008 and the reason. None when refused (the socket is closed)."""
+    params = ws.query_params
+    repeated = next((key for key in params if len(params.getlist(key)) > 1), None)
+    try:
+        if repeated is not None:
+            raise ValueError(f"query parameter {repeated[:30]!r} given more than once")
+        return model.model_validate(dict(params))
+    except (ValidationError, ValueError) as exc:
+        reason = query_error(model, exc, value_error) if isinstance(exc, ValidationError) else str(exc)
+    if await deny_unauthorized(ws):
+        return None
+    get_service(ws).metrics.errors.labels("policy").inc()
+    await ws.accept()
+    await close(ws, POLICY_VIOLATION, reason[:120])
+    return None
 
 
 async def open_session(ws: WebSocket, protocol: str,
                        on_full: Callable[[str], Awaitable[None]] | None = None) -> Session | None:
     """Admit a client: key, origin, a free slot (or a bounded wait for one). None when refused (already closed)."""
-    app = ws.app
-    settings = app.state.settings
+    service = get_service(ws)
     if await deny_unauthorized(ws):
         return None
     if not _origin_allowed(ws):
-        _metrics(ws).errors.labels("forbidden_origin").inc()
+        service.metrics.errors.labels("forbidden_origin").inc()
         await _deny(ws, 403, "origin not allowed")
         return None
     await ws.accept()
-    if app.state.draining:
+    client = ws.client.host if ws.client else "?"
+    if service.draining:
+        log.info("%s stream from %s refused: server shutting down", protocol, client)
         await close(ws, SERVICE_RESTART, "server shutting down, retry on another instance")
         return None
-    session = Session(app.state.engine, end_of_turn_threshold=settings.end_of_turn_threshold,
-                      max_seconds=settings.max_session_s, record_dir=settings.record_dir,
-                      max_pending_events=settings.max_pending_events,
-                      max_buffered_seconds=settings.max_buffered_audio_s)
     try:
-        await _take_slot(ws, session)
+        session = service.new_session()
+        await service.admit(session)
     except NoFreeSlot:
-        reason = f"server full: all {app.state.engine.batch_size} streams are in use, retry later"
-        _metrics(ws).errors.labels("no_free_slot").inc()
+        reason = f"server full: all {service.running_engine.batch_size} streams are in use, retry later"
+        service.metrics.errors.labels("no_free_slot").inc()
+        log.warning("%s stream from %s refused: %s", protocol, client, reason)
         if on_full is not None:
             with contextlib.suppress(Exception):
                 await on_full(reason)
         await close(ws, TRY_AGAIN_LATER, reason)
         return None
-    except EngineStopped:
-        _metrics(ws).errors.labels("engine_down").inc()
-        await close(ws, INTERNAL_ERROR, "the transcription engine is not running")
+    except EngineStopped as exc:
+        service.metrics.errors.labels("engine_down").inc()
+        log.error("%s stream from %s refused: the engine is not running", protocol, client)
+        await close(ws, *close_for(exc))
         return None
-    app.state.sessions.add(session)
-    _metrics(ws).sessions.labels(protocol).inc()
-    log.info("session %s: %s stream from %s", session.id, protocol, ws.client.host if ws.client else "?", extra={"session_id": session.id})
+    service.metrics.sessions.labels(protocol).inc()
+    log.info("session %s: %s stream from %s", session.id, protocol, client, extra={"session_id": session.id})
     return session
-
-
-async def _take_slot(ws: WebSocket, session: Session) -> None:
-    """Start the session now, or wait in the bounded queue (``queue_max``, ``queue_timeout_s``) for a slot."""
-    app, settings = ws.app, ws.app.state.settings
-    try:
-        session.start()
-        return
-    except NoFreeSlot:
-        if app.state.queued >= settings.queue_max:
-            raise
-    app.state.queued += 1
-    _metrics(ws).queued_clients.inc()
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.queue_timeout_s
-        while True:
-            await asyncio.sleep(0.05)
-            try:
-                session.start()
-                return
-            except NoFreeSlot:
-                if loop.time() >= deadline or app.state.draining:
-                    raise
-    finally:
-        app.state.queued -= 1
-        _metrics(ws).queued_clients.dec()
 
 
 async def receive_message(ws: WebSocket, session: Session) -> dict:
@@ -149,12 +146,12 @@ async def receive_message(ws: WebSocket, session: Session) -> dict:
 
     A client ahead of the engine by more than ``max_buffered_audio_s`` is not read until the engine catches up
     (backpressure); that wait does not count as idle."""
-    settings = ws.app.state.settings
+    settings = get_service(ws).settings
     await session.wait_for_room()
     try:
         message = await asyncio.wait_for(ws.receive(), timeout=settings.idle_timeout_s)
     except asyncio.TimeoutError:
-        raise CloseSocket(POLICY_VIOLATION, f"no data for {settings.idle_timeout_s:g} s") from None
+        raise PolicyViolation(f"no data for {settings.idle_timeout_s:g} s") from None
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     return message
@@ -173,15 +170,17 @@ async def serve_session(
     the last one (or raises ``CloseSocket``). A client that stops reading is dropped once its backlog passes
     ``max_pending_events``: it never holds up the engine. The slot is always given back, whatever happens.
     """
-    settings = ws.app.state.settings
+    service = get_service(ws)
+    settings = service.settings
     receiver = asyncio.create_task(receive(session))
     sender = asyncio.create_task(send(session))
     dropped = asyncio.create_task(session.dropped.wait())
     code, reason = NORMAL, ""
+    client_close: int | None = None  # the client's own close code, when it closed the connection
     try:
         done, _ = await asyncio.wait({receiver, sender, dropped}, return_when=asyncio.FIRST_COMPLETED)
         if dropped in done:
-            raise CloseSocket(POLICY_VIOLATION, "client is not reading its results")
+            raise PolicyViolation("client is not reading its results")
         first = receiver if receiver in done else sender
         exc = first.exception()
         if exc is None and first is receiver:
@@ -192,24 +191,25 @@ async def serve_session(
                 await asyncio.wait({sender, dropped}, timeout=settings.idle_timeout_s,
                                    return_when=asyncio.FIRST_COMPLETED)
                 if dropped.done():
-                    raise CloseSocket(POLICY_VIOLATION, "client is not reading its results")
+                    raise PolicyViolation("client is not reading its results")
                 if not sender.done() and session.frames_done == before:
-                    raise asyncio.TimeoutError
+                    raise ServerFault("timed out while flushing the stream")
             sender.result()
         elif exc is not None:
             raise exc
-    except CloseSocket as exc:
+    except CloseSocket as exc:  # an adapter's own decision: its code and reason
         code, reason = exc.code, exc.reason
-    except (WebSocketDisconnect, ConnectionError):
-        code = -1  # the client is gone: nothing to close
-    except asyncio.TimeoutError:
-        code, reason = INTERNAL_ERROR, "timed out while flushing the stream"
-    except Exception:  # a send on a socket the client dropped, or a bug: never leak the slot
+    except WebSocketDisconnect as exc:
+        code, client_close = -1, exc.code  # the client closed: nothing to close
+    except ConnectionError:
+        code = -1
+    except Exception as exc:  # bad input raised below the adapter, a send on a dropped socket, or a bug
         if ws.client_state == WebSocketState.DISCONNECTED or ws.application_state == WebSocketState.DISCONNECTED:
             code = -1
         else:
-            log.exception("session %s failed", session.id, extra={"session_id": session.id})
-            code, reason = INTERNAL_ERROR, "internal error"
+            code, reason = close_for(exc)
+            if reason == "internal error":  # not an error we know: a bug, worth its traceback
+                log.exception("session %s failed", session.id, extra={"session_id": session.id})
     finally:
         for task in (receiver, sender, dropped):
             task.cancel()
@@ -217,10 +217,16 @@ async def serve_session(
         await asyncio.gather(receiver, sender, dropped, return_exceptions=True)
         if not session.finished:
             session.abort()
-        ws.app.state.sessions.discard(session)
+        service.forget(session)
         if code in ERROR_KINDS:
-            _metrics(ws).errors.labels(ERROR_KINDS[code]).inc()
+            service.metrics.errors.labels(ERROR_KINDS[code]).inc()
         if code != -1:
             await close(ws, code, reason)
-        log.info("session %s: closed (%s) after %.1f s of audio%s", session.id, "client gone" if code == -1 else code,
+        if code != -1:
+            how = str(code)
+        elif client_close in (NORMAL, GOING_AWAY):  # a clean close: how moshi-server clients end a stream
+            how = f"by the client, {client_close}"
+        else:  # no close frame (1006) or a connection reset: the client really left
+            how = "client gone" + (f", {client_close}" if client_close else "")
+        log.info("session %s: closed (%s) after %.1f s of audio%s", session.id, how,
                  session.samples_received / 24000, f": {reason}" if reason else "", extra={"session_id": session.id})

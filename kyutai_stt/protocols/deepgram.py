@@ -52,6 +52,7 @@ from ..checkpoint import SAMPLE_RATE
 from ..engine import NoFreeSlot
 from ..events import EndOfTurn, Error, Marker, Text, Word, WordEnd
 from ..languages import base_language, model_languages
+from ..service import get_service
 from ..session import Session, SessionLimitError
 from ..transcribe import session_events
 from ..words import pair_words
@@ -405,7 +406,7 @@ class _Transcript:
 @router.websocket("/v1/listen")
 async def listen_socket(ws: WebSocket) -> None:
     request_id = str(uuid.uuid4())
-    engine = ws.app.state.engine
+    engine = get_service(ws).running_engine
     try:
         options = parse_options(list(ws.query_params.multi_items()), model_languages(engine.model), streaming=True)
         decoder = _decoder(options)
@@ -431,7 +432,7 @@ async def listen_socket(ws: WebSocket) -> None:
     def finalize() -> None:
         session.push_pcm(decoder.flush())
         marker = next(markers)
-        finalize_ends[marker] = flush_now(session, model, ws.app.state.settings.flush_seconds, marker, timeline)
+        finalize_ends[marker] = flush_now(session, model, get_service(ws).settings.flush_seconds, marker, timeline)
 
     async def receive(session: Session) -> None:
         while True:
@@ -516,8 +517,8 @@ async def listen_file(request: Request):
     request_id = str(uuid.uuid4())
     if not is_authorized(request):
         return _rest_error(401, "Invalid credentials.", "INVALID_AUTH", request_id)
-    engine = request.app.state.engine
-    settings = request.app.state.settings
+    engine = get_service(request).running_engine
+    settings = get_service(request).settings
     params = [(k, v) for k, v in request.query_params.multi_items() if k not in ("interim_results", "vad_events",
                                                                                 "endpointing", "utterance_end_ms")]
     try:

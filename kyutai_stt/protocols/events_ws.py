@@ -1,49 +1,52 @@
 """Our own streaming protocol at ``WS /v1/stream``: audio in, typed JSON events out.
 
 Query parameters choose the audio format: ``format=opus`` (Ogg/Opus pages, the default), ``pcm_f32le`` or
-``pcm_s16le`` (raw little-endian mono at ``sample_rate``, resampled to 24 kHz when needed), and ``steps=true``
-to also receive a ``step`` event every 80 ms. Binary messages carry audio; text messages are JSON controls:
+``pcm_s16le`` (raw little-endian at ``sample_rate``, resampled to 24 kHz when needed; ``channels=2`` for
+interleaved stereo, mixed down to mono; a stream that declares nothing is mono), and ``steps=true`` to also
+receive a ``step`` event every 80 ms. Any other query parameter is refused (1008). The messages are declared in
+``kyutai_stt.messages.events``. Binary messages carry audio; text messages are JSON controls:
 ``{"type": "marker", "id": 1}`` and ``{"type": "end"}`` (end of audio: the server flushes, sends the last words,
 then ``{"type": "end"}`` and closes with 1000). Server messages are the events of ``kyutai_stt.events``.
 """
 
 from __future__ import annotations
 
-import json
-import re
-
 import numpy as np
 from fastapi import APIRouter, WebSocket
 
 from ..audio import AudioFormatError, OggOpusDecoder, StreamResampler
 from ..events import Error, Step
-from ..session import Session, SessionLimitError
-from .common import (INVALID_PAYLOAD, POLICY_VIOLATION, CloseSocket, close, deny_unauthorized, open_session,
-                     receive_message, serve_session)
+from ..messages.events import QUERY_ERROR, EndControl, MarkerControl, StreamQuery, parse_control
+from ..session import Session
+from .common import open_session, parse_query, receive_message, serve_session
+from .errors import ServerFault
 
 router = APIRouter()
 
-FORMATS = ("opus", "pcm_f32le", "pcm_s16le")
-FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
+class PcmDecoder:
+    """Raw little-endian PCM (``channels`` interleaved) to 24 kHz mono float. Samples may be split across
+    messages. Stereo is mixed down to mono (the mean of the two channels), as the Ogg/Opus decoder does. NaN or
+    infinite samples are refused (1007); finite float samples beyond [-1, 1] are clipped to it, as a sound card
+    would."""
 
-class _PcmDecoder:
-    """Raw little-endian PCM to 24 kHz float. Samples may be split across messages. NaN or infinite samples are
-    refused (1007); finite float samples beyond [-1, 1] are clipped to it, as a sound card would."""
-
-    def __init__(self, dtype: str, sample_rate: int):
+    def __init__(self, dtype: str, sample_rate: int, channels: int = 1):
         self.dtype = np.dtype("<f4" if dtype == "pcm_f32le" else "<i2")
         self.scale = 1.0 if dtype == "pcm_f32le" else 1 / 32768
+        self.channels = channels
         self.resampler = StreamResampler(sample_rate)
         self._carry = b""
 
     def feed(self, data: bytes) -> np.ndarray:
         data = self._carry + data
-        usable = len(data) - len(data) % self.dtype.itemsize
+        frame = self.dtype.itemsize * self.channels  # one sample of every channel
+        usable = len(data) - len(data) % frame
         self._carry = data[usable:]
         pcm = np.frombuffer(data[:usable], self.dtype).astype(np.float32) * self.scale
         if not np.all(np.isfinite(pcm)):
             raise AudioFormatError("PCM contains NaN or infinite samples")
+        if self.channels > 1:
+            pcm = pcm.reshape(-1, self.channels).mean(axis=1)
         return self.resampler.feed(np.clip(pcm, -1.0, 1.0))
 
     def flush(self) -> np.ndarray:
@@ -51,54 +54,37 @@ class _PcmDecoder:
 
 
 @router.websocket("/v1/stream")
-async def events_socket(ws: WebSocket, format: str = "opus", sample_rate: str = "24000", steps: str = "false") -> None:
+async def events_socket(ws: WebSocket) -> None:
     # the query is parsed here, not by FastAPI, so that a bad value gets a close reason rather than a bare HTTP 403
-    rate = int(sample_rate) if re.fullmatch(r"[0-9]{1,9}", sample_rate) else 0
-    steps_on = FLAGS.get(steps.lower())
-    if format not in FORMATS or not 8000 <= rate <= 192000 or steps_on is None:
-        if await deny_unauthorized(ws):
-            return
-        await ws.accept()
-        await close(ws, POLICY_VIOLATION, f"format must be one of {', '.join(FORMATS)}, 8000 <= sample_rate <= 192000, "
-                    "steps true or false")
+    query = await parse_query(ws, StreamQuery, QUERY_ERROR)
+    if query is None:
         return
     session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()))
     if session is None:
         return
-    decoder = OggOpusDecoder() if format == "opus" else _PcmDecoder(format, rate)
+    decoder = OggOpusDecoder() if query.format == "opus" else PcmDecoder(query.format, query.sample_rate, query.channels)
 
     async def receive(session: Session) -> None:
         while True:
             message = await receive_message(ws, session)
-            try:
-                if message.get("bytes") is not None:
-                    session.push_pcm(decoder.feed(message["bytes"]))
-                    continue
-                try:
-                    control = json.loads(message.get("text") or "null")
-                except (ValueError, RecursionError) as exc:  # bad JSON, too deeply nested, an integer too long
-                    raise CloseSocket(INVALID_PAYLOAD, f"invalid JSON control: {exc}") from None
-                kind = control.get("type") if isinstance(control, dict) else None
-                if kind == "end":
-                    if isinstance(decoder, _PcmDecoder):
+            if message.get("bytes") is not None:
+                session.push_pcm(decoder.feed(message["bytes"]))
+                continue
+            match parse_control(message.get("text") or ""):
+                case EndControl():
+                    if isinstance(decoder, PcmDecoder):
                         session.push_pcm(decoder.flush())
                     session.end()
                     return
-                if kind == "marker" and isinstance(control.get("id"), int) and not isinstance(control["id"], bool):
-                    session.push_marker(control["id"])
-                else:
-                    raise CloseSocket(POLICY_VIOLATION, 'unknown control: send {"type": "end"} or {"type": "marker", "id": N}')
-            except (AudioFormatError, json.JSONDecodeError) as exc:
-                raise CloseSocket(INVALID_PAYLOAD, str(exc)) from None
-            except SessionLimitError as exc:
-                raise CloseSocket(POLICY_VIOLATION, str(exc)) from None
+                case MarkerControl(id=marker_id):
+                    session.push_marker(marker_id)
 
     async def send(session: Session) -> None:
         async for event in session:
-            if isinstance(event, Step) and not steps_on:
+            if isinstance(event, Step) and not query.steps:
                 continue
             await ws.send_text(event.model_dump_json())
             if isinstance(event, Error):
-                raise CloseSocket(1011, event.message)
+                raise ServerFault(event.message)
 
     await serve_session(ws, session, receive, send)

@@ -10,8 +10,6 @@ keep sending silence, and close when it comes back.
 
 from __future__ import annotations
 
-import msgpack
-import numpy as np
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -20,58 +18,51 @@ from ..audio import AudioFormatError, AudioTooLong, OggOpusDecoder, load_audio_b
 from ..auth import is_authorized
 from ..engine import NoFreeSlot
 from ..events import Error, Marker, Ready, Step, Word, WordEnd
-from ..session import Session, SessionLimitError
+from ..messages import kyutai as wire
+from ..service import get_service
+from ..session import Session
 from ..transcribe import session_events
-from .common import INVALID_PAYLOAD, POLICY_VIOLATION, CloseSocket, open_session, receive_message, serve_session
+from .common import AuthQuery, open_session, parse_query, receive_message, serve_session
+from .errors import INTERNAL_ERROR, INVALID_PAYLOAD, CloseSocket, ServerFault, close_for
 
 router = APIRouter()
 PATH = "/api/asr-streaming"
 
 
-def wire(event) -> dict | None:
+def to_wire(event) -> wire.Ready | wire.Word | wire.EndWord | wire.Step | wire.Marker | wire.Error | None:
     """Our event as moshi-server's message, or None when moshi-server has no such message."""
-    if isinstance(event, Word):
-        return {"type": "Word", "text": event.text, "start_time": event.start_time}
-    if isinstance(event, WordEnd):
-        return {"type": "EndWord", "stop_time": event.stop_time}
-    if isinstance(event, Step):
-        if event.pause_probabilities is None:
+    match event:
+        case Word():
+            return wire.Word(text=event.text, start_time=event.start_time)
+        case WordEnd():
+            return wire.EndWord(stop_time=event.stop_time)
+        case Step(pause_probabilities=None):
             return None  # models without VAD heads send no Step, as moshi-server
-        return {"type": "Step", "step_idx": event.step_idx, "prs": list(event.pause_probabilities),
-                "buffered_pcm": event.buffered_samples}
-    if isinstance(event, Marker):
-        return {"type": "Marker", "id": event.id}
-    if isinstance(event, Ready):
-        return {"type": "Ready"}
-    if isinstance(event, Error):
-        return {"type": "Error", "message": event.message}
+        case Step():
+            return wire.Step(step_idx=event.step_idx, prs=list(event.pause_probabilities),
+                             buffered_pcm=event.buffered_samples)
+        case Marker():
+            return wire.Marker(id=event.id)
+        case Ready():
+            return wire.Ready()
+        case Error():
+            return wire.Error(message=event.message)
     return None
 
 
-def pack(message: dict) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
-
-
-def _pcm(value) -> np.ndarray:
-    """Audio.pcm as float32. NaN or infinite samples are refused (1007); finite samples beyond [-1, 1] are clipped
-    to it, as a sound card would."""
-    if isinstance(value, (bytes, bytearray)):  # raw little-endian float32 is accepted too
-        pcm = np.frombuffer(value[: len(value) // 4 * 4], "<f4").astype(np.float32)
-    elif isinstance(value, list):
-        pcm = np.asarray(value, dtype=np.float32)
-    else:
-        raise AudioFormatError("Audio.pcm must be a list of floats")
-    if pcm.ndim != 1:
-        raise AudioFormatError("Audio.pcm must be a flat list of floats")
-    if not np.all(np.isfinite(pcm)):
-        raise AudioFormatError("Audio.pcm contains NaN or infinite values")
-    return np.clip(pcm, -1.0, 1.0)
+def wire_dict(event) -> dict | None:
+    """Our event as moshi-server's message, as a plain map (the JSON answer of the POST)."""
+    message = to_wire(event)
+    return message.model_dump() if message is not None else None
 
 
 @router.websocket(PATH)
 async def kyutai_socket(ws: WebSocket) -> None:
+    if await parse_query(ws, AuthQuery) is None:
+        return
+
     async def refuse(_reason: str) -> None:
-        await ws.send_bytes(pack({"type": "Error", "message": "no free channels"}))
+        await ws.send_bytes(wire.pack(wire.Error(message="no free channels")))
 
     session = await open_session(ws, "kyutai", on_full=refuse)
     if session is None:
@@ -81,48 +72,35 @@ async def kyutai_socket(ws: WebSocket) -> None:
     async def receive(session: Session) -> None:
         nonlocal opus
         while True:
-            message = await receive_message(ws, session)
-            data = message.get("bytes")
+            data = (await receive_message(ws, session)).get("bytes")
             if data is None:
                 continue  # moshi-server ignores text frames
             try:
-                try:
-                    msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
-                except (ValueError, TypeError, msgpack.StackError) as exc:  # ExtraData, FormatError: ValueErrors
-                    raise AudioFormatError(f"malformed msgpack ({exc or type(exc).__name__})") from None
-                if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-                    raise AudioFormatError("each message must be a msgpack map with a 'type'")
-                kind = msg["type"]
-                if kind == "Audio":
-                    session.push_pcm(_pcm(msg.get("pcm")))
-                elif kind == "OggOpus":
-                    if not isinstance(msg.get("data"), (bytes, bytearray)):
-                        raise AudioFormatError("OggOpus.data must be bytes")
-                    opus = opus or OggOpusDecoder()
-                    session.push_pcm(opus.feed(bytes(msg["data"])))
-                elif kind == "Marker":
-                    if not isinstance(msg.get("id"), int) or isinstance(msg["id"], bool):
-                        raise AudioFormatError("Marker.id must be an integer")
-                    session.push_marker(msg["id"])
-                elif kind == "Init":
-                    await ws.send_bytes(pack({"type": "Ready"}))
-                else:
-                    raise AudioFormatError(f"unknown message type {kind[:40]!r}")
-            except SessionLimitError as exc:  # before ValueError, its base class
-                await ws.send_bytes(pack({"type": "Error", "message": str(exc)}))
-                raise CloseSocket(POLICY_VIOLATION, str(exc)) from None
-            except (AudioFormatError, ValueError, TypeError, OverflowError) as exc:  # also numpy's, on a bad pcm
-                message = f"invalid message: {str(exc)[:200]}"
-                await ws.send_bytes(pack({"type": "Error", "message": message}))
-                raise CloseSocket(INVALID_PAYLOAD, message) from None
+                match wire.parse_client_message(data):
+                    case wire.Audio(pcm=pcm):
+                        session.push_pcm(pcm)
+                    case wire.OggOpus(data=ogg):
+                        opus = opus or OggOpusDecoder()
+                        session.push_pcm(opus.feed(ogg))
+                    case wire.Marker(id=marker_id):
+                        session.push_marker(marker_id)
+                    case wire.Init():
+                        await ws.send_bytes(wire.pack(wire.Ready()))
+            except Exception as exc:  # moshi-server clients read an Error message before the close
+                code, reason = close_for(exc)
+                if code == INTERNAL_ERROR:
+                    raise
+                message = f"invalid message: {str(exc)[:200]}" if code == INVALID_PAYLOAD else reason
+                await ws.send_bytes(wire.pack(wire.Error(message=message)))
+                raise CloseSocket(code, message) from None
 
     async def send(session: Session) -> None:
         async for event in session:
-            message = wire(event)
+            message = to_wire(event)
             if message is not None:
-                await ws.send_bytes(pack(message))
+                await ws.send_bytes(wire.pack(message))
             if isinstance(event, Error):
-                raise CloseSocket(1011, event.message)
+                raise ServerFault(event.message)
 
     await serve_session(ws, session, receive, send)
 
@@ -132,7 +110,8 @@ async def kyutai_post(request: Request):
     """A whole audio file in the body; the answer is the JSON list of Word/EndWord messages."""
     if not is_authorized(request):
         return JSONResponse({"detail": "missing or invalid API key"}, status_code=401)
-    settings = request.app.state.settings
+    service = get_service(request)
+    settings = service.settings
     too_big = JSONResponse({"detail": f"file larger than {settings.max_upload_bytes} bytes"}, status_code=413)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > settings.max_upload_bytes:
@@ -151,10 +130,10 @@ async def kyutai_post(request: Request):
         return JSONResponse({"detail": str(exc)}, status_code=400)
     messages = []
     try:
-        async for event in session_events(request.app.state.engine, pcm, wait_seconds=settings.http_slot_wait_s,
+        async for event in session_events(service.running_engine, pcm, wait_seconds=settings.http_slot_wait_s,
                                           end_of_turn_threshold=settings.end_of_turn_threshold):
             if isinstance(event, (Word, WordEnd)):
-                messages.append(wire(event))
+                messages.append(wire_dict(event))
             elif isinstance(event, Error):
                 return JSONResponse({"detail": event.message}, status_code=500)
     except NoFreeSlot:

@@ -27,6 +27,7 @@ from ..auth import is_authorized
 from ..checkpoint import SAMPLE_RATE, SttModel
 from ..engine import NoFreeSlot
 from ..events import Error, Text, Word, WordEnd
+from ..service import get_service
 from ..formats import cues, to_srt, to_text, to_vtt
 from ..languages import NAMES, base_language, model_languages
 from ..transcribe import session_events
@@ -84,8 +85,8 @@ def _language_name(model: SttModel, language: str | None) -> str:
 
 
 def _model_id(request: Request) -> str:
-    return Path(request.app.state.settings.model).name if Path(request.app.state.settings.model).exists() \
-        else request.app.state.settings.model
+    model = get_service(request).settings.model
+    return Path(model).name if Path(model).exists() else model
 
 
 @router.get("/models")
@@ -121,10 +122,11 @@ async def transcriptions(
     stream_on = stream.lower() == "true"
     if any(key.startswith("chunking_strategy[") for key in await request.form()):
         chunking_strategy = "server_vad"  # the SDK sends an object as chunking_strategy[type]=...: not "auto"
-    if bad := _check_parameters(request.app.state.engine.model, language, prompt, temperature, include,
+    service = get_service(request)
+    if bad := _check_parameters(service.running_engine.model, language, prompt, temperature, include,
                                 chunking_strategy):
         return bad
-    settings = request.app.state.settings
+    settings = service.settings
     data = await file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         return _error(413, f"file larger than {settings.max_upload_bytes} bytes")
@@ -138,7 +140,7 @@ async def transcriptions(
         return _error(400, "the file could not be decoded as audio (WAV, FLAC, MP3, Ogg/Opus, WebM...)",
                       param="file", code="invalid_audio")
     duration = len(pcm) / SAMPLE_RATE
-    events = session_events(request.app.state.engine, pcm, wait_seconds=settings.http_slot_wait_s,
+    events = session_events(service.running_engine, pcm, wait_seconds=settings.http_slot_wait_s,
                             end_of_turn_threshold=settings.end_of_turn_threshold)
 
     if stream_on:
@@ -182,7 +184,7 @@ async def transcriptions(
         return PlainTextResponse(to_vtt(words), media_type="text/vtt")
     body = {
         "task": "transcribe",
-        "language": _language_name(request.app.state.engine.model, language),
+        "language": _language_name(service.running_engine.model, language),
         "duration": round(duration, 3),
         "text": text,
         "segments": [

@@ -34,6 +34,7 @@ from ..audio import StreamResampler
 from ..checkpoint import SAMPLE_RATE
 from ..events import EndOfTurn, Error, Marker, Text, Word
 from ..languages import base_language, model_languages
+from ..service import get_service
 from ..session import Session, SessionLimitError
 from .common import INTERNAL_ERROR, POLICY_VIOLATION, CloseSocket, close, open_session, receive_message, serve_session
 from .flush import Timeline, flush_now
@@ -170,7 +171,7 @@ async def realtime_socket(ws: WebSocket) -> None:
     events = itertools.count(1)
     items = itertools.count(1)
     markers = itertools.count(1)
-    model = ws.app.state.engine.model
+    model = get_service(ws).running_engine.model
     config = _Config(model_languages(model))
     session_id = "sess_" + uuid.uuid4().hex[:20]
     timeline = Timeline()
@@ -244,13 +245,13 @@ async def realtime_socket(ws: WebSocket) -> None:
                     session.push_pcm(decoder.flush())
                     marker = next(markers)
                     pending_markers[marker] = "commit"
-                    flush_now(session, model, ws.app.state.settings.flush_seconds, marker, timeline)
+                    flush_now(session, model, get_service(ws).settings.flush_seconds, marker, timeline)
                 elif isinstance(event, Clear):
                     session.push_pcm(decoder.flush())
                     marker = next(markers)
                     pending_markers[marker] = "clear"
                     state["drop"] = True
-                    flush_now(session, model, ws.app.state.settings.flush_seconds, marker, timeline)
+                    flush_now(session, model, get_service(ws).settings.flush_seconds, marker, timeline)
             except RealtimeError as exc:
                 await error(str(exc), exc.param, exc.code, event.event_id)
             except SessionLimitError as exc:

@@ -1,0 +1,80 @@
+"""Our JSON events protocol (``WS /v1/stream``): its query, its client controls; the server's messages are the
+events of ``kyutai_stt.events`` (``Event``, a union tagged by ``type``).
+
+Query (``StreamQuery``): ``format`` (``opus``: Ogg/Opus pages, the default; ``pcm_f32le`` / ``pcm_s16le``: raw
+little-endian PCM), ``sample_rate`` of raw PCM (8000 to 192000, resampled to 24 kHz), ``channels`` of raw PCM (1,
+the default, or 2: interleaved stereo, mixed down to mono; Ogg/Opus declares its own), ``steps`` (also send a
+``step`` event every 80 ms), and the API key (``api_key`` / ``auth_id``). Any other parameter is refused.
+
+Client controls (text frames, ``Control``): ``{"type": "marker", "id": N}``, ``{"type": "end"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError, model_validator
+
+from ..events import Event
+from .errors import MessageError, UnknownMessage
+
+FORMATS = ("opus", "pcm_f32le", "pcm_s16le")
+QUERY_ERROR = (f"format must be one of {', '.join(FORMATS)}, 8000 <= sample_rate <= 192000, channels 1 or 2, "
+               "steps true or false")
+
+
+class StreamQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["opus", "pcm_f32le", "pcm_s16le"] = "opus"
+    sample_rate: int = Field(24000, ge=8000, le=192000)  # of raw PCM; "16000.5" or "abc" are refused
+    channels: int = Field(1, ge=1, le=2)  # of raw PCM: 2 is interleaved stereo, mixed down to mono
+    steps: bool = False  # true/false, 1/0, yes/no, on/off
+    api_key: str | None = None
+    auth_id: str | None = None
+
+    @model_validator(mode="after")
+    def _channels_of_pcm(self) -> "StreamQuery":
+        if self.format == "opus" and "channels" in self.model_fields_set and self.channels != 1:
+            raise ValueError("channels applies to raw PCM: an Ogg/Opus stream declares its own (stereo is mixed "
+                             "down)")
+        return self
+
+
+class MarkerControl(BaseModel):
+    """Echo ``id`` back once all audio sent before it is transcribed."""
+
+    type: Literal["marker"] = "marker"
+    id: StrictInt  # not 1.5, true or "7"
+
+
+class EndControl(BaseModel):
+    """No more audio: the server flushes, sends the last words, then ``end``, and closes with 1000."""
+
+    type: Literal["end"] = "end"
+
+
+Control = Annotated[Union[MarkerControl, EndControl], Field(discriminator="type")]
+_controls: TypeAdapter[Control] = TypeAdapter(Control)
+_events: TypeAdapter[Event] = TypeAdapter(Event)
+
+UNKNOWN_CONTROL = 'unknown control: send {"type": "end"} or {"type": "marker", "id": N}'
+
+
+def parse_control(text: str) -> MarkerControl | EndControl:
+    """A client's text frame as its control. ``MessageError`` (1007) when it is not JSON, ``UnknownMessage``
+    (1008) when it is JSON but no control."""
+    try:
+        control = json.loads(text or "null")
+    except (ValueError, RecursionError) as exc:  # bad JSON, too deeply nested, an integer too long
+        raise MessageError(f"invalid JSON control: {exc}") from None
+    try:
+        return _controls.validate_python(control)
+    except ValidationError:
+        raise UnknownMessage(UNKNOWN_CONTROL) from None
+
+
+def parse_event(data: str | bytes) -> Event:
+    """A server's message (our client)."""
+    return _events.validate_json(data)
