@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import httpx
 import numpy as np
@@ -14,6 +15,8 @@ from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results
 
 from kyutai_stt.checkpoint import FRAME_SIZE, SAMPLE_RATE
 from kyutai_stt.engine import flush_frame_count
+from kyutai_stt.events import Word, WordEnd
+from kyutai_stt.words import WordAssembler, pair_words
 
 from .conftest import FLUSH_SECONDS, start_server
 from .helpers import expected_words
@@ -50,11 +53,21 @@ def words_after_finalize(reference, first: np.ndarray, second: np.ndarray):
     def shift(t):
         return max(at, t - length) if t > at else t
 
-    before = expected_words(model, reference.outputs(first))
+    before = finalized_words(model, reference.outputs(first))
     full = expected_words(model, reference.outputs(heard))
     out = [(w.text, round(shift(w.start), 4), round(max(shift(w.start), min(w.end, at)), 4)) for w in before]
     out += [(w.text, round(shift(w.start), 4), round(shift(w.end), 4)) for w in full[len(before):]]
     return out, len(before)
+
+
+def finalized_words(model, outputs):
+    """The words a flush without end makes final: those complete by the end of the flush (a word whose pieces are
+    still coming stays open, as it would at a real Deepgram); the last one ends where the audio ended."""
+    assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
+    events = [e for out in outputs for e in assembler.feed(out.frame, out.token) if isinstance(e, (Word, WordEnd))]
+    if events and isinstance(events[-1], Word):
+        events.append(WordEnd(stop_time=math.inf))  # cut to the end of the audio by the caller
+    return pair_words(events)
 
 
 def results_words(messages):
@@ -219,3 +232,62 @@ async def test_openai_realtime_transcription(keyed, reference, sounds):
                     break
     assert " ".join(completed) == " ".join(want)
     assert kinds[0] == "input_audio_buffer.speech_started" and "input_audio_buffer.committed" in kinds
+
+
+async def test_pipecat_deepgram_stt_service(keyed, reference, sounds):
+    from pipecat.frames.frames import InputAudioRawFrame, TranscriptionFrame, VADUserStoppedSpeakingFrame
+    from pipecat.pipeline.task import PipelineParams
+    from pipecat.services.deepgram.stt import DeepgramSTTService
+    from pipecat.tests.utils import SleepFrame, run_test
+
+    data, heard = int16(sounds(1.6, 76))
+    want = [w.text for w in finalized_words(reference.model, reference.outputs(heard))]
+    stt = DeepgramSTTService(api_key=KEY, base_url=keyed.http, sample_rate=24000)
+    audio = [InputAudioRawFrame(audio=data[i:i + 4800], sample_rate=24000, num_channels=1)
+             for i in range(0, len(data), 4800)]
+    # the user stops speaking: Pipecat sends Finalize, and every word comes as a final transcription
+    down, _ = await run_test(stt, frames_to_send=[*audio, VADUserStoppedSpeakingFrame(), SleepFrame(sleep=20)],
+                             pipeline_params=PipelineParams(audio_in_sample_rate=24000), start_timeout=10)
+    assert [f.text for f in down if isinstance(f, TranscriptionFrame)] == want
+
+
+async def test_deepgram_mulaw_8k_and_utterance_end(keyed, reference, sounds):
+    import io
+
+    import soundfile
+
+    from kyutai_stt.audio import StreamResampler
+    from kyutai_stt.codecs import g711_decode
+    from kyutai_stt.session import END_OF_TURN_HEAD
+
+    source = sounds(2.4, 77)
+    narrow = StreamResampler(24000, 8000)
+    pcm8k = np.concatenate([narrow.feed(source), narrow.flush()])
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.clip(pcm8k, -1, 1), 8000, format="RAW", subtype="ULAW")
+    data = buffer.getvalue()
+    wide = StreamResampler(8000)
+    heard = np.concatenate([wide.feed(g711_decode(data, "mulaw")), wide.flush()])
+    outputs = reference.outputs(heard)
+    want = [w.text for w in expected_words(reference.model, outputs)]
+    # the VAD head's ends of turn, as the session finds them (threshold crossed upwards after some words)
+    threshold = keyed.app.state.service.settings.end_of_turn_threshold
+    ends, last, words = 0, 1.0, 0
+    assembler = WordAssembler(reference.model.tokenizer.id_to_piece, reference.model.delay_frames)
+    for out in outputs:
+        words += sum(isinstance(e, Word) for e in assembler.feed(out.frame, out.token))
+        pause = out.pauses[END_OF_TURN_HEAD]
+        if pause >= threshold > last and words:
+            ends, words = ends + 1, 0
+        last = pause
+    messages = []
+    async with deepgram_client(keyed).listen.v1.connect(
+            model="nova-3", encoding="mulaw", sample_rate=8000, interim_results="true", utterance_end_ms=1000) as socket:
+        for i in range(0, len(data), 800):
+            await socket.send_media(data[i:i + 800])
+        await socket.send_close_stream()
+        async for message in socket:
+            messages.append(message)
+    assert [w for m in messages if isinstance(m, ListenV1Results) and m.is_final
+            for w in [m.channel.alternatives[0].words[0].punctuated_word]] == want
+    assert ends and sum(getattr(m, "type", "") == "UtteranceEnd" for m in messages) == ends

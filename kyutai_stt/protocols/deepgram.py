@@ -13,8 +13,8 @@ Mapping onto our session events:
   ``endpointing=false``. ``UtteranceEnd`` (when ``utterance_end_ms`` is given) at that end of turn, with
   ``last_word_end`` the time the VAD decided. ``SpeechStarted`` (``vad_events=true``) with the first text of a turn.
 - ``Finalize``: the stream is flushed without ending (``flush.flush_now``); once that is transcribed, every word
-  heard before ``Finalize`` is sent as final (the last one ending where the audio ended) with
-  ``from_finalize: true``. The stream stays open; the silence is not counted in later timestamps.
+  complete by then is sent as final (the last one ending where the audio ended) with ``from_finalize: true``; a
+  word whose pieces are still coming at the end of the flush stays open (it continues with the next audio). The stream stays open; the silence is not counted in later timestamps.
 - ``CloseStream`` (or an empty binary message): flush, the last words, ``Metadata``, close 1000. ``KeepAlive``
   resets the idle timer.
 - ``confidence`` is 1.0: decoding is greedy and the engine does not report token probabilities.
