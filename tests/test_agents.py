@@ -104,7 +104,7 @@ async def test_deepgram_sdk_live_finalize_and_close(keyed, reference, sounds):
     assert interims and all(m.channel.alternatives[0].transcript for m in interims)
 
 
-async def test_deepgram_bad_query_and_bad_data(keyed, sounds):
+async def test_deepgram_bad_query_and_bad_data(keyed, reference, sounds):
     client = deepgram_client(keyed)
     from deepgram.core.api_error import ApiError
 
@@ -112,23 +112,44 @@ async def test_deepgram_bad_query_and_bad_data(keyed, sounds):
         async with client.listen.v1.connect(model="nova-3", encoding="flac", sample_rate=16000):
             pass
     assert refused.value.status_code == 400
-    async with httpx.AsyncClient() as http:
-        response = await http.get(keyed.http + "/v1/listen", params={"encoding": "linear16"})
     with pytest.raises(ApiError) as unauthorized:
         async with AsyncDeepgramClient(api_key="wrong", environment=DeepgramClientEnvironment(
                 base=keyed.http, production=keyed.ws, agent=keyed.ws, agent_rest=keyed.http)).listen.v1.connect(
                 model="nova-3", encoding="linear16", sample_rate=16000):
             pass
     assert unauthorized.value.status_code == 401
-    # bad data: an unknown control gets Deepgram's Error message and close 1008, another stream goes on
-    async with websockets.connect(keyed.ws + "/v1/listen?encoding=opus",
+    # bad data gets Deepgram's Error message and close 1008, while another stream goes on untouched
+    data, heard = int16(sounds(1.2, 78))
+    want = [(w.text, round(w.start, 4), round(w.end, 4))
+            for w in expected_words(reference.model, reference.outputs(heard))]
+
+    async def good():
+        messages = []
+        async with client.listen.v1.connect(model="nova-3", encoding="linear16", sample_rate=24000) as socket:
+            for i in range(0, len(data), 2400):
+                await socket.send_media(data[i:i + 2400])
+                await asyncio.sleep(0.01)
+            await socket.send_close_stream()
+            async for message in socket:
+                messages.append(message)
+        return results_words(messages)
+
+    async def bad():
+        async with websockets.connect(keyed.ws + "/v1/listen?encoding=opus",
+                                      additional_headers={"Authorization": f"Token {KEY}"}) as ws:
+            await ws.send(b"not an ogg page at all")
+            error = await ws.recv()
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+        return error, closed.value.rcvd.code
+
+    words, (error, code) = await asyncio.gather(good(), bad())
+    assert '"type":"Error"' in error and "DATA-0000" in error and code == 1008
+    assert words == want
+    async with websockets.connect(keyed.ws + "/v1/listen?encoding=linear16&sample_rate=16000",
                                   additional_headers={"Authorization": f"Token {KEY}"}) as ws:
-        await ws.send(b"not an ogg page at all")
-        error = await ws.recv()
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            await ws.recv()
-    assert '"type":"Error"' in error and "DATA-0000" in error
-    assert closed.value.rcvd.code == 1008
+        await ws.send('{"type": "Reconfigure"}')
+        assert "DATA-0000" in await ws.recv()
 
 
 async def test_livekit_deepgram_plugin(keyed, reference, sounds):
