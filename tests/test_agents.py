@@ -256,7 +256,11 @@ async def test_openai_realtime_transcription(keyed, reference, sounds):
 
 
 async def test_pipecat_deepgram_stt_service(keyed, reference, sounds):
-    from pipecat.frames.frames import InputAudioRawFrame, TranscriptionFrame, VADUserStoppedSpeakingFrame
+    from pipecat.frames.frames import (
+        InputAudioRawFrame,
+        TranscriptionFrame,
+        VADUserStoppedSpeakingFrame,
+    )
     from pipecat.pipeline.task import PipelineParams
     from pipecat.services.deepgram.stt import DeepgramSTTService
     from pipecat.tests.utils import SleepFrame, run_test
@@ -312,3 +316,24 @@ async def test_deepgram_mulaw_8k_and_utterance_end(keyed, reference, sounds):
     assert [w for m in messages if isinstance(m, ListenV1Results) and m.is_final
             for w in [m.channel.alternatives[0].words[0].punctuated_word]] == want
     assert ends and sum(getattr(m, "type", "") == "UtteranceEnd" for m in messages) == ends
+
+
+async def test_deepgram_sdk_prerecorded(keyed, reference, sounds):
+    import io
+
+    import soundfile
+
+    pcm = sounds(1.5, 79)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, pcm, 24000, format="WAV", subtype="FLOAT")
+    response = await deepgram_client(keyed).listen.v1.media.transcribe_file(
+        request=buffer.getvalue(), model="nova-3", punctuate=True, language="en")
+    words = response.results.channels[0].alternatives[0].words
+    want = expected_words(reference.model, reference.outputs(pcm))
+    assert [(w.punctuated_word, round(w.start, 4), round(w.end, 4)) for w in words] == \
+        [(w.text, round(w.start, 4), round(w.end, 4)) for w in want]
+    from deepgram.core.api_error import ApiError
+
+    with pytest.raises(ApiError) as refused:
+        await deepgram_client(keyed).listen.v1.media.transcribe_file(request=b"not audio", model="nova-3")
+    assert refused.value.status_code == 400 and "/tmp" not in str(refused.value.body)

@@ -32,12 +32,12 @@ import json
 import re
 import uuid
 from datetime import datetime, timezone
-from typing import Annotated, Callable, Literal, Union
+from typing import Callable
 
 import numpy as np
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from ..audio import (
@@ -52,6 +52,21 @@ from ..checkpoint import SAMPLE_RATE
 from ..engine import NoFreeSlot
 from ..events import EndOfTurn, Error, Marker, Text, Word, WordEnd
 from ..languages import base_language, model_languages
+from ..messages.deepgram import (
+    Alternative,
+    CloseStream,
+    Control,
+    Finalize,
+    Metadata,
+    ModelInfo,
+    ResultChannel,
+    ResultMetadata,
+    Results,
+    ResultWord,
+    SpeechStarted,
+    StreamError,
+    UtteranceEnd,
+)
 from ..service import get_service
 from ..session import Session, SessionLimitError
 from ..transcribe import session_events
@@ -166,95 +181,6 @@ def parse_options(params: list[tuple[str, str]], languages: tuple[str, ...], str
     if options.encoding not in RAW and options.sample_rate is not None and streaming:
         raise DeepgramError("sample_rate is only for raw encodings (linear16, mulaw, alaw)")
     return options
-
-
-# ----------------------------------------------------------------------------- wire messages (Deepgram's shapes)
-class KeepAlive(BaseModel):
-    type: Literal["KeepAlive"]
-
-
-class Finalize(BaseModel):
-    type: Literal["Finalize"]
-
-
-class CloseStream(BaseModel):
-    type: Literal["CloseStream"]
-
-
-Control = TypeAdapter(Annotated[Union[KeepAlive, Finalize, CloseStream], Field(discriminator="type")])
-
-
-class ResultWord(BaseModel):
-    word: str
-    start: float
-    end: float
-    confidence: float = 1.0
-    punctuated_word: str
-
-
-class Alternative(BaseModel):
-    transcript: str
-    confidence: float = 1.0
-    words: list[ResultWord]
-
-
-class ResultChannel(BaseModel):
-    alternatives: list[Alternative]
-
-
-class ModelInfo(BaseModel):
-    name: str
-    version: str = "latest"
-    arch: str = "kyutai-stt"
-
-
-class ResultMetadata(BaseModel):
-    request_id: str
-    model_info: ModelInfo
-    model_uuid: str
-
-
-class Results(BaseModel):
-    type: Literal["Results"] = "Results"
-    channel_index: list[int] = [0, 1]
-    duration: float
-    start: float
-    is_final: bool
-    speech_final: bool = False
-    from_finalize: bool = False
-    channel: ResultChannel
-    metadata: ResultMetadata
-
-
-class SpeechStarted(BaseModel):
-    type: Literal["SpeechStarted"] = "SpeechStarted"
-    channel: list[int] = [0, 1]
-    timestamp: float
-
-
-class UtteranceEnd(BaseModel):
-    type: Literal["UtteranceEnd"] = "UtteranceEnd"
-    channel: list[int] = [0, 1]
-    last_word_end: float
-
-
-class Metadata(BaseModel):
-    type: Literal["Metadata"] = "Metadata"
-    transaction_key: str = "deprecated"
-    request_id: str
-    sha256: str
-    created: str
-    duration: float
-    channels: int = 1
-    models: list[str]
-    model_info: dict[str, ModelInfo]
-
-
-class StreamError(BaseModel):
-    type: Literal["Error"] = "Error"
-    variant: str
-    description: str
-    message: str
 
 
 def _rest_error(status: int, message: str, err_code: str, request_id: str) -> JSONResponse:

@@ -14,8 +14,9 @@ Server events: ``session.created`` / ``session.updated`` (``transcription_sessio
 ``input_audio_buffer.speech_started`` (the first text of a turn), ``.speech_stopped`` and ``.committed`` (the VAD
 head's end of turn, or a commit), ``conversation.item.input_audio_transcription.delta`` (each text piece as the
 model produces it) and ``.completed`` (the item's words), ``input_audio_buffer.cleared``, and ``error``
-(``{"type": "error", "error": {"type", "code", "message", "param", "event_id"}}``): a bad event is answered with an
-error and the session goes on, as OpenAI's does; audio that cannot be decoded closes it (1007).
+(``{"type": "error", "error": {"type", "code", "message", "param", "event_id"}}``): a bad event (unknown type,
+a setting we cannot honour, audio that is not base64) is answered with an error and the session goes on, as
+OpenAI's does; a stream past ``max_session_s`` is closed (1008).
 """
 
 from __future__ import annotations
@@ -24,54 +25,34 @@ import base64
 import binascii
 import itertools
 import uuid
-from typing import Annotated, Any, Literal, Union
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, WebSocket
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from ..audio import StreamResampler
 from ..checkpoint import SAMPLE_RATE
 from ..events import EndOfTurn, Error, Marker, Text, Word
 from ..languages import base_language, model_languages
+from ..messages.openai_realtime import Append, Clear, ClientEvent, Commit, SessionUpdate
 from ..service import get_service
 from ..session import Session, SessionLimitError
-from .common import INTERNAL_ERROR, POLICY_VIOLATION, CloseSocket, close, open_session, receive_message, serve_session
+from .common import (
+    INTERNAL_ERROR,
+    POLICY_VIOLATION,
+    CloseSocket,
+    close,
+    open_session,
+    receive_message,
+    serve_session,
+)
 from .flush import Timeline, flush_now
 
 router = APIRouter()
 
 FORMATS = {"audio/pcm": "pcm16", "pcm16": "pcm16", "audio/pcmu": "g711_ulaw", "g711_ulaw": "g711_ulaw",
            "audio/pcma": "g711_alaw", "g711_alaw": "g711_alaw"}
-
-
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class SessionUpdate(_Loose):
-    type: Literal["session.update", "transcription_session.update"]
-    event_id: str | None = None
-    session: dict[str, Any] = {}
-
-
-class Append(_Loose):
-    type: Literal["input_audio_buffer.append"]
-    event_id: str | None = None
-    audio: str
-
-
-class Commit(_Loose):
-    type: Literal["input_audio_buffer.commit"]
-    event_id: str | None = None
-
-
-class Clear(_Loose):
-    type: Literal["input_audio_buffer.clear"]
-    event_id: str | None = None
-
-
-ClientEvent = TypeAdapter(Annotated[Union[SessionUpdate, Append, Commit, Clear], Field(discriminator="type")])
 
 
 class RealtimeError(Exception):
