@@ -136,9 +136,9 @@ async def transcriptions(
                                       max_seconds=settings.max_session_s)
     except AudioTooLong as exc:
         return _error(413, str(exc))
-    except AudioFormatError:  # the decoder's message may name a temporary file: say what matters only
-        return _error(400, "the file could not be decoded as audio (WAV, FLAC, MP3, Ogg/Opus, WebM...)",
-                      param="file", code="invalid_audio")
+    except AudioFormatError as exc:
+        # what went wrong, without the decoders' own reports in parentheses (they name a temporary file)
+        return _error(400, str(exc).split(" (")[0], param="file", code="invalid_audio")
     duration = len(pcm) / SAMPLE_RATE
     events = session_events(service.running_engine, pcm, wait_seconds=settings.http_slot_wait_s,
                             end_of_turn_threshold=settings.end_of_turn_threshold)
