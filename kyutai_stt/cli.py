@@ -80,18 +80,29 @@ def serve(
 @app.command("make-checkpoint")
 def make_checkpoint(
     folder: Path = typer.Argument(..., help="Where to write the checkpoint."),
-    size: str = typer.Option("tiny", help="tiny (seconds to build, tests), small, or 1b (stt-1b-en_fr architecture)."),
+    size: str = typer.Option("tiny", help="tiny (about a minute to build on 2 cores; tests), small, or 1b (stt-1b-en_fr architecture)."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Write a RANDOM-WEIGHT checkpoint in the real layout. It produces meaningless text: tests and benchmarks only."""
-    from .testing_checkpoint import SIZES, make_checkpoint as build
+    import time
+
+    from rich.progress import SpinnerColumn, TimeElapsedColumn
+
+    from .testing_checkpoint import SIZES, make_checkpoint as build, progress_steps
 
     _logging(False)
     if size not in SIZES:
         err.print(f"[red]error:[/red] --size must be one of {', '.join(SIZES)}")
         raise typer.Exit(2)
-    build(folder, size, seed)
-    err.print(f"wrote a random-weight {size} checkpoint to {folder} (it produces MEANINGLESS text)")
+    logging.getLogger("kyutai_stt.testing_checkpoint").setLevel(logging.WARNING)  # the bar says it
+    start = time.monotonic()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:
+        task = progress.add_task("training a sentencepiece tokenizer", total=progress_steps(size))
+        build(folder, size, seed, progress=lambda description: progress.update(task, advance=1,
+                                                                               description=description))
+    err.print(f"wrote a random-weight {size} checkpoint to {folder} in {time.monotonic() - start:.0f} s "
+              "(it produces MEANINGLESS text)", highlight=False)
 
 
 @app.command()

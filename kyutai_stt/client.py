@@ -165,3 +165,64 @@ async def stream_events(url: str, pcm: np.ndarray, *, realtime: bool = False, ch
     async for event in Client(url, protocol, api_key).stream(pcm, realtime=realtime, chunk_samples=chunk_samples,
                                                             steps=steps):
         yield event
+
+
+# ------------------------------------------------------------------------------------------ Modal Queue client
+def opus_chunks(data: bytes, pages_per_chunk: int) -> list[tuple[bytes, float]]:
+    """Decode any audio file here and re-encode it as the Ogg/Opus pages a live client sends (80 ms each),
+    grouped ``pages_per_chunk`` to a queue item; returns (chunk, seconds of audio up to its end)."""
+    from .audio import encode_ogg_opus, load_audio_bytes
+
+    pcm = load_audio_bytes(data)
+    pages = encode_ogg_opus(pcm)
+    duration = len(pcm) / SAMPLE_RATE
+    return [(b"".join(pages[i:i + pages_per_chunk]), min(duration, (i + pages_per_chunk) * 0.08))
+            for i in range(0, len(pages), pages_per_chunk)]
+
+
+async def stream_through_queue(q, chunks: list[tuple[bytes, float]], *, realtime: bool = False,
+                               write=print) -> tuple[float | None, list[dict]]:
+    """The client side of ``queue_bridge.transcribe_queue`` (with ``events=True``) on a ``modal.Queue``: send
+    ``chunks`` to partition ``"audio"`` (at the pace of their audio with ``realtime``), print words as they arrive;
+    returns (seconds to the first word, every event received)."""
+    import time
+
+    from .queue_bridge import AUDIO, TRANSCRIPTION, queue_call
+
+    start = time.perf_counter()
+
+    async def send() -> None:
+        for chunk, until in chunks:
+            if realtime:  # a live client has a chunk only once its audio has been spoken
+                await asyncio.sleep(max(0.0, start + until - time.perf_counter()))
+            await queue_call(q.put, chunk, partition=AUDIO)
+        await queue_call(q.put, None, partition=AUDIO)
+
+    first_word: float | None = None
+    received: list[dict] = []
+    column = 0
+    sender = asyncio.create_task(send())
+    try:
+        while True:
+            event = await queue_call(q.get, partition=TRANSCRIPTION)
+            if event is None:
+                break
+            received.append(event)
+            if event["type"] == "word":
+                if first_word is None:
+                    first_word = time.perf_counter() - start
+                if column and column + len(event["text"]) > 100:
+                    write()
+                    column = 0
+                write(event["text"], end=" ", flush=True)
+                column += len(event["text"]) + 1
+            elif event["type"] in ("end_of_turn", "end") and column:
+                write()
+                column = 0
+            elif event["type"] == "error":
+                write(f"error: {event['message']}")
+    finally:
+        if not sender.done():  # the service ended the stream early (an error): stop sending
+            sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+    return first_word, received

@@ -15,7 +15,7 @@ What it deploys (app ``kyutai-stt`` unless ``KYUTAI_STT_MODAL_APP`` says otherwi
 - ``ui``, the browser page as its own small web function (no GPU), pointed at ``STT``'s URL.
 - A local entrypoint that streams a file through the Queue and prints words as they come.
 
-Deploy-time settings (read from the environment when you deploy, and passed to the containers):
+Deploy-time settings (``ModalSettings``: read from the environment when you deploy, and passed to the containers):
 
 =====================================  ==========  ==============================================================
 ``KYUTAI_STT_MODAL_APP``               kyutai-stt  App name (the Volume is ``<app>-hf-cache``).
@@ -38,7 +38,6 @@ you deploy are passed on too (``FORWARDED_SETTINGS``), except the API keys, whic
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
@@ -48,38 +47,64 @@ from importlib import metadata
 from pathlib import Path
 
 import modal
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing_extensions import Annotated
+
+from kyutai_stt.settings import Settings
 
 log = logging.getLogger("kyutai_stt.modal")
 
 
-def _env_int(name: str, default: int | None) -> int | None:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r} is not an integer") from None
+SlotCount = Annotated[(int, *Settings.model_fields["slots"].metadata)]  # the bounds of Settings.slots
+
+
+class ModalSettings(BaseSettings):
+    """The deploy-time settings (``KYUTAI_STT_MODAL_*``, and ``KYUTAI_STT_SLOTS`` with ``Settings``' own bounds)."""
+
+    model_config = SettingsConfigDict(env_prefix="KYUTAI_STT_MODAL_", env_ignore_empty=True, extra="ignore",
+                                      populate_by_name=True)
+
+    app: str = "kyutai-stt"
+    gpu: str = "L40S"  # "none" or "cpu": no GPU
+    slots: SlotCount = Field(
+        32, validation_alias=AliasChoices("KYUTAI_STT_SLOTS", "slots"))
+    target_inputs: int | None = Field(None, ge=1)  # default: 3/4 of the slots
+    scaledown_s: int = Field(300, ge=0)
+    timeout_s: int = Field(3600, gt=0)
+    startup_timeout_s: int = Field(1200, gt=0)
+    min_containers: int | None = Field(None, ge=0)
+    max_containers: int | None = Field(None, ge=1)
+    secret: str | None = None
+    snapshot: bool = True
+
+    @model_validator(mode="after")
+    def _target_within_slots(self) -> "ModalSettings":
+        if self.target_inputs is None:
+            self.target_inputs = max(1, self.slots * 3 // 4)
+        if not 1 <= self.target_inputs <= self.slots:
+            raise ValueError(f"KYUTAI_STT_MODAL_TARGET_INPUTS={self.target_inputs}: must be between 1 and the "
+                             f"{self.slots} slots")
+        return self
+
+    @property
+    def gpu_type(self) -> str | None:
+        return None if self.gpu.lower() in ("none", "cpu") else self.gpu
 
 
 # ---------------------------------------------------------------------------------------- deploy-time settings
-APP_NAME = os.environ.get("KYUTAI_STT_MODAL_APP", "").strip() or "kyutai-stt"
-_gpu = os.environ.get("KYUTAI_STT_MODAL_GPU", "").strip() or "L40S"
-GPU: str | None = None if _gpu.lower() in ("none", "cpu") else _gpu
-SLOTS: int = _env_int("KYUTAI_STT_SLOTS", 32)
-TARGET_INPUTS: int = _env_int("KYUTAI_STT_MODAL_TARGET_INPUTS", max(1, SLOTS * 3 // 4))
-SCALEDOWN_WINDOW_S: int = _env_int("KYUTAI_STT_MODAL_SCALEDOWN_S", 300)
-TIMEOUT_S: int = _env_int("KYUTAI_STT_MODAL_TIMEOUT_S", 3600)
-STARTUP_TIMEOUT_S: int = _env_int("KYUTAI_STT_MODAL_STARTUP_TIMEOUT_S", 1200)
-MIN_CONTAINERS: int | None = _env_int("KYUTAI_STT_MODAL_MIN_CONTAINERS", None)
-MAX_CONTAINERS: int | None = _env_int("KYUTAI_STT_MODAL_MAX_CONTAINERS", None)
-SECRET_NAME = os.environ.get("KYUTAI_STT_MODAL_SECRET", "").strip() or None
-SNAPSHOT = os.environ.get("KYUTAI_STT_MODAL_SNAPSHOT", "1").strip() not in ("0", "false", "no", "off")
-
-if not 1 <= SLOTS <= 4096:
-    raise ValueError(f"KYUTAI_STT_SLOTS={SLOTS}: must be between 1 and 4096")
-if not 1 <= TARGET_INPUTS <= SLOTS:
-    raise ValueError(f"KYUTAI_STT_MODAL_TARGET_INPUTS={TARGET_INPUTS}: must be between 1 and the {SLOTS} slots")
+MODAL = ModalSettings()
+APP_NAME = MODAL.app
+GPU: str | None = MODAL.gpu_type
+SLOTS: int = MODAL.slots
+TARGET_INPUTS: int = MODAL.target_inputs
+SCALEDOWN_WINDOW_S: int = MODAL.scaledown_s
+TIMEOUT_S: int = MODAL.timeout_s
+STARTUP_TIMEOUT_S: int = MODAL.startup_timeout_s
+MIN_CONTAINERS: int | None = MODAL.min_containers
+MAX_CONTAINERS: int | None = MODAL.max_containers
+SECRET_NAME = MODAL.secret
+SNAPSHOT = MODAL.snapshot
 
 # Service settings passed on from the deploying machine to the containers (``KYUTAI_STT_<NAME>``). Not passed:
 # host/port (Modal serves the app), device (the container picks its GPU), record_dir (a local path), api_keys
@@ -240,7 +265,6 @@ class STT:
     def load(self) -> None:
         """Before the snapshot: download (into the Volume) and load the weights on CPU."""
         from kyutai_stt.checkpoint import load_model
-        from kyutai_stt.settings import Settings
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         settings = Settings()
@@ -253,7 +277,6 @@ class STT:
     def start(self) -> None:
         """After the snapshot: move to the GPU, build the batched engine, warm it up (CUDA graphs), start it."""
         from kyutai_stt.engine import Engine
-        from kyutai_stt.settings import Settings
 
         self.settings = Settings()  # read after the snapshot: the Secret's API keys may have changed since
         start = time.perf_counter()
@@ -333,65 +356,6 @@ def _read_source(source: str) -> bytes:
     return Path(source).expanduser().read_bytes()
 
 
-def opus_chunks(data: bytes, pages_per_chunk: int) -> list[tuple[bytes, float]]:
-    """Decode any audio file here and re-encode it as the Ogg/Opus pages a live client sends (80 ms each),
-    grouped ``pages_per_chunk`` to a queue item; returns (chunk, seconds of audio up to its end)."""
-    from kyutai_stt.audio import encode_ogg_opus, load_audio_bytes
-    from kyutai_stt.checkpoint import SAMPLE_RATE
-
-    pcm = load_audio_bytes(data)
-    pages = encode_ogg_opus(pcm)
-    duration = len(pcm) / SAMPLE_RATE
-    return [(b"".join(pages[i:i + pages_per_chunk]), min(duration, (i + pages_per_chunk) * 0.08))
-            for i in range(0, len(pages), pages_per_chunk)]
-
-
-async def stream_through_queue(q, chunks: list[tuple[bytes, float]], *, realtime: bool = False,
-                               write=print) -> tuple[float | None, list[dict]]:
-    """The client side of ``transcribe_queue`` (with ``events=True``): send ``chunks`` to partition ``"audio"``
-    (at the pace of their audio with ``realtime``), print words as they arrive; returns (seconds to the first
-    word, every event received)."""
-    from kyutai_stt.queue_bridge import AUDIO, TRANSCRIPTION, _call
-
-    start = time.perf_counter()
-
-    async def send() -> None:
-        for chunk, until in chunks:
-            if realtime:  # a live client has a chunk only once its audio has been spoken
-                await asyncio.sleep(max(0.0, start + until - time.perf_counter()))
-            await _call(q.put, chunk, partition=AUDIO)
-        await _call(q.put, None, partition=AUDIO)
-
-    first_word: float | None = None
-    received: list[dict] = []
-    column = 0
-    sender = asyncio.create_task(send())
-    try:
-        while True:
-            event = await _call(q.get, partition=TRANSCRIPTION)
-            if event is None:
-                break
-            received.append(event)
-            if event["type"] == "word":
-                if first_word is None:
-                    first_word = time.perf_counter() - start
-                if column and column + len(event["text"]) > 100:
-                    write()
-                    column = 0
-                write(event["text"], end=" ", flush=True)
-                column += len(event["text"]) + 1
-            elif event["type"] in ("end_of_turn", "end") and column:
-                write()
-                column = 0
-            elif event["type"] == "error":
-                write(f"error: {event['message']}")
-    finally:
-        if not sender.done():  # the service ended the stream early (an error): stop sending
-            sender.cancel()
-        await asyncio.gather(sender, return_exceptions=True)
-    return first_word, received
-
-
 @app.local_entrypoint()
 async def main(audio: str = DEFAULT_AUDIO, realtime: bool = False, raw: bool = False, chunk_ms: int = 400):
     """Stream a local file or URL through a Queue to the deployed STT class and print words as they come.
@@ -399,6 +363,8 @@ async def main(audio: str = DEFAULT_AUDIO, realtime: bool = False, raw: bool = F
     ``--realtime`` paces the audio as a live stream would; ``--raw`` sends the file's own bytes (decoded on
     the server once they have all arrived) instead of Ogg/Opus pages encoded here.
     """
+    from kyutai_stt.client import opus_chunks, stream_through_queue
+
     print(f"reading {audio}")
     data = _read_source(audio)
     if raw:

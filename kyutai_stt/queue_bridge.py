@@ -49,7 +49,9 @@ class ClientGone(RuntimeError):
         self.reading = reading  # it may still read the transcription (it only stopped sending)
 
 
-async def _call(method, *args, **kwargs) -> Any:
+async def queue_call(method, *args, **kwargs) -> Any:
+    """Call a modal.Queue method (its ``.aio`` variant when it has one), a coroutine function, or a blocking
+    function (on a thread)."""
     aio = getattr(method, "aio", None)
     if aio is not None:
         return await aio(*args, **kwargs)
@@ -121,7 +123,7 @@ async def transcribe_queue(engine: Engine, q, settings: Settings | None = None, 
 
     async def put(item: Any) -> None:
         try:
-            await _call(q.put, item, timeout=timeout, partition=text_partition)
+            await queue_call(q.put, item, timeout=timeout, partition=text_partition)
         except std_queue.Full:
             raise ClientGone(f"nobody read the transcription for {timeout:g} s", reading=False) from None
 
@@ -129,7 +131,7 @@ async def transcribe_queue(engine: Engine, q, settings: Settings | None = None, 
         while True:
             await session.wait_for_room()  # a client far ahead of the engine waits in the Queue, not in memory
             try:
-                chunk = await _call(q.get, timeout=timeout, partition=audio_partition)
+                chunk = await queue_call(q.get, timeout=timeout, partition=audio_partition)
             except std_queue.Empty:
                 raise ClientGone(f"no audio for {timeout:g} s", reading=True) from None
             if chunk is None:

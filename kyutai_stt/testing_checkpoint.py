@@ -20,6 +20,7 @@ import json
 import logging
 import random
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import sentencepiece
@@ -137,13 +138,18 @@ CLUSTERS = 24
 
 
 def _kmeans(vectors: torch.Tensor, k: int, generator: torch.Generator, iters: int = 20) -> torch.Tensor:
+    """Lloyd's k-means, every cluster updated at once; stops early once no assignment changes."""
     centroids = vectors[torch.randperm(vectors.shape[0], generator=generator)[:k]].clone()
+    previous = None
     for _ in range(iters):
         assign = torch.cdist(vectors, centroids).argmin(dim=1)
-        for j in range(k):
-            members = vectors[assign == j]
-            if len(members):
-                centroids[j] = members.mean(dim=0)
+        if previous is not None and torch.equal(assign, previous):
+            break
+        previous = assign
+        sums = torch.zeros_like(centroids).index_add_(0, assign, vectors)
+        counts = torch.bincount(assign, minlength=k)
+        filled = counts > 0  # an empty cluster keeps its centroid
+        centroids[filled] = sums[filled] / counts[filled, None].to(sums.dtype)
     return centroids
 
 
@@ -211,15 +217,24 @@ def _bisect(apply, measure, target: float, lo: float, hi: float, steps: int = 10
     return scale
 
 
+TILT_ROUNDS = 3  # greedy runs after the first: each refreshes the hidden states the bisections measure on
+
+
 @torch.no_grad()
-def _tilt_heads(lm, codes: torch.Tensor) -> None:
+def _tilt_heads(lm, codes: torch.Tensor, progress: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Tilt the text head towards padding/boundaries and scale the VAD heads (see module docstring).
 
     The hidden state is RMS-normalised, so a row's logit is its norm times a cosine: adding ``s * u`` to the
     padding row, with ``u`` the mean hidden direction, makes padding win more often as ``s`` grows; the
     boundary row follows the main direction of variation, so boundaries come where the hidden state moves.
+
+    The bisections measure on the hidden states of one greedy run (the text head and the VAD heads read the same
+    normalised hidden state, so their outputs follow without running the LM); a few rounds of a fresh greedy run
+    then bisections again absorb the feedback of the chosen tokens into the next steps. Returns the fractions
+    measured on a last greedy run.
     """
     hidden = _greedy_run(lm, codes)[2]
+    progress()
     u = hidden.mean(0)
     u /= u.norm()
     centred = hidden - hidden.mean(0)
@@ -228,10 +243,6 @@ def _tilt_heads(lm, codes: torch.Tensor) -> None:
     v /= v.norm()
     weight = lm.text_linear.weight
     pad_row, boundary_row = weight[3].clone(), weight[0].clone()
-    _bisect(lambda s: weight[3].copy_(pad_row + s * u),
-            lambda: float((_greedy_run(lm, codes)[0] == 3).mean()), 0.55, 0.0, 50.0)
-    _bisect(lambda s: weight[0].copy_(boundary_row + s * v),
-            lambda: float((_greedy_run(lm, codes)[0] == 0).mean()), 0.12, 0.0, 50.0)
     heads = [head.weight.clone() for head in lm.extra_heads]
 
     def scale_heads(s: float) -> None:
@@ -239,11 +250,34 @@ def _tilt_heads(lm, codes: torch.Tensor) -> None:
             head.weight.copy_(original)
             head.weight[0] += s * u  # "no voice" follows the same direction as padding
 
-    _bisect(scale_heads, lambda: float((_greedy_run(lm, codes)[1] > 0.5).mean()), 0.3, 0.0, 50.0)
+    def token_fraction(token: int) -> float:
+        return float((lm.text_linear(hidden).argmax(-1) == token).float().mean())
+
+    def pause_fraction() -> float:
+        return float((torch.softmax(lm.extra_heads[2](hidden), -1)[:, 0] > 0.5).float().mean())
+
+    for _ in range(TILT_ROUNDS):
+        _bisect(lambda s: weight[3].copy_(pad_row + s * u), lambda: token_fraction(3), 0.55, 0.0, 50.0)
+        _bisect(lambda s: weight[0].copy_(boundary_row + s * v), lambda: token_fraction(0), 0.12, 0.0, 50.0)
+        _bisect(scale_heads, pause_fraction, 0.3, 0.0, 50.0)
+        tokens, pauses, hidden = _greedy_run(lm, codes)
+        progress()
+    return {"padding": float((tokens == 3).mean()), "boundary": float((tokens == 0).mean()),
+            "pause": float((pauses > 0.5).mean())}
 
 
-def make_checkpoint(folder: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight STT checkpoint (meaningless text!) to ``folder`` and return its path."""
+# The steps make_checkpoint reports to ``progress``: tokenizer, Mimi, LM, each greedy calibration run, saving.
+def progress_steps(size: str) -> int:
+    return 4 + (1 + TILT_ROUNDS if size != "1b" else 0)
+
+
+def make_checkpoint(folder: str | Path, size: str = "tiny", seed: int = 0,
+                    progress: Callable[[str], None] | None = None) -> Path:
+    """Write a random-weight STT checkpoint (meaningless text!) to ``folder`` and return its path.
+
+    ``progress(description)`` is called after each of the ``progress_steps(size)`` steps, with what comes next.
+    A tiny checkpoint takes about a minute on 2 busy cores, most of it in the LM calibration's greedy runs."""
+    report = progress or (lambda description: None)
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     folder = Path(folder)
@@ -254,6 +288,7 @@ def make_checkpoint(folder: str | Path, size: str = "tiny", seed: int = 0) -> Pa
 
     log.info("training a %d-piece sentencepiece tokenizer", spec["text_card"])
     (folder / TOKENIZER_FILE).write_bytes(_train_tokenizer(spec["text_card"], seed))
+    report("fitting Mimi's codebooks to its own latents")
 
     log.info("building a random Mimi and fitting its codebooks to its own latents")
     mimi = loaders.get_mimi(None, num_codebooks=32, device="cpu")
@@ -261,16 +296,20 @@ def make_checkpoint(folder: str | Path, size: str = "tiny", seed: int = 0) -> Pa
     _fit_codebooks(mimi, audio, generator)
     mimi_state = {k: v.detach().contiguous().clone() for k, v in mimi.state_dict().items()}
     save_file(mimi_state, str(folder / MIMI_FILE))
+    report(f"building a random {size} LM")
 
     log.info("building a random %s LM", size)
     config = lm_config(size)
     lm = loaders.get_moshi_lm(None, lm_kwargs=config, device="cpu", dtype=torch.float32)
+    report("calibrating the LM's heads (greedy runs)" if size != "1b" else "saving")
     if size != "1b":  # calibration runs the LM many times: cheap for small sizes only
         calib = torch.from_numpy(synthetic_sounds(12.0, seed + 1))
         usable = calib.shape[-1] // FRAME_SIZE * FRAME_SIZE
         with torch.no_grad():
             codes = mimi.encode(calib[None, None, :usable])
-        _tilt_heads(lm, codes)
+        fractions = _tilt_heads(lm, codes, lambda: report("calibrating the LM's heads (greedy runs)"))
+        log.info("calibrated: padding %.2f, boundaries %.2f, pauses %.2f of the steps", fractions["padding"],
+                 fractions["boundary"], fractions["pause"])
     lm_state = {k: v.detach().contiguous().clone() for k, v in lm.state_dict().items()}
     if size == "1b":
         lm_state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in lm_state.items()}
@@ -293,6 +332,7 @@ def make_checkpoint(folder: str | Path, size: str = "tiny", seed: int = 0) -> Pa
         },
     )
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+    report("done")
     (folder / "README.md").write_text(
         f"# Random-weight Kyutai STT checkpoint ({size})\n\n"
         "Made by `kyutai-stt make-checkpoint`. **It produces meaningless text**: the weights are random. "

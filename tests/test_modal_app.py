@@ -24,7 +24,7 @@ import pytest
 
 modal = pytest.importorskip("modal", reason="the Modal client is an optional dependency (uv sync --extra modal)")
 
-from kyutai_stt import modal_app  # noqa: E402
+from kyutai_stt import client as stt_client, modal_app  # noqa: E402
 from kyutai_stt.audio import OggOpusDecoder, encode_ogg_opus, load_audio_bytes  # noqa: E402
 from kyutai_stt.events import Text, Word, WordEnd  # noqa: E402
 from kyutai_stt.settings import Settings  # noqa: E402
@@ -355,7 +355,7 @@ async def test_local_entrypoint_client_prints_the_reference_words(stt, reference
     obj, _ = stt
     buffer = io.BytesIO()
     soundfile.write(buffer, sounds(1.5, 12), 24000, format="WAV", subtype="FLOAT")
-    chunks = modal_app.opus_chunks(buffer.getvalue(), pages_per_chunk=5)
+    chunks = stt_client.opus_chunks(buffer.getvalue(), pages_per_chunk=5)
     assert [until for _, until in chunks] == sorted(until for _, until in chunks) and chunks[-1][1] == 1.5
     decoder = OggOpusDecoder()
     decoded = np.concatenate([decoder.feed(chunk) for chunk, _ in chunks])
@@ -366,7 +366,7 @@ async def test_local_entrypoint_client_prints_the_reference_words(stt, reference
     q = MemoryQueue()
     service = asyncio.ensure_future(obj.transcribe_queue.local(q, events=True))
     first_word, received = await asyncio.wait_for(
-        modal_app.stream_through_queue(q, chunks, write=lambda *a, **k: printed.append(" ".join(a))), timeout=120)
+        stt_client.stream_through_queue(q, chunks, write=lambda *a, **k: printed.append(" ".join(a))), timeout=120)
     await asyncio.wait_for(service, timeout=30)
     assert [e["text"] for e in received if e["type"] == "word"] == expected
     assert [p for p in printed if p] == expected and first_word is not None and first_word > 0

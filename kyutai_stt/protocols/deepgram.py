@@ -80,6 +80,7 @@ from .common import (
     receive_message,
     serve_session,
 )
+from .errors import upload_error_detail
 from .flush import Timeline, flush_now
 
 router = APIRouter()
@@ -469,8 +470,8 @@ async def listen_file(request: Request):
         return _rest_error(400, str(exc), exc.err_code, request_id)
     except AudioTooLong as exc:
         return _rest_error(413, str(exc), "Bad Request", request_id)
-    except AudioFormatError as exc:  # without the decoders' own reports in parentheses (a temporary file's name)
-        return _rest_error(400, str(exc).split(" (")[0], "Bad Request", request_id)
+    except AudioFormatError as exc:
+        return _rest_error(400, upload_error_detail(exc), "Bad Request", request_id)
     collected = []
     try:
         async for event in session_events(engine, pcm, wait_seconds=settings.http_slot_wait_s,

@@ -23,7 +23,7 @@ from ..service import get_service
 from ..session import Session
 from ..transcribe import session_events
 from .common import AuthQuery, open_session, parse_query, receive_message, serve_session
-from .errors import INTERNAL_ERROR, INVALID_PAYLOAD, CloseSocket, ServerFault, close_for
+from .errors import INTERNAL_ERROR, INVALID_PAYLOAD, CloseSocket, ServerFault, close_for, upload_error_detail
 
 router = APIRouter()
 PATH = "/api/asr-streaming"
@@ -127,7 +127,7 @@ async def kyutai_post(request: Request):
     except AudioTooLong as exc:
         return JSONResponse({"detail": str(exc)}, status_code=413)
     except AudioFormatError as exc:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return JSONResponse({"detail": upload_error_detail(exc)}, status_code=400)
     messages = []
     try:
         async for event in session_events(service.running_engine, pcm, wait_seconds=settings.http_slot_wait_s,

@@ -28,6 +28,7 @@ from ..checkpoint import SAMPLE_RATE, SttModel
 from ..engine import NoFreeSlot
 from ..events import Error, Text, Word, WordEnd
 from ..service import get_service
+from .errors import upload_error_detail
 from ..formats import cues, to_srt, to_text, to_vtt
 from ..languages import NAMES, base_language, model_languages
 from ..transcribe import session_events
@@ -137,8 +138,7 @@ async def transcriptions(
     except AudioTooLong as exc:
         return _error(413, str(exc))
     except AudioFormatError as exc:
-        # what went wrong, without the decoders' own reports in parentheses (they name a temporary file)
-        return _error(400, str(exc).split(" (")[0], param="file", code="invalid_audio")
+        return _error(400, upload_error_detail(exc), param="file", code="invalid_audio")
     duration = len(pcm) / SAMPLE_RATE
     events = session_events(service.running_engine, pcm, wait_seconds=settings.http_slot_wait_s,
                             end_of_turn_threshold=settings.end_of_turn_threshold)
