@@ -337,3 +337,22 @@ async def test_deepgram_sdk_prerecorded(keyed, reference, sounds):
     with pytest.raises(ApiError) as refused:
         await deepgram_client(keyed).listen.v1.media.transcribe_file(request=b"not audio", model="nova-3")
     assert refused.value.status_code == 400 and "/tmp" not in str(refused.value.body)
+
+
+async def test_deepgram_container_audio(keyed, reference, sounds):
+    """No encoding: container audio (here Ogg/Opus as a browser records it), decoded by FFmpeg as it comes."""
+    from kyutai_stt.audio import encode_ogg_opus
+    from kyutai_stt.codecs import ContainerStreamDecoder
+
+    data = b"".join(encode_ogg_opus(sounds(1.5, 80)))
+    decoder = ContainerStreamDecoder()
+    heard = np.concatenate([decoder.feed(data), decoder.finish()])
+    want = [w.text for w in expected_words(reference.model, reference.outputs(heard))]
+    messages = []
+    async with deepgram_client(keyed).listen.v1.connect(model="nova-3") as socket:
+        for i in range(0, len(data), 700):
+            await socket.send_media(data[i:i + 700])
+        await socket.send_close_stream()
+        async for message in socket:
+            messages.append(message)
+    assert [w[0] for w in results_words(messages)] == want

@@ -49,6 +49,7 @@ from ..audio import (
 )
 from ..auth import is_authorized
 from ..checkpoint import SAMPLE_RATE
+from ..codecs import ContainerStreamDecoder
 from ..engine import NoFreeSlot
 from ..events import EndOfTurn, Error, Marker, Text, Word, WordEnd
 from ..languages import base_language, model_languages
@@ -141,7 +142,7 @@ def parse_options(params: list[tuple[str, str]], languages: tuple[str, ...], str
         if name == "encoding":
             if value not in ENCODINGS:
                 raise DeepgramError(f"encoding {value!r} is not supported here: use one of {', '.join(ENCODINGS)}, "
-                                    "or none for Ogg/Opus")
+                                    "or none for container audio (WebM/Opus, Ogg, mp3, ...)")
             options.encoding = value
         elif name == "sample_rate":
             if not re.fullmatch(r"[0-9]{4,6}", value) or not 8000 <= int(value) <= 192000:
@@ -232,10 +233,32 @@ class _RawDecoder:
         self.resampler = StreamResampler(self.rate)
         return out
 
+    end = flush
+
+    def close(self) -> None:
+        pass
+
 
 class _OggDecoder(OggOpusDecoder):
     def flush(self) -> np.ndarray:
+        return np.zeros(0, np.float32)  # Ogg pages decode whole: nothing is held back
+
+    def end(self) -> np.ndarray:
         return np.zeros(0, np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+class _ContainerDecoder(ContainerStreamDecoder):
+    """Container audio (WebM/Opus, Ogg, mp3, ...; FFmpeg probes it). ``Finalize`` cannot flush it mid-stream: the
+    audio decoded so far is flushed (the decoder's resampler holds back under 0.1 s until the end)."""
+
+    def flush(self) -> np.ndarray:
+        return np.zeros(0, np.float32)
+
+    def end(self) -> np.ndarray:
+        return self.finish()
 
 
 def _decoder(options: ListenOptions):
@@ -246,6 +269,8 @@ def _decoder(options: ListenOptions):
             except ImportError:
                 raise DeepgramError(f"encoding={options.encoding} is not available on this server yet") from None
         return _RawDecoder(options.encoding, options.sample_rate)
+    if options.encoding is None:
+        return _ContainerDecoder(None)
     return _OggDecoder()
 
 
@@ -368,7 +393,7 @@ async def listen_socket(ws: WebSocket) -> None:
             try:
                 if data is not None:
                     if not data:  # Deepgram's older close signal
-                        session.push_pcm(decoder.flush())
+                        session.push_pcm(decoder.end())
                         session.end()
                         return
                     digest.update(data)
@@ -380,13 +405,13 @@ async def listen_socket(ws: WebSocket) -> None:
                     raise _DataError('unknown message: send audio as binary messages, or a JSON control '
                                      '{"type": "KeepAlive" | "Finalize" | "CloseStream"}') from None
                 if isinstance(control, CloseStream):
-                    session.push_pcm(decoder.flush())
+                    session.push_pcm(decoder.end())
                     session.end()
                     return
                 if isinstance(control, Finalize):
                     finalize()
             except AudioFormatError as exc:
-                raise _DataError(f"the audio could not be decoded as {options.encoding or 'Ogg/Opus'}: {exc}") from None
+                raise _DataError(f"the audio could not be decoded as {options.encoding or 'container audio'}: {exc}") from None
             except SessionLimitError as exc:
                 raise _DataError(str(exc)) from None
 
@@ -413,6 +438,8 @@ async def listen_socket(ws: WebSocket) -> None:
         except _DataError as exc:
             await _send_error(ws, "DATA-0000", str(exc))
             raise CloseSocket(POLICY_VIOLATION, "DATA-0000") from None
+        finally:
+            decoder.close()  # a container decoder's helper thread
 
     await serve_session(ws, session, receive_or_report, send)
 
