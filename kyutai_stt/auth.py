@@ -1,6 +1,6 @@
 """API keys: one check for every endpoint, compared in constant time.
 
-A key may come as ``Authorization: Bearer KEY`` (OpenAI clients), ``kyutai-api-key: KEY`` (Kyutai clients), or the
+A key may come as ``Authorization: Bearer KEY`` (OpenAI clients), ``Authorization: Token KEY`` (Deepgram clients), ``kyutai-api-key: KEY`` (Kyutai clients), or the
 query parameter ``auth_id=KEY`` / ``api_key=KEY`` (browsers cannot set WebSocket headers). With no key configured,
 everything is open.
 """
@@ -14,8 +14,9 @@ from starlette.requests import HTTPConnection
 
 def provided_key(conn: HTTPConnection) -> str | None:
     authorization = conn.headers.get("authorization", "")
-    if authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() in ("bearer", "token"):  # "Token KEY": Deepgram's clients
+        return credentials.strip()
     return conn.headers.get("kyutai-api-key") or conn.query_params.get("auth_id") or conn.query_params.get("api_key")
 
 

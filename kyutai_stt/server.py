@@ -78,6 +78,9 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
 
     for protocol in (seed, events_ws, kyutai, openai):
         app.include_router(protocol.router)
+    from .protocols import deepgram, openai_realtime
+    app.include_router(deepgram.router)
+    app.include_router(openai_realtime.router)
     mount_ui(app)  # the browser page at / and its assets at /static
 
     @app.get("/status")

@@ -1,0 +1,358 @@
+"""Voice-agent protocols with their real client packages: Deepgram's /v1/listen (deepgram-sdk, LiveKit's plugin)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+from deepgram import AsyncDeepgramClient
+from deepgram.environment import DeepgramClientEnvironment
+from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results
+
+from kyutai_stt.checkpoint import FRAME_SIZE, SAMPLE_RATE
+from kyutai_stt.engine import flush_frame_count
+from kyutai_stt.events import Word, WordEnd
+from kyutai_stt.words import WordAssembler, pair_words
+
+from .conftest import FLUSH_SECONDS, start_server
+from .helpers import expected_words
+
+KEY = "agents-key"
+
+
+@pytest.fixture(scope="module")
+def keyed(checkpoint_dir):
+    with start_server(checkpoint_dir, slots=4, api_keys=[KEY]) as running:
+        yield running
+
+
+def int16(pcm: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """linear16 bytes and the float audio the server decodes from them."""
+    samples = np.clip(np.round(pcm * 32768), -32768, 32767).astype("<i2")
+    return samples.tobytes(), samples.astype(np.float32) / 32768
+
+
+def deepgram_client(server) -> AsyncDeepgramClient:
+    env = DeepgramClientEnvironment(base=server.http, production=server.ws, agent=server.ws, agent_rest=server.http)
+    return AsyncDeepgramClient(api_key=KEY, environment=env)
+
+
+def words_after_finalize(reference, first: np.ndarray, second: np.ndarray):
+    """What a client must get for `first`, Finalize, `second`, CloseStream: the server hears `first`, the engine's
+    flush silence, then `second`; times are given without that silence, and the words before Finalize end by then."""
+    model = reference.model
+    pad = -len(first) % FRAME_SIZE
+    silence = pad + (flush_frame_count(model, FLUSH_SECONDS) + 1) * FRAME_SIZE
+    heard = np.concatenate([first, np.zeros(silence, np.float32), second])
+    at, length = len(first) / SAMPLE_RATE, silence / SAMPLE_RATE
+
+    def shift(t):
+        return max(at, t - length) if t > at else t
+
+    before = finalized_words(model, reference.outputs(first))
+    full = expected_words(model, reference.outputs(heard))
+    out = [(w.text, round(shift(w.start), 4), round(max(shift(w.start), min(w.end, at)), 4)) for w in before]
+    out += [(w.text, round(shift(w.start), 4), round(shift(w.end), 4)) for w in full[len(before):]]
+    return out, len(before)
+
+
+def finalized_words(model, outputs):
+    """The words a flush without end makes final: those complete by the end of the flush (a word whose pieces are
+    still coming stays open, as it would at a real Deepgram); the last one ends where the audio ended."""
+    assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
+    events = [e for out in outputs for e in assembler.feed(out.frame, out.token) if isinstance(e, (Word, WordEnd))]
+    if events and isinstance(events[-1], Word):
+        events.append(WordEnd(stop_time=math.inf))  # cut to the end of the audio by the caller
+    return pair_words(events)
+
+
+def results_words(messages):
+    return [(w.punctuated_word, round(w.start, 4), round(w.end, 4))
+            for m in messages if isinstance(m, ListenV1Results) and m.is_final
+            for w in m.channel.alternatives[0].words]
+
+
+async def test_deepgram_sdk_live_finalize_and_close(keyed, reference, sounds):
+    first, second = int16(sounds(1.6, 71)), int16(sounds(1.2, 72))
+    want, count_before = words_after_finalize(reference, first[1], second[1])
+    messages = []
+    async with deepgram_client(keyed).listen.v1.connect(
+            model="nova-3", encoding="linear16", sample_rate=24000, channels=1, interim_results="true",
+            punctuate="true", language="en-US", vad_events="true", utterance_end_ms=1000) as socket:
+        for i in range(0, len(first[0]), 3840):
+            await socket.send_media(first[0][i:i + 3840])
+        await socket.send_finalize()
+        async for message in socket:
+            messages.append(message)
+            if isinstance(message, ListenV1Results) and message.from_finalize:
+                break
+        assert results_words(messages) == want[:count_before]
+        for i in range(0, len(second[0]), 3840):
+            await socket.send_media(second[0][i:i + 3840])
+        await socket.send_keep_alive()
+        await socket.send_close_stream()
+        async for message in socket:
+            messages.append(message)
+    assert results_words(messages) == want
+    assert isinstance(messages[-1], ListenV1Metadata)
+    assert messages[-1].duration == pytest.approx((len(first[1]) + len(second[1])) / SAMPLE_RATE, abs=1e-3)
+    interims = [m for m in messages if isinstance(m, ListenV1Results) and not m.is_final]
+    assert interims and all(m.channel.alternatives[0].transcript for m in interims)
+
+
+async def test_deepgram_bad_query_and_bad_data(keyed, reference, sounds):
+    client = deepgram_client(keyed)
+    from deepgram.core.api_error import ApiError
+
+    with pytest.raises(ApiError) as refused:
+        async with client.listen.v1.connect(model="nova-3", encoding="flac", sample_rate=16000):
+            pass
+    assert refused.value.status_code == 400
+    with pytest.raises(ApiError) as unauthorized:
+        async with AsyncDeepgramClient(api_key="wrong", environment=DeepgramClientEnvironment(
+                base=keyed.http, production=keyed.ws, agent=keyed.ws, agent_rest=keyed.http)).listen.v1.connect(
+                model="nova-3", encoding="linear16", sample_rate=16000):
+            pass
+    assert unauthorized.value.status_code == 401
+    # bad data gets Deepgram's Error message and close 1008, while another stream goes on untouched
+    data, heard = int16(sounds(1.2, 78))
+    want = [(w.text, round(w.start, 4), round(w.end, 4))
+            for w in expected_words(reference.model, reference.outputs(heard))]
+
+    async def good():
+        messages = []
+        async with client.listen.v1.connect(model="nova-3", encoding="linear16", sample_rate=24000) as socket:
+            for i in range(0, len(data), 2400):
+                await socket.send_media(data[i:i + 2400])
+                await asyncio.sleep(0.01)
+            await socket.send_close_stream()
+            async for message in socket:
+                messages.append(message)
+        return results_words(messages)
+
+    async def bad():
+        async with websockets.connect(keyed.ws + "/v1/listen?encoding=opus",
+                                      additional_headers={"Authorization": f"Token {KEY}"}) as ws:
+            await ws.send(b"not an ogg page at all")
+            error = await ws.recv()
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+        return error, closed.value.rcvd.code
+
+    words, (error, code) = await asyncio.gather(good(), bad())
+    assert '"type":"Error"' in error and "DATA-0000" in error and code == 1008
+    assert words == want
+    async with websockets.connect(keyed.ws + "/v1/listen?encoding=linear16&sample_rate=16000",
+                                  additional_headers={"Authorization": f"Token {KEY}"}) as ws:
+        await ws.send('{"type": "Reconfigure"}')
+        assert "DATA-0000" in await ws.recv()
+
+
+async def test_livekit_deepgram_plugin(keyed, reference, sounds):
+    import aiohttp
+    from livekit import rtc
+    from livekit.agents.stt import SpeechEventType
+    from livekit.plugins import deepgram as lk_deepgram
+
+    data, heard = int16(sounds(2.0, 73))
+    want = [w.text for w in expected_words(reference.model, reference.outputs(heard))]
+    async with aiohttp.ClientSession() as http:
+        stt = lk_deepgram.STT(api_key=KEY, base_url=keyed.http + "/v1/listen", sample_rate=24000, language="en-US",
+                              interim_results=True, http_session=http)
+        stream = stt.stream()
+        step = 2400 * 2
+        for i in range(0, len(data), step):
+            chunk = data[i:i + step]
+            stream.push_frame(rtc.AudioFrame(data=chunk, sample_rate=24000, num_channels=1,
+                                             samples_per_channel=len(chunk) // 2))
+        stream.end_input()
+        finals = []
+
+        async def read():
+            async for event in stream:
+                if event.type == SpeechEventType.FINAL_TRANSCRIPT:
+                    finals.append(event.alternatives[0].text)
+
+        await asyncio.wait_for(read(), 120)
+        await stream.aclose()
+    assert finals == want  # one final result per word, in order
+
+
+def test_openai_file_parameters(keyed, reference, sounds, tmp_path):
+    import io
+
+    import openai
+    import soundfile
+
+    pcm = sounds(1.0, 74)
+    path = tmp_path / "clip.wav"
+    buffer = io.BytesIO()
+    soundfile.write(buffer, pcm, 24000, format="WAV", subtype="FLOAT")
+    path.write_bytes(buffer.getvalue())
+    client = openai.OpenAI(base_url=keyed.http + "/v1", api_key=KEY, timeout=300)
+    # the tiny checkpoint has stt-1b's timing: English and French
+    french = client.audio.transcriptions.create(model="m", file=path.open("rb"), language="fr",
+                                                response_format="verbose_json", temperature=0)
+    assert french.language == "french"
+    assert french.text == " ".join(w.text for w in expected_words(reference.model, reference.outputs(pcm)))
+    refusals = {"language": dict(language="de"), "prompt": dict(prompt="hello"), "temperature": dict(temperature=0.7),
+                "include": dict(include=["logprobs"]), "chunking_strategy": dict(chunking_strategy={"type": "server_vad"})}
+    for param, kwargs in refusals.items():
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.audio.transcriptions.create(model="m", file=path.open("rb"), **kwargs)
+        assert refused.value.status_code == 400 and refused.value.body["param"] == param, param
+    with pytest.raises(openai.BadRequestError) as translation:
+        client.audio.translations.create(model="m", file=path.open("rb"))
+    assert "translation is not supported" in translation.value.body["message"]
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF not really a wave file")
+    with pytest.raises(openai.BadRequestError) as undecodable:
+        client.audio.transcriptions.create(model="m", file=bad.open("rb"))
+    assert "/tmp" not in undecodable.value.body["message"] and undecodable.value.body["param"] == "file"
+    response = httpx.post(keyed.http + "/v1/audio/transcriptions", headers={"Authorization": f"Bearer {KEY}"},
+                          data={"temperature": "warm"}, files={"file": ("a.wav", path.read_bytes())})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
+
+
+async def test_openai_realtime_transcription(keyed, reference, sounds):
+    import base64
+
+    import openai
+
+    data, heard = int16(sounds(1.6, 75))
+    want = [w.text for w in expected_words(reference.model, reference.outputs(heard))]
+    client = openai.AsyncOpenAI(base_url=keyed.http + "/v1", api_key=KEY)
+    async with client.realtime.connect(extra_query={"intent": "transcription"}) as connection:
+        created = await connection.recv()
+        assert created.type == "session.created"
+        await connection.session.update(session={"type": "transcription", "audio": {"input": {
+            "format": {"type": "audio/pcm", "rate": 24000}, "transcription": {"model": "kyutai", "language": "en"},
+            "turn_detection": {"type": "server_vad"}}}})
+        assert (await connection.recv()).type == "session.updated"
+        # bad input: an error event, and the session goes on
+        await connection.session.update(session={"type": "transcription", "audio": {"input": {
+            "transcription": {"language": "de"}}}})
+        refused = await connection.recv()
+        assert refused.type == "error" and refused.error.param == "session.audio.input.transcription.language"
+        for i in range(0, len(data), 4800):
+            await connection.input_audio_buffer.append(audio=base64.b64encode(data[i:i + 4800]).decode())
+        await connection.input_audio_buffer.commit()
+        deltas, completed, kinds = {}, [], []
+        async for event in connection:
+            kinds.append(event.type)
+            if event.type == "conversation.item.input_audio_transcription.delta":
+                deltas[event.item_id] = deltas.get(event.item_id, "") + event.delta
+            elif event.type == "conversation.item.input_audio_transcription.completed":
+                completed.append(event.transcript)
+                assert deltas.pop(event.item_id, "") == event.transcript  # the deltas spell the item's transcript
+                if sum(len(t.split()) for t in completed) >= len(" ".join(want).split()):
+                    break
+    assert " ".join(completed) == " ".join(want)
+    assert kinds[0] == "input_audio_buffer.speech_started" and "input_audio_buffer.committed" in kinds
+
+
+async def test_pipecat_deepgram_stt_service(keyed, reference, sounds):
+    from pipecat.frames.frames import (
+        InputAudioRawFrame,
+        TranscriptionFrame,
+        VADUserStoppedSpeakingFrame,
+    )
+    from pipecat.pipeline.task import PipelineParams
+    from pipecat.services.deepgram.stt import DeepgramSTTService
+    from pipecat.tests.utils import SleepFrame, run_test
+
+    data, heard = int16(sounds(1.6, 76))
+    want = [w.text for w in finalized_words(reference.model, reference.outputs(heard))]
+    stt = DeepgramSTTService(api_key=KEY, base_url=keyed.http, sample_rate=24000)
+    audio = [InputAudioRawFrame(audio=data[i:i + 4800], sample_rate=24000, num_channels=1)
+             for i in range(0, len(data), 4800)]
+    # the user stops speaking: Pipecat sends Finalize, and every word comes as a final transcription
+    down, _ = await run_test(stt, frames_to_send=[*audio, VADUserStoppedSpeakingFrame(), SleepFrame(sleep=20)],
+                             pipeline_params=PipelineParams(audio_in_sample_rate=24000), start_timeout=10)
+    assert [f.text for f in down if isinstance(f, TranscriptionFrame)] == want
+
+
+async def test_deepgram_mulaw_8k_and_utterance_end(keyed, reference, sounds):
+    import io
+
+    import soundfile
+
+    from kyutai_stt.audio import StreamResampler
+    from kyutai_stt.codecs import g711_decode
+    from kyutai_stt.session import END_OF_TURN_HEAD
+
+    source = sounds(2.4, 77)
+    narrow = StreamResampler(24000, 8000)
+    pcm8k = np.concatenate([narrow.feed(source), narrow.flush()])
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.clip(pcm8k, -1, 1), 8000, format="RAW", subtype="ULAW")
+    data = buffer.getvalue()
+    wide = StreamResampler(8000)
+    heard = np.concatenate([wide.feed(g711_decode(data, "mulaw")), wide.flush()])
+    outputs = reference.outputs(heard)
+    want = [w.text for w in expected_words(reference.model, outputs)]
+    # the VAD head's ends of turn, as the session finds them (threshold crossed upwards after some words)
+    threshold = keyed.app.state.service.settings.end_of_turn_threshold
+    ends, last, words = 0, 1.0, 0
+    assembler = WordAssembler(reference.model.tokenizer.id_to_piece, reference.model.delay_frames)
+    for out in outputs:
+        words += sum(isinstance(e, Word) for e in assembler.feed(out.frame, out.token))
+        pause = out.pauses[END_OF_TURN_HEAD]
+        if pause >= threshold > last and words:
+            ends, words = ends + 1, 0
+        last = pause
+    messages = []
+    async with deepgram_client(keyed).listen.v1.connect(
+            model="nova-3", encoding="mulaw", sample_rate=8000, interim_results="true", utterance_end_ms=1000) as socket:
+        for i in range(0, len(data), 800):
+            await socket.send_media(data[i:i + 800])
+        await socket.send_close_stream()
+        async for message in socket:
+            messages.append(message)
+    assert [w for m in messages if isinstance(m, ListenV1Results) and m.is_final
+            for w in [m.channel.alternatives[0].words[0].punctuated_word]] == want
+    assert ends and sum(getattr(m, "type", "") == "UtteranceEnd" for m in messages) == ends
+
+
+async def test_deepgram_sdk_prerecorded(keyed, reference, sounds):
+    import io
+
+    import soundfile
+
+    pcm = sounds(1.5, 79)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, pcm, 24000, format="WAV", subtype="FLOAT")
+    response = await deepgram_client(keyed).listen.v1.media.transcribe_file(
+        request=buffer.getvalue(), model="nova-3", punctuate=True, language="en")
+    words = response.results.channels[0].alternatives[0].words
+    want = expected_words(reference.model, reference.outputs(pcm))
+    assert [(w.punctuated_word, round(w.start, 4), round(w.end, 4)) for w in words] == \
+        [(w.text, round(w.start, 4), round(w.end, 4)) for w in want]
+    from deepgram.core.api_error import ApiError
+
+    with pytest.raises(ApiError) as refused:
+        await deepgram_client(keyed).listen.v1.media.transcribe_file(request=b"not audio", model="nova-3")
+    assert refused.value.status_code == 400 and "/tmp" not in str(refused.value.body)
+
+
+async def test_deepgram_container_audio(keyed, reference, sounds):
+    """No encoding: container audio (here Ogg/Opus as a browser records it), decoded by FFmpeg as it comes."""
+    from kyutai_stt.audio import encode_ogg_opus
+    from kyutai_stt.codecs import ContainerStreamDecoder
+
+    data = b"".join(encode_ogg_opus(sounds(1.5, 80)))
+    decoder = ContainerStreamDecoder()
+    heard = np.concatenate([decoder.feed(data), decoder.finish()])
+    want = [w.text for w in expected_words(reference.model, reference.outputs(heard))]
+    messages = []
+    async with deepgram_client(keyed).listen.v1.connect(model="nova-3") as socket:
+        for i in range(0, len(data), 700):
+            await socket.send_media(data[i:i + 700])
+        await socket.send_close_stream()
+        async for message in socket:
+            messages.append(message)
+    assert [w[0] for w in results_words(messages)] == want
