@@ -87,3 +87,31 @@ def test_setting():
     assert not resolve_mode("cuda", "off") and resolve_mode("cuda", "on")
     with pytest.raises(ValueError):
         resolve_mode("cuda", "sometimes")
+
+
+def test_the_real_lm_is_batch_invariant_in_the_mode(checkpoint_dir):
+    """moshi's LM (tiny checkpoint) through the mode: row 1 of a 3-row batch equals the same input at batch 1, bit
+    for bit (tokens and VAD probabilities); without the mode PyTorch's CPU kernels differ in the last bits. This
+    checks that the mode covers every batch-dependent operator the LM reaches."""
+    from moshi.models import LMGen
+
+    from kyutai_stt.checkpoint import load_model
+
+    model = load_model(str(checkpoint_dir), "cpu", "float32")
+    codes = torch.randint(0, 2048, (3, 32, 2), generator=g)
+
+    def run(rows):
+        lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
+        out = []
+        with lm_gen.streaming(len(rows)):
+            for t in range(codes.shape[2]):
+                tokens, heads = lm_gen.step_with_extra_heads(codes[rows, :, t:t + 1])
+                out.append((tokens[:, 0, 0].clone(), torch.stack([h[:, 0, 0] for h in heads], 1).clone()))
+        return out
+
+    with batch_invariant_mode("CPU"):
+        batched, alone = run([0, 1, 2]), run([1])
+    for (tokens, pauses), (tokens_1, pauses_1) in zip(batched, alone):
+        assert torch.equal(tokens[1:2], tokens_1) and torch.equal(pauses[1:2], pauses_1)
+    plain_batched, plain_alone = run([0, 1, 2]), run([1])
+    assert any(not torch.equal(p[1:2], q) for (_, p), (_, q) in zip(plain_batched, plain_alone))
