@@ -71,6 +71,8 @@ def test_the_mode_routes_torch_operators_to_the_kernels():
         got = F.linear(x, w)
         biased = linear(x)
         mean = torch.mean(x ** 2, dim=2, keepdim=True)
+        total = torch.sum(x, dim=(0, 2))
+        distances = torch.cdist(x[None, 0], w[None, :4], p=2)[0]  # Mimi's quantizer: squared norms + mm
         soft = torch.softmax(x, dim=-1)
         q = randn(2, 2, 1, 16)
         attn = F.scaled_dot_product_attention(q, q, q, torch.ones(2, 1, 1, 1, dtype=torch.bool))
@@ -78,6 +80,8 @@ def test_the_mode_routes_torch_operators_to_the_kernels():
     assert torch.equal(got, kernels.matmul(x.reshape(15, 32), w.t()).reshape(5, 3, 24))
     assert torch.equal(biased, kernels.matmul(x.reshape(15, 32), linear.weight.t(), linear.bias).reshape(5, 3, 24))
     assert torch.equal(mean, kernels.row_mean(x ** 2)[..., None])
+    assert torch.equal(total, kernels.row_sum(x.permute(1, 0, 2).reshape(3, -1)))
+    torch.testing.assert_close(distances, torch.cdist(x[None, 0], w[None, :4], p=2)[0], rtol=1e-4, atol=1e-4)
     assert torch.equal(soft, kernels.softmax(x))
     assert torch.equal(attn, kernels.attention(q, q, q, torch.ones(2, 1, 1, 1, dtype=torch.bool)))
 

@@ -30,8 +30,8 @@ __all__ = ["batch_invariant_mode", "enabled_for", "resolve_mode", "is_active", "
 
 MODES = ("auto", "on", "off")
 # aten operators replaced in the mode (what Mimi's encoder and the LM reach through nn.Linear, F.conv1d, RMSNorm's
-# mean, the VAD heads' softmax and F.scaled_dot_product_attention).
-OPERATORS = ("aten::mm", "aten::addmm", "aten::mean.dim", "aten::_softmax", "aten::convolution",
+# mean, the quantizer's squared norms (torch.cdist), the VAD heads' softmax and F.scaled_dot_product_attention).
+OPERATORS = ("aten::mm", "aten::addmm", "aten::mean.dim", "aten::sum.dim_IntList", "aten::_softmax", "aten::convolution",
              "aten::scaled_dot_product_attention")
 
 
@@ -67,15 +67,26 @@ def _impls():
             return kernels.matmul(a, b, bias)
         return bias * beta + kernels.matmul(a, b) * alpha
 
+    def reduce(x, dim, keepdim, dtype, mean):
+        """Any reduction dims: moved last and flattened, so each output element is one row of the kernel."""
+        dims = sorted({d % x.dim() for d in dim}) if dim else list(range(x.dim()))
+        kept = [d for d in range(x.dim()) if d not in dims]
+        if not x.is_floating_point():  # integer sums are exact in any order (cumsum: not overridden)
+            flat = x.permute(*kept, *dims).reshape(*[x.shape[d] for d in kept], -1)
+            out = flat.to(dtype or torch.int64).cumsum(-1)[..., -1] if flat.shape[-1] else flat.new_zeros(flat.shape[:-1])
+        else:
+            flat = x.permute(*kept, *dims).reshape(*[x.shape[d] for d in kept], -1)
+            out = kernels._row_reduce(flat, mean, dtype)
+        if keepdim:
+            for d in dims:
+                out = out.unsqueeze(d)
+        return out
+
     def mean_dim(x, dim, keepdim=False, *, dtype=None):
-        dims = [d % x.dim() for d in (dim or range(x.dim()))]
-        if dims == [x.dim() - 1] and x.is_floating_point() and dtype in (None, x.dtype):
-            out = kernels.row_mean(x)
-            return out.unsqueeze(-1) if keepdim else out
-        count = 1
-        for d in dims:
-            count *= x.shape[d]
-        return (torch.sum(x, dim=dims, keepdim=keepdim, dtype=torch.float32) / count).to(dtype or x.dtype)
+        return reduce(x, dim, keepdim, dtype, True)
+
+    def sum_dim(x, dim, keepdim=False, *, dtype=None):
+        return reduce(x, dim, keepdim, dtype, False)
 
     def softmax(x, dim, half_to_float):
         if half_to_float:
@@ -101,7 +112,7 @@ def _impls():
                 q, k, v, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
         return kernels.attention(q, k, v, attn_mask, scale)
 
-    return {"mm": mm, "addmm": addmm, "mean.dim": mean_dim, "_softmax": softmax, "convolution": convolution,
+    return {"mm": mm, "addmm": addmm, "mean.dim": mean_dim, "sum.dim_IntList": sum_dim, "_softmax": softmax, "convolution": convolution,
             "scaled_dot_product_attention": sdpa}
 
 

@@ -60,22 +60,32 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -
 
 
 @triton.jit
-def _row_mean_kernel(x_ptr, out_ptr, n_cols, stride_row, BLOCK: tl.constexpr):
+def _row_sum_kernel(x_ptr, out_ptr, n_cols, stride_row, divisor, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         acc += tl.load(x_ptr + row * stride_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row, (tl.sum(acc, axis=0) / n_cols).to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + row, (tl.sum(acc, axis=0) / divisor).to(out_ptr.dtype.element_ty))
 
 
-def row_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over the last dimension, one program per row: [..., C] -> [...] (RMS norm's reduction)."""
+def _row_reduce(x: torch.Tensor, mean: bool, out_dtype: torch.dtype | None) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.empty(rows.shape[0], device=x.device, dtype=x.dtype)
+    out = torch.empty(rows.shape[0], device=x.device, dtype=out_dtype or x.dtype)
     if rows.shape[0]:
-        _row_mean_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), BLOCK=ROW_BLOCK)
+        divisor = float(rows.shape[1]) if mean else 1.0
+        _row_sum_kernel[(rows.shape[0],)](rows, out, rows.shape[1], rows.stride(0), divisor, BLOCK=ROW_BLOCK)
     return out.reshape(x.shape[:-1])
+
+
+def row_mean(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mean over the last dimension, one program per row: [..., C] -> [...] (RMS norm's reduction)."""
+    return _row_reduce(x, True, dtype)
+
+
+def row_sum(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sum over the last dimension, one program per row (the quantizer's squared norms in torch.cdist)."""
+    return _row_reduce(x, False, dtype)
 
 
 @triton.jit
