@@ -14,6 +14,11 @@ Conventions (equal to ``reference.reference_outputs``, a plain single-stream loo
   which lags the audio by the model's delay, comes out. Models with a silence prefix get it before the audio.
 - Mimi's encoder attention always sees its full 10 s context, whether it is given one frame per call or several
   (``attention_cache``); moshi's default cache drops a few of the oldest keys for multi-step calls.
+
+Neighbour invariance: every step runs the full batch of ``slots`` rows, so shapes never change with the load, and a
+row's result must not depend on its slot or on the other rows. On the CPU that holds bit for bit once MKL runs in
+strict reproducible mode (``batch_invariant.mkl``); on CUDA it needs the batch-invariant kernels
+(``batch_invariant``, setting ``KYUTAI_STT_BATCH_INVARIANT``), which the reference loop uses too.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 from moshi.models import LMGen
 from moshi.modules.streaming import StreamingModule
 
+from . import batch_invariant
 from .attention_cache import fit_encoder_attention
 from .checkpoint import FRAME_RATE, FRAME_SIZE, SttModel
 
@@ -195,7 +201,9 @@ def flush_frame_count(model: SttModel, flush_seconds: float) -> int:
 
 
 class Engine:
-    def __init__(self, model: SttModel, slots: int, flush_seconds: float = 0.5, frames_per_step: int = 1):
+    def __init__(self, model: SttModel, slots: int, flush_seconds: float = 0.5, frames_per_step: int = 1,
+                 batch_invariant_mode: str | None = None):
+        """``batch_invariant_mode``: auto/on/off, default ``$KYUTAI_STT_BATCH_INVARIANT`` (see ``batch_invariant``)."""
         self.model = model
         self.batch_size = slots
         # Frames each stream advances per step. More than 1 amortises Mimi's per-call cost (a big win on CPU)
@@ -214,6 +222,9 @@ class Engine:
         self._last_step_seconds = 0.0
         self.fault_injector: Callable[[], None] | None = None  # tests: raise inside a step
         device = model.device
+        if device.type == "cpu" and batch_invariant.enable_strict_cnr() is False:
+            log.warning("MKL is not in strict reproducible mode: a stream's VAD probabilities may depend on its slot")
+        self.batch_invariant = batch_invariant.resolve_mode(device, batch_invariant_mode)
         self._lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
         # STT only encodes: keep Mimi's decoder side out of streaming mode, so no decoder state (its transformer's
         # KV cache is 7.8 MiB per slot) is allocated for any slot.
@@ -224,6 +235,7 @@ class Engine:
         fit_encoder_attention(model.mimi, frames_per_step)
         # moshi keeps streaming state on the modules; stop() leaves streaming mode so the model can be reused.
         self._streaming = ExitStack()
+        self._streaming.enter_context(batch_invariant.enabled_for(device, "on" if self.batch_invariant else "off"))
         self._streaming.enter_context(model.mimi.streaming(slots))
         self._streaming.enter_context(self._lm_gen.streaming(slots))
         # On CUDA, audio goes to the device through one reused page-locked buffer (an asynchronous copy); the

@@ -4,7 +4,8 @@ Every stream the engine serves must get exactly these outputs for the same audio
 It follows the engine's documented conventions (see ``engine``): the first frame is stepped twice (as
 ``moshi.run_inference`` does), a partial last frame is zero-padded and the flush silence is appended. Mimi's
 encoder attention keeps its whole context (``attention_cache``), so its codes do not depend on call sizes.
-It needs its own model instance: moshi keeps streaming state on the modules themselves.
+It needs its own model instance: moshi keeps streaming state on the modules themselves. It runs in the same
+batch-invariant mode as the engine (``batch_invariant``), so "exact" means the same thing on every device.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from moshi.models import LMGen
 
+from . import batch_invariant
 from .attention_cache import fit_encoder_attention
 from .checkpoint import FRAME_SIZE, SttModel
 from .engine import StepOutput, flush_frame_count
@@ -32,9 +34,10 @@ def padded_stream(model: SttModel, pcm: np.ndarray, flush_seconds: float) -> np.
 
 @torch.no_grad()
 def reference_outputs(model: SttModel, pcm: np.ndarray, flush_seconds: float = 0.5,
-                      mimi_frames_per_call: int = 1) -> list[StepOutput]:
+                      mimi_frames_per_call: int = 1, batch_invariant_mode: str | None = None) -> list[StepOutput]:
     """``mimi_frames_per_call`` > 1 encodes several frames per Mimi call: the same codes (Mimi is causal and its
-    attention keeps its whole context whatever the call size), much faster for hours of audio."""
+    attention keeps its whole context whatever the call size), much faster for hours of audio.
+    ``batch_invariant_mode``: auto/on/off as for ``Engine`` (default ``$KYUTAI_STT_BATCH_INVARIANT``)."""
     audio = torch.from_numpy(padded_stream(model, pcm, flush_seconds)).to(model.device)
     frames = audio.numel() // FRAME_SIZE
     per_call = mimi_frames_per_call
@@ -42,7 +45,8 @@ def reference_outputs(model: SttModel, pcm: np.ndarray, flush_seconds: float = 0
     lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
     fit_encoder_attention(model.mimi, per_call)
     outputs: list[StepOutput] = []
-    with model.mimi.streaming(1), lm_gen.streaming(1):
+    with batch_invariant.enabled_for(model.device, batch_invariant_mode), model.mimi.streaming(1), \
+            lm_gen.streaming(1):
         for chunk in audio.view(-1, per_call * FRAME_SIZE):
             codes = model.mimi.encode(chunk[None, None])
             for j in range(per_call):
