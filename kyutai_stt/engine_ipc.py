@@ -38,6 +38,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from .metrics import name_os_thread
 from .engine import (Engine, EngineEvent, EngineStats, EngineStopped, NoFreeSlot, StepOutput, StreamClosed,
                      StreamEnd, StreamFailed, StreamHandle)
 
@@ -351,7 +352,7 @@ class EngineClient:
         self._last_heard = time.monotonic()
         self._engine_alive = True
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="kyutai-stt-engine-client", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="stt-ipc-client", daemon=True)
         self._thread.start()
         if not self._info_ready.wait(connect_timeout):
             self.stop()
@@ -450,6 +451,7 @@ class EngineClient:
         return pending.reply
 
     def _run(self) -> None:
+        name_os_thread("stt-ipc-client")
         poller = zmq.Poller()
         poller.register(self._dealer, zmq.POLLIN)
         poller.register(self._waker.read_fd, zmq.POLLIN)

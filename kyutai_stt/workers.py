@@ -145,6 +145,9 @@ class Launcher:
         log.info("worker %s started (pid %d)", worker_id, process.pid)
 
     def run(self) -> int:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()  # now, so it does not inherit a child's role variable
         os.environ.setdefault(MULTIPROCESS_ENV, os.path.join(self._folder, "metrics"))
         os.makedirs(os.environ[MULTIPROCESS_ENV], exist_ok=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
