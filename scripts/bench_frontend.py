@@ -264,8 +264,16 @@ def loadgen_process(url: str, clients: int, first: int, seconds: float, ramp: fl
         clips = [make_clip(seconds, i) for i in range(4)]
         rng = np.random.default_rng(first)
         starts = rng.uniform(0, ramp, size=clients) if ramp > 0 else np.zeros(clients)
-        return await asyncio.gather(*[run_client(url, clips[(first + i) % 4], float(starts[i]), delay_frames,
-                                                 prefix_frames) for i in range(clients)])
+        limit = ramp + seconds + 30  # an overloaded server must not stall the search: a late client fails
+
+        async def bounded(i: int) -> dict:
+            try:
+                return await asyncio.wait_for(run_client(url, clips[(first + i) % 4], float(starts[i]), delay_frames,
+                                                         prefix_frames), limit)
+            except asyncio.TimeoutError:
+                return {"error": f"no end after {limit:.0f} s", "lost": 0}
+
+        return await asyncio.gather(*[bounded(i) for i in range(clients)])
 
     Path(out).write_text(json.dumps(asyncio.run(main())))
 

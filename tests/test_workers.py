@@ -42,7 +42,8 @@ class Launcher:
         self.port = free_port()
         self.http = f"http://127.0.0.1:{self.port}"
         self.ws = f"ws://127.0.0.1:{self.port}"
-        env = dict(os.environ, KYUTAI_STT_FLUSH_SECONDS=str(FLUSH_SECONDS), KYUTAI_STT_SHUTDOWN_FLUSH_S="30")
+        env = dict(os.environ, KYUTAI_STT_FLUSH_SECONDS=str(FLUSH_SECONDS), KYUTAI_STT_SHUTDOWN_FLUSH_S="30",
+                   KYUTAI_STT_IDLE_TIMEOUT_S="600")  # a busy machine may leave an opened stream idle a while
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "kyutai_stt.cli", "serve", "--model", str(checkpoint_dir), "--device", "cpu",
