@@ -25,6 +25,7 @@ reports the worker process gone.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -424,8 +425,7 @@ class EngineClient:
     def stop(self) -> None:
         if self._stopping:
             return
-        self._send(["bye"])
-        time.sleep(0.05)  # let the I/O thread send it
+        self._send(["bye"])  # the I/O thread sends what is queued before it closes
         self._stopping = True
         self._waker.wake()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
@@ -486,6 +486,9 @@ class EngineClient:
                         time.monotonic() - self._last_heard > DEAD_AFTER_SECONDS:
                     self._engine_gone()
         finally:
+            if self._outbox:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._push.send(msgpack.packb([self.worker_id, *self._outbox]))
             self._push.close(linger=200)
             self._dealer.close(linger=0)
             self._ctx.term()

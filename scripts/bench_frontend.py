@@ -253,25 +253,27 @@ async def run_client(url: str, clip: dict, start: float, delay_frames: int, pref
                 task.cancel()
     except Exception as exc:  # noqa: BLE001 - every failure is counted, none stops the others
         result["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    if not result["audio_s"]:  # no `end`: count the audio sent
+        result["audio_s"] = sum(not math.isnan(t) for t in sent_at) / len(pages) * clip["frames"] * FRAME_S
     expected = range(prefix_frames, prefix_frames + clip["frames"])
     result["lost"] = sum(1 for f in expected if f not in steps_seen)
     return result
 
 
 def loadgen_process(url: str, clients: int, first: int, seconds: float, ramp: float, delay_frames: int,
-                    prefix_frames: int, out: str) -> None:
+                    prefix_frames: int, out: str, client_timeout: float = 0.0) -> None:
     async def main():
         clips = [make_clip(seconds, i) for i in range(4)]
         rng = np.random.default_rng(first)
         starts = rng.uniform(0, ramp, size=clients) if ramp > 0 else np.zeros(clients)
-        limit = ramp + seconds + 30  # an overloaded server must not stall the search: a late client fails
+        limit = client_timeout or ramp + seconds + 30  # an overloaded server must not stall the search
 
         async def bounded(i: int) -> dict:
             try:
                 return await asyncio.wait_for(run_client(url, clips[(first + i) % 4], float(starts[i]), delay_frames,
                                                          prefix_frames), limit)
             except asyncio.TimeoutError:
-                return {"error": f"no end after {limit:.0f} s", "lost": 0}
+                return {"error": f"no end after {limit:.0f} s", "lost": 0, "audio_s": seconds}
 
         return await asyncio.gather(*[bounded(i) for i in range(clients)])
 
@@ -279,7 +281,8 @@ def loadgen_process(url: str, clients: int, first: int, seconds: float, ramp: fl
 
 
 # ============================================================================================ a probe
-def probe(server: Server, clients: int, seconds: float, ramp: float, procs: int, info: dict, folder: Path) -> dict:
+def probe(server: Server, clients: int, seconds: float, ramp: float, procs: int, info: dict, folder: Path,
+          client_timeout: float = 0.0) -> dict:
     procs = max(1, min(procs, clients))
     ctx = multiprocessing.get_context("spawn")
     share = [clients // procs + (i < clients % procs) for i in range(procs)]
@@ -288,7 +291,7 @@ def probe(server: Server, clients: int, seconds: float, ramp: float, procs: int,
     jobs, first = [], 0
     for i, n in enumerate(share):
         jobs.append(ctx.Process(target=loadgen_process, args=(server.ws, n, first, seconds, ramp, info["delay_frames"],
-                                                              info["prefix_frames"], str(outs[i]))))
+                                                              info["prefix_frames"], str(outs[i]), client_timeout)))
         first += n
     peak = {"rss_mib": 0.0, "gpu_mib": None}
     for job in jobs:
@@ -350,6 +353,8 @@ def main(
     budget_ms: float = typer.Option(200.0, help="p99 word latency beyond the model delay that still passes."),
     deadline_s: float = typer.Option(3600.0, help="Global deadline: no probe starts that would end past it."),
     startup_timeout: float = typer.Option(600.0),
+    client_timeout: float = typer.Option(0.0, help="A client with no `end` after this many seconds fails (0: ramp + "
+                                         "seconds + 30)."),
     out: Path = typer.Option(Path("bench_frontend.json")),
 ) -> None:
     """Largest client count that keeps p99 word latency <= budget beyond the delay and loses nothing, per --workers."""
@@ -383,7 +388,7 @@ def main(
                     run["stopped"] = "global deadline"
                     break
                 typer.echo(f"workers {w}: probing {n} clients", err=True)
-                result = probe(server, n, seconds, ramp, loadgen_procs, meta, folder)
+                result = probe(server, n, seconds, ramp, loadgen_procs, meta, folder, client_timeout)
                 result["pass"] = passes(result, budget_ms)
                 result["memory_idle_mib"] = memory(server.proc.pid)
                 run["probes"].append(result)
