@@ -50,7 +50,7 @@ class Launcher:
              "--dtype", "float32", "--slots", str(slots), "--workers", "2", "--port", str(self.port)],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-    def wait_ready(self, timeout: float = 400) -> None:
+    def wait_ready(self, timeout: float = 900) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.process.stderr.read()
