@@ -19,6 +19,7 @@ def test_bench_frontend_smoke(checkpoint_dir, tmp_path):
     run = subprocess.run(
         [sys.executable, "scripts/bench_frontend.py", "--model", str(checkpoint_dir), "--workers", "2",
          "--clients-start", "2", "--clients-max", "2", "--seconds", "2", "--ramp", "0.2", "--loadgen-procs", "2",
+         "--client-timeout", "600",
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=1100)
     assert run.returncode == 0, run.stderr[-3000:]
