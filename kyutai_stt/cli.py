@@ -52,6 +52,8 @@ def serve(
     record_dir: Optional[str] = typer.Option(None, help="Debug: save each session's decoded audio here."),
     api_key: Optional[list[str]] = typer.Option(None, help="Accepted API key (repeat for several) [env KYUTAI_STT_API_KEYS]."),
     log_format: Optional[str] = typer.Option(None, help="text or json [env KYUTAI_STT_LOG_FORMAT]."),
+    workers: Optional[int] = typer.Option(None, help="Front-end worker processes sharing the port, around one engine "
+                                          "process; 0: auto (cores - 1 on CUDA, 1 on CPU) [env KYUTAI_STT_WORKERS]."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs."),
 ) -> None:
     """Run the server: WebSocket streaming, HTTP transcription, browser page."""
@@ -59,8 +61,13 @@ def serve(
     from .server import serve as run_server
 
     settings = _settings(host=host, port=port, model=model, device=device, dtype=dtype, slots=slots,
-                         record_dir=record_dir, api_keys=api_key or None, log_format=log_format)
+                         record_dir=record_dir, api_keys=api_key or None, log_format=log_format, workers=workers)
     _logging(verbose, settings.log_format)
+    from .workers import default_workers, serve_workers
+
+    if (settings.workers or default_workers(settings.device)) > 1:  # one engine process, N front-end processes
+        err.print(f"kyutai-stt: open [bold]http://{settings.host}:{settings.port}/[/bold]")
+        raise typer.Exit(serve_workers(settings, settings.workers or default_workers(settings.device), verbose))
     try:
         with err.status(f"loading {settings.model} (a first run downloads it; ~2 GB for the default model)"):
             stt = load_model(settings.model, settings.device, settings.dtype)

@@ -1,28 +1,67 @@
-"""Prometheus metrics, one registry per app (tests run several apps in one process)."""
+"""Prometheus metrics: one registry per app (tests run several apps in one process), or, with several worker
+processes, prometheus_client's multiprocess mode: each process writes its values to files in
+``PROMETHEUS_MULTIPROC_DIR`` (set by the launcher before any process starts) and ``/metrics``, whichever worker
+answers it, reports their aggregate (counters and histograms summed over processes; the engine-wide gauges, set
+from the engine's own stats, are the most recent value)."""
 
 from __future__ import annotations
+
+import os
+import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 STEP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+ENGINE_THREAD_NAME = "stt-engine"
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread a kernel-visible name (``/proc/<pid>/task/<tid>/comm``, top -H, py-spy), so the CPU
+    time of each thread can be told apart from outside (scripts/bench_frontend.py). Linux only; a no-op elsewhere."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
+            comm.write(name[:15])
+    except OSError:
+        pass
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROCESS_ENV) or None
 
 
 class Metrics:
     def __init__(self) -> None:
+        self.multiprocess = multiprocess_dir() is not None
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.active_streams = Gauge("kyutai_stt_active_streams", "Streams holding a slot", registry=r)
-        self.slots_total = Gauge("kyutai_stt_slots_total", "Slots (batch size) of the engine", registry=r)
-        self.queued_clients = Gauge("kyutai_stt_queued_clients", "WebSocket clients waiting for a slot", registry=r)
-        self.engine_healthy = Gauge("kyutai_stt_engine_healthy", "1 while the engine worker is running", registry=r)
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            multiprocess.MultiProcessCollector(self.registry)
+            r = None  # values live in the shared folder; this process's objects are not collected directly
+        else:
+            r = self.registry
+        engine_wide = {"multiprocess_mode": "mostrecent"} if self.multiprocess else {}
+        per_process = {"multiprocess_mode": "livesum"} if self.multiprocess else {}
+        self.active_streams = Gauge("kyutai_stt_active_streams", "Streams holding a slot", registry=r, **engine_wide)
+        self.slots_total = Gauge("kyutai_stt_slots_total", "Slots (batch size) of the engine", registry=r,
+                                 **engine_wide)
+        self.queued_clients = Gauge("kyutai_stt_queued_clients", "WebSocket clients waiting for a slot", registry=r,
+                                    **per_process)
+        self.engine_healthy = Gauge("kyutai_stt_engine_healthy", "1 while the engine worker is running", registry=r,
+                                    **engine_wide)
         self.step_seconds = Histogram("kyutai_stt_step_duration_seconds", "Duration of one batched engine step",
                                       buckets=STEP_BUCKETS, registry=r)
         self.frames = Counter("kyutai_stt_frames_processed", "80 ms audio frames transcribed", registry=r)
         self.sessions = Counter("kyutai_stt_sessions", "Streams started, by protocol", ["protocol"], registry=r)
         self.errors = Counter("kyutai_stt_errors", "Streams or requests ended by an error, by kind", ["kind"],
                               registry=r)
+        self._named = False
 
     def on_step(self, frames: int, seconds: float) -> None:  # engine worker thread; prometheus_client is thread-safe
+        if not self._named:  # the first step tells us which thread is the engine's
+            self._named = True
+            name_os_thread(ENGINE_THREAD_NAME)
         self.step_seconds.observe(seconds)
         self.frames.inc(frames)
 

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     shutdown_flush_s: float = Field(
         15.0, ge=0, description="On SIGTERM, how long active streams get to flush their last words before closing."
     )
+    workers: int = Field(
+        0, ge=0, le=256, description="Front-end worker processes sharing the port (sockets, decoding, events), "
+        "around one engine process that owns the model. 0: auto (one per core minus one on CUDA, 1 on CPU). "
+        "1: everything in one process.",
+    )
     record_dir: str | None = Field(
         None, description="Debug: write the 24 kHz audio each session decoded to this folder as WAV files."
     )

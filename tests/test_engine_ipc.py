@@ -1,0 +1,96 @@
+"""EngineClient over real ZeroMQ ipc:// sockets to an EngineServer serving a real Engine (in threads of this
+process: the multi-process tree is tested in test_workers.py). Tokens equal the single-stream reference; slots are
+allocated by the engine only; a worker reported gone has its slots freed at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from kyutai_stt.checkpoint import FRAME_SIZE, load_model
+from kyutai_stt.engine import Engine, NoFreeSlot, StepOutput, StreamClosed, StreamEnd
+from kyutai_stt.engine_ipc import LAUNCHER_ID, EngineClient, EngineServer, Endpoints
+
+from .conftest import FLUSH_SECONDS
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint_dir, tmp_path_factory):
+    model = load_model(str(checkpoint_dir), "cpu", "float32")
+    engine = Engine(model, 2, flush_seconds=FLUSH_SECONDS, frames_per_step=2).start()
+    endpoints = Endpoints.in_folder(str(tmp_path_factory.mktemp("ipc")))
+    server = EngineServer(engine, endpoints)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    client = EngineClient(endpoints, "worker-test.1", connect_timeout=30)
+    yield engine, endpoints, client
+    client.stop()
+    server.stop()
+    thread.join(10)
+    engine.stop()
+
+
+def collect():
+    events, done = [], threading.Event()
+
+    def sink(batch):
+        events.extend(batch)
+        if any(not isinstance(e, StepOutput) for e in batch):
+            done.set()
+    return events, done, sink
+
+
+def test_tokens_exact_through_the_client(served, reference, sounds):
+    engine, _, client = served
+    assert client.batch_size == 2 and client.model.delay_frames == engine.model.delay_frames
+    assert client.model.tokenizer.id_to_piece(5) == engine.model.tokenizer.id_to_piece(5)
+    pcm = sounds(1.5, 3)
+    events, done, sink = collect()
+    handle = client.open(sink)
+    for start in range(0, pcm.size, 1000):  # odd chunks, several per frame
+        client.push(handle, pcm[start:start + 1000])
+    assert client.buffered_samples(handle) > 0
+    client.close(handle)
+    with pytest.raises(StreamClosed):
+        client.push(handle, pcm[:10])
+    assert done.wait(120)
+    assert isinstance(events[-1], StreamEnd)
+    assert [e.token for e in events if isinstance(e, StepOutput)] == reference.tokens(pcm)
+    assert client.buffered_samples(handle) == 0
+    assert client.stats().slots_in_use == 0
+
+
+def test_admission_by_the_engine_and_a_gone_worker_frees_its_slots(served):
+    engine, endpoints, client = served
+    handles = [client.open(lambda events: None) for _ in range(2)]
+    with pytest.raises(NoFreeSlot):
+        client.open(lambda events: None)
+    client.abort(handles.pop())
+    deadline = time.monotonic() + 10
+    while True:  # the abort is queued: the slot is free once the engine process handled it
+        try:
+            handles.append(client.open(lambda events: None))
+            break
+        except NoFreeSlot:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    client.push(handles[0], np.zeros(FRAME_SIZE, np.float32))
+    assert client.stats().slots_in_use == 2
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(endpoints.requests)
+    push.send(msgpack.packb([LAUNCHER_ID, ["gone", client.worker_id]]))  # what the launcher says when it died
+    push.close(linger=1000)
+    deadline = time.monotonic() + 5
+    while engine.stats().slots_in_use:
+        assert time.monotonic() < deadline, "the gone worker's slots were not freed"
+        time.sleep(0.02)
+    # the worker (still alive here) is told its streams were dropped when it feeds them again
+    events, done, sink = collect()
+    client._streams[(handles[0].slot, handles[0].stream_id)].sink = sink
+    client.push(handles[0], np.zeros(FRAME_SIZE, np.float32))
+    assert done.wait(10) and events[-1].reason == "the stream was dropped"
