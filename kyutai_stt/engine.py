@@ -70,6 +70,40 @@ class StreamFailed:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class StepTiming:
+    """Where one engine step's time went, in seconds (``Engine.add_step_timing_listener``; benchmarks).
+
+    While a timing listener is registered the worker synchronises the device after each part, so on CUDA each part
+    is that part's own device time, and the step is a little slower than without (one sync per part instead of one
+    per step). On the CPU the parts are plain wall-clock time."""
+
+    frames: int  # frames stepped (as given to step listeners)
+    seconds: float  # the step as step listeners see it: prepare + mimi + lm + d2h
+    plan: float  # before ``seconds``, under the lock: choosing the slots, copying their frames into the batch
+    prepare: float  # resets, init steps (their LM step too), exec masks, audio to the device
+    mimi: float  # Mimi encode of the batch
+    lm: float  # the LM steps (``frames_per_step`` of them) with their exec masks
+    d2h: float  # tokens and VAD probabilities back to the host
+    deliver: float  # after ``seconds``: building the StepOutputs and calling every sink
+
+
+class _PartClock:
+    """Splits a step into parts for ``StepTiming``; exists only while a timing listener is registered."""
+
+    def __init__(self, device: torch.device, start: float):
+        self._cuda = device if device.type == "cuda" else None
+        self._last = start
+        self.parts: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        if self._cuda is not None:
+            torch.cuda.synchronize(self._cuda)
+        t = time.perf_counter()
+        self.parts[name] = self.parts.get(name, 0.0) + t - self._last
+        self._last = t
+
+
 EngineEvent = StepOutput | StreamEnd | StreamFailed
 Sink = Callable[[list[EngineEvent]], None]
 
@@ -171,6 +205,7 @@ class _StepPlan:
     pcm: np.ndarray  # float32 [B, frames_per_step * FRAME_SIZE]
     deliver: np.ndarray  # int [B]: how many of those frames are the stream's (the rest pads the last step)
     targets: dict  # slot index -> (slot, stream id, sink) for every slot touched
+    plan_seconds: float = 0.0  # measured only for timing listeners
 
 
 @dataclass
@@ -211,6 +246,7 @@ class Engine:
         self.frames_per_step = frames_per_step
         self.flush_frames = flush_frame_count(model, flush_seconds)
         self._step_listeners: list[Callable[[int, float], None]] = []  # (frames in the step, seconds)
+        self._timing_listeners: list[Callable[[StepTiming], None]] = []
         self._slots = [_Slot(i) for i in range(slots)]
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
@@ -269,6 +305,12 @@ class Engine:
     def add_step_listener(self, listener: Callable[[int, float], None]) -> None:
         """Call ``listener(frames, seconds)`` after every step, on the worker thread (metrics, benchmarks)."""
         self._step_listeners.append(listener)
+
+    def add_step_timing_listener(self, listener: Callable[[StepTiming], None]) -> None:
+        """Call ``listener(StepTiming)`` after every step, once its outputs are delivered, on the worker thread.
+
+        Costs a device sync per part of every step while registered (benchmarks only); none when no one listens."""
+        self._timing_listeners.append(listener)
 
     @property
     def alive(self) -> bool:
@@ -376,7 +418,10 @@ class Engine:
                         self._cond.wait()
                     if self._stopping:
                         break
+                    t = time.perf_counter() if self._timing_listeners else 0.0
                     plan = self._plan()
+                    if self._timing_listeners:
+                        plan.plan_seconds = time.perf_counter() - t
                 self._execute(plan)
         except BaseException:  # pragma: no cover - reported by /status as unhealthy
             log.exception("engine worker died")
@@ -425,6 +470,7 @@ class Engine:
     def _execute(self, plan: _StepPlan) -> None:
         start = time.perf_counter()
         device = self.model.device
+        clock = _PartClock(device, start) if self._timing_listeners else None
         try:
             if self.fault_injector is not None:
                 self.fault_injector()
@@ -442,12 +488,20 @@ class Engine:
                 if self._pinned is not None:
                     host = self._pinned.copy_(host)
                 batch = host.to(device, non_blocking=True)[:, None, :]
+                if clock:
+                    clock.mark("prepare")
                 codes = self.model.mimi.encode(batch)  # [B, K, frames_per_step]
+                if clock:
+                    clock.mark("mimi")
                 steps = [self._lm_step(codes[:, :, j:j + 1], plan.audio) for j in range(self.frames_per_step)]
+                if clock:
+                    clock.mark("lm")
                 # one host sync per engine step, not one per slot or per frame
                 tokens = torch.stack([t for t, _ in steps], dim=1).cpu().numpy()
                 if steps[0][1] is not None:
                     pauses = torch.stack([p for _, p in steps], dim=1).float().cpu().numpy()
+            if clock:
+                clock.mark("prepare" if tokens is None else "d2h")
         except Exception as exc:
             self._fail_step(plan.targets, exc)
             return
@@ -458,8 +512,17 @@ class Engine:
         self._last_step_seconds = elapsed
         for listener in self._step_listeners:
             listener(frames, elapsed)
-        if tokens is None:
-            return
+        deliver_start = time.perf_counter()  # after the step listeners, which may be slow
+        if tokens is not None:
+            self._deliver_outputs(plan, tokens, pauses)
+        if clock:
+            parts = clock.parts
+            timing = StepTiming(frames, elapsed, plan.plan_seconds, parts.get("prepare", 0.0), parts.get("mimi", 0.0),
+                                parts.get("lm", 0.0), parts.get("d2h", 0.0), time.perf_counter() - deliver_start)
+            for listener in self._timing_listeners:
+                listener(timing)
+
+    def _deliver_outputs(self, plan: _StepPlan, tokens: np.ndarray, pauses: np.ndarray | None) -> None:
         deliveries = []
         with self._cond:
             for index, (slot, stream_id, sink) in plan.targets.items():
