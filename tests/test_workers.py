@@ -147,7 +147,10 @@ def launcher(launchers) -> Launcher:
 class Stream:
     """One /v1/stream client (raw websockets): opened, fed, ended, its events collected."""
 
+    opened = 0  # streams given a slot by any server of this module
+
     def __init__(self, ws):
+        Stream.opened += 1
         self.ws = ws
         self.events = []
 
@@ -223,30 +226,46 @@ async def spread_streams(launcher: Launcher, count: int, query: str = "") -> lis
 async def test_words_exact_and_admission_global(launcher, reference, sounds):
     clips = [sounds(1.2 + 0.2 * i, 40 + i) for i in range(SLOTS)]
     encoded = [opus_pages_and_decoded(c) for c in clips]
+    before = _metric(launcher, 'kyutai_stt_sessions_total{protocol="events"}')
+    opened_before = Stream.opened
     streams = await spread_streams(launcher, SLOTS)
-    before = _metric(launcher, 'kyutai_stt_sessions_total{protocol="events"}')  # spread_streams may retry
+    sessions = Stream.opened - opened_before  # spread_streams may open more and close them
     assert launcher.status().json()["slots_in_use"] == SLOTS
     for _ in range(4):  # whichever worker takes it, every slot is held by someone: 1013
         assert await Stream.open(launcher.ws) == 1013
+    live = asyncio.Event()
+    factors = asyncio.create_task(_real_time_factors(launcher, live))
     codes = await asyncio.gather(*[s.send(pages, pace=0.01) for s, (pages, _) in zip(streams, encoded)])
     codes = await asyncio.gather(*[s.finish() for s in streams])
+    live.set()
     assert codes == [1000] * SLOTS
-    # the engine process's step timings reach each worker's real-time monitor (steps of the last 5 s count)
-    for _ in range(4):  # whichever worker answers
-        assert launcher.status().json()["real_time_factor"] > 0
-        assert _metric(launcher, "kyutai_stt_real_time_factor") > 0
+    # the engine process's step timings reach the workers' real-time monitors (0 without them)
+    from_status, from_metrics = await factors
+    assert max(from_status) > 0 and max(from_metrics) > 0
     for stream, (_, decoded) in zip(streams, encoded):
         assert stream.words(), "random weights still give words for these clips"
         assert exact(reference, stream, decoded)
     # metrics: whichever worker answers, the sums cover both workers and the engine process
     for _ in range(4):
-        assert _metric(launcher, 'kyutai_stt_sessions_total{protocol="events"}') == before + SLOTS
+        assert _metric(launcher, 'kyutai_stt_sessions_total{protocol="events"}') == before + sessions
         assert _metric(launcher, "kyutai_stt_frames_processed_total") > 0
         assert _metric(launcher, "kyutai_stt_slots_total") == SLOTS
     status = launcher.status().json()
     assert status["slots_in_use"] == 0
     # frames are counted once, in the engine process, not again by each worker's step listeners
     assert _metric(launcher, "kyutai_stt_frames_processed_total") == status["frames"]
+
+
+async def _real_time_factors(launcher: Launcher, done: asyncio.Event) -> tuple[list[float], list[float]]:
+    """/status's real_time_factor and /metrics' gauge, read while streams step (a factor covers the steps of the
+    last 5 s, so reading it only afterwards would race with a slow machine), whichever worker answers."""
+    from_status, from_metrics = [], []
+    while not done.is_set():
+        response = await asyncio.to_thread(launcher.status)
+        from_status.append(response.json()["real_time_factor"])
+        from_metrics.append(await asyncio.to_thread(_metric, launcher, "kyutai_stt_real_time_factor"))
+        await asyncio.sleep(0.2)
+    return from_status, from_metrics
 
 
 def _metric(launcher: Launcher, name: str) -> float:
