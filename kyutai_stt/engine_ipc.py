@@ -13,7 +13,9 @@ Wire messages are msgpack lists. Worker -> engine: ``[worker_id, command, ...]``
 ``["abort", slot, stream]``, ``["stats", request]``, ``["beat"]``, ``["bye"]``; the launcher sends
 ``["gone", worker_id]`` when a worker process died. Engine -> worker: a list of items ``["info", {...}]``,
 ``["opened", request, slot, stream]``, ``["refused", request, kind, message]``, ``["stats", request, {...}]``,
-``["events", slot, stream, samples_received, [event, ...]]``, ``["beat"]``. Events: ``[0, frame, token, pauses,
+``["events", slot, stream, samples_received, [event, ...]]``, ``["steps", [[frames, seconds], ...]]`` (the timing of
+every engine step since the last message, sent to every worker, whose step listeners, e.g. the real-time monitor,
+get them), ``["beat"]``. Events: ``[0, frame, token, pauses,
 buffered_samples]`` (StepOutput), ``[1, frames]`` (StreamEnd), ``[2, reason]`` (StreamFailed).
 
 Admission is global and exact: only the engine process allocates slots (``Engine.open`` under its lock).
@@ -145,6 +147,8 @@ class EngineServer:
         self._router.bind(endpoints.events)
         self._waker = _Waker()
         self._outbox: deque[tuple[_Route, list[EngineEvent]]] = deque()
+        self._steps: deque[tuple[int, float]] = deque()  # (frames, seconds) of steps not yet sent to the workers
+        engine.add_step_listener(self._on_step)
         self._routes: dict[tuple[int, int], _Route] = {}
         self._workers: dict[str, float] = {}  # worker id -> last time heard
         self._stopping = threading.Event()
@@ -162,6 +166,10 @@ class EngineServer:
         self._waker.wake()
 
     # engine worker thread
+    def _on_step(self, frames: int, seconds: float) -> None:
+        self._steps.append((frames, seconds))  # sent with the step's events (the engine calls listeners first)
+        self._waker.wake()
+
     def _sink_for(self, route: _Route) -> Callable[[list[EngineEvent]], None]:
         def sink(events: list[EngineEvent]) -> None:
             self._outbox.append((route, events))
@@ -284,6 +292,14 @@ class EngineServer:
                 self._routes.pop(key, None)  # ended or failed: the engine freed the slot
             by_worker.setdefault(route.worker, []).append(
                 ["events", handle.slot, handle.stream_id, route.received, _pack_events(events)])
+        # After the events: the engine calls step listeners before it delivers, so the timings of every step whose
+        # events were just taken are queued by now, and go first (a worker's monitor sees the step before its end).
+        steps = []
+        while self._steps:
+            steps.append(list(self._steps.popleft()))
+        if steps:  # every worker: a worker with no stream still answers /status for the whole server
+            for worker in self._workers:
+                by_worker.setdefault(worker, []).insert(0, ["steps", steps])
         for worker, items in by_worker.items():
             if worker in self._workers:
                 self._reply(worker, items)
@@ -349,6 +365,7 @@ class EngineClient:
         self._pending: dict[int, _Pending] = {}
         self._requests = itertools.count(1)
         self._lock = threading.Lock()  # guards _streams and _pending between the caller and the I/O thread
+        self._step_listeners: list[Callable[[int, float], None]] = []
         self._info: dict | None = None
         self._info_ready = threading.Event()
         self._last_heard = time.monotonic()
@@ -364,6 +381,8 @@ class EngineClient:
         self.batch_size: int = info["batch_size"]
         self.frames_per_step: int = info["frames_per_step"]
         self.flush_frames: int = info["flush_frames"]
+
+    counts_step_metrics = False  # the engine process records the step metrics once, for the whole server
 
     # ---------------------------------------------------------------- Engine interface
     @property
@@ -427,8 +446,10 @@ class EngineClient:
         return EngineStats(self.batch_size, 0, 0, 0, False, 0.0, 0)
 
     def add_step_listener(self, listener: Callable[[int, float], None]) -> None:
-        """Accepted and never called: steps run in the engine process, whose own listeners (its metrics, which the
-        multiprocess registry sums with every worker's) record them."""
+        """Call ``listener(frames, seconds)`` for every engine step, on the I/O thread, as the engine process
+        reports them (with the step's events): the real-time monitor of each worker. The step metrics are not
+        counted here but in the engine process (``counts_step_metrics``), or /metrics would sum them N+1 times."""
+        self._step_listeners.append(listener)
 
     def stop(self) -> None:
         if self._stopping:
@@ -504,7 +525,11 @@ class EngineClient:
 
     def _on_item(self, item: list) -> None:
         kind = item[0]
-        if kind == "events":
+        if kind == "steps":
+            for frames, seconds in item[1]:
+                for listener in self._step_listeners:
+                    listener(frames, seconds)
+        elif kind == "events":
             key = (item[1], item[2])
             events = _unpack_events(item[4])
             with self._lock:

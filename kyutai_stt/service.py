@@ -45,7 +45,8 @@ class Service:
         """Serve ``engine``: its steps feed the metrics and the real-time monitor (``pace``)."""
         self.pace = RealTimeMonitor(engine.frames_per_step, lambda: [s.buffered_samples for s in list(self.sessions)],
                                     self.metrics.registry)
-        engine.add_step_listener(self.metrics.on_step)
+        if getattr(engine, "counts_step_metrics", True):  # an EngineClient's steps are counted in the engine process
+            engine.add_step_listener(self.metrics.on_step)
         engine.add_step_listener(self.pace.on_step)
         self.engine = engine
 

@@ -65,6 +65,22 @@ def test_tokens_exact_through_the_client(served, reference, sounds):
     assert client.stats().slots_in_use == 0
 
 
+def test_step_timings_reach_the_clients_listeners(served, sounds):
+    """The worker's step listeners (its real-time monitor) get every step's (frames, seconds), as the engine's
+    own listeners do, by the time the stream's last events arrive."""
+    engine, _, client = served
+    in_engine, in_client = [], []
+    engine.add_step_listener(lambda frames, seconds: in_engine.append((frames, seconds)))
+    client.add_step_listener(lambda frames, seconds: in_client.append((frames, seconds)))
+    events, done, sink = collect()
+    handle = client.open(sink)
+    client.push(handle, sounds(0.8, 4))
+    client.close(handle)
+    assert done.wait(120) and isinstance(events[-1], StreamEnd)
+    assert sum(frames for frames, _ in in_engine) > 0  # (the stream's first step, its init, has 0 frames)
+    assert in_client == in_engine
+
+
 def test_admission_by_the_engine_and_a_gone_worker_frees_its_slots(served):
     engine, endpoints, client = served
     handles = [client.open(lambda events: None) for _ in range(2)]
