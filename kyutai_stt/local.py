@@ -19,7 +19,7 @@ import threading
 import numpy as np
 
 from .audio import StreamResampler
-from .checkpoint import SttModel, load_model
+from .checkpoint import SAMPLE_RATE, SttModel, load_model
 from .engine import Engine, StepOutput, StreamEnd, StreamFailed, default_frames_per_step
 from .events import Text, Word
 from .words import TimedWord, WordAssembler, WordPairer
@@ -43,6 +43,7 @@ class LocalStream:
         self._pairer = WordPairer()  # final words, and the complete word whose end is not known yet
         self._draft: list[str] = []
         self._failure: str | None = None
+        self._samples = 0  # 24 kHz samples pushed: the end of the audio (the flush silence after it is not audio)
         self._handle = engine.open(self._sink)
 
     def _sink(self, events) -> None:  # engine worker thread
@@ -69,12 +70,18 @@ class LocalStream:
     def add_audio(self, chunk) -> None:
         if self._done.is_set():
             raise StreamFailedError(self._failure or "the stream is finished")
-        self._engine.push(self._handle, self._resampler.feed(np.asarray(chunk, np.float32).reshape(-1)))
+        pcm = self._resampler.feed(np.asarray(chunk, np.float32).reshape(-1))
+        self._samples += pcm.size
+        self._engine.push(self._handle, pcm)
 
     def finish(self) -> list[TimedWord]:
         """No more audio: wait for the last words (the model's delay is flushed) and return every word."""
         if not self._done.is_set():
-            self._engine.push(self._handle, self._resampler.flush())
+            tail = self._resampler.flush()
+            with self._lock:  # no word time past the audio (as Session does)
+                self._samples += tail.size
+                self._assembler.audio_end = self._samples / SAMPLE_RATE
+            self._engine.push(self._handle, tail)
             self._engine.close(self._handle)
         if not self._done.wait(self._timeout):
             self._engine.abort(self._handle)

@@ -28,22 +28,16 @@ from kyutai_stt import client as stt_client, modal_app  # noqa: E402
 from kyutai_stt.audio import OggOpusDecoder, encode_ogg_opus, load_audio_bytes  # noqa: E402
 from kyutai_stt.events import Text, Word, WordEnd  # noqa: E402
 from kyutai_stt.settings import Settings  # noqa: E402
-from kyutai_stt.words import WordAssembler  # noqa: E402
 
 from .conftest import FLUSH_SECONDS  # noqa: E402
+from .helpers import expected_events  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------- helpers
 def reference_events(reference, pcm: np.ndarray) -> list:
-    """The Text/Word/WordEnd events a stream must produce: the reference tokens through the word assembler."""
-    model = reference.model
-    assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
-    outputs = reference.outputs(pcm)
-    events = []
-    for out in outputs:
-        events += assembler.feed(out.frame, out.token)
-    events += assembler.finish(len(outputs))
-    return events
+    """The Text/Word/WordEnd events a stream must produce: the reference tokens through the word assembler (times
+    capped at the end of the audio, as the session does)."""
+    return expected_events(reference.model, reference.outputs(pcm))
 
 
 def dumped(events, kinds=(Text, Word, WordEnd)) -> list[dict]:

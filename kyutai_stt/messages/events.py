@@ -26,7 +26,7 @@ G711_FORMATS = ("mulaw", "alaw")
 CONTAINER_FORMATS = tuple(codecs.CONTAINER_FORMATS)
 FORMATS = ("opus", *PCM_FORMATS, *G711_FORMATS, *CONTAINER_FORMATS)
 # a close reason fits in 123 bytes: the full list of formats is in the README
-QUERY_ERROR = "format: opus, pcm_f32le, pcm_s16le, mulaw, alaw, webm, ogg, mp3...; sample_rate 8000-192000; channels 1-2; steps true/false"
+QUERY_ERROR = "format must be one of opus, pcm_f32le, pcm_s16le, mulaw, alaw, webm...; sample_rate 8000-192000; steps true/false"
 
 
 class StreamQuery(BaseModel):
