@@ -68,13 +68,14 @@ async def run(args) -> dict:
         want_pauses = np.load(cache_pauses)
     else:
         outputs = reference_outputs(model, audio, args.flush_seconds, 25)
-        want = word_tuples(expected_from_outputs(model, outputs))
+        want = word_tuples(expected_from_outputs(model, outputs, len(audio) / SAMPLE_RATE))
         want_pauses = np.array([o.pauses or () for o in outputs], np.float32)
         cache.write_text(json.dumps(want))
         np.save(cache_pauses, want_pauses)
         del outputs
     want_neighbour = word_tuples(expected_from_outputs(model, reference_outputs(model, neighbour_clip,
-                                                                                args.flush_seconds)))
+                                                                                args.flush_seconds),
+                                                       len(neighbour_clip) / SAMPLE_RATE))
     reference_s = time.monotonic() - t
     del model
     print(f"reference: {len(want)} words over {args.hours:g} h ({reference_s:.0f} s)", flush=True)

@@ -117,8 +117,12 @@ def make_clips(config: SoakConfig) -> list[np.ndarray]:
     return clips
 
 
-def expected_from_outputs(model, outputs) -> list:
+def expected_from_outputs(model, outputs, audio_seconds: float | None = None) -> list:
+    """Text/Word/WordEnd events of the reference outputs, as a session assembles them: with ``audio_seconds``,
+    no time past the end of the audio (the flush silence is not audio)."""
     assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
+    if audio_seconds is not None:
+        assembler.audio_end = audio_seconds
     events = []
     for out in outputs:
         events += assembler.feed(out.frame, out.token)
@@ -147,12 +151,13 @@ def compute_references(config: SoakConfig, clips: list[np.ndarray],
     for clip in clips:
         words = []
         if {"events", "kyutai"} & set(config.protocols):
-            words = word_tuples(expected_from_outputs(model, outputs(clip)))
+            words = word_tuples(expected_from_outputs(model, outputs(clip), len(clip) / SAMPLE_RATE))
         opus_text = []
         if "seed" in config.protocols:
             decoder = OggOpusDecoder()
             heard = np.concatenate([decoder.feed(page) for page in encode_ogg_opus(clip)])
-            opus_text = [e.text for e in expected_from_outputs(model, outputs(heard)) if isinstance(e, Text)]
+            opus_text = [e.text for e in expected_from_outputs(model, outputs(heard), len(heard) / SAMPLE_RATE)
+                         if isinstance(e, Text)]
         references.append(Expected(words, opus_text, len(clip) / SAMPLE_RATE))
     return references
 

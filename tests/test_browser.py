@@ -191,6 +191,7 @@ def expected_transcript(reference, pcm: np.ndarray, threshold: float = 0.5) -> l
     model = reference.model
     outputs = reference.outputs(pcm)
     assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
+    assembler.audio_end = len(pcm) / SAMPLE_RATE  # no time past the audio, as the session does
     events, turns = [], []
     turn, words_in_turn, last_pause = 0, 0, 1.0
     for out in outputs:
