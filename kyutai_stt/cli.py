@@ -20,19 +20,19 @@ err = Console(stderr=True)
 
 
 def _logging(verbose: bool, fmt: str = "text") -> None:
-    from .logs import setup_logging
+    from kyutai_stt.serve.logs import setup_logging
 
     setup_logging(fmt, verbose)
 
 
 def _default(field: str):
-    from .settings import Settings
+    from kyutai_stt.settings import Settings
 
     return Settings.model_fields[field].default
 
 
 def _settings(**overrides):
-    from .settings import Settings
+    from kyutai_stt.settings import Settings
 
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -57,13 +57,13 @@ def serve(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs."),
 ) -> None:
     """Run the server: WebSocket streaming, HTTP transcription, browser page."""
-    from .checkpoint import CheckpointError, load_model
-    from .server import serve as run_server
+    from kyutai_stt.engine.kyutai.checkpoint import CheckpointError, load_model
+    from kyutai_stt.serve.server import serve as run_server
 
     settings = _settings(host=host, port=port, model=model, device=device, dtype=dtype, slots=slots,
                          record_dir=record_dir, api_keys=api_key or None, log_format=log_format, workers=workers)
     _logging(verbose, settings.log_format)
-    from .workers import default_workers, serve_workers
+    from kyutai_stt.serve.workers import default_workers, serve_workers
 
     if (settings.workers or default_workers(settings.device)) > 1:  # one engine process, N front-end processes
         err.print(f"kyutai-stt: open [bold]http://{settings.host}:{settings.port}/[/bold]")
@@ -95,13 +95,13 @@ def make_checkpoint(
 
     from rich.progress import SpinnerColumn, TimeElapsedColumn
 
-    from .testing_checkpoint import SIZES, make_checkpoint as build, progress_steps
+    from kyutai_stt.engine.kyutai.testing_checkpoint import SIZES, make_checkpoint as build, progress_steps
 
     _logging(False)
     if size not in SIZES:
         err.print(f"[red]error:[/red] --size must be one of {', '.join(SIZES)}")
         raise typer.Exit(2)
-    logging.getLogger("kyutai_stt.testing_checkpoint").setLevel(logging.WARNING)  # the bar says it
+    logging.getLogger("kyutai_stt.engine.kyutai.testing_checkpoint").setLevel(logging.WARNING)  # the bar says it
     start = time.monotonic()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as progress:
@@ -126,11 +126,12 @@ def transcribe(
     api_key: Optional[str] = typer.Option(None, envvar="KYUTAI_STT_API_KEY", help="With --url: API key."),
 ) -> None:
     """Transcribe files, printing words with timestamps as they are recognised."""
-    from .audio import AudioFormatError, load_audio_file
-    from .checkpoint import SAMPLE_RATE, CheckpointError
-    from .events import Step, Word, WordEnd
-    from .formats import render
-    from .words import pair_words
+    from kyutai_stt.audio.decode import AudioFormatError, load_audio_file
+    from kyutai_stt.audio.constants import SAMPLE_RATE
+    from kyutai_stt.engine.kyutai.checkpoint import CheckpointError
+    from kyutai_stt.messages.events import Step, Word, WordEnd
+    from kyutai_stt.stream.formats import render
+    from kyutai_stt.stream.words import pair_words
 
     _logging(False)
     files = list(files or [])
@@ -144,7 +145,7 @@ def transcribe(
         err.print("[red]error:[/red] give audio files, or --mic (not both)")
         raise typer.Exit(2)
     if mic:
-        from .microphone import MicrophoneError, microphone
+        from kyutai_stt.audio.microphone import MicrophoneError, microphone
 
         try:
             audios = [microphone()]
@@ -180,16 +181,16 @@ def transcribe(
                 if show_progress else print(f"{prefix}[{event.start_time:8.2f}] {event.text}", flush=True)
 
     async def run_remote() -> None:
-        from .client import stream_events
-        from .transcribe import run_many
+        from kyutai_stt.client import stream_events
+        from kyutai_stt.stream.transcribe import run_many
 
         source = partial(stream_events, url, realtime=realtime, steps=True, api_key=api_key, protocol=protocol)
         await run_many([(a, source) for a in audios], on_event)
 
     async def run_local() -> None:
-        from .checkpoint import load_model
-        from .engine import Engine
-        from .transcribe import run_many, session_events
+        from kyutai_stt.engine.kyutai.checkpoint import load_model
+        from kyutai_stt.engine.kyutai.engine import Engine
+        from kyutai_stt.stream.transcribe import run_many, session_events
 
         settings = _settings(model=model, device=device, dtype=dtype)
         progress.console.print(f"loading {settings.model}...", highlight=False)

@@ -6,7 +6,7 @@
     async for event in client.stream(pcm_24k, realtime=True):
         if isinstance(event, Word): print(event.start_time, event.text)
 
-Every protocol yields the same typed events (``kyutai_stt.events``) and ends with ``End``.
+Every protocol yields the same typed events (``kyutai_stt.messages.events``) and ends with ``End``.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import numpy as np
 import sphn
 import websockets
 
-from .audio import audio_chunks
-from .checkpoint import FRAME_SIZE, SAMPLE_RATE
-from .events import End, Error, Event, Marker, Ready, Step, Word, WordEnd
-from .messages import kyutai as kyutai_wire
-from .messages import seed as seed_wire
-from .messages.events import EndControl, StreamQuery, parse_event  # noqa: F401  (parse_event: public here too)
+from kyutai_stt.audio.decode import audio_chunks
+from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
+from kyutai_stt.messages.events import End, Error, Event, Marker, Ready, Step, Word, WordEnd
+from kyutai_stt.messages import kyutai as kyutai_wire
+from kyutai_stt.messages import seed as seed_wire
+from kyutai_stt.messages.events import EndControl, StreamQuery, parse_event  # noqa: F401  (parse_event: public here too)
 
 Protocol = Literal["events", "kyutai", "seed"]
 PATHS = {"events": "/v1/stream", "kyutai": "/api/asr-streaming", "seed": "/ws"}
@@ -171,7 +171,7 @@ async def stream_events(url: str, pcm: np.ndarray, *, realtime: bool = False, ch
 def opus_chunks(data: bytes, pages_per_chunk: int) -> list[tuple[bytes, float]]:
     """Decode any audio file here and re-encode it as the Ogg/Opus pages a live client sends (80 ms each),
     grouped ``pages_per_chunk`` to a queue item; returns (chunk, seconds of audio up to its end)."""
-    from .audio import encode_ogg_opus, load_audio_bytes
+    from kyutai_stt.audio.decode import encode_ogg_opus, load_audio_bytes
 
     pcm = load_audio_bytes(data)
     pages = encode_ogg_opus(pcm)
@@ -187,7 +187,7 @@ async def stream_through_queue(q, chunks: list[tuple[bytes, float]], *, realtime
     returns (seconds to the first word, every event received)."""
     import time
 
-    from .queue_bridge import AUDIO, TRANSCRIPTION, queue_call
+    from kyutai_stt.serve.queue_bridge import AUDIO, TRANSCRIPTION, queue_call
 
     start = time.perf_counter()
 

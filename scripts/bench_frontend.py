@@ -179,9 +179,9 @@ class Server:
 # ============================================================================================ the clients
 def make_clip(seconds: float, seed: int) -> dict:
     """Ogg/Opus pages, and for each 80 ms audio frame the page after which the server can decode it."""
-    from kyutai_stt.audio import OggOpusDecoder, encode_ogg_opus
-    from kyutai_stt.checkpoint import FRAME_SIZE
-    from kyutai_stt.testing_checkpoint import synthetic_sounds
+    from kyutai_stt.audio.decode import OggOpusDecoder, encode_ogg_opus
+    from kyutai_stt.audio.constants import FRAME_SIZE
+    from kyutai_stt.engine.kyutai.testing_checkpoint import synthetic_sounds
 
     pages = encode_ogg_opus(synthetic_sounds(seconds, 7000 + seed))
     decoder, ready, total = OggOpusDecoder(), [], 0
@@ -362,7 +362,7 @@ def main(
     folder = out.parent.resolve() / (out.stem + "-logs")
     folder.mkdir(parents=True, exist_ok=True)
     if make_checkpoint and not (Path(model) / "config.json").exists():
-        from kyutai_stt.testing_checkpoint import make_checkpoint as build
+        from kyutai_stt.engine.kyutai.testing_checkpoint import make_checkpoint as build
 
         typer.echo(f"making a random {make_checkpoint} checkpoint in {model}", err=True)
         build(Path(model), make_checkpoint, 0)
@@ -380,7 +380,7 @@ def main(
             run["status"] = info = server.wait_ready(startup_timeout)
             run["startup_s"] = round(now() - t_start, 1)
             meta = {"delay_frames": 0, "prefix_frames": 0}
-            from kyutai_stt.checkpoint import FRAME_RATE  # noqa: F401  (the server reports frames; we need delays)
+            from kyutai_stt.audio.constants import FRAME_RATE  # noqa: F401  (the server reports frames; we need delays)
             meta.update(_model_timing(model))
             best, fail, n = 0, None, min(clients_start, clients_max)
             while True:

@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kyutai_stt.audio import load_audio_file
-from kyutai_stt.checkpoint import FRAME_SIZE, SAMPLE_RATE, load_model
-from kyutai_stt.engine import Engine, NoFreeSlot, StepOutput, StreamEnd, StreamFailed
-from kyutai_stt.reference import reference_outputs
+from kyutai_stt.audio.decode import load_audio_file
+from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
+from kyutai_stt.engine.kyutai.checkpoint import load_model
+from kyutai_stt.engine.kyutai.engine import Engine, NoFreeSlot, StepOutput, StreamEnd, StreamFailed
+from kyutai_stt.engine.kyutai.reference import reference_outputs
 
 FLUSH_SECONDS = 0.5
 
@@ -159,7 +160,7 @@ def run_parity(model, reference_model, name: str, dtype: str, slots: int, mode: 
 
 def run_capacity(model, name: str, dtype: str, slots: int, mode: str, steps: int) -> Capacity:
     """Full-batch steps on silence: every slot steps one frame, the engine's own _execute path."""
-    from kyutai_stt.engine import _StepPlan
+    from kyutai_stt.engine.kyutai.engine import _StepPlan
 
     engine = Engine(model, slots, flush_seconds=FLUSH_SECONDS, frames_per_step=1, batch_invariant_mode=mode)
     try:
@@ -187,7 +188,7 @@ def ensure_checkpoint(name: str, given: dict[str, str], workdir: Path) -> Path:
     else:
         folder = workdir / f"ckpt-{name}"
     if not (folder / "config.json").exists():
-        from kyutai_stt.testing_checkpoint import make_checkpoint  # what `kyutai-stt make-checkpoint` runs
+        from kyutai_stt.engine.kyutai.testing_checkpoint import make_checkpoint  # what `kyutai-stt make-checkpoint` runs
 
         started = time.perf_counter()
         make_checkpoint(folder, name)

@@ -13,7 +13,7 @@ memory over time, and how fast the hours went through.
     python scripts/long_stream.py --model /tmp/ck_tiny --hours 2 --audio ../shared/fixtures/bria.mp3 \\
         --out artifacts/long-stream
 
-The reference encodes 25 frames per Mimi call (identical codes, see ``kyutai_stt.attention_cache``) and is
+The reference encodes 25 frames per Mimi call (identical codes, see ``kyutai_stt.engine.kyutai.attention_cache``) and is
 cached in --out, so a rerun only streams. Writes summary.md and long_stream.json; exits 1 on any difference.
 """
 
@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kyutai_stt.audio import load_audio_file
-from kyutai_stt.checkpoint import SAMPLE_RATE, load_model
+from kyutai_stt.audio.decode import load_audio_file
+from kyutai_stt.audio.constants import SAMPLE_RATE
+from kyutai_stt.engine.kyutai.checkpoint import load_model
 from kyutai_stt.client import Client
-from kyutai_stt.events import Step
-from kyutai_stt.reference import reference_outputs
+from kyutai_stt.messages.events import Step
+from kyutai_stt.engine.kyutai.reference import reference_outputs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from soak import LocalServer, SoakConfig, diff, expected_from_outputs, word_tuples  # noqa: E402

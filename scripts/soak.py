@@ -43,11 +43,11 @@ import msgpack
 import numpy as np
 import websockets
 
-from kyutai_stt.audio import OggOpusDecoder, encode_ogg_opus, load_audio_file
-from kyutai_stt.checkpoint import FRAME_SIZE, SAMPLE_RATE
+from kyutai_stt.audio.decode import OggOpusDecoder, encode_ogg_opus, load_audio_file
+from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
 from kyutai_stt.client import Client, ServerError
-from kyutai_stt.events import Ready, Text, Word, WordEnd
-from kyutai_stt.words import WordAssembler, pair_words
+from kyutai_stt.messages.events import Ready, Text, Word, WordEnd
+from kyutai_stt.stream.words import WordAssembler, pair_words
 
 PROTOCOLS = ("events", "seed", "kyutai")
 
@@ -111,7 +111,7 @@ def make_clips(config: SoakConfig) -> list[np.ndarray]:
             start = rng.randrange(0, max(1, len(source) - length))
             clips.append(np.ascontiguousarray(source[start:start + length], np.float32))
         else:
-            from kyutai_stt.testing_checkpoint import synthetic_sounds
+            from kyutai_stt.engine.kyutai.testing_checkpoint import synthetic_sounds
 
             clips.append(synthetic_sounds(length / SAMPLE_RATE, 50_000 + config.seed * 1000 + index))
     return clips
@@ -139,8 +139,8 @@ def compute_references(config: SoakConfig, clips: list[np.ndarray],
     """The single-stream reference of every clip, with a model instance of our own (moshi keeps streaming state on
     the modules, so it must not be the server's)."""
     if outputs is None or model is None:
-        from kyutai_stt.checkpoint import load_model
-        from kyutai_stt.reference import reference_outputs
+        from kyutai_stt.engine.kyutai.checkpoint import load_model
+        from kyutai_stt.engine.kyutai.reference import reference_outputs
 
         model = load_model(config.model, config.device, config.dtype)
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import uvicorn
 
-from kyutai_stt.checkpoint import load_model
-from kyutai_stt.reference import reference_outputs
+from kyutai_stt.engine.kyutai.checkpoint import load_model
+from kyutai_stt.engine.kyutai.reference import reference_outputs
 from kyutai_stt.settings import Settings
-from kyutai_stt.testing_checkpoint import make_checkpoint, synthetic_sounds
+from kyutai_stt.engine.kyutai.testing_checkpoint import make_checkpoint, synthetic_sounds
 
 FLUSH_SECONDS = 0.5
 CASES = Path(__file__).resolve().parent / "cases"  # small real-world inputs that once showed a fault (README there)
@@ -114,7 +114,7 @@ class RunningServer:
 
 
 def start_server(checkpoint_dir, **overrides) -> RunningServer:
-    from kyutai_stt.server import create_app
+    from kyutai_stt.serve.server import create_app
 
     settings = Settings(model=str(checkpoint_dir), device="cpu", dtype="float32", flush_seconds=FLUSH_SECONDS, **overrides)
     model = load_model(str(checkpoint_dir), "cpu", "float32")
@@ -145,7 +145,7 @@ def speech(tmp_path_factory) -> np.ndarray:
     """Generated English speech (espeak-ng) at 24 kHz mono, installed on demand."""
     import subprocess
 
-    from kyutai_stt.audio import load_audio_file
+    from kyutai_stt.audio.decode import load_audio_file
 
     assert ensure_debian_packages(("espeak-ng", "espeak-ng")), "espeak-ng is needed to generate speech"
     path = tmp_path_factory.mktemp("speech") / "speech.wav"
@@ -156,6 +156,6 @@ def speech(tmp_path_factory) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def bria() -> np.ndarray:
-    from kyutai_stt.audio import load_audio_file
+    from kyutai_stt.audio.decode import load_audio_file
 
     return load_audio_file(Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "bria.mp3")

@@ -8,9 +8,9 @@ import random
 import numpy as np
 import websockets
 
-from kyutai_stt.audio import OggOpusDecoder, encode_ogg_opus
-from kyutai_stt.events import Text, Word, WordEnd
-from kyutai_stt.words import WordAssembler, pair_words
+from kyutai_stt.audio.decode import OggOpusDecoder, encode_ogg_opus
+from kyutai_stt.messages.events import Text, Word, WordEnd
+from kyutai_stt.stream.words import WordAssembler, pair_words
 
 
 def expected_events(model, outputs, audio_seconds: float | None = None) -> list:

@@ -13,10 +13,10 @@ from deepgram import AsyncDeepgramClient
 from deepgram.environment import DeepgramClientEnvironment
 from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results
 
-from kyutai_stt.checkpoint import FRAME_SIZE, SAMPLE_RATE
-from kyutai_stt.engine import flush_frame_count
-from kyutai_stt.events import Word, WordEnd
-from kyutai_stt.words import WordAssembler, pair_words
+from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
+from kyutai_stt.engine.kyutai.engine import flush_frame_count
+from kyutai_stt.messages.events import Word, WordEnd
+from kyutai_stt.stream.words import WordAssembler, pair_words
 
 from .conftest import FLUSH_SECONDS, start_server
 from .helpers import expected_words
@@ -281,9 +281,9 @@ async def test_deepgram_mulaw_8k_and_utterance_end(keyed, reference, sounds):
 
     import soundfile
 
-    from kyutai_stt.audio import StreamResampler
-    from kyutai_stt.codecs import g711_decode
-    from kyutai_stt.session import END_OF_TURN_HEAD
+    from kyutai_stt.audio.decode import StreamResampler
+    from kyutai_stt.audio.codecs import g711_decode
+    from kyutai_stt.stream.session import END_OF_TURN_HEAD
 
     source = sounds(2.4, 77)
     narrow = StreamResampler(24000, 8000)
@@ -341,8 +341,8 @@ async def test_deepgram_sdk_prerecorded(keyed, reference, sounds):
 
 async def test_deepgram_container_audio(keyed, reference, sounds):
     """No encoding: container audio (here Ogg/Opus as a browser records it), decoded by FFmpeg as it comes."""
-    from kyutai_stt.audio import encode_ogg_opus
-    from kyutai_stt.codecs import ContainerStreamDecoder
+    from kyutai_stt.audio.decode import encode_ogg_opus
+    from kyutai_stt.audio.codecs import ContainerStreamDecoder
 
     data = b"".join(encode_ogg_opus(sounds(1.5, 80)))
     decoder = ContainerStreamDecoder()

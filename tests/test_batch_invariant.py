@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is a dev dependency (the kernels' interpreter tests)")
 
-from kyutai_stt.batch_invariant import batch_invariant_mode, kernels, resolve_mode  # noqa: E402
+from kyutai_stt.engine.batch_invariant import batch_invariant_mode, kernels, resolve_mode  # noqa: E402
 
 F = torch.nn.functional
 g = torch.Generator().manual_seed(0)
@@ -99,7 +99,7 @@ def test_the_real_lm_is_batch_invariant_in_the_mode(checkpoint_dir):
     checks that the mode covers every batch-dependent operator the LM reaches."""
     from moshi.models import LMGen
 
-    from kyutai_stt.checkpoint import load_model
+    from kyutai_stt.engine.kyutai.checkpoint import load_model
 
     model = load_model(str(checkpoint_dir), "cpu", "float32")
     codes = torch.randint(0, 2048, (3, 32, 2), generator=g)

@@ -99,7 +99,7 @@ def test_back_to_back_steps_full_batches_however_slow_the_pushes(bench, checkpoi
     from benchkit.common import audio_pool
     from benchkit.engine_run import run_engine
 
-    from kyutai_stt.checkpoint import load_model
+    from kyutai_stt.engine.kyutai.checkpoint import load_model
 
     stt = load_model(str(checkpoint_dir), "cpu", "float32")
     batch, warmup, steps = 4, 1, 4

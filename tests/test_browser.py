@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 import soundfile
 
-from kyutai_stt import formats
-from kyutai_stt.checkpoint import SAMPLE_RATE, load_model
-from kyutai_stt.events import Word
-from kyutai_stt.session import END_OF_TURN_HEAD
+from kyutai_stt.stream import formats
+from kyutai_stt.audio.constants import SAMPLE_RATE
+from kyutai_stt.engine.kyutai.checkpoint import load_model
+from kyutai_stt.messages.events import Word
+from kyutai_stt.stream.session import END_OF_TURN_HEAD
 from kyutai_stt.settings import Settings
-from kyutai_stt.ui import STATIC_DIR
-from kyutai_stt.words import WordAssembler, pair_words
+from kyutai_stt.serve.ui import STATIC_DIR
+from kyutai_stt.stream.words import WordAssembler, pair_words
 
 from .conftest import FLUSH_SECONDS, RunningServer, free_port, start_server
 
@@ -393,7 +394,7 @@ def test_file_upload_with_progress_and_downloads(ui_server, browser, reference, 
 
 
 def pair_words_from(want):
-    from kyutai_stt.words import TimedWord
+    from kyutai_stt.stream.words import TimedWord
 
     return [TimedWord(text, start, end) for text, start, end, _ in want]
 
@@ -427,7 +428,7 @@ def test_server_gone_then_back(checkpoint_dir, browser, tmp_path):
     port = free_port()
 
     def server() -> RunningServer:
-        from kyutai_stt.server import create_app
+        from kyutai_stt.serve.server import create_app
 
         settings = Settings(model=str(checkpoint_dir), device="cpu", dtype="float32", flush_seconds=FLUSH_SECONDS,
                             slots=1)
@@ -472,7 +473,7 @@ def test_standalone_page_points_at_another_server(ui_server, browser, tmp_path, 
     import httpx
     import uvicorn
 
-    from kyutai_stt.ui import create_ui_app
+    from kyutai_stt.serve.ui import create_ui_app
 
     monkeypatch.chdir(tmp_path)
     app = create_ui_app(ui_server.http)

@@ -8,7 +8,7 @@ import sys
 
 import soundfile
 
-from kyutai_stt.audio import load_audio_file
+from kyutai_stt.audio.decode import load_audio_file
 
 from .helpers import expected_words
 

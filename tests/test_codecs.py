@@ -6,8 +6,8 @@ import warnings
 import numpy as np
 import pytest
 
-from kyutai_stt.audio import AudioFormatError
-from kyutai_stt.codecs import ContainerStreamDecoder, decode_container, g711_decode
+from kyutai_stt.audio.decode import AudioFormatError
+from kyutai_stt.audio.codecs import ContainerStreamDecoder, decode_container, g711_decode
 
 from .conftest import CASES
 

@@ -14,7 +14,7 @@ def test_every_setting_is_documented():
 
 
 def test_every_route_is_documented(checkpoint_dir):
-    from kyutai_stt.server import create_app
+    from kyutai_stt.serve.server import create_app
 
     app = create_app(Settings(model=str(checkpoint_dir), device="cpu"))
     paths = {getattr(r, "path", "") for r in app.routes} - {""}

@@ -9,8 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from kyutai_stt.checkpoint import FRAME_SIZE, load_model
-from kyutai_stt.engine import Engine, NoFreeSlot, StepOutput, StreamEnd, StreamFailed, flush_frame_count
+from kyutai_stt.audio.constants import FRAME_SIZE
+from kyutai_stt.engine.kyutai.checkpoint import load_model
+from kyutai_stt.engine.kyutai.engine import Engine, NoFreeSlot, StepOutput, StreamEnd, StreamFailed, flush_frame_count
 
 from .conftest import FLUSH_SECONDS
 
@@ -123,7 +124,7 @@ def test_mimi_attention_sees_its_whole_context_whatever_the_call_size(checkpoint
     and the comparison does catch moshi's default cache, which drops keys for multi-step calls."""
     import torch
 
-    from kyutai_stt.attention_cache import fit_encoder_attention
+    from kyutai_stt.engine.kyutai.attention_cache import fit_encoder_attention
 
     pcm = torch.from_numpy(bria[375441: 375441 + FRAME_SIZE * 150].copy())  # 12 s of speech
 
@@ -242,7 +243,7 @@ def test_streams_longer_than_the_lm_context(checkpoint_dir, sounds, tmp_path):
     """
     import json
 
-    from kyutai_stt.reference import reference_outputs
+    from kyutai_stt.engine.kyutai.reference import reference_outputs
 
     short = tmp_path / "short-context"
     short.mkdir()

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import zmq
 
-from kyutai_stt.checkpoint import FRAME_SIZE, load_model
-from kyutai_stt.engine import Engine, NoFreeSlot, StepOutput, StreamClosed, StreamEnd
-from kyutai_stt.engine_ipc import LAUNCHER_ID, EngineClient, EngineServer, Endpoints
+from kyutai_stt.audio.constants import FRAME_SIZE
+from kyutai_stt.engine.kyutai.checkpoint import load_model
+from kyutai_stt.engine.kyutai.engine import Engine, NoFreeSlot, StepOutput, StreamClosed, StreamEnd
+from kyutai_stt.engine.ipc import LAUNCHER_ID, EngineClient, EngineServer, Endpoints
 
 from .conftest import FLUSH_SECONDS
 

@@ -24,9 +24,9 @@ import websockets
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from kyutai_stt.audio import encode_ogg_opus
+from kyutai_stt.audio.decode import encode_ogg_opus
 from kyutai_stt.client import Client
-from kyutai_stt.testing_checkpoint import synthetic_sounds
+from kyutai_stt.engine.kyutai.testing_checkpoint import synthetic_sounds
 
 from .hardening import ref_words, words_of
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import websockets
 
-from kyutai_stt.engine import Engine
-from kyutai_stt.events import Word
-from kyutai_stt.logs import JsonFormatter
-from kyutai_stt.session import Session
+from kyutai_stt.engine.kyutai.engine import Engine
+from kyutai_stt.messages.events import Word
+from kyutai_stt.serve.logs import JsonFormatter
+from kyutai_stt.stream.session import Session
 
 from .conftest import FLUSH_SECONDS, free_port, start_server
 from .helpers import expected_events
@@ -109,7 +109,7 @@ async def test_no_key_and_no_audio_in_logs(busy, caplog, sounds):
 
 
 def test_json_logs_carry_the_session_id():
-    record = logging.LogRecord("kyutai_stt.session", logging.INFO, __file__, 1, "session %s: closed", ("abc",), None)
+    record = logging.LogRecord("kyutai_stt.stream.session", logging.INFO, __file__, 1, "session %s: closed", ("abc",), None)
     record.session_id = "abc"
     line = json.loads(JsonFormatter().format(record))
     assert line["session_id"] == "abc" and line["message"] == "session abc: closed" and line["level"] == "info"
@@ -243,7 +243,7 @@ async def test_fast_sender_is_read_at_once_and_transcribed_at_engine_pace(checkp
     """A client sending far faster than real time is read at once: the engine holds ``max_buffered_audio_s`` of
     its audio, the rest waits in the session's spool (reported in Step.buffered_samples), and its words are
     unchanged."""
-    from kyutai_stt.events import Step
+    from kyutai_stt.messages.events import Step
 
     clip = sounds(6.0, 21)
     limit_s = 0.5

@@ -12,10 +12,10 @@ import numpy as np
 import soundfile
 import websockets
 
-from kyutai_stt.audio import load_audio_file, resample
-from kyutai_stt.checkpoint import SAMPLE_RATE
-from kyutai_stt.codecs import g711_decode, decode_container
-from kyutai_stt.formats import to_srt
+from kyutai_stt.audio.decode import load_audio_file, resample
+from kyutai_stt.audio.constants import SAMPLE_RATE
+from kyutai_stt.audio.codecs import g711_decode, decode_container
+from kyutai_stt.stream.formats import to_srt
 
 from .conftest import CASES
 from .helpers import expected_words
@@ -182,7 +182,7 @@ async def test_stereo_files_are_mixed_down(server, reference, speech):
 
 
 def load_audio_file_from(data: bytes) -> np.ndarray:
-    from kyutai_stt.audio import load_audio_bytes
+    from kyutai_stt.audio.decode import load_audio_bytes
 
     return load_audio_bytes(data, ".wav")
 
@@ -198,8 +198,8 @@ def _check_cues(cue_list: list[tuple[float, float]], duration: float) -> None:
 
 
 def test_cues_of_adjacent_short_words_never_overlap():
-    from kyutai_stt.formats import cue_times
-    from kyutai_stt.words import TimedWord
+    from kyutai_stt.stream.formats import cue_times
+    from kyutai_stt.stream.words import TimedWord
 
     words = [TimedWord(*w) for w in ADJACENT]
     _check_cues([(start, end) for start, end, _ in cue_times(words, duration=1.4)], 1.4)
@@ -214,8 +214,8 @@ def test_page_cues_match_the_server_and_never_overlap(tmp_path):
     import subprocess
     from pathlib import Path
 
-    from kyutai_stt.formats import to_vtt
-    from kyutai_stt.words import TimedWord
+    from kyutai_stt.stream.formats import to_vtt
+    from kyutai_stt.stream.words import TimedWord
 
     node = shutil.which("node")
     if node is None:

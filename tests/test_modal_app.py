@@ -24,9 +24,10 @@ import pytest
 
 modal = pytest.importorskip("modal", reason="the Modal client is an optional dependency (uv sync --extra modal)")
 
-from kyutai_stt import client as stt_client, modal_app  # noqa: E402
-from kyutai_stt.audio import OggOpusDecoder, encode_ogg_opus, load_audio_bytes  # noqa: E402
-from kyutai_stt.events import Text, Word, WordEnd  # noqa: E402
+from kyutai_stt import client as stt_client
+from kyutai_stt.deploy import modal_app  # noqa: E402
+from kyutai_stt.audio.decode import OggOpusDecoder, encode_ogg_opus, load_audio_bytes  # noqa: E402
+from kyutai_stt.messages.events import Text, Word, WordEnd  # noqa: E402
 from kyutai_stt.settings import Settings  # noqa: E402
 
 from .conftest import FLUSH_SECONDS  # noqa: E402
@@ -173,7 +174,7 @@ def test_settings_come_from_the_environment_at_deploy_time():
            "KYUTAI_STT_MODAL_APP": "stt-test", "KYUTAI_STT_IDLE_TIMEOUT_S": "12",
            "KYUTAI_STT_API_KEYS": "not-forwarded", "KYUTAI_STT_DEVICE": "cpu"}
     code = (
-        "import json; import kyutai_stt.modal_app as m; "
+        "import json; import kyutai_stt.deploy.modal_app as m; "
         "print(json.dumps({'gpu': m.STT_OPTIONS['gpu'], 'concurrency': m.CONCURRENCY, "
         "'scaledown': m.STT_OPTIONS['scaledown_window'], 'timeout': m.STT_OPTIONS['timeout'], "
         "'env': m.CONTAINER_ENV, 'secrets': len(m.STT_OPTIONS['secrets']), 'app': m.app.name, "
@@ -192,7 +193,7 @@ def test_settings_come_from_the_environment_at_deploy_time():
     assert "KYUTAI_STT_API_KEYS" not in got["env"] and "KYUTAI_STT_DEVICE" not in got["env"]
     # a target above the slots is refused at deploy time
     env["KYUTAI_STT_MODAL_TARGET_INPUTS"] = "65"
-    out = subprocess.run([sys.executable, "-c", "import kyutai_stt.modal_app"], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", "import kyutai_stt.deploy.modal_app"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode != 0 and "TARGET_INPUTS" in out.stderr
 
@@ -306,7 +307,7 @@ async def test_transcribe_queue_file_pieces_text_equal_reference(stt, reference,
 
 
 async def test_transcribe_queue_frees_the_slot_of_a_vanished_client(stt, sounds):
-    from kyutai_stt.queue_bridge import transcribe_queue
+    from kyutai_stt.serve.queue_bridge import transcribe_queue
 
     obj, _ = stt
     q = MemoryQueue()
@@ -321,7 +322,7 @@ async def test_transcribe_queue_frees_the_slot_of_a_vanished_client(stt, sounds)
 
 
 async def test_transcribe_queue_rejects_bad_audio(stt):
-    from kyutai_stt.audio import AudioFormatError
+    from kyutai_stt.audio.decode import AudioFormatError
 
     obj, _ = stt
     q = MemoryQueue()
@@ -333,7 +334,7 @@ async def test_transcribe_queue_rejects_bad_audio(stt):
 
 
 def test_ui_points_at_the_configured_stt_url(monkeypatch):
-    pytest.importorskip("kyutai_stt.ui", reason="the browser page is not in this tree yet")
+    pytest.importorskip("kyutai_stt.serve.ui", reason="the browser page is not in this tree yet")
     from starlette.testclient import TestClient
 
     monkeypatch.setenv("KYUTAI_STT_MODAL_STT_URL", "https://example--kyutai-stt-stt-api.modal.run/")

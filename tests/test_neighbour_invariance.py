@@ -16,9 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from kyutai_stt.batch_invariant.mkl import strict_cnr_active
-from kyutai_stt.checkpoint import load_model
-from kyutai_stt.engine import Engine, StepOutput, StreamEnd
+from kyutai_stt.engine.batch_invariant.mkl import strict_cnr_active
+from kyutai_stt.engine.kyutai.checkpoint import load_model
+from kyutai_stt.engine.kyutai.engine import Engine, StepOutput, StreamEnd
 
 from .conftest import FLUSH_SECONDS
 
@@ -63,7 +63,7 @@ def find_speech() -> np.ndarray:
     """The shared real-speech fixture (shared/ sits beside the repository, or above a worktree)."""
     from pathlib import Path
 
-    from kyutai_stt.audio import load_audio_file
+    from kyutai_stt.audio.decode import load_audio_file
 
     here = Path(__file__).resolve()
     for folder in here.parents:

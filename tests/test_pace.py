@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import websockets
 
-from kyutai_stt.checkpoint import FRAME_SIZE, SAMPLE_RATE
-from kyutai_stt.events import Word
-from kyutai_stt.words import WordAssembler, pair_words
+from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
+from kyutai_stt.messages.events import Word
+from kyutai_stt.stream.words import WordAssembler, pair_words
 
-from kyutai_stt.reference import reference_outputs
+from kyutai_stt.engine.kyutai.reference import reference_outputs
 
 from .conftest import FLUSH_SECONDS, start_server
 from .helpers import expected_events
@@ -136,7 +136,7 @@ async def test_real_time_client_on_a_slow_engine_is_slowed_complete_and_reported
         url = running.ws + "/v1/stream?format=pcm_s16le&sample_rate=24000"
         status: dict = {}
         metrics = ""
-        with caplog.at_level(logging.WARNING, logger="kyutai_stt.pace"):
+        with caplog.at_level(logging.WARNING, logger="kyutai_stt.serve.pace"):
             async with websockets.connect(url) as ws:
                 started = time.monotonic()
                 for i in range(0, len(pcm), FRAME_SIZE):
@@ -188,7 +188,7 @@ async def test_disconnects_are_told_apart_in_logs_and_metrics(checkpoint_dir, ca
     """A client that closes, one whose connection stops answering pings, and a server-side close are logged and
     counted differently."""
     with start_server(checkpoint_dir, slots=2, ping_interval_s=0.3, idle_timeout_s=30) as running:
-        with caplog.at_level(logging.INFO, logger="kyutai_stt.protocols.common"):
+        with caplog.at_level(logging.INFO, logger="kyutai_stt.serve.protocols.common"):
             async with websockets.connect(running.ws + "/v1/stream?format=pcm_s16le", ping_interval=None) as ws:
                 await ws.send(bytes(3840))
             quiet = await websockets.connect(running.ws + "/v1/stream?format=pcm_s16le", ping_interval=None)

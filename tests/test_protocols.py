@@ -16,12 +16,12 @@ import pytest
 import soundfile
 import websockets
 
-from kyutai_stt.audio import load_audio_file
-from kyutai_stt.checkpoint import FRAME_SIZE
+from kyutai_stt.audio.decode import load_audio_file
+from kyutai_stt.audio.constants import FRAME_SIZE
 from kyutai_stt.client import Client
-from kyutai_stt.events import End, Ready, Step, Text, Word, WordEnd
-from kyutai_stt.local import SpeechToText
-from kyutai_stt.words import WordAssembler, pair_words
+from kyutai_stt.messages.events import End, Ready, Step, Text, Word, WordEnd
+from kyutai_stt.stream.local import SpeechToText
+from kyutai_stt.stream.words import WordAssembler, pair_words
 
 from .conftest import start_server
 from .helpers import expected_events, expected_pieces, expected_words, opus_pages_and_decoded, ref_words, words_of
@@ -155,7 +155,7 @@ def test_openai_sdk_all_formats(server, reference, sounds, tmp_path):
         srt = client.audio.transcriptions.create(model="kyutai", file=f, response_format="srt")
     with path.open("rb") as f:
         vtt = client.audio.transcriptions.create(model="kyutai", file=f, response_format="vtt")
-    from kyutai_stt.formats import to_srt, to_vtt
+    from kyutai_stt.stream.formats import to_srt, to_vtt
     duration = len(pcm) / 24000  # cues never run past the audio
     assert srt.strip() == to_srt(want, duration).strip() and vtt.strip() == to_vtt(want, duration).strip()
     with path.open("rb") as f:

@@ -21,7 +21,7 @@ import msgpack
 import numpy as np
 import websockets
 
-from kyutai_stt.audio import encode_ogg_opus
+from kyutai_stt.audio.decode import encode_ogg_opus
 from kyutai_stt.client import Client
 
 from .hardening import ref_words, wait_idle, words_of

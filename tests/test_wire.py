@@ -12,14 +12,14 @@ import msgpack
 import numpy as np
 import pytest
 
-from kyutai_stt.audio import AudioFormatError
-from kyutai_stt.checkpoint import load_model
-from kyutai_stt.engine import Engine, EngineStopped, NoFreeSlot
+from kyutai_stt.audio.decode import AudioFormatError
+from kyutai_stt.engine.kyutai.checkpoint import load_model
+from kyutai_stt.engine.kyutai.engine import Engine, EngineStopped, NoFreeSlot
 from kyutai_stt.messages import kyutai as kyutai_wire
 from kyutai_stt.messages.errors import MessageError, UnknownMessage
 from kyutai_stt.messages.events import EndControl, MarkerControl, StreamQuery, parse_control
-from kyutai_stt.protocols.errors import InvalidPayload, PolicyViolation, close_for
-from kyutai_stt.session import SessionLimitError
+from kyutai_stt.serve.protocols.errors import InvalidPayload, PolicyViolation, close_for
+from kyutai_stt.stream.session import SessionLimitError
 
 from .conftest import start_server
 from .hardening import exchange, gather, ref_words, wait_idle, words_of

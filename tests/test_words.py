@@ -1,7 +1,7 @@
 """Word assembly is a pure function of the token stream: tested on hand-written sequences."""
 
-from kyutai_stt.events import Text, Word, WordEnd
-from kyutai_stt.words import TimedWord, WordAssembler, pair_words
+from kyutai_stt.messages.events import Text, Word, WordEnd
+from kyutai_stt.stream.words import TimedWord, WordAssembler, pair_words
 
 PIECES = {10: "▁hel", 11: "lo", 12: "▁world", 13: "▁a", 14: "!"}
 

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import websockets
 
-from kyutai_stt.events import Word, WordEnd
+from kyutai_stt.messages.events import Word, WordEnd
 from kyutai_stt.client import parse_event
-from kyutai_stt.words import pair_words
+from kyutai_stt.stream.words import pair_words
 
 from .conftest import FLUSH_SECONDS, free_port
 from .helpers import expected_words, opus_pages_and_decoded

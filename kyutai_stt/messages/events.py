@@ -1,5 +1,8 @@
-"""Our JSON events protocol (``WS /v1/stream``): its query, its client controls; the server's messages are the
-events of ``kyutai_stt.events`` (``Event``, a union tagged by ``type``).
+"""Our JSON events protocol (``WS /v1/stream``), declared once: the events a stream produces (the server's
+messages, a union tagged by ``type``), the query and the client controls.
+
+Events: every protocol adapter only translates these to its wire format. Times are seconds of the stream's own
+audio, corrected for the model's delay.
 
 Query (``StreamQuery``): ``format`` (``opus``: Ogg/Opus pages, the default; ``pcm_f32le`` / ``pcm_s16le``: raw
 little-endian PCM), ``sample_rate`` of raw PCM (8000 to 192000, resampled to 24 kHz), ``channels`` of raw PCM (1,
@@ -16,14 +19,86 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError, model_validator
 
-from .. import codecs
-from ..events import Event
-from .errors import MessageError, UnknownMessage
+from kyutai_stt.audio.constants import CONTAINER_FORMATS as _CONTAINERS
+from kyutai_stt.messages.errors import MessageError, UnknownMessage
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Ready(_Event):
+    type: Literal["ready"] = "ready"
+
+
+class Text(_Event):
+    """A piece of text as soon as the model emits it (``" "`` starts a new word). For the lowest latency."""
+
+    type: Literal["text"] = "text"
+    text: str
+    time: float
+
+
+class Word(_Event):
+    """A complete word. Final: it never changes once sent."""
+
+    type: Literal["word"] = "word"
+    text: str
+    start_time: float
+
+
+class WordEnd(_Event):
+    """The end of the last ``Word``: the next word's start, or the end of the audio."""
+
+    type: Literal["word_end"] = "word_end"
+    stop_time: float
+
+
+class Step(_Event):
+    """One 80 ms model step for this stream."""
+
+    type: Literal["step"] = "step"
+    step_idx: int
+    pause_probabilities: tuple[float, ...] | None = None  # per VAD head (0.5, 1, 2, 3 s horizons)
+    buffered_samples: int = 0
+
+
+class EndOfTurn(_Event):
+    """VAD head 2's pause probability crossed the threshold after some words: the speaker has likely finished."""
+
+    type: Literal["end_of_turn"] = "end_of_turn"
+    probability: float
+    time: float
+
+
+class Marker(_Event):
+    """Echo of a client marker: all audio sent before it has been transcribed (model delay included)."""
+
+    type: Literal["marker"] = "marker"
+    id: int
+
+
+class End(_Event):
+    """The stream is finished: every word has been sent."""
+
+    type: Literal["end"] = "end"
+    duration: float
+
+
+class Error(_Event):
+    type: Literal["error"] = "error"
+    message: str
+
+
+Event = Annotated[
+    Union[Ready, Text, Word, WordEnd, Step, EndOfTurn, Marker, End, Error], Field(discriminator="type")
+]
+
 
 PCM_FORMATS = ("pcm_f32le", "pcm_s16le")
 G711_FORMATS = ("mulaw", "alaw")
 # audio containers pushed in pieces ("container"/"auto": FFmpeg tells)
-CONTAINER_FORMATS = tuple(codecs.CONTAINER_FORMATS)
+CONTAINER_FORMATS = tuple(_CONTAINERS)
 FORMATS = ("opus", *PCM_FORMATS, *G711_FORMATS, *CONTAINER_FORMATS)
 # a close reason fits in 123 bytes: the full list of formats is in the README
 QUERY_ERROR = "format must be one of opus, pcm_f32le, pcm_s16le, mulaw, alaw, webm...; sample_rate 8000-192000; steps true/false"

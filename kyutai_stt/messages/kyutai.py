@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PlainSerializer, Tag, TypeAdapter
 from pydantic import ValidationError
 
-from .errors import MessageError, first_error
+from kyutai_stt.messages.errors import MessageError, first_error
 
 
 class _Message(BaseModel):

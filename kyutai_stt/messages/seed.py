@@ -6,7 +6,7 @@ Server to client: ``0x01`` + a UTF-8 text piece, as soon as the model emits it; 
 
 from __future__ import annotations
 
-from ..events import End, Text
+from kyutai_stt.messages.events import End, Text
 
 TEXT = b"\x01"
 END = b"\x00"

@@ -139,7 +139,7 @@ def setup_torch(threads: Optional[int], cuda_graphs: bool) -> None:
 
 
 def load(model: str, device: str, dtype: str):
-    from kyutai_stt.checkpoint import load_model
+    from kyutai_stt.engine.kyutai.checkpoint import load_model
 
     if Path(model).exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -186,14 +186,14 @@ def sync(device) -> None:
 
 def audio_pool(count: int = 4, seconds: float = 8.0) -> list[np.ndarray]:
     """Distinct speech-like clips (the content barely changes the cost, but codes should vary like real audio)."""
-    from kyutai_stt.testing_checkpoint import synthetic_sounds
+    from kyutai_stt.engine.kyutai.testing_checkpoint import synthetic_sounds
 
     return [synthetic_sounds(seconds, 4242 + i) for i in range(count)]
 
 
 def frames_of(pool: list[np.ndarray], slot: int, count: int) -> np.ndarray:
     """``count`` 80 ms frames for ``slot``: a pool clip, shifted per slot, looped."""
-    from kyutai_stt.checkpoint import FRAME_SIZE
+    from kyutai_stt.audio.constants import FRAME_SIZE
 
     clip = pool[slot % len(pool)]
     n = len(clip) // FRAME_SIZE

@@ -1,4 +1,4 @@
-"""Driving the real ``kyutai_stt.engine.Engine`` with N streams, all in use, timed through its step listeners.
+"""Driving the real ``kyutai_stt.engine.kyutai.engine.Engine`` with N streams, all in use, timed through its step listeners.
 
 Back to back (the engine's throughput): every stream's audio is pushed while the engine's worker is held between
 two steps (``WorkerGate``), so all streams start in the same step and every step is a full batch until they all
@@ -90,8 +90,8 @@ def run_engine(stt, batch: int, steps: int, warmup: int, pool: list[np.ndarray],
     ``EngineStalled`` with the counts. ``push_gap_s``: a pause between two streams' pushes (tests: a slow push
     loop, as 512 pushes of 0.85 MB are on a busy host).
     """
-    from kyutai_stt.checkpoint import FRAME_SIZE
-    from kyutai_stt.engine import Engine, StepOutput
+    from kyutai_stt.audio.constants import FRAME_SIZE
+    from kyutai_stt.engine.kyutai.engine import Engine, StepOutput
 
     total_steps = warmup + steps
     total_frames = total_steps * frames_per_step

@@ -21,9 +21,9 @@ class Clip:
 
 
 def make_clip(seconds: float, seed: int) -> Clip:
-    from kyutai_stt.audio import OggOpusDecoder, encode_ogg_opus
-    from kyutai_stt.checkpoint import FRAME_SIZE
-    from kyutai_stt.testing_checkpoint import synthetic_sounds
+    from kyutai_stt.audio.decode import OggOpusDecoder, encode_ogg_opus
+    from kyutai_stt.audio.constants import FRAME_SIZE
+    from kyutai_stt.engine.kyutai.testing_checkpoint import synthetic_sounds
 
     pcm = synthetic_sounds(seconds, 7000 + seed)
     pages = encode_ogg_opus(pcm)

@@ -69,7 +69,7 @@ def _seed_instance(model: str, device: str, dtype: str, threads: int, steps: int
         import torch
 
         torch.set_num_threads(threads)
-        from kyutai_stt.checkpoint import load_model
+        from kyutai_stt.engine.kyutai.checkpoint import load_model
 
         stt = load_model(model, device, dtype)
         frames = frames_of(audio_pool(1, 8.0), index, 100)

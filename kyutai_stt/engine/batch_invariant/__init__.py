@@ -1,0 +1,157 @@
+"""Batch-invariant execution: a stream's results do not depend on how many other rows share its batch.
+
+On CUDA, cuBLAS picks split-K and tiles by the batch size, the attention kernels split the key sequence when the
+batch is small, cuDNN picks convolution algorithms by shape and uses TF32: all reduce in an order that depends on
+the batch, so a stream's tokens could depend on the load. In batch-invariant mode the aten operators Mimi and the
+LM use are served by the Triton kernels of ``kernels`` (matrix products with fixed tiles and no split-K, attention
+with a fixed key split, per-row mean and softmax, convolutions as im2col + that matrix product), registered with
+``torch.library`` as batch_invariant_ops does, so moshi is never patched. TF32 is off in the mode.
+
+On the CPU the same promise needs no kernels of ours: PyTorch's CPU kernels reduce per row in a fixed order once
+MKL runs in strict reproducible mode (``mkl``), which the package turns on at import.
+
+The setting ``KYUTAI_STT_BATCH_INVARIANT`` is ``auto`` (default), ``on`` or ``off``. ``auto`` turns the mode on on
+CUDA: the issue asks for it by default when it costs at most 10 % of capacity, which only a GPU can measure
+(``scripts/gpu_check.py`` does); until measured, auto means on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+from kyutai_stt.engine.batch_invariant.mkl import enable_strict_cnr, strict_cnr_active
+
+__all__ = ["batch_invariant_mode", "enabled_for", "resolve_mode", "is_active", "enable_strict_cnr",
+           "strict_cnr_active", "OPERATORS"]
+
+MODES = ("auto", "on", "off")
+# aten operators replaced in the mode (what Mimi's encoder and the LM reach through nn.Linear, F.conv1d, RMSNorm's
+# mean, the quantizer's squared norms (torch.cdist), the VAD heads' softmax and F.scaled_dot_product_attention).
+OPERATORS = ("aten::mm", "aten::addmm", "aten::mean.dim", "aten::sum.dim_IntList", "aten::_softmax", "aten::convolution",
+             "aten::scaled_dot_product_attention")
+
+
+def resolve_mode(device: torch.device | str, setting: str | None = None) -> bool:
+    """Whether the mode is on for ``device``: ``setting`` or ``$KYUTAI_STT_BATCH_INVARIANT`` (auto/on/off)."""
+    setting = (setting or os.environ.get("KYUTAI_STT_BATCH_INVARIANT", "auto")).lower()
+    if setting not in MODES:
+        raise ValueError(f"KYUTAI_STT_BATCH_INVARIANT must be one of {', '.join(MODES)}, got {setting!r}")
+    kind = torch.device(device).type
+    if setting == "off" or kind != "cuda" and setting == "auto":
+        return False
+    return True
+
+
+_lock = threading.Lock()
+_users: dict[str, int] = {}
+_libraries: dict[str, torch.library.Library] = {}
+_saved_tf32: dict[str, tuple[bool, bool]] = {}
+
+
+def is_active(dispatch_key: str = "CUDA") -> bool:
+    return _users.get(dispatch_key, 0) > 0
+
+
+def _impls():
+    from kyutai_stt.engine.batch_invariant import kernels
+
+    def mm(a, b):
+        return kernels.matmul(a, b)
+
+    def addmm(bias, a, b, *, beta=1, alpha=1):
+        if beta == 1 and alpha == 1 and bias.dim() == 1:
+            return kernels.matmul(a, b, bias)
+        return bias * beta + kernels.matmul(a, b) * alpha
+
+    def reduce(x, dim, keepdim, dtype, mean):
+        """Any reduction dims: moved last and flattened, so each output element is one row of the kernel."""
+        dims = sorted({d % x.dim() for d in dim}) if dim else list(range(x.dim()))
+        kept = [d for d in range(x.dim()) if d not in dims]
+        if not x.is_floating_point():  # integer sums are exact in any order (cumsum: not overridden)
+            flat = x.permute(*kept, *dims).reshape(*[x.shape[d] for d in kept], -1)
+            out = flat.to(dtype or torch.int64).cumsum(-1)[..., -1] if flat.shape[-1] else flat.new_zeros(flat.shape[:-1])
+        else:
+            flat = x.permute(*kept, *dims).reshape(*[x.shape[d] for d in kept], -1)
+            out = kernels._row_reduce(flat, mean, dtype)
+        if keepdim:
+            for d in dims:
+                out = out.unsqueeze(d)
+        return out
+
+    def mean_dim(x, dim, keepdim=False, *, dtype=None):
+        return reduce(x, dim, keepdim, dtype, True)
+
+    def sum_dim(x, dim, keepdim=False, *, dtype=None):
+        return reduce(x, dim, keepdim, dtype, False)
+
+    def softmax(x, dim, half_to_float):
+        if half_to_float:
+            x = x.float()
+        last = x.dim() - 1
+        if dim % x.dim() == last:
+            return kernels.softmax(x)
+        return kernels.softmax(x.transpose(dim, last)).transpose(dim, last).contiguous()
+
+    def convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+        if (x.dim() == 3 and not transposed and groups == 1 and len(stride) == 1
+                and len(set(padding)) <= 1):
+            return kernels.conv1d(x, weight, bias, stride[0], dilation[0], padding[0] if padding else 0)
+        # not used by Mimi's encoder: PyTorch's own kernel, deterministic and without TF32 in this mode
+        return torch.ops.aten._convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding,
+                                           groups, False, True, False, False)
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+        D = q.shape[-1]
+        if (dropout_p or is_causal or enable_gqa or q.dim() != 4 or D & (D - 1) or k.shape[1] != q.shape[1]
+                or attn_mask is not None and attn_mask.dtype != torch.bool):
+            return torch.ops.aten._scaled_dot_product_attention_math(
+                q, k, v, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
+        return kernels.attention(q, k, v, attn_mask, scale)
+
+    return {"mm": mm, "addmm": addmm, "mean.dim": mean_dim, "sum.dim_IntList": sum_dim, "_softmax": softmax, "convolution": convolution,
+            "scaled_dot_product_attention": sdpa}
+
+
+def _enable(dispatch_key: str) -> None:
+    with _lock:
+        _users[dispatch_key] = _users.get(dispatch_key, 0) + 1
+        if _users[dispatch_key] > 1:
+            return
+        library = torch.library.Library("aten", "IMPL")
+        for name, fn in _impls().items():
+            library.impl(name, fn, dispatch_key)
+        _libraries[dispatch_key] = library
+        _saved_tf32[dispatch_key] = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def _disable(dispatch_key: str) -> None:
+    with _lock:
+        _users[dispatch_key] -= 1
+        if _users[dispatch_key] > 0:
+            return
+        _libraries.pop(dispatch_key)._destroy()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = _saved_tf32.pop(dispatch_key)
+
+
+@contextlib.contextmanager
+def batch_invariant_mode(dispatch_key: str = "CUDA"):
+    """Serve the operators of ``OPERATORS`` on ``dispatch_key`` with the batch-invariant kernels (process-wide,
+    nestable). ``"CPU"`` is for tests with ``TRITON_INTERPRET=1``."""
+    _enable(dispatch_key)
+    try:
+        yield
+    finally:
+        _disable(dispatch_key)
+
+
+def enabled_for(device: torch.device | str, setting: str | None = None) -> contextlib.AbstractContextManager:
+    """The mode for ``device`` when ``resolve_mode`` says so, else a no-op context."""
+    if resolve_mode(device, setting):
+        return batch_invariant_mode("CUDA")
+    return contextlib.nullcontext()

@@ -1,0 +1,568 @@
+"""The batched engine: one Mimi and one LMGen serve every stream, one batched step at a time.
+
+The engine knows nothing of sockets or asyncio. A stream takes a slot (``open``), feeds it 24 kHz float PCM of any
+length (``push``), and ends it (``close``, which flushes) or drops it (``abort``). A dedicated worker thread runs
+the steps; each step encodes one 80 ms frame with Mimi and runs one LM step for every slot that has a frame
+waiting, while every other slot is paused with moshi's exec mask, so its state is exactly as if the step never
+happened. Results go back through each stream's ``sink`` callback, called on the worker thread.
+
+Conventions (equal to ``reference.reference_outputs``, a plain single-stream loop):
+- The LM's very first step after a reset replaces its whole input by the initial tokens, so the audio it is
+  given is never seen. Like ``moshi.run_inference`` we give that step to the LM once more before the first frame
+  (the "init step"); it needs no audio, so it runs as soon as the slot opens and costs the stream no latency.
+- A partial last frame is zero-padded; after it, ``delay + flush_seconds`` of silence is fed so the last word,
+  which lags the audio by the model's delay, comes out. Models with a silence prefix get it before the audio.
+- Mimi's encoder attention always sees its full 10 s context, whether it is given one frame per call or several
+  (``attention_cache``); moshi's default cache drops a few of the oldest keys for multi-step calls.
+
+Neighbour invariance: every step runs the full batch of ``slots`` rows, so shapes never change with the load, and a
+row's result must not depend on its slot or on the other rows. On the CPU that holds bit for bit once MKL runs in
+strict reproducible mode (``batch_invariant.mkl``); on CUDA it needs the batch-invariant kernels
+(``batch_invariant``, setting ``KYUTAI_STT_BATCH_INVARIANT``), which the reference loop uses too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from moshi.models import LMGen
+from moshi.modules.streaming import StreamingModule
+
+from kyutai_stt.engine import batch_invariant
+from kyutai_stt.engine.kyutai.attention_cache import fit_encoder_attention
+from kyutai_stt.audio.constants import FRAME_RATE, FRAME_SIZE
+from kyutai_stt.engine.kyutai.checkpoint import SttModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutput:
+    """What one LM step produced for one stream."""
+
+    frame: int  # index of the audio frame of this stream (silence prefix included) that produced the token
+    token: int  # text token: 3 padding, 0 word boundary, >3 a piece
+    pauses: tuple[float, ...] | None  # per VAD head, probability of no voice activity; None without heads
+    buffered_samples: int  # audio of this stream waiting in the engine after this step
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """The stream was flushed: every output for its audio has been delivered."""
+
+    frames: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFailed:
+    """The engine could not process this stream; no more outputs will come."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepTiming:
+    """Where one engine step's time went, in seconds (``Engine.add_step_timing_listener``; benchmarks).
+
+    While a timing listener is registered the worker synchronises the device after each part, so on CUDA each part
+    is that part's own device time, and the step is a little slower than without (one sync per part instead of one
+    per step). On the CPU the parts are plain wall-clock time."""
+
+    frames: int  # frames stepped (as given to step listeners)
+    seconds: float  # the step as step listeners see it: prepare + mimi + lm + d2h
+    plan: float  # before ``seconds``, under the lock: choosing the slots, copying their frames into the batch
+    prepare: float  # resets, init steps (their LM step too), exec masks, audio to the device
+    mimi: float  # Mimi encode of the batch
+    lm: float  # the LM steps (``frames_per_step`` of them) with their exec masks
+    d2h: float  # tokens and VAD probabilities back to the host
+    deliver: float  # after ``seconds``: building the StepOutputs and calling every sink
+
+
+class _PartClock:
+    """Splits a step into parts for ``StepTiming``; exists only while a timing listener is registered."""
+
+    def __init__(self, device: torch.device, start: float):
+        self._cuda = device if device.type == "cuda" else None
+        self._last = start
+        self.parts: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        if self._cuda is not None:
+            torch.cuda.synchronize(self._cuda)
+        t = time.perf_counter()
+        self.parts[name] = self.parts.get(name, 0.0) + t - self._last
+        self._last = t
+
+
+EngineEvent = StepOutput | StreamEnd | StreamFailed
+Sink = Callable[[list[EngineEvent]], None]
+
+
+class NoFreeSlot(RuntimeError):
+    """Every slot is in use."""
+
+
+class StreamClosed(RuntimeError):
+    """The stream no longer holds its slot (ended, aborted or failed)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is not running (stopped, or its worker died)."""
+
+
+class _AudioQueue:
+    """A stream's audio waiting for the engine, kept as the chunks that were pushed: a push costs its own size,
+    never a copy of the backlog (a client far ahead of the engine would otherwise cost quadratic time)."""
+
+    def __init__(self, pcm: np.ndarray | None = None):
+        self._chunks: deque[np.ndarray] = deque()
+        self._offset = 0  # samples of the first chunk already taken
+        self._size = 0
+        if pcm is not None:
+            self.push(pcm)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def push(self, pcm: np.ndarray) -> None:
+        if pcm.size:
+            self._chunks.append(pcm)
+            self._size += pcm.size
+
+    def take_into(self, out: np.ndarray) -> None:
+        """Fill ``out`` with the next samples, zero-padded when fewer are left."""
+        count, filled = out.size, 0
+        while filled < count and self._chunks:
+            chunk = self._chunks[0]
+            part = chunk[self._offset:self._offset + count - filled]
+            out[filled:filled + part.size] = part
+            filled += part.size
+            self._offset += part.size
+            if self._offset == chunk.size:
+                self._chunks.popleft()
+                self._offset = 0
+        out[filled:] = 0
+        self._size -= filled
+
+
+@dataclass(eq=False)
+class _Slot:
+    index: int
+    stream_id: int = 0
+    sink: Sink | None = None
+    buffer: _AudioQueue = field(default_factory=_AudioQueue)
+    needs_reset: bool = False
+    needs_init: bool = False
+    closing: bool = False
+    flush_frames_left: int = 0
+    frames_done: int = 0
+
+    @property
+    def in_use(self) -> bool:
+        return self.sink is not None
+
+    def frames_available(self) -> int:
+        """Frames this slot could step now: whole buffered frames, plus, once closing, the padded last one and
+        the flush."""
+        whole = len(self.buffer) // FRAME_SIZE
+        if not self.closing:
+            return whole
+        return -(-len(self.buffer) // FRAME_SIZE) + max(0, self.flush_frames_left)
+
+    def ready(self, frames_per_step: int) -> bool:
+        if not self.in_use:
+            return False
+        available = self.frames_available()
+        return self.needs_init or available >= frames_per_step or (self.closing and available > 0)
+
+    def take_frame(self, out: np.ndarray) -> None:
+        """Write the next frame into ``out`` (a row of the step's audio batch)."""
+        if len(self.buffer) == 0:
+            self.flush_frames_left -= 1  # the buffer is empty only once closing: a frame of flush silence
+        self.buffer.take_into(out)  # the partial last frame comes zero-padded
+
+    def done(self) -> bool:
+        return self.closing and len(self.buffer) == 0 and self.flush_frames_left <= 0
+
+
+@dataclass
+class _StepPlan:
+    """What one engine step does, per slot (plain data, decided under the lock)."""
+
+    reset: np.ndarray  # bool [B]: reset the slot's state first
+    init: np.ndarray  # bool [B]: the slot's LM init step (no audio)
+    audio: np.ndarray  # bool [B]: the slot steps `frames_per_step` frames of pcm
+    pcm: np.ndarray  # float32 [B, frames_per_step * FRAME_SIZE]
+    deliver: np.ndarray  # int [B]: how many of those frames are the stream's (the rest pads the last step)
+    targets: dict  # slot index -> (slot, stream id, sink) for every slot touched
+    plan_seconds: float = 0.0  # measured only for timing listeners
+
+
+@dataclass
+class StreamHandle:
+    slot: int
+    stream_id: int
+
+
+@dataclass
+class EngineStats:
+    slots_total: int
+    slots_in_use: int
+    steps: int
+    frames: int
+    worker_alive: bool
+    last_step_seconds: float
+    failures: int
+
+
+def default_frames_per_step(device: torch.device) -> int:
+    """1 on GPU; 2 on CPU, where Mimi's fixed per-call cost dominates (same results, 80 ms more latency)."""
+    return 1 if device.type == "cuda" else 2
+
+
+def flush_frame_count(model: SttModel, flush_seconds: float) -> int:
+    """Silent frames fed after the audio: the model's delay plus ``flush_seconds`` (at least one frame)."""
+    return model.delay_frames + max(1, math.ceil(flush_seconds * FRAME_RATE - 1e-9))
+
+
+class Engine:
+    def __init__(self, model: SttModel, slots: int, flush_seconds: float = 0.5, frames_per_step: int = 1,
+                 batch_invariant_mode: str | None = None):
+        """``batch_invariant_mode``: auto/on/off, default ``$KYUTAI_STT_BATCH_INVARIANT`` (see ``batch_invariant``)."""
+        self.model = model
+        self.batch_size = slots
+        # Frames each stream advances per step. More than 1 amortises Mimi's per-call cost (a big win on CPU)
+        # at the price of (frames_per_step - 1) x 80 ms of extra latency; results are the same.
+        self.frames_per_step = frames_per_step
+        self.flush_frames = flush_frame_count(model, flush_seconds)
+        self._step_listeners: list[Callable[[int, float], None]] = []  # (frames in the step, seconds)
+        self._timing_listeners: list[Callable[[StepTiming], None]] = []
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._worker: threading.Thread | None = None
+        self._steps = 0
+        self._frames = 0
+        self._failures = 0
+        self._last_step_seconds = 0.0
+        self.fault_injector: Callable[[], None] | None = None  # tests: raise inside a step
+        device = model.device
+        if device.type == "cpu" and batch_invariant.enable_strict_cnr() is False:
+            log.warning("MKL is not in strict reproducible mode: a stream's VAD probabilities may depend on its slot")
+        self.batch_invariant = batch_invariant.resolve_mode(device, batch_invariant_mode)
+        self._lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
+        # STT only encodes: keep Mimi's decoder side out of streaming mode, so no decoder state (its transformer's
+        # KV cache is 7.8 MiB per slot) is allocated for any slot.
+        for part in (model.mimi.decoder, model.mimi.decoder_transformer, getattr(model.mimi, "upsample", None)):
+            if isinstance(part, StreamingModule):
+                part.set_streaming_detached(True)
+        # Mimi encodes frames_per_step frames per call; its attention must see the same keys as frame by frame.
+        fit_encoder_attention(model.mimi, frames_per_step)
+        # moshi keeps streaming state on the modules; stop() leaves streaming mode so the model can be reused.
+        self._streaming = ExitStack()
+        self._streaming.enter_context(batch_invariant.enabled_for(device, "on" if self.batch_invariant else "off"))
+        self._streaming.enter_context(model.mimi.streaming(slots))
+        self._streaming.enter_context(self._lm_gen.streaming(slots))
+        # On CUDA, audio goes to the device through one reused page-locked buffer (an asynchronous copy); the
+        # previous step's copy is complete by then, since each step ends with a device-to-host sync.
+        self._pinned = (torch.empty((slots, frames_per_step * FRAME_SIZE), pin_memory=True)
+                        if device.type == "cuda" else None)
+        self._zero_codes = torch.zeros((slots, model.mimi.num_codebooks, 1), dtype=torch.long, device=device)
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> "Engine":
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name="kyutai-stt-engine", daemon=True)
+            self._worker.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+        if self._worker is None or not self._worker.is_alive():
+            self._streaming.close()
+
+    @classmethod
+    def from_settings(cls, model: SttModel, settings, slots: int | None = None) -> "Engine":
+        """An engine configured by a ``Settings`` object (slots, flush, frames per step)."""
+        frames = settings.frames_per_step or default_frames_per_step(model.device)
+        return cls(model, slots or settings.slots, flush_seconds=settings.flush_seconds, frames_per_step=frames)
+
+    def add_step_listener(self, listener: Callable[[int, float], None]) -> None:
+        """Call ``listener(frames, seconds)`` after every step, on the worker thread (metrics, benchmarks)."""
+        self._step_listeners.append(listener)
+
+    def add_step_timing_listener(self, listener: Callable[[StepTiming], None]) -> None:
+        """Call ``listener(StepTiming)`` after every step, once its outputs are delivered, on the worker thread.
+
+        Costs a device sync per part of every step while registered (benchmarks only); none when no one listens."""
+        self._timing_listeners.append(listener)
+
+    @property
+    def alive(self) -> bool:
+        return self._worker is not None and self._worker.is_alive() and not self._stopping
+
+    def warmup(self, steps: int = 3) -> None:
+        """Run full-batch steps on silence (compiles CUDA graphs) before any stream arrives."""
+        with self._cond:
+            if any(s.in_use for s in self._slots):
+                raise RuntimeError("warm up before serving streams")
+        all_on = torch.ones(self.batch_size, dtype=torch.bool, device=self.model.device)
+        pcm = torch.zeros((self.batch_size, 1, FRAME_SIZE * self.frames_per_step), device=self.model.device)
+        with torch.no_grad():
+            for _ in range(steps):
+                self.model.mimi.set_exec_mask(all_on)
+                self._lm_gen.set_exec_mask(all_on)
+                codes = self.model.mimi.encode(pcm)
+                for j in range(self.frames_per_step):
+                    self._lm_gen.step_with_extra_heads(codes[:, :, j:j + 1])
+            self.model.mimi.reset_streaming(all_on)
+            self._lm_gen.reset_streaming(all_on)
+
+    # ---------------------------------------------------------------- stream API (any thread)
+    def open(self, sink: Sink, timeout: float = 0.0) -> StreamHandle:
+        """Take a free slot for a new stream; when all are in use, wait up to ``timeout`` seconds for one.
+
+        Raises ``NoFreeSlot`` once the wait is over, ``EngineStopped`` when the engine is not (or no longer)
+        running. The wait blocks the calling thread (asyncio callers: ``service.open_stream``)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if not self.alive:
+                    raise EngineStopped("the engine is not running")
+                slot = next((s for s in self._slots if not s.in_use), None)
+                if slot is not None:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NoFreeSlot(f"all {self.batch_size} slots are in use")
+                self._cond.wait(left)  # _release and stop() notify
+            slot.stream_id = next(self._ids)
+            slot.sink = sink
+            slot.buffer = _AudioQueue(np.zeros(self.model.prefix_frames * FRAME_SIZE, np.float32))
+            slot.needs_reset = slot.needs_init = True
+            slot.closing = False
+            slot.flush_frames_left = self.flush_frames
+            slot.frames_done = 0
+            self._cond.notify_all()
+            return StreamHandle(slot.index, slot.stream_id)
+
+    def _own(self, handle: StreamHandle) -> _Slot | None:
+        slot = self._slots[handle.slot]
+        return slot if slot.in_use and slot.stream_id == handle.stream_id else None
+
+    def push(self, handle: StreamHandle, pcm: np.ndarray) -> None:
+        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if not pcm.size:
+            return
+        with self._cond:
+            slot = self._own(handle)
+            if slot is None or slot.closing:
+                raise StreamClosed("stream is closed")
+            slot.buffer.push(pcm.copy())  # the caller may reuse its array
+            if len(slot.buffer) >= FRAME_SIZE * self.frames_per_step:
+                self._cond.notify_all()
+
+    def close(self, handle: StreamHandle) -> None:
+        """No more audio: flush, deliver the last outputs and StreamEnd, then free the slot."""
+        with self._cond:
+            slot = self._own(handle)
+            if slot is not None and not slot.closing:
+                slot.closing = True
+                self._cond.notify_all()
+
+    def abort(self, handle: StreamHandle) -> None:
+        """Drop the stream now (client gone): no more outputs, the slot is free at once."""
+        with self._cond:
+            slot = self._own(handle)
+            if slot is not None:
+                self._release(slot)
+
+    def buffered_samples(self, handle: StreamHandle) -> int:
+        with self._cond:
+            slot = self._own(handle)
+            return len(slot.buffer) if slot is not None else 0
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            used = sum(s.in_use for s in self._slots)
+        return EngineStats(self.batch_size, used, self._steps, self._frames, self.alive,
+                           self._last_step_seconds, self._failures)
+
+    def _release(self, slot: _Slot) -> None:
+        slot.sink = None
+        slot.buffer = _AudioQueue()
+        slot.closing = False
+        self._cond.notify_all()  # wakes an open() waiting for a free slot
+
+    # ---------------------------------------------------------------- worker
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not any(s.ready(self.frames_per_step) for s in self._slots):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    t = time.perf_counter() if self._timing_listeners else 0.0
+                    plan = self._plan()
+                    if self._timing_listeners:
+                        plan.plan_seconds = time.perf_counter() - t
+                self._execute(plan)
+        except BaseException:  # pragma: no cover - reported by /status as unhealthy
+            log.exception("engine worker died")
+            raise
+        finally:
+            with self._cond:
+                for slot in self._slots:
+                    if slot.in_use and slot.sink is not None:
+                        self._deliver(slot.sink, [StreamFailed("the engine stopped")])
+                        self._release(slot)
+
+    def _plan(self) -> _StepPlan:
+        """Under the lock: decide what each slot does this step."""
+        k, n = self.frames_per_step, self.batch_size
+        plan = _StepPlan(np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
+                         np.zeros((n, k * FRAME_SIZE), np.float32), np.zeros(n, int), {})
+        for slot in self._slots:
+            if not slot.ready(k):
+                continue
+            i = slot.index
+            plan.targets[i] = (slot, slot.stream_id, slot.sink)
+            if slot.needs_reset:
+                plan.reset[i] = True
+                slot.needs_reset = False
+            if slot.needs_init:
+                plan.init[i] = True
+                slot.needs_init = False
+                continue
+            plan.audio[i] = True
+            for j in range(k):
+                if slot.frames_available() == 0:
+                    break  # the end of a closing stream: the rest of this step is padding, never delivered
+                slot.take_frame(plan.pcm[i, j * FRAME_SIZE:(j + 1) * FRAME_SIZE])
+                plan.deliver[i] += 1
+        return plan
+
+    def _lm_step(self, codes: torch.Tensor, mask: np.ndarray):
+        self._lm_gen.set_exec_mask(torch.from_numpy(mask).to(self.model.device))
+        result = self._lm_gen.step_with_extra_heads(codes)
+        assert result is not None  # no audio delays in STT models, so every step returns tokens
+        tokens, heads = result
+        pauses = torch.stack([h[:, 0, 0] for h in heads], dim=1) if heads else None
+        return tokens[:, 0, 0], pauses
+
+    @torch.no_grad()
+    def _execute(self, plan: _StepPlan) -> None:
+        start = time.perf_counter()
+        device = self.model.device
+        clock = _PartClock(device, start) if self._timing_listeners else None
+        try:
+            if self.fault_injector is not None:
+                self.fault_injector()
+            if plan.reset.any():
+                mask = torch.from_numpy(plan.reset).to(device)
+                self.model.mimi.reset_streaming(mask)
+                self._lm_gen.reset_streaming(mask)
+            if plan.init.any():
+                # the LM's first step after a reset ignores its input: no audio needed, outputs dropped
+                self._lm_step(self._zero_codes, plan.init)
+            tokens = pauses = None
+            if plan.audio.any():
+                self.model.mimi.set_exec_mask(torch.from_numpy(plan.audio).to(device))
+                host = torch.from_numpy(plan.pcm)
+                if self._pinned is not None:
+                    host = self._pinned.copy_(host)
+                batch = host.to(device, non_blocking=True)[:, None, :]
+                if clock:
+                    clock.mark("prepare")
+                codes = self.model.mimi.encode(batch)  # [B, K, frames_per_step]
+                if clock:
+                    clock.mark("mimi")
+                steps = [self._lm_step(codes[:, :, j:j + 1], plan.audio) for j in range(self.frames_per_step)]
+                if clock:
+                    clock.mark("lm")
+                # one host sync per engine step, not one per slot or per frame
+                tokens = torch.stack([t for t, _ in steps], dim=1).cpu().numpy()
+                if steps[0][1] is not None:
+                    pauses = torch.stack([p for _, p in steps], dim=1).float().cpu().numpy()
+            if clock:
+                clock.mark("prepare" if tokens is None else "d2h")
+        except Exception as exc:
+            self._fail_step(plan.targets, exc)
+            return
+        elapsed = time.perf_counter() - start
+        frames = int(plan.deliver.sum())
+        self._steps += 1
+        self._frames += frames
+        self._last_step_seconds = elapsed
+        for listener in self._step_listeners:
+            listener(frames, elapsed)
+        deliver_start = time.perf_counter()  # after the step listeners, which may be slow
+        if tokens is not None:
+            self._deliver_outputs(plan, tokens, pauses)
+        if clock:
+            parts = clock.parts
+            timing = StepTiming(frames, elapsed, plan.plan_seconds, parts.get("prepare", 0.0), parts.get("mimi", 0.0),
+                                parts.get("lm", 0.0), parts.get("d2h", 0.0), time.perf_counter() - deliver_start)
+            for listener in self._timing_listeners:
+                listener(timing)
+
+    def _deliver_outputs(self, plan: _StepPlan, tokens: np.ndarray, pauses: np.ndarray | None) -> None:
+        deliveries = []
+        with self._cond:
+            for index, (slot, stream_id, sink) in plan.targets.items():
+                if not plan.audio[index] or slot.stream_id != stream_id or not slot.in_use:
+                    continue  # init steps produce nothing; aborted streams get nothing
+                events: list[EngineEvent] = []
+                for j in range(plan.deliver[index]):
+                    events.append(StepOutput(
+                        frame=slot.frames_done,
+                        token=int(tokens[index, j]),
+                        pauses=tuple(pauses[index, j].tolist()) if pauses is not None else None,
+                        buffered_samples=len(slot.buffer),
+                    ))
+                    slot.frames_done += 1
+                if slot.done():
+                    events.append(StreamEnd(slot.frames_done))
+                    self._release(slot)
+                deliveries.append((sink, events))
+        for sink, events in deliveries:
+            self._deliver(sink, events)
+
+    def _fail_step(self, targets, exc: Exception) -> None:
+        """A step raised: fail the streams it carried, and give their slots back fresh."""
+        log.exception("engine step failed; failing %d stream(s)", len(targets))
+        self._failures += 1
+        deliveries = []
+        with self._cond:
+            for index, (slot, stream_id, sink) in targets.items():
+                if slot.in_use and slot.stream_id == stream_id:
+                    self._release(slot)
+                    deliveries.append(sink)
+                # the slot's state may be half-updated: the next stream in it is reset anyway (open sets
+                # needs_reset), so nothing else to repair here.
+        for sink in deliveries:
+            self._deliver(sink, [StreamFailed(f"internal error while transcribing: {type(exc).__name__}")])
+
+    @staticmethod
+    def _deliver(sink: Sink, events: list[EngineEvent]) -> None:
+        try:
+            sink(events)
+        except Exception:  # a broken consumer must never stop the engine
+            log.exception("stream sink raised")

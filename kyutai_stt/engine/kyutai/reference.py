@@ -1,0 +1,62 @@
+"""The single-stream reference: a plain moshi loop at batch 1, greedy, no masks, no engine.
+
+Every stream the engine serves must get exactly these outputs for the same audio; tests and the soak check it.
+It follows the engine's documented conventions (see ``engine``): the first frame is stepped twice (as
+``moshi.run_inference`` does), a partial last frame is zero-padded and the flush silence is appended. Mimi's
+encoder attention keeps its whole context (``attention_cache``), so its codes do not depend on call sizes.
+It needs its own model instance: moshi keeps streaming state on the modules themselves. It runs in the same
+batch-invariant mode as the engine (``batch_invariant``), so "exact" means the same thing on every device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moshi.models import LMGen
+
+from kyutai_stt.engine import batch_invariant
+from kyutai_stt.engine.kyutai.attention_cache import fit_encoder_attention
+from kyutai_stt.audio.constants import FRAME_SIZE
+from kyutai_stt.engine.kyutai.checkpoint import SttModel
+from kyutai_stt.engine.kyutai.engine import StepOutput, flush_frame_count
+
+
+def padded_stream(model: SttModel, pcm: np.ndarray, flush_seconds: float) -> np.ndarray:
+    """The audio the model actually hears: silence prefix + audio zero-padded to frames + flush silence."""
+    pcm = np.asarray(pcm, np.float32).reshape(-1)
+    frames = -(-len(pcm) // FRAME_SIZE)
+    total = (model.prefix_frames + frames + flush_frame_count(model, flush_seconds)) * FRAME_SIZE
+    out = np.zeros(total, np.float32)
+    start = model.prefix_frames * FRAME_SIZE
+    out[start:start + len(pcm)] = pcm
+    return out
+
+
+@torch.no_grad()
+def reference_outputs(model: SttModel, pcm: np.ndarray, flush_seconds: float = 0.5,
+                      mimi_frames_per_call: int = 1, batch_invariant_mode: str | None = None) -> list[StepOutput]:
+    """``mimi_frames_per_call`` > 1 encodes several frames per Mimi call: the same codes (Mimi is causal and its
+    attention keeps its whole context whatever the call size), much faster for hours of audio.
+    ``batch_invariant_mode``: auto/on/off as for ``Engine`` (default ``$KYUTAI_STT_BATCH_INVARIANT``)."""
+    audio = torch.from_numpy(padded_stream(model, pcm, flush_seconds)).to(model.device)
+    frames = audio.numel() // FRAME_SIZE
+    per_call = mimi_frames_per_call
+    audio = torch.nn.functional.pad(audio, (0, (-frames % per_call) * FRAME_SIZE))  # causal: changes nothing before
+    lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
+    fit_encoder_attention(model.mimi, per_call)
+    outputs: list[StepOutput] = []
+    with batch_invariant.enabled_for(model.device, batch_invariant_mode), model.mimi.streaming(1), \
+            lm_gen.streaming(1):
+        for chunk in audio.view(-1, per_call * FRAME_SIZE):
+            codes = model.mimi.encode(chunk[None, None])
+            for j in range(per_call):
+                index = len(outputs)
+                if index == frames:
+                    break
+                if index == 0:
+                    lm_gen.step(codes[:, :, :1])  # the init step: its input is replaced by the initial tokens
+                tokens, heads = lm_gen.step_with_extra_heads(codes[:, :, j:j + 1])
+                pauses = tuple(float(h[0, 0, 0]) for h in heads) if heads else None
+                outputs.append(StepOutput(index, int(tokens[0, 0, 0]), pauses, 0))
+    return outputs

@@ -1,0 +1,143 @@
+"""The FastAPI app: one engine, one router per protocol, status, metrics, graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Callable
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+
+from kyutai_stt.engine.kyutai.checkpoint import SttModel, load_model
+from kyutai_stt.engine.kyutai.engine import Engine
+from kyutai_stt.serve.metrics import Metrics
+from kyutai_stt.serve.service import Service, get_service
+from kyutai_stt.settings import Settings
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("kyutai_stt.access")
+
+
+def create_app(settings: Settings | None = None, model: SttModel | None = None,
+               engine: Engine | None = None) -> FastAPI:
+    """Build the app. The model is loaded (or taken as given) and the engine started in the lifespan.
+
+    ``engine``: serve an engine that is already warmed up and running (the Modal app shares one between its
+    web app and its Queue method); its owner stops it, not the app.
+    """
+    settings = settings or Settings()
+    metrics = Metrics()
+    service = Service(settings, metrics)
+    if engine is not None:
+        service.attach(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if engine is not None:
+            yield
+            return
+        stt = model or load_model(settings.model, settings.device, settings.dtype)
+        own = Engine.from_settings(stt, settings)
+        own.warmup()
+        own.start()
+        service.attach(own)
+        if stt.random_weights:
+            log.warning("%s has RANDOM WEIGHTS: it produces meaningless text", settings.model)
+        log.info("serving %s on %s (%s), %d slots", settings.model, stt.device, stt.dtype, settings.slots)
+        try:
+            yield
+        finally:
+            own.stop()
+
+    app = FastAPI(title="kyutai-stt", lifespan=lifespan)
+    app.state.service = service  # the one object handlers reach, through service.get_service / ServiceDep
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+
+    @app.middleware("http")
+    async def log_requests(request: Request, call_next):
+        # Our own access log: the path without its query string, which may carry an API key.
+        start = time.perf_counter()
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:  # + multipart overhead
+            # refuse before the body is read (Starlette would spool a multipart upload to disk first)
+            response = JSONResponse({"detail": f"body larger than {settings.max_upload_bytes} bytes"}, status_code=413)
+        else:
+            response = await call_next(request)
+        access_log.info("%s %s %d %.0f ms", request.method, request.url.path, response.status_code,
+                        (time.perf_counter() - start) * 1000)
+        return response
+
+    from kyutai_stt.serve.protocols import events_ws, kyutai, openai, seed
+    from kyutai_stt.serve.ui import mount_ui
+
+    for protocol in (seed, events_ws, kyutai, openai):
+        app.include_router(protocol.router)
+    from kyutai_stt.serve.protocols import deepgram, openai_realtime
+    app.include_router(deepgram.router)
+    app.include_router(openai_realtime.router)
+    mount_ui(app)  # the browser page at / and its assets at /static
+
+    @app.get("/status")
+    async def status(request: Request):
+        service = get_service(request)
+        engine = service.running_engine
+        stats = engine.stats()
+        healthy = stats.worker_alive and not service.draining
+        body = {
+            "healthy": healthy,
+            "draining": service.draining,
+            "model": settings.model,
+            "random_weights": engine.model.random_weights,
+            "device": str(engine.model.device),
+            "dtype": str(engine.model.dtype).removeprefix("torch."),
+            "slots_in_use": stats.slots_in_use,
+            "slots_total": stats.slots_total,
+            "steps": stats.steps,
+            "frames": stats.frames,
+            "step_failures": stats.failures,
+            "real_time_factor": round(service.pace.real_time_factor(), 3),
+            "max_backlog_s": round(service.pace.max_backlog_seconds(), 2),
+        }
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(get_service(request).running_engine), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, but on SIGTERM/SIGINT active streams flush and close cleanly before connections are cut."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, on_ready: Callable[[], None] | None = None):
+        super().__init__(config)
+        self._app = app
+        self._on_ready = on_ready
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)  # runs the lifespan (model warm-up) first, then listens
+        if self.started and self._on_ready is not None:
+            self._on_ready()
+
+    async def shutdown(self, sockets=None) -> None:
+        for server in self.servers:  # stop accepting first
+            server.close()
+        service: Service = self._app.state.service
+        await service.drain(service.settings.shutdown_flush_s)
+        await super().shutdown(sockets)
+
+
+def serve(settings: Settings, model: SttModel | None = None, on_ready: Callable[[], None] | None = None) -> None:
+    """Run the server until SIGTERM/SIGINT. ``on_ready`` is called once it answers (engine warm, socket open)."""
+    app = create_app(settings, model)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, ws_max_size=settings.max_message_bytes,
+                            ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=2 * settings.ping_interval_s,
+                            access_log=False, log_config=None)
+    GracefulServer(config, app, on_ready).run()

@@ -1,0 +1,125 @@
+"""From text tokens to words with times: a pure function of the token stream and the model's timing.
+
+Token ids (Kyutai STT convention): 3 is padding, 0 marks a word boundary (a new word starts at this step),
+1 and 2 are never text, anything above 3 is a sentencepiece piece ("▁" is a space).
+
+Words follow Kyutai's own server (``State::step_tokens`` in ``rust/moshi-core/src/asr.rs`` of kyutai-labs/moshi,
+which moshi-server's ``/api/asr-streaming`` sends as ``Word``/``EndWord``): the pieces since the last padding or
+boundary form a word, sent at the first padding (3) or boundary (0) after them; ``EndWord`` comes at the next
+boundary, with that boundary's time, and ends every word sent since the previous one. So pieces separated by
+padding are sent as separate words there, and here. (Kyutai's PyTorch example ``stt_from_file_pytorch.py``
+instead groups all pieces between two boundaries and splits them at spaces; the server's rule is the one its
+clients see.) A word starts at its boundary token, or at its first piece when no boundary came before it
+(Kyutai's server then reuses the previous boundary's time). At the end of the stream the open word ends at the
+end of the audio; no time is ever past ``audio_end``, the end of the audio the client sent (the flush silence
+after it is not audio).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from kyutai_stt.audio.constants import FRAME_RATE
+from kyutai_stt.messages.events import Text, Word, WordEnd
+
+PAD = 3
+BOUNDARY = 0
+
+
+@dataclass
+class WordAssembler:
+    piece: Callable[[int], str]  # token id -> sentencepiece piece
+    offset_frames: int  # model delay + silence prefix, in frames
+    _pieces: list[str] = field(default_factory=list)
+    _start: float | None = None  # start of the word being assembled (or awaiting its pieces)
+    _open_word: bool = False  # a Word was sent whose WordEnd is still due
+    audio_end: float = math.inf  # seconds of audio the client sent, once known (set at the end of the stream)
+
+    def time(self, frame: int) -> float:
+        """Seconds into the client's audio of a token produced at ``frame`` (0 before it, ``audio_end`` after)."""
+        return min(max(0.0, (frame - self.offset_frames) / FRAME_RATE), self.audio_end)
+
+    def feed(self, frame: int, token: int) -> list[Text | Word | WordEnd]:
+        now = self.time(frame)
+        out: list[Text | Word | WordEnd] = []
+        if token > PAD:
+            piece = self.piece(token)
+            if self._start is None:
+                self._start = now
+            text = piece.replace("▁", " ")
+            if not self._pieces and not text.startswith(" "):
+                text = " " + text
+            self._pieces.append(piece)
+            out.append(Text(text=text, time=now))
+            return out
+        if token not in (PAD, BOUNDARY):
+            return out  # bos/eos/unk-like ids carry no text
+        out.extend(self._complete())
+        if token == BOUNDARY:
+            if self._open_word:
+                out.append(WordEnd(stop_time=now))
+                self._open_word = False
+            self._start = now
+        return out
+
+    def _complete(self) -> list[Word]:
+        if not self._pieces:
+            return []
+        text = "".join(self._pieces).replace("▁", " ").strip()
+        start = self._start if self._start is not None else 0.0
+        self._pieces = []
+        self._start = None
+        if not text:
+            return []
+        self._open_word = True
+        return [Word(text=text, start_time=start)]
+
+    def finish(self, frame: int) -> list[Word | WordEnd]:
+        """End of the audio: complete the last word and close it at the end of the stream."""
+        out: list[Word | WordEnd] = list(self._complete())
+        if self._open_word:
+            out.append(WordEnd(stop_time=self.time(frame)))
+            self._open_word = False
+        return out
+
+
+@dataclass(frozen=True)
+class TimedWord:
+    text: str
+    start: float
+    end: float
+
+
+class WordPairer:
+    """Joins Word and WordEnd events into words with start and end, as they come (the in-process API) or all at
+    once (``pair_words``). A Word with no WordEnd before the next Word ends at that word's start."""
+
+    def __init__(self) -> None:
+        self.words: list[TimedWord] = []  # final words
+        self.pending: Word | None = None  # a complete word whose end is not known yet
+
+    def feed(self, event: object) -> None:
+        if isinstance(event, Word):
+            if self.pending is not None:  # no WordEnd between two words: end at the next start
+                self.words.append(TimedWord(self.pending.text, self.pending.start_time, event.start_time))
+            self.pending = event
+        elif isinstance(event, WordEnd) and self.pending is not None:
+            self.words.append(TimedWord(self.pending.text, self.pending.start_time,
+                                        max(event.stop_time, self.pending.start_time)))
+            self.pending = None
+
+    def all_words(self) -> list[TimedWord]:
+        """Every word so far; the last complete word has ``end == start`` until its end is known."""
+        tail = [TimedWord(self.pending.text, self.pending.start_time, self.pending.start_time)] \
+            if self.pending is not None else []
+        return self.words + tail
+
+
+def pair_words(events: Iterable[object]) -> list[TimedWord]:
+    """Join Word and WordEnd events into words with start and end (for files and transcript formats)."""
+    pairer = WordPairer()
+    for event in events:
+        pairer.feed(event)
+    return pairer.all_words()
