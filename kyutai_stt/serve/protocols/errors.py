@@ -112,11 +112,6 @@ def close_for(exc: BaseException) -> tuple[int, str]:
     return INTERNAL_ERROR, "internal error"
 
 
-def is_client_fault(exc: BaseException) -> bool:
-    """True when the error is the client's doing (its close code is not 1011)."""
-    return close_for(exc)[0] != INTERNAL_ERROR
-
-
 _DECODE_FAILED = re.compile(r"could not decode (.+?) as audio \(")
 _TEMP_PATH = re.compile(r"""["']?""" + re.escape(tempfile.gettempdir().rstrip("/")) + r"""/[^\s"':;,)]+["']?""")
 
