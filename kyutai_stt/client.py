@@ -18,7 +18,7 @@ import numpy as np
 import sphn
 import websockets
 
-from kyutai_stt.audio.decode import audio_chunks
+from kyutai_stt.audio.chunks import audio_chunks
 from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
 from kyutai_stt.messages.events import End, Error, Event, Marker, Ready, Step, Word, WordEnd
 from kyutai_stt.messages import kyutai as kyutai_wire

@@ -12,7 +12,8 @@ import numpy as np
 import soundfile
 import websockets
 
-from kyutai_stt.audio.decode import load_audio_file, resample
+from kyutai_stt.audio.decode import load_audio_file
+from kyutai_stt.audio.resample import resample
 from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.audio.codecs import g711_decode, decode_container
 from kyutai_stt.stream.formats import to_srt
