@@ -27,6 +27,24 @@ from .test_bad_input import events_of
 
 
 # ------------------------------------------------------------------------------------------------ messages
+def test_the_client_and_the_wire_messages_import_no_torch_moshi_or_pyav():
+    """A client machine needs neither torch, moshi nor PyAV: import the client and every messages module in a fresh
+    interpreter and look at what came with them."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    import kyutai_stt.messages
+
+    modules = ["kyutai_stt.client", "kyutai_stt.audio.constants", "kyutai_stt.audio.chunks"] + [
+        f"kyutai_stt.messages.{m.name}" for m in pkgutil.iter_modules(kyutai_stt.messages.__path__)]
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}: importlib.import_module(name)\n"
+            "print(' '.join(m for m in ('torch', 'moshi', 'av', 'julius', 'triton') if m in sys.modules))")
+    heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert len(modules) > 5 and heavy == []
+
+
 def test_kyutai_messages_round_trip_and_refuse_with_a_reason():
     pcm = np.array([0.25, -0.5, 2.0], np.float32)
     audio = kyutai_wire.parse_client_message(kyutai_wire.pack(kyutai_wire.Audio(pcm=pcm), single_float=True))

@@ -219,3 +219,13 @@ def encode_ogg_opus(pcm: np.ndarray, frame_samples: int = FRAME_SIZE) -> list[by
             pages.append(data)
     return pages
 
+
+def opus_chunks(data: bytes, pages_per_chunk: int) -> list[tuple[bytes, float]]:
+    """Decode any audio file and re-encode it as the Ogg/Opus pages a live client sends (80 ms each), grouped
+    ``pages_per_chunk`` to a Modal Queue item; returns (chunk, seconds of audio up to its end), as
+    ``client.stream_through_queue`` takes them."""
+    pcm = load_audio_bytes(data)
+    pages = encode_ogg_opus(pcm)
+    duration = len(pcm) / SAMPLE_RATE
+    return [(b"".join(pages[i:i + pages_per_chunk]), min(duration, (i + pages_per_chunk) * 0.08))
+            for i in range(0, len(pages), pages_per_chunk)]
