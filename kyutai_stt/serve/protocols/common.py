@@ -119,10 +119,13 @@ async def open_session(ws: WebSocket, protocol: str,
         log.info("%s stream from %s refused: server shutting down", protocol, client)
         await close(ws, SERVICE_RESTART, "server shutting down, retry on another instance")
         return None
+    session: Session | None = None
     try:
         session = service.new_session()
         await service.admit(session)
     except NoFreeSlot:
+        if session is not None:
+            session.abort()  # it never had a slot: this frees its spool
         reason = f"server full: all {service.running_engine.batch_size} streams are in use, retry later"
         service.metrics.errors.labels("no_free_slot").inc()
         log.warning("%s stream from %s refused: %s", protocol, client, reason)
@@ -132,6 +135,8 @@ async def open_session(ws: WebSocket, protocol: str,
         await close(ws, TRY_AGAIN_LATER, reason)
         return None
     except EngineStopped as exc:
+        if session is not None:
+            session.abort()
         service.metrics.errors.labels("engine_down").inc()
         log.error("%s stream from %s refused: the engine is not running", protocol, client)
         await close(ws, *close_for(exc))
