@@ -258,12 +258,17 @@ class _Transcript:
         return [self._results(words, False, now)] if words else []
 
     def finalized(self, end: float) -> list[BaseModel]:
-        """Every word heard before Finalize is out: the pending one ends at the end of the flush."""
+        """Every word heard before Finalize is out: the pending one ends at the end of the flush (``end``: client
+        time already)."""
         pending = self.words.pending
-        if pending is not None:
-            self.words.pending = None
-            return [self._final(TimedWord(pending.text, pending.start_time, end), from_finalize=True)]
-        return [self._results([], True, self.cursor, from_finalize=True)]
+        if pending is None:
+            return [self._results([], True, self.cursor, from_finalize=True)]
+        self.words.pending = None
+        start = self.shift(pending.start_time)
+        end = max(end, start)
+        message = self._results([_result_word(pending.text, start, end)], True, end, from_finalize=True)
+        self.cursor = end
+        return [message]
 
 
 class DeepgramTranslator(runner.Translator):
