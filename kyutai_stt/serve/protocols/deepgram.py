@@ -327,9 +327,10 @@ class DeepgramTranslator(runner.Translator):
                          model_info={self.model_uuid: self.transcript.metadata.model_info}).model_dump_json()]
 
     def refuse(self, exc: BaseException, code: int, reason: str) -> tuple[list[str], str]:
+        message = str(exc)  # whole: the close reason is cut to fit a close frame, the Error message is not
         if isinstance(exc, AudioFormatError):
-            reason = f"the audio could not be decoded as {self.options.encoding or 'container audio'}: {exc}"
-        return [_stream_error("DATA-0000", str(reason))], "DATA-0000"
+            message = f"the audio could not be decoded as {self.options.encoding or 'container audio'}: {exc}"
+        return [_stream_error("DATA-0000", message)], "DATA-0000"
 
 
 def _stream_error(variant: str, message: str) -> str:
