@@ -6,7 +6,8 @@
     async for event in client.stream(pcm_24k, realtime=True):
         if isinstance(event, Word): print(event.start_time, event.text)
 
-Every protocol yields the same typed events (``kyutai_stt.messages.events``) and ends with ``End``.
+Every protocol yields the same typed events (``kyutai_stt.messages.events``) and ends with ``End``. The client
+imports neither torch nor PyAV (a test checks it): it sends 24 kHz float PCM, and reads files nowhere.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import numpy as np
 import sphn
 import websockets
 
-from kyutai_stt.audio.decode import audio_chunks
+from kyutai_stt.audio.chunks import audio_chunks
 from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
 from kyutai_stt.messages.events import End, Error, Event, Marker, Ready, Step, Word, WordEnd
 from kyutai_stt.messages import kyutai as kyutai_wire
 from kyutai_stt.messages import seed as seed_wire
+from kyutai_stt.messages.queue import AUDIO, TRANSCRIPTION, queue_call
 from kyutai_stt.messages.events import EndControl, StreamQuery, parse_event  # noqa: F401  (parse_event: public here too)
 
 Protocol = Literal["events", "kyutai", "seed"]
@@ -168,26 +170,13 @@ async def stream_events(url: str, pcm: np.ndarray, *, realtime: bool = False, ch
 
 
 # ------------------------------------------------------------------------------------------ Modal Queue client
-def opus_chunks(data: bytes, pages_per_chunk: int) -> list[tuple[bytes, float]]:
-    """Decode any audio file here and re-encode it as the Ogg/Opus pages a live client sends (80 ms each),
-    grouped ``pages_per_chunk`` to a queue item; returns (chunk, seconds of audio up to its end)."""
-    from kyutai_stt.audio.decode import encode_ogg_opus, load_audio_bytes
-
-    pcm = load_audio_bytes(data)
-    pages = encode_ogg_opus(pcm)
-    duration = len(pcm) / SAMPLE_RATE
-    return [(b"".join(pages[i:i + pages_per_chunk]), min(duration, (i + pages_per_chunk) * 0.08))
-            for i in range(0, len(pages), pages_per_chunk)]
-
-
 async def stream_through_queue(q, chunks: list[tuple[bytes, float]], *, realtime: bool = False,
                                write=print) -> tuple[float | None, list[dict]]:
     """The client side of ``queue_bridge.transcribe_queue`` (with ``events=True``) on a ``modal.Queue``: send
-    ``chunks`` to partition ``"audio"`` (at the pace of their audio with ``realtime``), print words as they arrive;
-    returns (seconds to the first word, every event received)."""
+    ``chunks`` (audio bytes, each with the seconds of audio up to its end: ``audio.decode.opus_chunks`` makes them
+    from a file) to partition ``"audio"`` (at the pace of their audio with ``realtime``), print words as they
+    arrive; returns (seconds to the first word, every event received)."""
     import time
-
-    from kyutai_stt.serve.queue_bridge import AUDIO, TRANSCRIPTION, queue_call
 
     start = time.perf_counter()
 

@@ -281,7 +281,7 @@ async def test_deepgram_mulaw_8k_and_utterance_end(keyed, reference, sounds):
 
     import soundfile
 
-    from kyutai_stt.audio.decode import StreamResampler
+    from kyutai_stt.audio.resample import StreamResampler
     from kyutai_stt.audio.codecs import g711_decode
     from kyutai_stt.stream.session import END_OF_TURN_HEAD
 
@@ -346,7 +346,7 @@ async def test_deepgram_container_audio(keyed, reference, sounds):
 
     data = b"".join(encode_ogg_opus(sounds(1.5, 80)))
     decoder = ContainerStreamDecoder()
-    heard = np.concatenate([decoder.feed(data), decoder.finish()])
+    heard = np.concatenate([decoder.feed(data), decoder.end()])
     want = [w.text for w in expected_words(reference.model, reference.outputs(heard))]
     messages = []
     async with deepgram_client(keyed).listen.v1.connect(model="nova-3") as socket:

@@ -18,7 +18,8 @@ import pytest
 import soundfile
 import websockets
 
-from kyutai_stt.audio.decode import OggOpusDecoder, load_audio_file, ogg_crc, resample
+from kyutai_stt.audio.decode import OggOpusDecoder, load_audio_file, ogg_crc
+from kyutai_stt.audio.resample import resample
 from kyutai_stt.client import parse_event
 
 from .conftest import ensure_debian_packages, start_server

@@ -32,7 +32,7 @@ def test_webm_opus_in_pieces_equals_the_whole_file(piece):
     whole = decode_container(str(WEBM))
     assert abs(len(whole) / 24000 - 4.16) < 0.1  # the case's length (ffprobe)
     decoder = ContainerStreamDecoder("webm")
-    outs = [decoder.feed(data[i:i + piece]) for i in range(0, len(data), piece)] + [decoder.finish()]
+    outs = [decoder.feed(data[i:i + piece]) for i in range(0, len(data), piece)] + [decoder.end()]
     got = np.concatenate(outs)
     assert got.shape == whole.shape and np.abs(got - whole).max() < 1e-4
     if piece < len(data):
@@ -44,6 +44,6 @@ def test_garbage_container_is_a_clear_error(fmt):
     decoder = ContainerStreamDecoder(fmt)
     with pytest.raises(AudioFormatError) as info:
         decoder.feed(b"not audio at all " * 500)
-        decoder.finish()
+        decoder.end()
     message = str(info.value)
     assert "could not decode the stream as" in message and "/" not in message and "Errno" not in message

@@ -12,7 +12,8 @@ import numpy as np
 import soundfile
 import websockets
 
-from kyutai_stt.audio.decode import load_audio_file, resample
+from kyutai_stt.audio.decode import load_audio_file
+from kyutai_stt.audio.resample import resample
 from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.audio.codecs import g711_decode, decode_container
 from kyutai_stt.stream.formats import to_srt
@@ -223,7 +224,7 @@ def test_page_cues_match_the_server_and_never_overlap(tmp_path):
 
         pytest.skip("node is not installed")
     module = tmp_path / "formats.mjs"  # an ES module, whatever package.json says
-    module.write_text((Path(__file__).resolve().parents[1] / "kyutai_stt" / "static" / "formats.js").read_text())
+    module.write_text((Path(__file__).resolve().parents[1] / "kyutai_stt" / "serve" / "static" / "formats.js").read_text())
     words = [{"text": t, "start": s, "end": e, "turn": 0} for t, s, e in ADJACENT]
     script = (f"import {{toSrt, toVtt}} from {json.dumps(str(module))};\n"
               f"const w = {json.dumps(words)};\n"

@@ -26,7 +26,7 @@ modal = pytest.importorskip("modal", reason="the Modal client is an optional dep
 
 from kyutai_stt import client as stt_client
 from kyutai_stt.deploy import modal_app  # noqa: E402
-from kyutai_stt.audio.decode import OggOpusDecoder, encode_ogg_opus, load_audio_bytes  # noqa: E402
+from kyutai_stt.audio.decode import OggOpusDecoder, encode_ogg_opus, load_audio_bytes, opus_chunks  # noqa: E402
 from kyutai_stt.messages.events import Text, Word, WordEnd  # noqa: E402
 from kyutai_stt.settings import Settings  # noqa: E402
 
@@ -350,7 +350,7 @@ async def test_local_entrypoint_client_prints_the_reference_words(stt, reference
     obj, _ = stt
     buffer = io.BytesIO()
     soundfile.write(buffer, sounds(1.5, 12), 24000, format="WAV", subtype="FLOAT")
-    chunks = stt_client.opus_chunks(buffer.getvalue(), pages_per_chunk=5)
+    chunks = opus_chunks(buffer.getvalue(), pages_per_chunk=5)
     assert [until for _, until in chunks] == sorted(until for _, until in chunks) and chunks[-1][1] == 1.5
     decoder = OggOpusDecoder()
     decoded = np.concatenate([decoder.feed(chunk) for chunk, _ in chunks])

@@ -12,6 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from kyutai_stt.audio.constants import FRAME_SIZE
 from kyutai_stt.audio.decode import AudioFormatError
 from kyutai_stt.engine.kyutai.checkpoint import load_model
 from kyutai_stt.engine.kyutai.engine import Engine, EngineStopped, NoFreeSlot
@@ -27,6 +28,70 @@ from .test_bad_input import events_of
 
 
 # ------------------------------------------------------------------------------------------------ messages
+def test_every_mid_stream_flush_is_taken_out_of_client_times():
+    """Two flushes (Deepgram's Finalize, OpenAI's commit): stream times after both map back to the client's audio,
+    and each flush reports where the client's audio before it ended."""
+    from types import SimpleNamespace
+
+    from kyutai_stt.stream.flush import Timeline, flush_now
+
+    class FakeSession:
+        samples_received = 0
+
+        def push_pcm(self, pcm):
+            self.samples_received += len(pcm)
+
+        def push_marker(self, marker_id):
+            pass
+
+    session, timeline, model = FakeSession(), Timeline(), SimpleNamespace(delay_frames=2)
+    session.push_pcm(np.zeros(FRAME_SIZE * 25))  # 2 s of client audio
+    assert flush_now(session, model, 0.24, 1, timeline) == 2.0
+    first = session.samples_received / 24000 - 2.0  # the first flush's silence
+    session.push_pcm(np.zeros(FRAME_SIZE * 25))  # 2 s more
+    assert flush_now(session, model, 0.24, 2, timeline) == pytest.approx(4.0)
+    second = session.samples_received / 24000 - 4.0 - first
+    assert timeline.client_time(1.0) == 1.0
+    assert timeline.client_time(2.0 + first / 2) == pytest.approx(2.0)  # inside the first silence
+    assert timeline.client_time(3.0 + first) == pytest.approx(3.0)
+    assert timeline.client_time(4.0 + first + second / 2) == pytest.approx(4.0)  # inside the second silence
+    assert timeline.client_time(5.0 + first + second) == pytest.approx(5.0)
+
+
+def test_deepgram_finalize_ends_the_pending_word_where_the_client_audio_ended():
+    """After an earlier Finalize, the pending word still ends where the audio before this Finalize ended (the end
+    given by the flush is client time already: it is not shifted twice)."""
+    from kyutai_stt.messages.events import Word
+    from kyutai_stt.serve.protocols.deepgram import ListenOptions, _Transcript
+    from kyutai_stt.stream.flush import Timeline
+
+    timeline = Timeline(inserted=[(2.0, 0.48), (4.0, 0.48)])  # two flushes of 0.48 s, at client 2 s and 4 s
+    transcript = _Transcript(ListenOptions(), "request", "model", "uuid")
+    transcript.shift = timeline.client_time
+    assert transcript.on_event(Word(text="hello", start_time=3.5 + 0.48)) == []  # stream time
+    (result,) = transcript.finalized(4.0)
+    word = result.channel.alternatives[0].words[0]
+    assert (word.start, word.end, result.from_finalize) == (3.5, 4.0, True)
+
+
+def test_the_client_and_the_wire_messages_import_no_torch_moshi_or_pyav():
+    """A client machine needs neither torch, moshi nor PyAV: import the client and every messages module in a fresh
+    interpreter and look at what came with them."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    import kyutai_stt.messages
+
+    modules = ["kyutai_stt.client", "kyutai_stt.audio.constants", "kyutai_stt.audio.chunks"] + [
+        f"kyutai_stt.messages.{m.name}" for m in pkgutil.iter_modules(kyutai_stt.messages.__path__)]
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}: importlib.import_module(name)\n"
+            "print(' '.join(m for m in ('torch', 'moshi', 'av', 'julius', 'triton') if m in sys.modules))")
+    heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert len(modules) > 5 and heavy == []
+
+
 def test_kyutai_messages_round_trip_and_refuse_with_a_reason():
     pcm = np.array([0.25, -0.5, 2.0], np.float32)
     audio = kyutai_wire.parse_client_message(kyutai_wire.pack(kyutai_wire.Audio(pcm=pcm), single_float=True))

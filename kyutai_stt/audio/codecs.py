@@ -5,9 +5,10 @@
   ADTS AAC, FLAC, WAV...) pushed in pieces as it arrives, decoded to 24 kHz mono float32.
 - ``decode_container``: a whole file (also m4a/mp4, whose index may sit at the end) to 24 kHz mono float32.
 
-Channels are mixed down as their mean ((L + R) / 2 for stereo). Rates are converted with ``audio.resample`` /
-``audio.StreamResampler`` (a zero-phase kernel: no time shift). Errors are ``audio.AudioFormatError`` with a
-message naming the problem only: never a server path or a library's internals.
+Channels are mixed down as their mean ((L + R) / 2 for stereo). Rates are converted by ``audio.resample`` (a
+zero-phase kernel: no time shift). Errors are ``audio.errors.AudioFormatError`` with a message naming the
+problem only: never a server path or a library's internals. The streaming decoders of every kind are made by
+``audio.decoders.stream_decoder``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from typing import Literal
 import av
 import numpy as np
 
-from kyutai_stt.audio.decode import AudioFormatError, StreamResampler, resample
-from kyutai_stt.audio.constants import CONTAINER_FORMATS, SAMPLE_RATE
+from kyutai_stt.audio.constants import CONTAINER_FORMATS
+from kyutai_stt.audio.errors import MIN_FILE_SAMPLE_RATE, AudioFormatError, AudioTooLong
+from kyutai_stt.audio.resample import StreamResampler, resample
 
-__all__ = ["g711_decode", "G711StreamDecoder", "ContainerStreamDecoder", "decode_container", "CONTAINER_FORMATS",
-           "stream_decoder"]
+__all__ = ["g711_decode", "ContainerStreamDecoder", "decode_container", "probe_duration"]
 
 
 def _mulaw_table() -> np.ndarray:
@@ -54,26 +55,6 @@ def g711_decode(data: bytes, law: Literal["mulaw", "alaw"]) -> np.ndarray:
     except KeyError:
         raise ValueError(f"unknown G.711 law {law!r}: use 'mulaw' or 'alaw'") from None
     return table[np.frombuffer(data, np.uint8)]
-
-
-class G711StreamDecoder:
-    """Raw G.711 (``law``: "mulaw" or "alaw") at ``sample_rate`` pushed in pieces, to 24 kHz mono float32 with
-    exact times (``audio.StreamResampler``)."""
-
-    def __init__(self, law: Literal["mulaw", "alaw"], sample_rate: int = 8000):
-        self.law = law
-        self.resampler = StreamResampler(sample_rate)
-
-    def feed(self, data: bytes) -> np.ndarray:
-        return self.resampler.feed(g711_decode(data, self.law))
-
-    def finish(self) -> np.ndarray:
-        return self.resampler.flush()
-
-    flush = finish
-
-
-# Container names accepted from clients, mapped to FFmpeg demuxers; None: let FFmpeg probe the bytes.
 
 
 def _to_mono(frame: av.AudioFrame) -> np.ndarray:
@@ -133,9 +114,9 @@ class ContainerStreamDecoder:
     ``container_format``: a key of ``CONTAINER_FORMATS`` ("webm", "ogg", "mp3"...) or None to let FFmpeg probe.
     FFmpeg demuxes and decodes on a helper thread that reads the pushed bytes as a non-seekable stream; ``feed``
     returns the audio decodable so far (possibly empty: a container's header, or an incomplete packet, waits
-    for more). ``finish`` ends the stream and returns the rest. Bad data raises ``AudioFormatError`` from
-    ``feed`` or ``finish``. Formats whose index sits at the end (mp4/m4a) cannot be streamed: upload them.
-    Output lags input by the resampler's margin (under 0.1 s) until ``finish``, and keeps exact times.
+    for more). ``end`` ends the stream and returns the rest. Bad data raises ``AudioFormatError`` from
+    ``feed`` or ``end``. Formats whose index sits at the end (mp4/m4a) cannot be streamed: upload them.
+    Output lags input by the resampler's margin (under 0.1 s) until ``end``, and keeps exact times.
     """
 
     def __init__(self, container_format: str | None = None):
@@ -161,15 +142,18 @@ class ContainerStreamDecoder:
                 self._thread.start()
         return self._collect(final=False)
 
-    def finish(self) -> np.ndarray:
+    def flush(self) -> np.ndarray:
+        """Mid-stream flush: nothing more to give. FFmpeg cannot be flushed without ending the stream; the
+        audio decoded so far has already come out of ``feed`` (less the resampler's margin, under 0.1 s)."""
+        return np.zeros(0, np.float32)
+
+    def end(self) -> np.ndarray:
         """No more bytes: decode what is left and flush the resampler."""
         self.close()
         out = self._collect(final=True)
         if self._resampler is not None:
             out = np.concatenate([out, self._resampler.flush()])
         return out
-
-    flush = finish  # the name the PCM decoders use
 
     def close(self) -> None:
         """Stop the helper thread (at end of stream, or when the client is gone)."""
@@ -219,8 +203,6 @@ class ContainerStreamDecoder:
 def probe_duration(path: str) -> float | None:
     """Seconds of audio the file's header announces, without decoding; None when it does not say (or is not a
     container FFmpeg reads: decoding then reports why). Raises ``AudioFormatError`` for a rate under 8 kHz."""
-    from kyutai_stt.audio.decode import MIN_FILE_SAMPLE_RATE
-
     try:
         with av.open(path, mode="r") as container:
             if not container.streams.audio:
@@ -242,8 +224,6 @@ def decode_container(path: str, max_seconds: float | None = None) -> np.ndarray:
     """A whole audio file (any container and codec FFmpeg reads: wav, mp3, flac, ogg, webm, m4a/AAC...) to 24 kHz
     mono float32, times unchanged. Raises ``AudioFormatError`` when it holds no decodable audio, or more than
     ``max_seconds`` of it (``audio.AudioTooLong``)."""
-    from kyutai_stt.audio.decode import MIN_FILE_SAMPLE_RATE, AudioTooLong
-
     try:
         with av.open(path, mode="r") as container:
             if not container.streams.audio:
@@ -268,11 +248,3 @@ def decode_container(path: str, max_seconds: float | None = None) -> np.ndarray:
     if not pieces:
         raise AudioFormatError("could not decode the file as audio: it holds no audio samples")
     return resample(np.concatenate(pieces), rate)
-
-
-def stream_decoder(fmt: str, sample_rate: int = 8000) -> G711StreamDecoder | ContainerStreamDecoder:
-    """The streaming decoder for a ``format`` query value other than Ogg/Opus and raw PCM: "mulaw"/"alaw" (raw
-    G.711 at ``sample_rate``) or a key of ``CONTAINER_FORMATS``. Raises ``AudioFormatError`` for anything else."""
-    if fmt in ("mulaw", "alaw"):
-        return G711StreamDecoder(fmt, sample_rate)
-    return ContainerStreamDecoder(fmt)

@@ -1,8 +1,9 @@
-"""Audio in: Ogg/Opus streams, audio files, PCM at any rate; everything becomes 24 kHz mono float32."""
+"""Audio in, whole or as Ogg/Opus: the Ogg/Opus stream decoder (pages checked before libopus sees them), audio
+files (through ``codecs``), and the Ogg/Opus encoding clients send; everything becomes 24 kHz mono float32.
+Streams of any format get their decoder from ``decoders.stream_decoder``."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import struct
@@ -10,16 +11,12 @@ import tempfile
 import zlib
 from pathlib import Path
 
-import julius
 import numpy as np
 import sphn
-import torch
 
+from kyutai_stt.audio.codecs import decode_container, probe_duration
 from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
-
-
-class AudioFormatError(ValueError):
-    """The bytes are not audio we can decode; the message says why."""
+from kyutai_stt.audio.errors import AudioFormatError, AudioTooLong
 
 
 _OGG_HEADER = struct.Struct("<4sBBqIIIB")  # capture, version, flags, granule, serial, sequence, crc, segments
@@ -78,6 +75,18 @@ class OggOpusDecoder:
             self._buffer = buffer[position:]  # at most one incomplete page
         out.append(self._decode(pages))
         return out[-1] if len(out) == 1 else np.concatenate(out)
+
+    def flush(self) -> np.ndarray:
+        """Mid-stream flush: nothing is held back (pages decode whole; an incomplete page waits for its rest)."""
+        return np.zeros(0, np.float32)
+
+    def end(self) -> np.ndarray:
+        """End of the stream: a page left incomplete is dropped."""
+        self._buffer = b""
+        return np.zeros(0, np.float32)
+
+    def close(self) -> None:
+        pass
 
     def _decode(self, pages: list[bytes]) -> np.ndarray:
         out = []
@@ -148,19 +157,6 @@ class OggOpusDecoder:
                                    "send mono or stereo")
 
 
-def resample(pcm: np.ndarray, from_rate: int, to_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Exact-length resampling (sphn.resample is not exact in length; julius is)."""
-    if from_rate == to_rate or pcm.size == 0:
-        return np.asarray(pcm, np.float32)
-    out = julius.resample_frac(torch.from_numpy(np.ascontiguousarray(pcm, np.float32)), from_rate, to_rate)
-    return out.numpy()
-
-
-class AudioTooLong(AudioFormatError):
-    """The file holds more audio than the configured limit."""
-
-
-MIN_FILE_SAMPLE_RATE = 8000  # a tiny rate in a small file would expand into hours of audio
 
 
 def _decoder_failed(exc: BaseException) -> bool:
@@ -178,8 +174,6 @@ def load_audio_file(path: str | Path, max_seconds: float | None = None, label: s
     than that (``AudioTooLong``), checked from the header before decoding when the header says, and while
     decoding. Messages name neither server paths nor library internals.
     """
-    from kyutai_stt.audio.codecs import decode_container, probe_duration
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such audio file: {path}")
@@ -209,7 +203,7 @@ def load_audio_bytes(data: bytes, suffix: str = "", max_seconds: float | None = 
         os.unlink(name)
 
 
-def encode_ogg_opus(pcm: np.ndarray, frame_samples: int = 1920) -> list[bytes]:
+def encode_ogg_opus(pcm: np.ndarray, frame_samples: int = FRAME_SIZE) -> list[bytes]:
     """Encode 24 kHz mono PCM as the Ogg pages a streaming client sends (headers first)."""
     writer = sphn.OpusStreamWriter(SAMPLE_RATE)
     pages = []
@@ -223,83 +217,12 @@ def encode_ogg_opus(pcm: np.ndarray, frame_samples: int = 1920) -> list[bytes]:
     return pages
 
 
-class StreamResampler:
-    """Resample a PCM stream chunk by chunk to 24 kHz with the same kernel as ``resample``.
-
-    Input is processed in blocks of whole resampling periods with ``margin`` samples of context on each side,
-    so every output sample sees the same neighbourhood it would see in a one-shot resample of the whole stream
-    (edges aside). The output lags the input by the margin (under 0.1 s) until ``flush``.
-    """
-
-    def __init__(self, from_rate: int, to_rate: int = SAMPLE_RATE):
-        from math import gcd
-
-        g = gcd(from_rate, to_rate)
-        self.old, self.new = from_rate // g, to_rate // g
-        self.identity = from_rate == to_rate
-        self.from_rate, self.to_rate = from_rate, to_rate
-        self.margin = self.old * -(-2048 // self.old)
-        self._pending = np.zeros(self.margin, np.float32)  # left context starts as silence
-        self._ready_from = self.margin  # index in _pending of the first sample not yet resampled
-
-    def _run(self, block: np.ndarray) -> np.ndarray:
-        out = julius.resample_frac(torch.from_numpy(block), self.from_rate, self.to_rate)
-        return out.numpy()
-
-    def feed(self, pcm: np.ndarray) -> np.ndarray:
-        pcm = np.asarray(pcm, np.float32).reshape(-1)
-        if self.identity:
-            return pcm
-        self._pending = np.concatenate([self._pending, pcm])
-        available = len(self._pending) - self._ready_from - self.margin  # samples with full right context
-        periods = available // self.old
-        if periods <= 0:
-            return np.zeros(0, np.float32)
-        count = periods * self.old
-        start = self._ready_from - self.margin
-        block = self._pending[start:self._ready_from + count + self.margin]
-        out = self._run(block)
-        skip = self.margin * self.new // self.old
-        result = out[skip:skip + count * self.new // self.old]
-        # keep only what the next block needs as left context
-        keep_from = self._ready_from + count - self.margin
-        self._pending = self._pending[keep_from:]
-        self._ready_from = self.margin
-        return result
-
-    def flush(self) -> np.ndarray:
-        """The rest of the stream (right edge padded with silence)."""
-        if self.identity:
-            return np.zeros(0, np.float32)
-        rest = len(self._pending) - self._ready_from
-        if rest <= 0:
-            return np.zeros(0, np.float32)
-        pad = (-rest) % self.old
-        out = self.feed(np.zeros(pad + self.margin, np.float32))
-        return out[: round(rest * self.new / self.old)] if len(out) else out
-
-
-class audio_chunks:
-    """Audio as an async iterator of float32 chunks: slices of an array (paced at real time if asked), or the
-    chunks of an async iterable as they come. Counts the samples it yielded."""
-
-    def __init__(self, audio, chunk_samples: int = FRAME_SIZE, realtime: bool = False):
-        self.audio, self.chunk_samples, self.realtime = audio, chunk_samples, realtime
-        self.samples = 0
-
-    async def __aiter__(self):
-        if isinstance(self.audio, np.ndarray):
-            pcm = np.asarray(self.audio, np.float32).reshape(-1)
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            for offset in range(0, len(pcm), self.chunk_samples):
-                chunk = pcm[offset:offset + self.chunk_samples]
-                self.samples += len(chunk)
-                yield chunk
-                if self.realtime:
-                    await asyncio.sleep(max(0.0, start + self.samples / SAMPLE_RATE - loop.time()))
-        else:
-            async for chunk in self.audio:
-                chunk = np.asarray(chunk, np.float32).reshape(-1)
-                self.samples += len(chunk)
-                yield chunk
+def opus_chunks(data: bytes, pages_per_chunk: int) -> list[tuple[bytes, float]]:
+    """Decode any audio file and re-encode it as the Ogg/Opus pages a live client sends (80 ms each), grouped
+    ``pages_per_chunk`` to a Modal Queue item; returns (chunk, seconds of audio up to its end), as
+    ``client.stream_through_queue`` takes them."""
+    pcm = load_audio_bytes(data)
+    pages = encode_ogg_opus(pcm)
+    duration = len(pcm) / SAMPLE_RATE
+    return [(b"".join(pages[i:i + pages_per_chunk]), min(duration, (i + pages_per_chunk) * 0.08))
+            for i in range(0, len(pages), pages_per_chunk)]

@@ -362,7 +362,8 @@ async def main(audio: str = DEFAULT_AUDIO, realtime: bool = False, raw: bool = F
     ``--realtime`` paces the audio as a live stream would; ``--raw`` sends the file's own bytes (decoded on
     the server once they have all arrived) instead of Ogg/Opus pages encoded here.
     """
-    from kyutai_stt.client import opus_chunks, stream_through_queue
+    from kyutai_stt.audio.decode import opus_chunks
+    from kyutai_stt.client import stream_through_queue
 
     print(f"reading {audio}")
     data = _read_source(audio)

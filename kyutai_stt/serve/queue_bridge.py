@@ -13,32 +13,31 @@ starting with a space starts a word), as Modal's example does; with ``events=Tru
 "start_time": ...}``), so a client needs nothing of this package to read them.
 
 The queue only needs ``get(timeout=..., partition=...)`` and ``put(item, timeout=..., partition=...)``, either
-with an ``.aio`` variant (``modal.Queue``), as coroutines, or plain blocking calls (run in a thread).
+with an ``.aio`` variant (``modal.Queue``), as coroutines, or plain blocking calls (run in a thread): see
+``messages.queue``, which the client's half shares. The stream runs on the one runner (``protocols.runner``):
+this module is the Queue's translator and transport.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import queue as std_queue
 from typing import Any
 
-import numpy as np
-
-from kyutai_stt.audio.decode import AudioFormatError, OggOpusDecoder, load_audio_bytes
 from kyutai_stt.audio.constants import SAMPLE_RATE
-from kyutai_stt.engine.kyutai.engine import Engine
-from kyutai_stt.messages.events import Error, Ready, Step, Text
-from kyutai_stt.stream.session import Session, SessionLimitError
+from kyutai_stt.audio.decoders import OPUS_OR_FILE, stream_decoder
+from kyutai_stt.audio.errors import AudioFormatError
+from kyutai_stt.messages.events import Error, Event, Step, Text
+from kyutai_stt.messages.queue import AUDIO, TRANSCRIPTION, queue_call
+from kyutai_stt.serve.protocols import runner
+from kyutai_stt.serve.protocols.errors import CloseSocket, ServerFault
 from kyutai_stt.settings import Settings
+from kyutai_stt.stream.session import Session
 
 log = logging.getLogger(__name__)
 
-AUDIO = "audio"
-TRANSCRIPTION = "transcription"
-
-_OPUS_HEAD_AT = 28  # "OggS" page header (27 bytes) + a one-entry segment table, then "OpusHead"
+__all__ = ["AUDIO", "TRANSCRIPTION", "ClientGone", "QueueTranslator", "queue_call", "transcribe_queue"]
 
 
 class ClientGone(RuntimeError):
@@ -49,64 +48,46 @@ class ClientGone(RuntimeError):
         self.reading = reading  # it may still read the transcription (it only stopped sending)
 
 
-async def queue_call(method, *args, **kwargs) -> Any:
-    """Call a modal.Queue method (its ``.aio`` variant when it has one), a coroutine function, or a blocking
-    function (on a thread)."""
-    aio = getattr(method, "aio", None)
-    if aio is not None:
-        return await aio(*args, **kwargs)
-    if inspect.iscoroutinefunction(method):
-        return await method(*args, **kwargs)
-    return await asyncio.to_thread(method, *args, **kwargs)
+class QueueTranslator(runner.Translator):
+    """Queue items in (``bytes`` of audio, ``None`` at the end), text pieces or event dicts out."""
+
+    protocol = "queue"
+
+    def __init__(self, max_bytes: int, events: bool):
+        super().__init__(stream_decoder(OPUS_OR_FILE, max_bytes=max_bytes))
+        self.events = events
+        self.pieces: list[str] = []  # the transcript, returned at the end
+        self.errors: list[str] = []
+
+    def parse(self, chunk: Any) -> list[runner.Input]:
+        if chunk is None:
+            return [runner.End()]
+        if not isinstance(chunk, (bytes, bytearray, memoryview)):
+            raise AudioFormatError("audio chunks must be bytes (Ogg/Opus pages or pieces of an audio file), not "
+                                   f"{type(chunk).__name__}")
+        return [runner.Audio(bytes(chunk))]
+
+    def render(self, event: Event) -> list[Any]:
+        out: list[Any] = []
+        if isinstance(event, Text):
+            self.pieces.append(event.text)
+            if not self.events:
+                out.append(event.text)
+        elif isinstance(event, Error):
+            self.errors.append(event.message)
+        if self.events and not isinstance(event, Step):
+            out.append(event.model_dump())
+        return out
 
 
-class ChunkDecoder:
-    """Audio chunks in, 24 kHz mono float32 out: Ogg/Opus incrementally, any other file format at the end."""
-
-    def __init__(self, max_buffered_bytes: int):
-        self.max_buffered_bytes = max_buffered_bytes
-        self.kind: str | None = None  # "opus" or "file", known after the first bytes
-        self._head = b""
-        self._opus: OggOpusDecoder | None = None
-        self._file = bytearray()
-
-    def feed(self, data: bytes) -> np.ndarray:
-        if self.kind is None:
-            self._head += data
-            if b"OggS".startswith(self._head[:4]) and len(self._head) < _OPUS_HEAD_AT + 8:
-                return np.zeros(0, np.float32)  # too early to tell an Ogg/Opus stream from an Ogg/Vorbis file
-            self.kind = "opus" if self._head[_OPUS_HEAD_AT:_OPUS_HEAD_AT + 8] == b"OpusHead" else "file"
-            data, self._head = self._head, b""
-            if self.kind == "opus":
-                self._opus = OggOpusDecoder()
-        if self.kind == "opus":
-            assert self._opus is not None
-            return self._opus.feed(data)
-        self._file += data
-        if len(self._file) > self.max_buffered_bytes:
-            raise AudioFormatError(f"encoded audio larger than {self.max_buffered_bytes} bytes: stream Ogg/Opus instead")
-        return np.zeros(0, np.float32)
-
-    async def finish(self) -> np.ndarray:
-        """The audio has ended: decode the gathered file (in a thread: long files take a while)."""
-        if self.kind is None and self._head:
-            self.kind, self._file = "file", bytearray(self._head)
-        if self.kind != "file" or not self._file:
-            return np.zeros(0, np.float32)
-        data, self._file = bytes(self._file), bytearray()
-        return await asyncio.to_thread(load_audio_bytes, data)
+def _no_flush(marker: int) -> float:
+    raise ValueError("the Queue protocol has no mid-stream flush")
 
 
-def _as_bytes(chunk: Any) -> bytes:
-    if isinstance(chunk, (bytes, bytearray, memoryview)):
-        return bytes(chunk)
-    raise AudioFormatError(f"audio chunks must be bytes (Ogg/Opus pages or pieces of an audio file), not {type(chunk).__name__}")
-
-
-async def transcribe_queue(engine: Engine, q, settings: Settings | None = None, *, events: bool = False,
+async def transcribe_queue(engine, q, settings: Settings | None = None, *, events: bool = False,
                            idle_timeout: float | None = None, audio_partition: str = AUDIO,
                            text_partition: str = TRANSCRIPTION) -> str:
-    """Serve one stream over ``q`` (see the module docstring); returns the whole transcript.
+    """Serve one stream over ``q`` (see the module docstring) on ``engine``; returns the whole transcript.
 
     Bad input (``AudioFormatError``, ``SessionLimitError``), a full or stopped engine (``NoFreeSlot``,
     ``EngineStopped``) and a failed stream (``RuntimeError``) raise, always after putting ``None`` (and, with
@@ -116,9 +97,7 @@ async def transcribe_queue(engine: Engine, q, settings: Settings | None = None, 
     settings = settings or Settings()
     timeout = settings.idle_timeout_s if idle_timeout is None else idle_timeout
     session = Session.from_settings(engine, settings, record_dir=None, max_pending_events=0)
-    decoder = ChunkDecoder(settings.max_upload_bytes)
-    pieces: list[str] = []
-    errors: list[str] = []
+    translator = QueueTranslator(settings.max_upload_bytes, events)
 
     async def put(item: Any) -> None:
         try:
@@ -126,29 +105,16 @@ async def transcribe_queue(engine: Engine, q, settings: Settings | None = None, 
         except std_queue.Full:
             raise ClientGone(f"nobody read the transcription for {timeout:g} s", reading=False) from None
 
-    async def receive() -> None:
-        while True:
-            await session.wait_for_room()  # a client far ahead of the engine waits in the Queue, not in memory
-            try:
-                chunk = await queue_call(q.get, timeout=timeout, partition=audio_partition)
-            except std_queue.Empty:
-                raise ClientGone(f"no audio for {timeout:g} s", reading=True) from None
-            if chunk is None:
-                break
-            session.push_pcm(decoder.feed(_as_bytes(chunk)))
-        session.push_pcm(await decoder.finish())
-        session.end()
+    async def send(items) -> None:
+        for item in items:
+            await put(item)
 
-    async def send() -> None:
-        async for event in session:
-            if isinstance(event, Text):
-                pieces.append(event.text)
-                if not events:
-                    await put(event.text)
-            elif isinstance(event, Error):
-                errors.append(event.message)
-            if events and not isinstance(event, Step):
-                await put(event.model_dump())
+    async def receive() -> Any:
+        await session.wait_for_room()  # a client far ahead of the engine waits in the Queue, not in memory
+        try:
+            return await queue_call(q.get, timeout=timeout, partition=audio_partition)
+        except std_queue.Empty:
+            raise ClientGone(f"no audio for {timeout:g} s", reading=True) from None
 
     try:
         session.start()
@@ -158,8 +124,8 @@ async def transcribe_queue(engine: Engine, q, settings: Settings | None = None, 
         await put(None)
         raise
 
-    receiver = asyncio.create_task(receive())
-    sender = asyncio.create_task(send())
+    receiver = asyncio.create_task(runner.feed_inputs(receive, send, session, translator, _no_flush))
+    sender = asyncio.create_task(runner.forward_events(send, session, translator))
     failure: BaseException | None = None
     try:
         done, _ = await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
@@ -173,12 +139,16 @@ async def transcribe_queue(engine: Engine, q, settings: Settings | None = None, 
                 raise RuntimeError("the transcription did not finish in time") from None
         elif receiver in done:  # bad audio, too long, or the client went silent
             failure = receiver.exception()
+            if isinstance(failure, CloseSocket) and failure.__cause__ is not None:
+                failure = failure.__cause__  # the runner's close for bad input: the caller gets the error itself
             session.fail(str(failure))  # the sender forwards the error event, then ends
             await asyncio.wait_for(asyncio.shield(sender), timeout=timeout + 1)
         else:  # the sender ended first: the engine failed the stream, or the client stopped reading
             sender.result()
-        if errors and failure is None:
-            failure = RuntimeError(errors[0])
+        if translator.errors and failure is None:
+            failure = RuntimeError(translator.errors[0])
+    except ServerFault as exc:  # the engine failed the stream (or the stream failed after bad input: see above)
+        failure = failure or RuntimeError(translator.errors[0] if translator.errors else exc.reason)
     except (ClientGone, RuntimeError, asyncio.TimeoutError) as exc:
         failure = failure or exc
     finally:
@@ -186,13 +156,15 @@ async def transcribe_queue(engine: Engine, q, settings: Settings | None = None, 
             task.cancel()
         await asyncio.gather(receiver, sender, return_exceptions=True)
         session.abort()  # nothing to do once the stream has ended; frees the slot otherwise
+        translator.decoder.close()
 
+    transcript = "".join(translator.pieces).strip()
     if isinstance(failure, ClientGone):
         log.warning("queue stream %s ended early: %s", session.id, failure)
         if failure.reading:  # it may still be reading: tell it the stream is over
             await put(None)
-        return "".join(pieces).strip()
+        return transcript
     await put(None)
     if failure is not None:
         raise failure
-    return "".join(pieces).strip()
+    return transcript

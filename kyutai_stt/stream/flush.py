@@ -37,6 +37,7 @@ class Timeline:
 def flush_now(session: Session, model: SttModel, flush_seconds: float, marker_id: int, timeline: Timeline) -> float:
     """Feed the flush and a marker (see the module docstring). Returns the client time where the audio ended."""
     at = session.samples_received / SAMPLE_RATE
+    client_at = timeline.client_time(at)  # the silences of earlier flushes taken out
     pad = -session.samples_received % FRAME_SIZE
     after = flush_frame_count(model, flush_seconds) - model.delay_frames
     # the marker is echoed once frames_done >= ceil(samples / frame) + delay + prefix: placed after `after` frames
@@ -44,5 +45,5 @@ def flush_now(session: Session, model: SttModel, flush_seconds: float, marker_id
     session.push_pcm(np.zeros(pad + after * FRAME_SIZE, np.float32))
     session.push_marker(marker_id)
     session.push_pcm(np.zeros((model.delay_frames + 1) * FRAME_SIZE, np.float32))
-    timeline.inserted.append((at, session.samples_received / SAMPLE_RATE - at))
-    return timeline.client_time(at)
+    timeline.inserted.append((client_at, session.samples_received / SAMPLE_RATE - at))
+    return client_at

@@ -18,7 +18,7 @@ import threading
 
 import numpy as np
 
-from kyutai_stt.audio.decode import StreamResampler
+from kyutai_stt.audio.resample import StreamResampler
 from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.engine.kyutai.checkpoint import SttModel, load_model
 from kyutai_stt.engine.kyutai.engine import Engine, StepOutput, StreamEnd, StreamFailed, default_frames_per_step

@@ -7,7 +7,7 @@ from typing import AsyncIterator, Callable
 
 import numpy as np
 
-from kyutai_stt.audio.decode import audio_chunks
+from kyutai_stt.audio.chunks import audio_chunks
 from kyutai_stt.audio.constants import FRAME_SIZE
 from kyutai_stt.engine.kyutai.engine import Engine
 from kyutai_stt.messages.events import Event

@@ -1,4 +1,5 @@
-"""What every WebSocket adapter shares: admission (auth, origin, slots, queue), pumping events, clean closes."""
+"""What every WebSocket adapter shares before its stream runs: admission (auth, origin, query, a slot), reading
+with the idle timeout, and clean closes. The stream itself runs in ``runner.run_stream``."""
 
 from __future__ import annotations
 
@@ -17,9 +18,8 @@ from kyutai_stt.serve.auth import is_authorized
 from kyutai_stt.engine.kyutai.engine import EngineStopped, NoFreeSlot
 from kyutai_stt.serve.service import get_service
 from kyutai_stt.stream.session import Session
-from kyutai_stt.serve.protocols.errors import (ERROR_KINDS, GOING_AWAY, INTERNAL_ERROR, INVALID_PAYLOAD, NORMAL,
-    POLICY_VIOLATION, SERVICE_RESTART, TOO_BIG, TRY_AGAIN_LATER, UNSUPPORTED_DATA, CloseSocket, InvalidPayload,
-    FinishThenClose, PolicyViolation, ServerFault, UnsupportedData, close_for)
+from kyutai_stt.serve.protocols.errors import (POLICY_VIOLATION, SERVICE_RESTART, TRY_AGAIN_LATER,
+    FinishThenClose, close_for)
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,13 @@ async def open_session(ws: WebSocket, protocol: str,
         log.info("%s stream from %s refused: server shutting down", protocol, client)
         await close(ws, SERVICE_RESTART, "server shutting down, retry on another instance")
         return None
+    session: Session | None = None
     try:
         session = service.new_session()
         await service.admit(session)
     except NoFreeSlot:
+        if session is not None:
+            session.abort()  # it never had a slot: this frees its spool
         reason = f"server full: all {service.running_engine.batch_size} streams are in use, retry later"
         service.metrics.errors.labels("no_free_slot").inc()
         log.warning("%s stream from %s refused: %s", protocol, client, reason)
@@ -132,6 +135,8 @@ async def open_session(ws: WebSocket, protocol: str,
         await close(ws, TRY_AGAIN_LATER, reason)
         return None
     except EngineStopped as exc:
+        if session is not None:
+            session.abort()
         service.metrics.errors.labels("engine_down").inc()
         log.error("%s stream from %s refused: the engine is not running", protocol, client)
         await close(ws, *close_for(exc))
@@ -155,93 +160,3 @@ async def receive_message(ws: WebSocket, session: Session) -> dict:
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     return message
-
-
-async def serve_session(
-    ws: WebSocket,
-    session: Session,
-    receive: Callable[[Session], Awaitable[None]],
-    send: Callable[[Session], Awaitable[None]],
-) -> None:
-    """Run an adapter's receive and send loops for one session, then clean up and close with a clear code.
-
-    ``receive`` returns once the client has ended its audio (the session then flushes), raises ``CloseSocket``
-    on bad input, or ``WebSocketDisconnect`` when the client is gone. ``send`` forwards events and returns after
-    the last one (or raises ``CloseSocket``). A client that stops reading is dropped once its backlog passes
-    ``max_pending_events``: it never holds up the engine. The slot is always given back, whatever happens.
-    """
-    service = get_service(ws)
-    settings = service.settings
-    receiver = asyncio.create_task(receive(session))
-    sender = asyncio.create_task(send(session))
-    dropped = asyncio.create_task(session.dropped.wait())
-    code, reason = NORMAL, ""
-    try:
-        done, _ = await asyncio.wait({receiver, sender, dropped}, return_when=asyncio.FIRST_COMPLETED)
-        if dropped in done:
-            raise PolicyViolation("client is not reading its results")
-        first = receiver if receiver in done else sender
-        exc = first.exception()
-        if first is receiver and isinstance(exc, FinishThenClose) and not session.finished:
-            session.end()  # finish the audio already received, then close
-        if first is receiver and (exc is None or isinstance(exc, FinishThenClose)):
-            # The client ended its audio: the words still due come during the flush, which takes as long as the
-            # buffered audio needs. Wait as long as the stream makes progress; give up only if it stalls.
-            while not sender.done():
-                before = session.frames_done
-                await asyncio.wait({sender, dropped}, timeout=settings.idle_timeout_s,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if dropped.done():
-                    raise PolicyViolation("client is not reading its results")
-                if not sender.done() and session.frames_done == before:
-                    raise ServerFault("timed out while flushing the stream")
-            sender.result()
-            if exc is not None:
-                raise exc
-        elif exc is not None:
-            raise exc
-    except CloseSocket as exc:  # an adapter's own decision: its code and reason
-        code, reason = exc.code, exc.reason
-    except WebSocketDisconnect as exc:
-        code, reason = -1, disconnect_cause(ws, exc.code)  # the client is gone: nothing to close
-    except ConnectionError:
-        code, reason = -1, "connection lost"
-    except Exception as exc:  # bad input raised below the adapter, a send on a dropped socket, or a bug
-        if ws.client_state == WebSocketState.DISCONNECTED or ws.application_state == WebSocketState.DISCONNECTED:
-            code = -1
-        else:
-            code, reason = close_for(exc)
-            if reason == "internal error":  # not an error we know: a bug, worth its traceback
-                log.exception("session %s failed", session.id, extra={"session_id": session.id})
-    finally:
-        for task in (receiver, sender, dropped):
-            task.cancel()
-        # wait for the cancelled loops to finish, and retrieve whatever they ended with: handled above
-        await asyncio.gather(receiver, sender, dropped, return_exceptions=True)
-        completed = session.finished  # its End (or Error) went out: a disconnect after it loses nothing
-        if not session.finished:
-            session.abort()
-        service.forget(session)
-        if code in ERROR_KINDS:
-            service.metrics.errors.labels(ERROR_KINDS[code]).inc()
-        elif code == -1 and reason != "client closed" and not completed:
-            service.metrics.errors.labels(reason.replace(" ", "_")).inc()  # keepalive_timeout, connection_lost
-        if code != -1:
-            await close(ws, code, reason)
-        who = f"server closed {code}" if code != -1 else reason or "client gone"
-        log.info("session %s: %s after %.1f s of audio%s", session.id, who, session.samples_received / 24000,
-                 f": {reason}" if reason and code != -1 else "", extra={"session_id": session.id})
-
-
-def disconnect_cause(ws: WebSocket, code: int | None) -> str:
-    """Why the connection ended on the client's side: "client closed" (it sent a close frame), "keepalive timeout"
-    (our ping went unanswered: uvicorn's websockets protocol failed the connection with 1011), or
-    "connection lost" (no close frame at all). The protocol object is reached through the ASGI receive callable;
-    other servers just give the close code."""
-    if code not in (1005, 1006, None):
-        return "client closed"
-    protocol = getattr(getattr(ws, "_receive", None), "__self__", None)
-    sent = getattr(getattr(protocol, "conn", None), "close_sent", None) or getattr(protocol, "close_sent", None)
-    if getattr(sent, "code", None) == INTERNAL_ERROR and "keepalive" in (getattr(sent, "reason", "") or ""):
-        return "keepalive timeout"
-    return "connection lost"

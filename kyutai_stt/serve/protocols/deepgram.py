@@ -40,28 +40,29 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from kyutai_stt.audio.decode import AudioFormatError, AudioTooLong, OggOpusDecoder, StreamResampler, load_audio_bytes
-from kyutai_stt.serve.auth import is_authorized
 from kyutai_stt.audio.constants import SAMPLE_RATE
-from kyutai_stt.audio.codecs import ContainerStreamDecoder
+from kyutai_stt.audio.decode import AudioFormatError, AudioTooLong, load_audio_bytes
+from kyutai_stt.audio.decoders import OPUS, StreamDecoder, stream_decoder
+from kyutai_stt.serve.auth import is_authorized
 from kyutai_stt.engine.kyutai.engine import NoFreeSlot
 from kyutai_stt.messages.events import EndOfTurn, Error, Marker, Text, Word, WordEnd
 from kyutai_stt.engine.kyutai.languages import base_language, model_languages
 from kyutai_stt.messages.deepgram import (Alternative, CloseStream, Control, Finalize, Metadata, ModelInfo,
     ResultChannel, ResultMetadata, Results, ResultWord, SpeechStarted, StreamError, UtteranceEnd)
 from kyutai_stt.serve.service import get_service
-from kyutai_stt.stream.session import Session, SessionLimitError
+from kyutai_stt.messages.errors import MessageError, UnknownMessage
+from kyutai_stt.stream.session import Session
 from kyutai_stt.stream.transcribe import session_events
-from kyutai_stt.stream.words import pair_words
-from kyutai_stt.serve.protocols.common import (INTERNAL_ERROR, POLICY_VIOLATION, CloseSocket, close, open_session,
-    receive_message, serve_session)
-from kyutai_stt.serve.protocols.errors import upload_error_detail
-from kyutai_stt.stream.flush import Timeline, flush_now
+from kyutai_stt.stream.words import TimedWord, WordPairer, pair_words
+from kyutai_stt.serve.protocols import runner
+from kyutai_stt.serve.protocols.common import close, open_session
+from kyutai_stt.serve.protocols.errors import POLICY_VIOLATION, upload_error_detail
 
 router = APIRouter()
 
 FLAGS = {"true": True, "false": False}
-RAW = ("linear16", "mulaw", "alaw")
+RAW_FORMATS = {"linear16": "pcm_s16le", "mulaw": "mulaw", "alaw": "alaw"}  # ours, for Deepgram's raw encodings
+RAW = tuple(RAW_FORMATS)
 ENCODINGS = RAW + ("opus", "ogg-opus")
 # Accepted only with the value that matches what we do (the others are refused: we cannot honour them).
 FIXED = {"smart_format": "false", "numerals": "false", "profanity_filter": "false", "diarize": "false",
@@ -177,75 +178,13 @@ def _transcript(words: list[ResultWord], punctuate: bool) -> str:
 
 
 # ----------------------------------------------------------------------------- audio input
-class _RawDecoder:
-    """linear16 (little-endian int16), mu-law or A-law at ``rate`` to 24 kHz float; samples may be split."""
-
-    def __init__(self, encoding: str, rate: int):
-        self.encoding = encoding
-        self.width = 2 if encoding == "linear16" else 1
-        self.rate = rate
-        self.resampler = StreamResampler(rate)
-        self._carry = b""
-        if encoding != "linear16":
-            from kyutai_stt.audio.codecs import g711_decode  # noqa: F401  (checked at the handshake: see _decoder)
-
-    def feed(self, data: bytes) -> np.ndarray:
-        data = self._carry + data
-        usable = len(data) - len(data) % self.width
-        self._carry = data[usable:]
-        if self.encoding == "linear16":
-            pcm = np.frombuffer(data[:usable], "<i2").astype(np.float32) / 32768
-        else:
-            from kyutai_stt.audio.codecs import g711_decode
-
-            pcm = g711_decode(data[:usable], "mulaw" if self.encoding == "mulaw" else "alaw")
-        return self.resampler.feed(pcm)
-
-    def flush(self) -> np.ndarray:
-        """The audio the resampler still holds; a new resampler starts after it (``Finalize`` keeps going)."""
-        out = self.resampler.flush()
-        self.resampler = StreamResampler(self.rate)
-        return out
-
-    end = flush
-
-    def close(self) -> None:
-        pass
-
-
-class _OggDecoder(OggOpusDecoder):
-    def flush(self) -> np.ndarray:
-        return np.zeros(0, np.float32)  # Ogg pages decode whole: nothing is held back
-
-    def end(self) -> np.ndarray:
-        return np.zeros(0, np.float32)
-
-    def close(self) -> None:
-        pass
-
-
-class _ContainerDecoder(ContainerStreamDecoder):
-    """Container audio (WebM/Opus, Ogg, mp3, ...; FFmpeg probes it). ``Finalize`` cannot flush it mid-stream: the
-    audio decoded so far is flushed (the decoder's resampler holds back under 0.1 s until the end)."""
-
-    def flush(self) -> np.ndarray:
-        return np.zeros(0, np.float32)
-
-    def end(self) -> np.ndarray:
-        return self.finish()
-
-
-def _decoder(options: ListenOptions):
+def _decoder(options: ListenOptions) -> StreamDecoder:
+    """Raw encodings at their declared rate, Ogg/Opus, or (no encoding) container audio that FFmpeg probes. A
+    ``Finalize`` flushes what the decoder can release mid-stream: a raw resampler's tail; nothing for Ogg pages
+    (decoded whole) or containers (their resampler holds back under 0.1 s until the end)."""
     if options.encoding in RAW:
-        if options.encoding != "linear16":
-            try:
-                from kyutai_stt.audio.codecs import g711_decode  # noqa: F401
-            except ImportError:
-                raise DeepgramError(f"encoding={options.encoding} is not available on this server yet") from None
-        return _RawDecoder(options.encoding, options.sample_rate)
-    if options.encoding is None:
-        return _ContainerDecoder(None)
-    return _OggDecoder()
+        return stream_decoder(RAW_FORMATS[options.encoding], options.sample_rate)
+    return stream_decoder("container" if options.encoding is None else OPUS)
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -256,12 +195,11 @@ class _Transcript:
         self.options = options
         self.metadata = ResultMetadata(request_id=request_id, model_info=ModelInfo(name=model_name),
                                        model_uuid=model_uuid)
-        self.pending: Word | None = None  # complete word, end not known yet
+        self.words = WordPairer()  # its pending word: complete, end not known yet
         self.pieces: list[Text] = []  # the word being recognised
         self.cursor = 0.0  # end of the last final result
         self.in_turn = False
         self.speech_final_due = False
-        self.finalize_ids: set[int] = set()
         self.shift: Callable[[float], float] = lambda t: t
 
     def _results(self, words: list[ResultWord], is_final: bool, end: float, from_finalize: bool = False) -> Results:
@@ -275,9 +213,9 @@ class _Transcript:
                            transcript=_transcript(words, self.options.punctuate), words=words)]),
                        metadata=self.metadata)
 
-    def _final(self, word: Word, end: float, from_finalize: bool = False) -> Results:
-        start = self.shift(word.start_time)
-        end = max(self.shift(end), start)
+    def _final(self, word: TimedWord, from_finalize: bool = False) -> Results:
+        start = self.shift(word.start)
+        end = max(self.shift(word.end), start)
         result = _result_word(word.text, start, end)
         message = self._results([result], True, end, from_finalize)
         self.cursor = end
@@ -292,14 +230,12 @@ class _Transcript:
                     out.append(SpeechStarted(timestamp=round(self.shift(event.time), 4)))
             self.pieces.append(event)
             out += self._interim()
-        elif isinstance(event, Word):
-            if self.pending is not None:  # no WordEnd in between: it ends where this one starts
-                out.append(self._final(self.pending, event.start_time))
-            self.pending, self.pieces = event, []
-        elif isinstance(event, WordEnd):
-            if self.pending is not None:
-                out.append(self._final(self.pending, event.stop_time))
-                self.pending = None
+        elif isinstance(event, (Word, WordEnd)):
+            if isinstance(event, Word):
+                self.pieces = []
+            self.words.feed(event)
+            final, self.words.words = self.words.words, []  # sent once: the pairer keeps none
+            out += [self._final(word) for word in final]
         elif isinstance(event, EndOfTurn):
             self.in_turn = False
             self.speech_final_due = True
@@ -312,8 +248,9 @@ class _Transcript:
             return []
         words = []
         now = self.shift(self.pieces[-1].time) if self.pieces else self.cursor
-        if self.pending is not None:
-            words.append(_result_word(self.pending.text, self.shift(self.pending.start_time), now))
+        pending = self.words.pending
+        if pending is not None:
+            words.append(_result_word(pending.text, self.shift(pending.start_time), now))
         if self.pieces:
             text = "".join(p.text for p in self.pieces).strip()
             if text:
@@ -321,12 +258,83 @@ class _Transcript:
         return [self._results(words, False, now)] if words else []
 
     def finalized(self, end: float) -> list[BaseModel]:
-        """Every word heard before Finalize is out: the pending one ends at the end of the flush."""
-        if self.pending is not None:
-            message = self._final(self.pending, end, from_finalize=True)
-            self.pending = None
-            return [message]
-        return [self._results([], True, self.cursor, from_finalize=True)]
+        """Every word heard before Finalize is out: the pending one ends at the end of the flush (``end``: client
+        time already)."""
+        pending = self.words.pending
+        if pending is None:
+            return [self._results([], True, self.cursor, from_finalize=True)]
+        self.words.pending = None
+        start = self.shift(pending.start_time)
+        end = max(end, start)
+        message = self._results([_result_word(pending.text, start, end)], True, end, from_finalize=True)
+        self.cursor = end
+        return [message]
+
+
+class DeepgramTranslator(runner.Translator):
+    """Binary messages are audio (an empty one ends it); text messages are the controls. Bad data is told in an
+    ``Error`` message, then closed with 1008 ``DATA-0000``, as Deepgram does."""
+
+    protocol = "deepgram"
+    close_codes = {AudioFormatError: POLICY_VIOLATION, MessageError: POLICY_VIOLATION}
+    fault_reason = "NET-0000"
+
+    def __init__(self, session: Session, options: ListenOptions, request_id: str, model_name: str):
+        super().__init__(_decoder(options))
+        self.session, self.options, self.request_id = session, options, request_id
+        self.model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, model_name))
+        self.transcript = _Transcript(options, request_id, model_name.rstrip("/").split("/")[-1], self.model_uuid)
+        self.transcript.shift = self.timeline.client_time
+        self.digest = hashlib.sha256()
+        self.created = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+        self.markers = itertools.count(1)
+        self.finalize_ends: dict[int, float] = {}  # marker id -> client time where the audio before Finalize ended
+
+    def parse(self, message: dict) -> list[runner.Input]:
+        data = message.get("bytes")
+        if data is not None:
+            if not data:  # Deepgram's older close signal
+                return [runner.End()]
+            self.digest.update(data)
+            return [runner.Audio(data)]
+        try:
+            control = Control.validate_json(message.get("text") or "")
+        except ValidationError:
+            raise UnknownMessage('unknown message: send audio as binary messages, or a JSON control '
+                                 '{"type": "KeepAlive" | "Finalize" | "CloseStream"}') from None
+        if isinstance(control, CloseStream):
+            return [runner.End()]
+        if isinstance(control, Finalize):
+            return [runner.Flush(next(self.markers))]
+        return []  # KeepAlive: reading it reset the idle timer
+
+    def flushed(self, marker: int, end: float) -> None:
+        self.finalize_ends[marker] = end
+
+    def render(self, event) -> list[str]:
+        if isinstance(event, Error):
+            return [_stream_error("NET-0000", event.message)]
+        if isinstance(event, Marker) and event.id in self.finalize_ends:
+            items = self.transcript.finalized(self.finalize_ends.pop(event.id))
+        else:
+            items = self.transcript.on_event(event)
+        return [item.model_dump_json() for item in items]
+
+    def finish(self) -> list[str]:
+        duration = self.timeline.client_time(self.session.samples_received / SAMPLE_RATE)
+        return [Metadata(request_id=self.request_id, sha256=self.digest.hexdigest(), created=self.created,
+                         duration=round(duration, 4), models=[self.model_uuid],
+                         model_info={self.model_uuid: self.transcript.metadata.model_info}).model_dump_json()]
+
+    def refuse(self, exc: BaseException, code: int, reason: str) -> tuple[list[str], str]:
+        message = str(exc)  # whole: the close reason is cut to fit a close frame, the Error message is not
+        if isinstance(exc, AudioFormatError):
+            message = f"the audio could not be decoded as {self.options.encoding or 'container audio'}: {exc}"
+        return [_stream_error("DATA-0000", message)], "DATA-0000"
+
+
+def _stream_error(variant: str, message: str) -> str:
+    return StreamError(variant=variant, description=message, message=message).model_dump_json()
 
 
 @router.websocket("/v1/listen")
@@ -335,7 +343,6 @@ async def listen_socket(ws: WebSocket) -> None:
     engine = get_service(ws).running_engine
     try:
         options = parse_options(list(ws.query_params.multi_items()), model_languages(engine.model), streaming=True)
-        decoder = _decoder(options)
     except DeepgramError as exc:
         if not is_authorized(ws):
             await _deny(ws, _rest_error(401, "Invalid credentials.", "INVALID_AUTH", request_id))
@@ -345,88 +352,7 @@ async def listen_socket(ws: WebSocket) -> None:
     session = await open_session(ws, "deepgram")
     if session is None:
         return
-    model = engine.model
-    model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, model.name))
-    transcript = _Transcript(options, request_id, model.name.rstrip("/").split("/")[-1], model_uuid)
-    digest = hashlib.sha256()
-    created = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-    timeline = Timeline()
-    finalize_ends: dict[int, float] = {}  # marker id -> client time where the audio before Finalize ended
-    markers = itertools.count(1)
-    shift = transcript.shift = timeline.client_time
-
-    def finalize() -> None:
-        session.push_pcm(decoder.flush())
-        marker = next(markers)
-        finalize_ends[marker] = flush_now(session, model, get_service(ws).settings.flush_seconds, marker, timeline)
-
-    async def receive(session: Session) -> None:
-        while True:
-            message = await receive_message(ws, session)
-            data = message.get("bytes")
-            try:
-                if data is not None:
-                    if not data:  # Deepgram's older close signal
-                        session.push_pcm(decoder.end())
-                        session.end()
-                        return
-                    digest.update(data)
-                    session.push_pcm(decoder.feed(data))
-                    continue
-                try:
-                    control = Control.validate_json(message.get("text") or "")
-                except ValidationError:
-                    raise _DataError('unknown message: send audio as binary messages, or a JSON control '
-                                     '{"type": "KeepAlive" | "Finalize" | "CloseStream"}') from None
-                if isinstance(control, CloseStream):
-                    session.push_pcm(decoder.end())
-                    session.end()
-                    return
-                if isinstance(control, Finalize):
-                    finalize()
-            except AudioFormatError as exc:
-                raise _DataError(f"the audio could not be decoded as {options.encoding or 'container audio'}: {exc}") from None
-            except SessionLimitError as exc:
-                raise _DataError(str(exc)) from None
-
-    async def send(session: Session) -> None:
-        async for event in session:
-            if isinstance(event, Error):
-                await _send_error(ws, "NET-0000", event.message)
-                raise CloseSocket(INTERNAL_ERROR, "NET-0000")
-            if isinstance(event, Marker) and event.id in finalize_ends:
-                end = finalize_ends.pop(event.id)
-                for item in transcript.finalized(end):
-                    await ws.send_text(item.model_dump_json())
-                continue
-            for item in transcript.on_event(event):
-                await ws.send_text(item.model_dump_json())
-        duration = shift(session.samples_received / SAMPLE_RATE)
-        await ws.send_text(Metadata(request_id=request_id, sha256=digest.hexdigest(), created=created,
-                                    duration=round(duration, 4), models=[model_uuid],
-                                    model_info={model_uuid: transcript.metadata.model_info}).model_dump_json())
-
-    async def receive_or_report(session: Session) -> None:
-        try:
-            await receive(session)
-        except _DataError as exc:
-            await _send_error(ws, "DATA-0000", str(exc))
-            raise CloseSocket(POLICY_VIOLATION, "DATA-0000") from None
-        finally:
-            decoder.close()  # a container decoder's helper thread
-
-    await serve_session(ws, session, receive_or_report, send)
-
-
-class _DataError(Exception):
-    pass
-
-
-async def _send_error(ws: WebSocket, variant: str, message: str) -> None:
-    try:
-        await ws.send_text(StreamError(variant=variant, description=message, message=message).model_dump_json())
-    except Exception:  # the client is gone: the close that follows says the rest
-        pass
+    await runner.run_stream(ws, session, DeepgramTranslator(session, options, request_id, engine.model.name))
 
 
 async def _deny(ws: WebSocket, response: JSONResponse) -> None:

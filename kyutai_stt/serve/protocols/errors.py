@@ -1,4 +1,4 @@
-"""One map from errors to WebSocket close codes: adapters raise, ``common.serve_session`` translates.
+"""One map from errors to WebSocket close codes: adapters raise, ``runner.run_stream`` translates.
 
 A client fault carries its close code: its own class (``InvalidPayload``: 1007, ``PolicyViolation``: 1008, ...),
 or, for the errors raised below the adapters (audio decoding, session bounds, the engine), the entry of
@@ -14,8 +14,9 @@ import asyncio
 import logging
 import re
 import tempfile
+from typing import Mapping
 
-from kyutai_stt.audio.decode import AudioFormatError
+from kyutai_stt.audio.errors import AudioFormatError
 from kyutai_stt.engine.kyutai.engine import EngineStopped, NoFreeSlot
 from kyutai_stt.messages.errors import MessageError, UnknownMessage
 from kyutai_stt.stream.session import SessionLimitError
@@ -100,13 +101,17 @@ _REASONS: dict[type[BaseException], str] = {
 }
 
 
-def close_for(exc: BaseException) -> tuple[int, str]:
-    """The close code and reason for an error that ended a stream (1011 "internal error" when unknown)."""
+def close_for(exc: BaseException, overrides: Mapping[type[BaseException], int] | None = None) -> tuple[int, str]:
+    """The close code and reason for an error that ended a stream (1011 "internal error" when unknown).
+
+    ``overrides``: a protocol's own codes for some kinds of error, where its reference service closes them with
+    another code (Deepgram closes bad audio with 1008); they take the place of ``CLOSE_CODES``' entries."""
     if isinstance(exc, CloseSocket):
         return exc.code, exc.reason
+    codes = {**CLOSE_CODES, **overrides} if overrides else CLOSE_CODES
     for cls in type(exc).__mro__:
-        if cls in CLOSE_CODES:
-            return CLOSE_CODES[cls], (_REASONS.get(cls) or str(exc))[:MAX_REASON]
+        if cls in codes:
+            return codes[cls], (_REASONS.get(cls) or str(exc))[:MAX_REASON]
         if cls in _REASONS:
             return INTERNAL_ERROR, _REASONS[cls]
     return INTERNAL_ERROR, "internal error"

@@ -13,47 +13,39 @@ then ``{"type": "end"}`` and closes with 1000). Server messages are the events o
 
 from __future__ import annotations
 
-import numpy as np
 from fastapi import APIRouter, WebSocket
 
-from kyutai_stt.audio.decode import AudioFormatError, OggOpusDecoder, StreamResampler
-from kyutai_stt.audio.codecs import stream_decoder
-from kyutai_stt.messages.events import Error, Step
-from kyutai_stt.messages.events import QUERY_ERROR, EndControl, MarkerControl, StreamQuery, parse_control
-from kyutai_stt.stream.session import Session
-from kyutai_stt.serve.protocols.common import open_session, parse_query, receive_message, serve_session
-from kyutai_stt.serve.protocols.errors import ServerFault
+from kyutai_stt.audio.decoders import stream_decoder
+from kyutai_stt.messages.events import QUERY_ERROR, EndControl, Error, Event, MarkerControl, Step, StreamQuery, parse_control
+from kyutai_stt.serve.protocols import runner
+from kyutai_stt.serve.protocols.common import open_session, parse_query
 
 router = APIRouter()
 
 
-class PcmDecoder:
-    """Raw little-endian PCM (``channels`` interleaved) to 24 kHz mono float. Samples may be split across
-    messages. Stereo is mixed down to mono (the mean of the two channels), as the Ogg/Opus decoder does. NaN or
-    infinite samples are refused (1007); finite float samples beyond [-1, 1] are clipped to it, as a sound card
-    would."""
+class EventsTranslator(runner.Translator):
+    """Binary messages are audio in the query's format; text messages are the controls; events go out as JSON."""
 
-    def __init__(self, dtype: str, sample_rate: int, channels: int = 1):
-        self.dtype = np.dtype("<f4" if dtype == "pcm_f32le" else "<i2")
-        self.scale = 1.0 if dtype == "pcm_f32le" else 1 / 32768
-        self.channels = channels
-        self.resampler = StreamResampler(sample_rate)
-        self._carry = b""
+    protocol = "events"
 
-    def feed(self, data: bytes) -> np.ndarray:
-        data = self._carry + data
-        frame = self.dtype.itemsize * self.channels  # one sample of every channel
-        usable = len(data) - len(data) % frame
-        self._carry = data[usable:]
-        pcm = np.frombuffer(data[:usable], self.dtype).astype(np.float32) * self.scale
-        if not np.all(np.isfinite(pcm)):
-            raise AudioFormatError("PCM contains NaN or infinite samples")
-        if self.channels > 1:
-            pcm = pcm.reshape(-1, self.channels).mean(axis=1)
-        return self.resampler.feed(np.clip(pcm, -1.0, 1.0))
+    def __init__(self, query: StreamQuery):
+        super().__init__(stream_decoder(query.format, query.rate, query.channels))
+        self.steps = query.steps
 
-    def flush(self) -> np.ndarray:
-        return self.resampler.flush()
+    def parse(self, message: dict) -> list[runner.Input]:
+        if message.get("bytes") is not None:
+            return [runner.Audio(message["bytes"])]
+        match parse_control(message.get("text") or ""):
+            case EndControl():
+                return [runner.End()]
+            case MarkerControl(id=marker_id):
+                return [runner.Marker(marker_id)]
+        return []
+
+    def render(self, event: Event) -> list[str]:
+        if isinstance(event, Step) and not self.steps:
+            return []
+        return [event.model_dump_json()]
 
 
 @router.websocket("/v1/stream")
@@ -65,38 +57,4 @@ async def events_socket(ws: WebSocket) -> None:
     session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()))
     if session is None:
         return
-    if query.format == "opus":
-        decoder = OggOpusDecoder()
-    elif query.format.startswith("pcm_"):
-        decoder = PcmDecoder(query.format, query.rate, query.channels)
-    else:  # G.711 or an audio container
-        decoder = stream_decoder(query.format, query.rate)
-
-    async def receive(session: Session) -> None:
-        while True:
-            message = await receive_message(ws, session)
-            if message.get("bytes") is not None:
-                session.push_pcm(decoder.feed(message["bytes"]))
-                continue
-            match parse_control(message.get("text") or ""):
-                case EndControl():
-                    if hasattr(decoder, "flush"):
-                        session.push_pcm(decoder.flush())
-                    session.end()
-                    return
-                case MarkerControl(id=marker_id):
-                    session.push_marker(marker_id)
-
-    async def send(session: Session) -> None:
-        async for event in session:
-            if isinstance(event, Step) and not query.steps:
-                continue
-            await ws.send_text(event.model_dump_json())
-            if isinstance(event, Error):
-                raise ServerFault(event.message)
-
-    try:
-        await serve_session(ws, session, receive, send)
-    finally:
-        if hasattr(decoder, "close"):
-            decoder.close()  # a container decoder's helper thread
+    await runner.run_stream(ws, session, EventsTranslator(query))

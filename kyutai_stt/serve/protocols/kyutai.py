@@ -16,17 +16,17 @@ from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from kyutai_stt.audio.decode import AudioFormatError, AudioTooLong, OggOpusDecoder, load_audio_bytes
+from kyutai_stt.audio.decode import AudioFormatError, AudioTooLong, load_audio_bytes
+from kyutai_stt.audio.decoders import OPUS, stream_decoder
 from kyutai_stt.serve.auth import is_authorized
 from kyutai_stt.engine.kyutai.engine import NoFreeSlot
-from kyutai_stt.messages.events import Error, Marker, Ready, Step, Word, WordEnd
+from kyutai_stt.messages.events import Error, Event, Marker, Ready, Step, Word, WordEnd
 from kyutai_stt.messages import kyutai as wire
 from kyutai_stt.serve.service import get_service
-from kyutai_stt.stream.session import Session
 from kyutai_stt.stream.transcribe import session_events
-from kyutai_stt.serve.protocols.common import AuthQuery, open_session, parse_query, receive_message, serve_session
-from kyutai_stt.serve.protocols.errors import (INTERNAL_ERROR, INVALID_PAYLOAD, CloseSocket, ServerFault, close_for,
-    upload_error_detail)
+from kyutai_stt.serve.protocols import runner
+from kyutai_stt.serve.protocols.common import AuthQuery, open_session, parse_query
+from kyutai_stt.serve.protocols.errors import INVALID_PAYLOAD, upload_error_detail
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -60,6 +60,39 @@ def wire_dict(event) -> dict | None:
     return message.model_dump() if message is not None else None
 
 
+class KyutaiTranslator(runner.Translator):
+    """moshi-server's msgpack messages; an error is told in an ``Error`` message before the close, as moshi-server
+    clients expect."""
+
+    protocol = "kyutai"
+
+    def __init__(self):
+        super().__init__(stream_decoder(OPUS))  # for OggOpus messages
+
+    def parse(self, message: dict) -> list[runner.Input]:
+        data = message.get("bytes")
+        if data is None:
+            return []  # moshi-server ignores text frames
+        match wire.parse_client_message(data):
+            case wire.Audio(pcm=pcm):
+                return [runner.Samples(pcm)]
+            case wire.OggOpus(data=ogg):
+                return [runner.Audio(ogg)]
+            case wire.Marker(id=marker_id):
+                return [runner.Marker(marker_id)]
+            case wire.Init():
+                return [runner.Reply([wire.pack(wire.Ready())])]
+        return []
+
+    def render(self, event: Event) -> list[bytes]:
+        message = to_wire(event)
+        return [wire.pack(message)] if message is not None else []
+
+    def refuse(self, exc: BaseException, code: int, reason: str) -> tuple[list[bytes], str]:
+        message = f"invalid message: {str(exc)[:200]}" if code == INVALID_PAYLOAD else reason
+        return [wire.pack(wire.Error(message=message))], message
+
+
 @router.websocket(PATH)
 async def kyutai_socket(ws: WebSocket) -> None:
     if await parse_query(ws, AuthQuery) is None:
@@ -71,42 +104,7 @@ async def kyutai_socket(ws: WebSocket) -> None:
     session = await open_session(ws, "kyutai", on_full=refuse)
     if session is None:
         return
-    opus: OggOpusDecoder | None = None
-
-    async def receive(session: Session) -> None:
-        nonlocal opus
-        while True:
-            data = (await receive_message(ws, session)).get("bytes")
-            if data is None:
-                continue  # moshi-server ignores text frames
-            try:
-                match wire.parse_client_message(data):
-                    case wire.Audio(pcm=pcm):
-                        session.push_pcm(pcm)
-                    case wire.OggOpus(data=ogg):
-                        opus = opus or OggOpusDecoder()
-                        session.push_pcm(opus.feed(ogg))
-                    case wire.Marker(id=marker_id):
-                        session.push_marker(marker_id)
-                    case wire.Init():
-                        await ws.send_bytes(wire.pack(wire.Ready()))
-            except Exception as exc:  # moshi-server clients read an Error message before the close
-                code, reason = close_for(exc)
-                if code == INTERNAL_ERROR:
-                    raise
-                message = f"invalid message: {str(exc)[:200]}" if code == INVALID_PAYLOAD else reason
-                await ws.send_bytes(wire.pack(wire.Error(message=message)))
-                raise CloseSocket(code, message) from None
-
-    async def send(session: Session) -> None:
-        async for event in session:
-            message = to_wire(event)
-            if message is not None:
-                await ws.send_bytes(wire.pack(message))
-            if isinstance(event, Error):
-                raise ServerFault(event.message)
-
-    await serve_session(ws, session, receive, send)
+    await runner.run_stream(ws, session, KyutaiTranslator())
 
 
 @router.post(PATH)

@@ -27,20 +27,20 @@ import itertools
 import uuid
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 
-from kyutai_stt.audio.decode import StreamResampler
 from kyutai_stt.audio.constants import SAMPLE_RATE
-from kyutai_stt.messages.events import EndOfTurn, Error, Marker, Text, Word
+from kyutai_stt.audio.decoders import StreamDecoder, stream_decoder
+from kyutai_stt.messages import openai_realtime as rt
+from kyutai_stt.messages.events import EndOfTurn, Error, Event, Marker, Text, Word
 from kyutai_stt.engine.kyutai.languages import base_language, model_languages
 from kyutai_stt.messages.openai_realtime import Append, Clear, ClientEvent, Commit, SessionUpdate
+from kyutai_stt.serve.protocols import runner
+from kyutai_stt.serve.protocols.common import close, open_session
+from kyutai_stt.serve.protocols.errors import POLICY_VIOLATION
 from kyutai_stt.serve.service import get_service
 from kyutai_stt.stream.session import Session, SessionLimitError
-from kyutai_stt.serve.protocols.common import (INTERNAL_ERROR, POLICY_VIOLATION, CloseSocket, close, open_session,
-    receive_message, serve_session)
-from kyutai_stt.stream.flush import Timeline, flush_now
 
 router = APIRouter()
 
@@ -103,36 +103,142 @@ class _Config:
                                     "session.audio.input.turn_detection")
             self.server_vad = turn is not None
 
-    def describe(self, session_id: str) -> dict[str, Any]:
-        fmt = {"pcm16": {"type": "audio/pcm", "rate": 24000}, "g711_ulaw": {"type": "audio/pcmu"},
-               "g711_alaw": {"type": "audio/pcma"}}[self.format]
-        return {"type": "transcription", "id": session_id, "object": "realtime.transcription_session",
-                "audio": {"input": {"format": fmt, "noise_reduction": None,
-                                    "transcription": {"model": self.model, "language": self.language,
-                                                      "prompt": ""},
-                                    "turn_detection": {"type": "server_vad"} if self.server_vad else None}},
-                "include": None}
+    def describe(self, session_id: str) -> rt.TranscriptionSession:
+        fmt = rt.PcmFormat() if self.format == "pcm16" else \
+            rt.G711Format(type="audio/pcmu" if self.format == "g711_ulaw" else "audio/pcma")
+        return rt.TranscriptionSession(id=session_id, audio=rt.SessionAudio(input=rt.AudioInput(
+            format=fmt, transcription=rt.Transcription(model=self.model, language=self.language),
+            turn_detection=rt.TurnDetection() if self.server_vad else None)))
+
+    def decoder(self) -> StreamDecoder:
+        """Raw PCM16 at 24 kHz, or G.711 at 8 kHz."""
+        fmt, rate = {"pcm16": ("pcm_s16le", SAMPLE_RATE), "g711_ulaw": ("mulaw", 8000),
+                     "g711_alaw": ("alaw", 8000)}[self.format]
+        return stream_decoder(fmt, rate)
 
 
-class _Decoder:
-    def __init__(self, fmt: str):
-        self.fmt = fmt
-        self.resampler = StreamResampler(24000 if fmt == "pcm16" else 8000)
-        self._carry = b""
+class RealtimeTranslator(runner.Translator):
+    """Client events in (a bad one is answered with an ``error`` event and the session goes on); the session's
+    events become items: ``speech_started``, transcription deltas, then at the end of a turn (or a commit)
+    ``committed`` and ``completed`` with the item's words."""
 
-    def feed(self, data: bytes) -> np.ndarray:
-        if self.fmt == "pcm16":
-            data = self._carry + data
-            usable = len(data) - len(data) % 2
-            self._carry = data[usable:]
-            return np.frombuffer(data[:usable], "<i2").astype(np.float32) / 32768
-        from kyutai_stt.audio.codecs import g711_decode
+    protocol = "openai_realtime"
 
-        return self.resampler.feed(g711_decode(data, "mulaw" if self.fmt == "g711_ulaw" else "alaw"))
+    def __init__(self, session: Session, languages: tuple[str, ...]):
+        self.config = _Config(languages)
+        super().__init__(self.config.decoder())
+        self.session = session
+        self.session_id = "sess_" + uuid.uuid4().hex[:20]
+        self.event_ids = itertools.count(1)
+        self.items = itertools.count(1)
+        self.markers = itertools.count(1)
+        self.pending_markers: dict[int, str] = {}  # marker id -> "commit" | "clear"
+        self.item: str | None = None  # the current item, once it has text
+        self.previous: str | None = None
+        self.words: list[str] = []
+        self.drop = False  # a clear is under way: its words are dropped
+        self.delta_sent = False
+        self.client_event_id: str | None = None  # of the client event being handled
 
-    def flush(self) -> np.ndarray:
-        out = self.resampler.flush()
-        self.resampler = StreamResampler(self.resampler.from_rate)
+    def emit(self, event: rt.ServerEvent) -> str:
+        event.event_id = f"event_{next(self.event_ids)}"
+        return event.model_dump_json()
+
+    def error(self, message: str, param: str | None = None, code: str = "invalid_value",
+              event_id: str | None = None) -> str:
+        return self.emit(rt.ServerError(error=rt.ErrorDetail(code=code, message=message, param=param,
+                                                             event_id=event_id)))
+
+    def created(self) -> str:
+        return self.emit(rt.SessionCreated(session=self.config.describe(self.session_id)))
+
+    def parse(self, message: dict) -> list[runner.Input]:
+        self.client_event_id = None
+        try:
+            event = ClientEvent.validate_json(message.get("text") or message.get("bytes") or b"")
+        except ValidationError as exc:
+            kind = "unknown"
+            first = exc.errors()[0] if exc.errors() else {}
+            if first.get("type") == "union_tag_invalid":
+                kind = str(first.get("input", {}).get("type") if isinstance(first.get("input"), dict) else "")
+            return [runner.Reply([self.error(f"invalid client event ({kind or 'not JSON'}): expected session.update, "
+                                             "input_audio_buffer.append, .commit or .clear", None, "invalid_event")])]
+        self.client_event_id = event.event_id
+        try:
+            return self._inputs(event)
+        except RealtimeError as exc:
+            return [runner.Reply([self.error(str(exc), exc.param, exc.code, event.event_id)])]
+
+    def _inputs(self, event) -> list[runner.Input]:
+        if isinstance(event, SessionUpdate):
+            before = self.config.format
+            self.config.update(event.session)
+            inputs: list[runner.Input] = []
+            if self.config.format != before:
+                inputs.append(runner.Configure(self.config.decoder()))
+            beta = event.type.startswith("transcription_session")
+            updated = rt.SessionUpdated(type="transcription_session.updated" if beta else "session.updated",
+                                        session=self.config.describe(self.session_id))
+            return inputs + [runner.Reply([self.emit(updated)])]
+        if isinstance(event, Append):
+            try:
+                return [runner.Audio(base64.b64decode(event.audio, validate=True))]
+            except (binascii.Error, ValueError):
+                raise RealtimeError("audio must be base64", "audio") from None
+        if isinstance(event, (Commit, Clear)):
+            marker = next(self.markers)
+            self.pending_markers[marker] = "commit" if isinstance(event, Commit) else "clear"
+            self.drop = self.drop or isinstance(event, Clear)
+            return [runner.Flush(marker)]
+        return []
+
+    def refuse(self, exc: BaseException, code: int, reason: str) -> tuple[list[str], str]:
+        kind = "session_limit" if isinstance(exc, SessionLimitError) else "invalid_value"
+        return [self.error(str(exc), None, kind, self.client_event_id)], reason
+
+    def _item_id(self) -> str:
+        if self.item is None:
+            self.item = f"item_{next(self.items)}"
+        return self.item
+
+    def _end_item(self) -> list[str]:
+        """The current item is over: committed, then its transcript."""
+        if self.item is None:
+            return []
+        item = self.item
+        out = [self.emit(rt.Committed(item_id=item, previous_item_id=self.previous)),
+               self.emit(rt.TranscriptionCompleted(item_id=item, transcript=" ".join(self.words), usage=rt.Usage(
+                   seconds=round(self.session.samples_received / SAMPLE_RATE, 3))))]
+        self.previous, self.item, self.words, self.delta_sent = item, None, [], False
+        return out
+
+    def render(self, event: Event) -> list[str]:
+        if isinstance(event, Error):
+            return [self.error(event.message, None, "server_error")]
+        if isinstance(event, Marker) and event.id in self.pending_markers:
+            if self.pending_markers.pop(event.id) == "clear":
+                self.drop = False
+                self.item, self.words, self.delta_sent = None, [], False
+                return [self.emit(rt.Cleared())]
+            self._item_id()
+            return self._end_item()
+        if self.drop:
+            return []
+        out = []
+        if isinstance(event, Text):
+            if self.item is None and self.config.server_vad:
+                start = self.timeline.client_time(event.time)
+                out.append(self.emit(rt.SpeechStarted(item_id=self._item_id(), audio_start_ms=round(start * 1000))))
+            delta = event.text if self.delta_sent else event.text.lstrip()
+            self.delta_sent = True
+            out.append(self.emit(rt.TranscriptionDelta(item_id=self._item_id(), delta=delta)))
+        elif isinstance(event, Word):
+            self._item_id()
+            self.words.append(event.text)
+        elif isinstance(event, EndOfTurn) and self.config.server_vad and self.item is not None:
+            out.append(self.emit(rt.SpeechStopped(item_id=self.item,
+                                                  audio_end_ms=round(self.timeline.client_time(event.time) * 1000))))
+            out += self._end_item()
         return out
 
 
@@ -142,128 +248,12 @@ async def realtime_socket(ws: WebSocket) -> None:
     session = await open_session(ws, "openai_realtime")
     if session is None:
         return
-    events = itertools.count(1)
-    items = itertools.count(1)
-    markers = itertools.count(1)
-    model = get_service(ws).running_engine.model
-    config = _Config(model_languages(model))
-    session_id = "sess_" + uuid.uuid4().hex[:20]
-    timeline = Timeline()
-    state: dict[str, Any] = {"item": None, "previous": None, "words": [], "drop": False, "delta_sent": False}
-    pending_markers: dict[int, str] = {}  # marker id -> "commit" | "clear"
-    decoder = _Decoder(config.format)
-
-    async def emit(kind: str, **fields: Any) -> None:
-        await ws.send_json({"type": kind, "event_id": f"event_{next(events)}", **fields})
-
-    async def error(message: str, param: str | None = None, code: str = "invalid_value",
-                    event_id: str | None = None) -> None:
-        await emit("error", error={"type": "invalid_request_error", "code": code, "message": message, "param": param,
-                                   "event_id": event_id})
-
+    translator = RealtimeTranslator(session, model_languages(get_service(ws).running_engine.model))
     if intent != "transcription":
-        await error("only transcription sessions are served here: connect with ?intent=transcription",
-                    "intent", "unsupported_intent")
+        await ws.send_text(translator.error("only transcription sessions are served here: connect with "
+                                            "?intent=transcription", "intent", "unsupported_intent"))
         session.abort()
         await close(ws, POLICY_VIOLATION, "only intent=transcription is supported")
         return
-    await emit("session.created", session=config.describe(session_id))
-
-    def item_id() -> str:
-        if state["item"] is None:
-            state["item"] = f"item_{next(items)}"
-        return state["item"]
-
-    async def end_item() -> None:
-        """The current item is over: committed, then its transcript."""
-        if state["item"] is None:
-            return
-        item = state["item"]
-        await emit("input_audio_buffer.committed", item_id=item, previous_item_id=state["previous"])
-        await emit("conversation.item.input_audio_transcription.completed", item_id=item, content_index=0,
-                   transcript=" ".join(state["words"]),
-                   usage={"type": "duration", "seconds": round(session.samples_received / SAMPLE_RATE, 3)})
-        state["previous"], state["item"], state["words"], state["delta_sent"] = item, None, [], False
-
-    async def receive(session: Session) -> None:
-        nonlocal decoder
-        while True:
-            message = await receive_message(ws, session)
-            try:
-                event = ClientEvent.validate_json(message.get("text") or message.get("bytes") or b"")
-            except ValidationError as exc:
-                kind = "unknown"
-                first = exc.errors()[0] if exc.errors() else {}
-                if first.get("type") == "union_tag_invalid":
-                    kind = str(first.get("input", {}).get("type") if isinstance(first.get("input"), dict) else "")
-                await error(f"invalid client event ({kind or 'not JSON'}): expected session.update, "
-                            "input_audio_buffer.append, .commit or .clear", None, "invalid_event")
-                continue
-            try:
-                if isinstance(event, SessionUpdate):
-                    before = config.format
-                    config.update(event.session)
-                    if config.format != before:
-                        session.push_pcm(decoder.flush())
-                        decoder = _Decoder(config.format)
-                    beta = event.type.startswith("transcription_session")
-                    await emit("transcription_session.updated" if beta else "session.updated",
-                               session=config.describe(session_id))
-                elif isinstance(event, Append):
-                    try:
-                        data = base64.b64decode(event.audio, validate=True)
-                    except (binascii.Error, ValueError):
-                        raise RealtimeError("audio must be base64", "audio") from None
-                    session.push_pcm(decoder.feed(data))
-                elif isinstance(event, Commit):
-                    session.push_pcm(decoder.flush())
-                    marker = next(markers)
-                    pending_markers[marker] = "commit"
-                    flush_now(session, model, get_service(ws).settings.flush_seconds, marker, timeline)
-                elif isinstance(event, Clear):
-                    session.push_pcm(decoder.flush())
-                    marker = next(markers)
-                    pending_markers[marker] = "clear"
-                    state["drop"] = True
-                    flush_now(session, model, get_service(ws).settings.flush_seconds, marker, timeline)
-            except RealtimeError as exc:
-                await error(str(exc), exc.param, exc.code, event.event_id)
-            except SessionLimitError as exc:
-                await error(str(exc), None, "session_limit", event.event_id)
-                raise CloseSocket(POLICY_VIOLATION, str(exc)) from None
-
-    async def send(session: Session) -> None:
-        async for event in session:
-            if isinstance(event, Error):
-                await error(event.message, None, "server_error")
-                raise CloseSocket(INTERNAL_ERROR, event.message)
-            if isinstance(event, Marker) and event.id in pending_markers:
-                if pending_markers.pop(event.id) == "clear":
-                    state["drop"] = False
-                    state["item"], state["words"], state["delta_sent"] = None, [], False
-                    await emit("input_audio_buffer.cleared")
-                else:
-                    item_id()
-                    await end_item()
-                continue
-            if state["drop"]:
-                continue
-            if isinstance(event, Text):
-                if state["item"] is None:
-                    start = timeline.client_time(event.time)
-                    if config.server_vad:
-                        await emit("input_audio_buffer.speech_started", item_id=item_id(),
-                                   audio_start_ms=round(start * 1000))
-                delta = event.text if state["delta_sent"] else event.text.lstrip()
-                state["delta_sent"] = True
-                await emit("conversation.item.input_audio_transcription.delta", item_id=item_id(), content_index=0,
-                           delta=delta)
-            elif isinstance(event, Word):
-                item_id()
-                state["words"].append(event.text)
-            elif isinstance(event, EndOfTurn) and config.server_vad and state["item"] is not None:
-                await emit("input_audio_buffer.speech_stopped", item_id=state["item"],
-                           audio_end_ms=round(timeline.client_time(event.time) * 1000))
-                await end_item()
-
-    await serve_session(ws, session, receive, send)
+    await ws.send_text(translator.created())
+    await runner.run_stream(ws, session, translator)

@@ -8,14 +8,34 @@ from __future__ import annotations
 
 from fastapi import APIRouter, WebSocket
 
-from kyutai_stt.audio.decode import OggOpusDecoder
-from kyutai_stt.messages.events import End, Error, Text
+from kyutai_stt.audio.decoders import OPUS, stream_decoder
 from kyutai_stt.messages import seed as wire
-from kyutai_stt.stream.session import Session
-from kyutai_stt.serve.protocols.common import AuthQuery, open_session, parse_query, receive_message, serve_session
-from kyutai_stt.serve.protocols.errors import ServerFault, UnsupportedData
+from kyutai_stt.messages.events import End, Event, Text
+from kyutai_stt.serve.protocols import runner
+from kyutai_stt.serve.protocols.common import AuthQuery, open_session, parse_query
+from kyutai_stt.serve.protocols.errors import UnsupportedData
 
 router = APIRouter()
+
+
+class SeedTranslator(runner.Translator):
+    protocol = "seed"
+
+    def __init__(self):
+        super().__init__(stream_decoder(OPUS))
+
+    def parse(self, message: dict) -> list[runner.Input]:
+        data = message.get("bytes")
+        if data is None:
+            raise UnsupportedData("this endpoint takes binary Ogg/Opus messages, not text")
+        return [runner.End()] if data == wire.END_OF_AUDIO else [runner.Audio(data)]
+
+    def render(self, event: Event) -> list[bytes]:
+        if isinstance(event, Text):
+            return [wire.text_message(event.text)]
+        if isinstance(event, End):
+            return [wire.END]
+        return []
 
 
 @router.websocket("/ws")
@@ -25,25 +45,4 @@ async def seed_socket(ws: WebSocket) -> None:
     session = await open_session(ws, "seed")
     if session is None:
         return
-    decoder = OggOpusDecoder()
-
-    async def receive(session: Session) -> None:
-        while True:
-            data = (await receive_message(ws, session)).get("bytes")
-            if data is None:
-                raise UnsupportedData("this endpoint takes binary Ogg/Opus messages, not text")
-            if data == wire.END_OF_AUDIO:
-                session.end()
-                return
-            session.push_pcm(decoder.feed(data))  # AudioFormatError: 1007, SessionLimitError: 1008
-
-    async def send(session: Session) -> None:
-        async for event in session:
-            if isinstance(event, Text):
-                await ws.send_bytes(wire.text_message(event.text))
-            elif isinstance(event, End):
-                await ws.send_bytes(wire.END)
-            elif isinstance(event, Error):
-                raise ServerFault(event.message)
-
-    await serve_session(ws, session, receive, send)
+    await runner.run_stream(ws, session, SeedTranslator())
