@@ -21,7 +21,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from kyutai_stt.engine.kyutai.checkpoint import SttModel
 from kyutai_stt.engine.kyutai.languages import NAMES, base_language, model_languages
 from kyutai_stt.messages.events import Error, Text
 from kyutai_stt.messages.openai import (ErrorBody, ErrorDetail, Model, ModelList, Transcription, TranscriptionSegment,
@@ -51,12 +50,11 @@ def _refuse(message: str, param: str | None = None, code: str | None = None) -> 
     return HttpProblem(400, message, param=param, code=code)
 
 
-def _check_parameters(model: SttModel, language: str | None, prompt: str | None, temperature: str | None,
+def _check_parameters(supported: tuple[str, ...], language: str | None, prompt: str | None, temperature: str | None,
                       include: list[str] | None, chunking_strategy: str | None) -> None:
     """OpenAI's optional parameters: honoured (``language``, ``temperature=0``, ``chunking_strategy=auto``) or
     refused with a 400 that says why."""
     if language:
-        supported = model_languages(model)
         if base_language(language) not in supported or len(language) > 35:
             raise _refuse(f"language {language!r} is not supported by the served model, which transcribes "
                           f"{', '.join(supported)} (ISO 639-1)", param="language", code="unsupported_language")
@@ -80,13 +78,12 @@ def _check_parameters(model: SttModel, language: str | None, prompt: str | None,
                       code="unsupported_parameter")
 
 
-def _language_name(model: SttModel, language: str | None) -> str:
+def _language_name(supported: tuple[str, ...], language: str | None) -> str:
     """verbose_json's ``language``, as OpenAI writes it ("english", "french"): the one asked for, else the model's
     only language; a multilingual model without a ``language`` says "unknown" (it detects none)."""
     if language:
         code = base_language(language)
         return NAMES.get(code, code)
-    supported = model_languages(model)
     return NAMES.get(supported[0], supported[0]) if len(supported) == 1 else "unknown"
 
 
@@ -124,8 +121,8 @@ async def transcriptions(
         raise _refuse("stream must be true or false", param="stream")
     if any(key.startswith("chunking_strategy[") for key in await request.form()):
         chunking_strategy = "server_vad"  # the SDK sends an object as chunking_strategy[type]=...: not "auto"
-    served = get_service(request).running_engine.model
-    _check_parameters(served, language, prompt, temperature, include, chunking_strategy)
+    supported = model_languages(get_service(request).running_engine.model)
+    _check_parameters(supported, language, prompt, temperature, include, chunking_strategy)
     upload = await read_form_file(request, file)
 
     if stream.lower() == "true":
@@ -161,7 +158,7 @@ async def transcriptions(
                 for i, group in enumerate(cues(words))]
     with_words = timestamp_granularities and "word" in timestamp_granularities
     return TranscriptionVerbose(
-        language=_language_name(served, language), duration=round(upload.duration, 3), text=text,
+        language=_language_name(supported, language), duration=round(upload.duration, 3), text=text,
         segments=segments,
         words=[TranscriptionWord(word=w.text, start=w.start, end=w.end) for w in words] if with_words else None)
 
