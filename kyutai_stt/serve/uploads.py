@@ -15,7 +15,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Literal
 
 import numpy as np
 from fastapi import Request, UploadFile
@@ -38,16 +38,19 @@ MULTIPART_OVERHEAD = 64 * 1024  # a form's boundaries and fields, on top of the 
 COPY_BLOCK = 1024 * 1024
 
 
+Reason = Literal["unauthorized", "bad_request", "bad_audio", "too_large", "busy", "failed"]
+
+
 class HttpProblem(HTTPException):
     """A request refused or failed, said once in our words; the route's protocol writes its error body.
 
-    ``reason``: what happened, for the renderers ("unauthorized", "bad_request", "bad_audio", "too_large",
-    "busy", "failed"). ``param`` and ``code``: a protocol's own detail when the protocol raised it (OpenAI's
-    ``param``/``code``, Deepgram's ``err_code``). An ``HTTPException``, so that one raised while FastAPI reads
-    the body passes through it untouched, and one without a renderer still answers ``{"detail": message}``.
+    ``reason``: what happened, for the renderers. ``param`` and ``code``: a protocol's own detail when the
+    protocol raised it (OpenAI's ``param``/``code``, Deepgram's ``err_code``). An ``HTTPException``, so that one
+    raised while FastAPI reads the body passes through it untouched (FastAPI turns any other error there into
+    400 "There was an error parsing the body"), and one without a renderer still answers ``{"detail": message}``.
     """
 
-    def __init__(self, status: int, message: str, reason: str = "bad_request", *, param: str | None = None,
+    def __init__(self, status: int, message: str, reason: Reason = "bad_request", *, param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(status, message, headers)
         self.message, self.reason, self.param, self.code = message, reason, param, code
