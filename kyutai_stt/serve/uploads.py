@@ -1,11 +1,14 @@
 """The one HTTP upload path: a whole audio file in, its words out, the same for every protocol's POST.
 
-``uploaded_body`` / ``uploaded_file`` (FastAPI dependencies) check the API key, cap the size, spool the bytes to a
-temporary file in chunks (never the whole body in memory, never a copy per chunk) and decode it in a worker
-thread, so that a large upload never holds up the event loop the live streams run on. ``transcribe`` runs a
-session over the audio, waiting for a slot as ``http_slot_wait_s`` says. Whatever goes wrong is raised as an
-``HttpProblem``; the handler registered once on the app (``serve.server``) has the route's protocol write it in its
-own error body (``ProblemRenderer``), chosen by the router the route belongs to (``routes_rendering``).
+``authorized`` (a FastAPI dependency) checks the API key. ``uploaded_body`` (a dependency; ``read_body`` with a raw
+decoder) and ``read_form_file`` (a multipart form's file) cap the size as the bytes arrive, spool them to a
+temporary file in chunks (never the whole body in memory, never a copy per chunk) and decode them in a worker
+thread, so that a large upload never holds up the event loop the live streams run on. ``transcribe`` (or
+``upload_events``) runs a session over the audio, waiting for a slot as ``http_slot_wait_s`` says.
+
+Whatever goes wrong is raised as an ``HttpProblem``; the handler registered once on the app (``serve.server``) has
+the route's protocol write it in its own error body (``ProblemRenderer``), chosen by the router the route belongs
+to (``routes_rendering``).
 """
 
 from __future__ import annotations
@@ -113,7 +116,6 @@ class Upload:
     """An uploaded file, decoded: 24 kHz mono float32 ``pcm``, and what the answers report of the bytes."""
 
     pcm: np.ndarray
-    size: int  # bytes received
     sha256: str | None  # of a request body (Deepgram's metadata reports it); None for a form's file
 
     @property
@@ -163,7 +165,7 @@ async def _decoded(request: Request, spool: IO[bytes], size: int, digest: str | 
         raise HttpProblem(413, str(exc), "too_large") from None
     except AudioFormatError as exc:
         raise HttpProblem(400, upload_error_detail(exc), "bad_audio") from None
-    return Upload(pcm, size, digest)
+    return Upload(pcm, digest)
 
 
 async def read_body(request: Request, raw: RawDecoder | None = None) -> Upload:
