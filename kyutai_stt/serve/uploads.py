@@ -14,6 +14,7 @@ to (``routes_rendering``).
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import tempfile
 from dataclasses import dataclass
@@ -32,9 +33,10 @@ from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.audio.decode import AudioFormatError, AudioTooLong, load_audio_file
 from kyutai_stt.messages.events import Error, Word, WordEnd
 from kyutai_stt.serve.auth import is_authorized
-from kyutai_stt.serve.protocols.errors import upload_error_detail
 from kyutai_stt.serve.service import get_service
 from kyutai_stt.stream.transcribe import session_events
+
+log = logging.getLogger(__name__)
 
 SPOOL_IN_MEMORY = 1024 * 1024  # smaller uploads never touch the disk
 MULTIPART_OVERHEAD = 64 * 1024  # a form's boundaries and fields, on top of the file it carries
@@ -154,6 +156,22 @@ def _decode(spool: IO[bytes], size: int, suffix: str, raw: RawDecoder | None, ma
             file.write(block)
         file.flush()
         return load_audio_file(file.name, max_seconds, label="the file")
+
+
+_DECODE_FAILED = re.compile(r"could not decode (.+?) as audio \(")
+_TEMP_PATH = re.compile(r"""["']?""" + re.escape(tempfile.gettempdir().rstrip("/")) + r"""/[^\s"':;,)]+["']?""")
+
+
+def upload_error_detail(exc: Exception) -> str:
+    """An undecodable upload's reason for the client: no server paths (the upload sits in a temp file) and no
+    decoder library's wording; the decoders' own messages go to the server log."""
+    text = str(exc)
+    failed = _DECODE_FAILED.match(text)
+    if failed:
+        log.info("upload not decoded: %s", text)
+        return (f"could not decode {failed.group(1)} as audio: not a format we read (wav, flac, mp3, ogg/opus, ...) "
+                "or damaged")
+    return _TEMP_PATH.sub("the file", text)
 
 
 async def _decoded(request: Request, spool: IO[bytes], size: int, digest: str | None, suffix: str = "",
