@@ -40,7 +40,6 @@ class Settings(BaseSettings):
     end_of_turn_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="End of turn fires when VAD head 2's pause probability crosses this."
     )
-    cuda_graphs: bool = Field(True, description="Use CUDA graphs for the Mimi and LM steps on CUDA.")
 
     # --- server -------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the server listens on.")

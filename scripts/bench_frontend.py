@@ -25,22 +25,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import multiprocessing
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import typer
 
-REPO = Path(__file__).resolve().parents[1]
-FRAME_S = 0.08
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import (ServerProcess, gpu_mib_by_pid, model_timing, process_tree, realtime_client,  # noqa: E402
+                     role_of, rss_bytes, synthetic_opus_clip)
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -55,31 +55,6 @@ def percentile(values, q: float) -> float | None:
 
 
 # ============================================================================================ the server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def process_tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def role_of(pid: int) -> str:
-    with contextlib.suppress(OSError):
-        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-            if item.startswith(b"KYUTAI_STT_PROCESS_ROLE="):
-                return item.split(b"=", 1)[1].decode().split("-")[0]  # engine | worker
-    return "server"
-
-
 def thread_cpu(root: int) -> dict[str, float]:
     """CPU seconds so far by thread kind, over the server's whole process tree."""
     out: dict[str, float] = {}
@@ -112,166 +87,26 @@ def thread_cpu(root: int) -> dict[str, float]:
 
 
 def memory(root: int) -> dict:
-    rss = 0
-    for pid in process_tree(root):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    rss += int(line.split()[1]) * 1024
-    gpu = None
-    with contextlib.suppress(Exception):
-        pids = set(process_tree(root))
-        text = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=10).stdout
-        gpu = sum(int(m) for p, m in (line.split(",") for line in text.strip().splitlines()) if int(p) in pids)
-    return {"rss_mib": round(rss / 2**20, 1), "gpu_mib": gpu}
-
-
-class Server:
-    def __init__(self, model: str, device: str, dtype: str, slots: int, workers: int, log_path: Path):
-        self.port = free_port()
-        self.http = f"http://127.0.0.1:{self.port}"
-        self.ws = f"ws://127.0.0.1:{self.port}"
-        self.log = open(log_path, "w")
-        self.log_path = log_path
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", KYUTAI_STT_QUEUE_MAX="0")
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kyutai_stt.cli", "serve", "--model", model, "--device", device, "--dtype", dtype,
-             "--slots", str(slots), "--workers", str(workers), "--port", str(self.port)],
-            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.workers = workers
-
-    def wait_ready(self, timeout: float) -> dict:
-        import httpx
-
-        deadline = now() + timeout
-        while now() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.proc.returncode}); see {self.log_path}")
-            workers = sum(role_of(p) == "worker" for p in process_tree(self.proc.pid))
-            if self.workers == 1 or workers == self.workers:
-                with contextlib.suppress(Exception):
-                    r = httpx.get(self.http + "/status", timeout=2)
-                    if r.status_code == 200:
-                        return r.json()
-            time.sleep(0.3)
-        raise RuntimeError(f"the server was not ready after {timeout:.0f} s; see {self.log_path}")
-
-    def status(self) -> dict:
-        import httpx
-
-        return httpx.get(self.http + "/status", timeout=10).json()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                for pid in process_tree(self.proc.pid)[::-1]:
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self.log.close()
+    """RSS of every server process; their GPU memory when nvidia-smi answers."""
+    pids = process_tree(root)
+    gpu = gpu_mib_by_pid()
+    return {"rss_mib": round(sum(rss_bytes(p) or 0 for p in pids) / 2**20, 1),
+            "gpu_mib": sum(gpu.get(p, 0) for p in pids) if gpu else None}
 
 
 # ============================================================================================ the clients
-def make_clip(seconds: float, seed: int) -> dict:
-    """Ogg/Opus pages, and for each 80 ms audio frame the page after which the server can decode it."""
-    from kyutai_stt.audio.decode import OggOpusDecoder, encode_ogg_opus
-    from kyutai_stt.audio.constants import FRAME_SIZE
-    from kyutai_stt.engine.kyutai.testing_checkpoint import synthetic_sounds
-
-    pages = encode_ogg_opus(synthetic_sounds(seconds, 7000 + seed))
-    decoder, ready, total = OggOpusDecoder(), [], 0
-    for p, page in enumerate(pages):
-        total += len(decoder.feed(page))
-        while (len(ready) + 1) * FRAME_SIZE <= total:
-            ready.append(p)
-    frames = -(-total // FRAME_SIZE)
-    return {"pages": pages, "ready": ready, "frames": frames}
-
-
-async def run_client(url: str, clip: dict, start: float, delay_frames: int, prefix_frames: int) -> dict:
-    import websockets
-
-    await asyncio.sleep(start)
-    pages, ready = clip["pages"], clip["ready"]
-    sent_at = [math.nan] * len(pages)
-    result = {"word": [], "frame": [], "flush": None, "words": 0, "lost": 0, "error": None, "audio_s": 0.0}
-    steps_seen: set[int] = set()
-    end_sent = None
-    try:
-        async with websockets.connect(f"{url}/v1/stream?format=opus&steps=true", max_size=None, open_timeout=60,
-                                      ping_interval=None) as ws:
-            t0 = now()
-
-            async def sender():
-                nonlocal end_sent
-                for k, page in enumerate(pages):
-                    delay = t0 + (k + 1) * FRAME_S - now()  # page k holds audio captured until then (80 ms pages)
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    await ws.send(page)
-                    sent_at[k] = now()
-                await ws.send(json.dumps({"type": "end"}))
-                end_sent = now()
-
-            def audio_sent(step: int) -> float | None:
-                a = step - prefix_frames
-                if a < 0:
-                    return t0
-                return sent_at[ready[a]] if a < len(ready) else None
-
-            task = asyncio.create_task(sender())
-            last_step = -1
-            try:
-                async for message in ws:
-                    t = now()
-                    event = json.loads(message)
-                    kind = event["type"]
-                    if kind == "step":
-                        last_step = event["step_idx"]
-                        steps_seen.add(last_step)
-                        a = audio_sent(last_step)
-                        if a is not None and not math.isnan(a):
-                            result["frame"].append(t - a)
-                    elif kind == "word":
-                        result["words"] += 1
-                        a = audio_sent(last_step)
-                        if a is not None and not math.isnan(a):
-                            result["word"].append(t - a)
-                    elif kind == "end":
-                        if end_sent is not None:
-                            result["flush"] = t - end_sent
-                        result["audio_s"] = event["duration"]
-                        break
-                    elif kind == "error":
-                        raise RuntimeError(event.get("message"))
-            finally:
-                task.cancel()
-    except Exception as exc:  # noqa: BLE001 - every failure is counted, none stops the others
-        result["error"] = f"{type(exc).__name__}: {exc}"[:200]
-    if not result["audio_s"]:  # no `end`: count the audio sent
-        result["audio_s"] = sum(not math.isnan(t) for t in sent_at) / len(pages) * clip["frames"] * FRAME_S
-    expected = range(prefix_frames, prefix_frames + clip["frames"])
-    result["lost"] = sum(1 for f in expected if f not in steps_seen)
-    return result
-
-
 def loadgen_process(url: str, clients: int, first: int, seconds: float, ramp: float, delay_frames: int,
                     prefix_frames: int, out: str, client_timeout: float = 0.0) -> None:
     async def main():
-        clips = [make_clip(seconds, i) for i in range(4)]
+        clips = [synthetic_opus_clip(seconds, i) for i in range(4)]
         rng = np.random.default_rng(first)
         starts = rng.uniform(0, ramp, size=clients) if ramp > 0 else np.zeros(clients)
         limit = client_timeout or ramp + seconds + 30  # an overloaded server must not stall the search
 
         async def bounded(i: int) -> dict:
             try:
-                return await asyncio.wait_for(run_client(url, clips[(first + i) % 4], float(starts[i]), delay_frames,
-                                                         prefix_frames), limit)
+                return asdict(await asyncio.wait_for(realtime_client(url, clips[(first + i) % 4], float(starts[i]),
+                                                                     delay_frames, prefix_frames), limit))
             except asyncio.TimeoutError:
                 return {"error": f"no end after {limit:.0f} s", "lost": 0, "audio_s": seconds}
 
@@ -281,7 +116,7 @@ def loadgen_process(url: str, clients: int, first: int, seconds: float, ramp: fl
 
 
 # ============================================================================================ a probe
-def probe(server: Server, clients: int, seconds: float, ramp: float, procs: int, info: dict, folder: Path,
+def probe(server: ServerProcess, clients: int, seconds: float, ramp: float, procs: int, info: dict, folder: Path,
           client_timeout: float = 0.0) -> dict:
     procs = max(1, min(procs, clients))
     ctx = multiprocessing.get_context("spawn")
@@ -375,13 +210,13 @@ def main(
         if now() - t_start + 60 + probe_s > deadline_s:
             run["skipped"] = "global deadline"
             continue
-        server = Server(model, device, dtype, clients_max, w, folder / f"server-w{w}.log")
+        server = ServerProcess(folder / f"server-w{w}.log", ["--model", model, "--device", device, "--dtype", dtype,
+                                                             "--slots", str(clients_max)],
+                               env={"HF_HUB_OFFLINE": "1", "KYUTAI_STT_QUEUE_MAX": "0"}, workers=w)
         try:
             run["status"] = info = server.wait_ready(startup_timeout)
             run["startup_s"] = round(now() - t_start, 1)
-            meta = {"delay_frames": 0, "prefix_frames": 0}
-            from kyutai_stt.audio.constants import FRAME_RATE  # noqa: F401  (the server reports frames; we need delays)
-            meta.update(_model_timing(model))
+            meta = model_timing(model)
             best, fail, n = 0, None, min(clients_start, clients_max)
             while True:
                 if now() - t_start + probe_s > deadline_s:
@@ -431,13 +266,6 @@ def main(
               + (f" ({run.get('error') or run.get('stopped') or run.get('skipped')})"
                  if run.get("error") or run.get("stopped") or run.get("skipped") else ""))
     print("\nCPU columns: CPU seconds per second of audio per stream.")
-
-
-def _model_timing(model: str) -> dict:
-    config = json.loads((Path(model) / "config.json").read_text()) if (Path(model) / "config.json").exists() else {}
-    stt = config.get("stt_config", {})
-    return {"delay_frames": round(stt.get("audio_delay_seconds", 0.0) * 12.5),
-            "prefix_frames": round(stt.get("audio_silence_prefix_seconds", 0.0) * 12.5)}
 
 
 def _cpu_name() -> str:

@@ -1,14 +1,14 @@
 """The GPU check of "exact whatever the load": parity with the batch-1 reference and capacity, mode on and off.
 
 One prepared script for a scarce GPU (issue 13). For each checkpoint (tiny, 1b architecture; random weights),
-dtype (bfloat16, float32) and slot count (1, 64, 256) it runs real-speech streams (cuts of shared/fixtures/bria.mp3)
+dtype (bfloat16, float32) and slot count (1, 64, 256) it runs real-speech streams (cuts of tests/fixtures/bria.opus)
 that join and pause at random through the engine and compares every token and every VAD pause probability with the
 single-stream reference loop on the same device, in batch-invariant mode (``KYUTAI_STT_BATCH_INVARIANT=on``) and,
 for bfloat16 at 64 slots, with it off (what the issue measured). Then it times full-batch engine steps with the mode
 on and off (the capacity cost). Results go to OUT/gpu_check.json as they come; one table is printed last.
 
 Full run on an H200 (about 8 minutes; the 1b checkpoint takes ~40 s to make, pass --checkpoint 1b=DIR to reuse one):
-    python3 scripts/gpu_check.py --out /tmp/gpu_check --audio /path/to/bria.mp3
+    python3 scripts/gpu_check.py --out /tmp/gpu_check
 On the CPU, small sizes (the smoke test runs this):
     python3 scripts/gpu_check.py --quick --device cpu --checkpoint tiny=/path/to/tiny --out /tmp/gpu_check
 """
@@ -20,7 +20,6 @@ import json
 import os
 import random
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,10 +28,13 @@ import numpy as np
 import torch
 
 from kyutai_stt.audio.decode import load_audio_file
-from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
+from kyutai_stt.audio.constants import FRAME_SIZE
 from kyutai_stt.engine.kyutai.checkpoint import load_model
-from kyutai_stt.engine.kyutai.engine import Engine, NoFreeSlot, StepOutput, StreamEnd, StreamFailed
+from kyutai_stt.engine.kyutai.engine import Engine, StreamEnd
 from kyutai_stt.engine.kyutai.reference import reference_outputs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import REAL_SPEECH, Feeder, run_feeders, speech_cuts  # noqa: E402
 
 FLUSH_SECONDS = 0.5
 
@@ -84,52 +86,6 @@ class Deadline:
         return self.end - time.monotonic()
 
 
-class Feeder:
-    """One stream: joins after a random delay (waiting for a free slot), random chunks, random pauses, close."""
-
-    def __init__(self, engine: Engine, pcm: np.ndarray, seed: int, pace: float):
-        self.engine, self.pcm, self.rng, self.pace = engine, pcm, random.Random(seed), pace
-        self.outputs: list[StepOutput] = []
-        self.end = None
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def sink(self, events) -> None:
-        for event in events:
-            if isinstance(event, StepOutput):
-                self.outputs.append(event)
-            elif isinstance(event, (StreamEnd, StreamFailed)):
-                self.end = event
-                self.done.set()
-
-    def run(self) -> None:
-        time.sleep(self.rng.uniform(0, 2.0 * self.pace))
-        while True:
-            try:
-                handle = self.engine.open(self.sink)
-                break
-            except NoFreeSlot:
-                time.sleep(0.01)
-        position = 0
-        while position < len(self.pcm):
-            size = self.rng.choice([960, 1920, 3840, 9600, 24000])
-            self.engine.push(handle, self.pcm[position:position + size])
-            position += size
-            if self.rng.random() < 0.25:
-                time.sleep(self.rng.uniform(0, 0.3 * self.pace))  # a pause: the slot sits out steps
-        self.engine.close(handle)
-
-
-def speech_cuts(audio: np.ndarray, count: int, seconds: tuple[float, float], seed: int) -> list[np.ndarray]:
-    rng = random.Random(seed)
-    cuts = []
-    for _ in range(count):
-        length = int(rng.uniform(*seconds) * SAMPLE_RATE)
-        start = rng.randrange(0, max(1, len(audio) - length))
-        cuts.append(audio[start:start + length].copy())
-    return cuts
-
-
 def run_parity(model, reference_model, name: str, dtype: str, slots: int, mode: str, clips, references,
                pace: float, deadline: Deadline, seed: int) -> Parity:
     result = Parity(name, dtype, slots, mode, len(clips))
@@ -137,12 +93,9 @@ def run_parity(model, reference_model, name: str, dtype: str, slots: int, mode: 
     engine = Engine(model, slots, flush_seconds=FLUSH_SECONDS, frames_per_step=1, batch_invariant_mode=mode)
     engine.start()
     try:
-        feeders = [Feeder(engine, clip, seed + i, pace) for i, clip in enumerate(clips)]
-        for f in feeders:
-            f.thread.start()
-        for f in feeders:
-            if not f.done.wait(max(1.0, deadline.left())):
-                raise TimeoutError("streams did not finish before the deadline")
+        feeders = [Feeder(engine, clip, seed + i, pause=(0.25, 0.3 * pace), join_within=2.0 * pace)
+                   for i, clip in enumerate(clips)]
+        run_feeders(feeders, timeout=max(1.0, deadline.left()))
     finally:
         engine.stop()
     for f, want in zip(feeders, references):
@@ -223,7 +176,7 @@ def table(report: Report) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="folder for gpu_check.json (created)")
-    parser.add_argument("--audio", type=Path, default=None, help="real speech (default: shared/fixtures/bria.mp3)")
+    parser.add_argument("--audio", type=Path, default=REAL_SPEECH, help="real speech (default: tests/fixtures/bria.opus)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
                         help="reuse a checkpoint folder (tiny=DIR, 1b=DIR); missing ones are made in --out")
@@ -234,11 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = Deadline(args.deadline_s)
     args.out.mkdir(parents=True, exist_ok=True)
     given = dict(item.split("=", 1) for item in args.checkpoint)
-    audio_path = args.audio or next((p / "shared" / "fixtures" / "bria.mp3" for p in Path(__file__).resolve().parents
-                                     if (p / "shared" / "fixtures" / "bria.mp3").exists()), None)
-    if audio_path is None:
-        parser.error("--audio is needed (shared/fixtures/bria.mp3 not found)")
-    audio = load_audio_file(audio_path)
+    audio = load_audio_file(args.audio)
     if args.quick:
         names, dtypes, slot_counts, streams, seconds, cap_slots, cap_steps, pace = (
             ["tiny"], ["float32"], [2], 2, (0.4, 0.8), [2], 4, 0.1)
@@ -246,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         names, dtypes, slot_counts, streams, seconds, cap_slots, cap_steps, pace = (
             ["tiny", "1b"], ["bfloat16", "float32"], [1, 64, 256], 16, (3.0, 6.0), [256, 512], 60, 1.0)
     report = Report(args.device, torch.__version__)
-    clips = speech_cuts(audio, streams, seconds, seed=13)
+    clips = speech_cuts([audio], streams, seconds, random.Random(13))
 
     for name in names:
         if deadline.left() < 30:

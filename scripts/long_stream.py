@@ -10,8 +10,7 @@ every frame, even where a random test model says nothing; float rounding differs
 call, so a near-tie Mimi code can flip now and then: reported, not failed), the neighbour's results, the server's
 memory over time, and how fast the hours went through.
 
-    python scripts/long_stream.py --model /tmp/ck_tiny --hours 2 --audio ../shared/fixtures/bria.mp3 \\
-        --out artifacts/long-stream
+    python scripts/long_stream.py --model /tmp/ck_tiny --hours 2 --out artifacts/long-stream
 
 The reference encodes 25 frames per Mimi call (identical codes, see ``kyutai_stt.engine.kyutai.attention_cache``) and is
 cached in --out, so a rerun only streams. Writes summary.md and long_stream.json; exits 1 on any difference.
@@ -22,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,8 +34,8 @@ from kyutai_stt.client import Client
 from kyutai_stt.messages.events import Step
 from kyutai_stt.engine.kyutai.reference import reference_outputs
 
-sys.path.insert(0, str(Path(__file__).parent))
-from soak import LocalServer, SoakConfig, diff, expected_from_outputs, word_tuples  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import REAL_SPEECH, ServerProcess, diff, expected_from_outputs, word_tuples  # noqa: E402
 
 
 def long_audio(source: np.ndarray, hours: float) -> np.ndarray:
@@ -81,15 +79,15 @@ async def run(args) -> dict:
     del model
     print(f"reference: {len(want)} words over {args.hours:g} h ({reference_s:.0f} s)", flush=True)
 
-    config = SoakConfig(model=args.model, device="cpu", dtype="float32", slots=args.slots,
-                        flush_seconds=args.flush_seconds)
+    env = dict(KYUTAI_STT_MODEL=args.model, KYUTAI_STT_DEVICE="cpu", KYUTAI_STT_DTYPE="float32",
+               KYUTAI_STT_SLOTS=str(args.slots), KYUTAI_STT_FLUSH_SECONDS=str(args.flush_seconds))
     if args.frames_per_step:
-        os.environ["KYUTAI_STT_FRAMES_PER_STEP"] = str(args.frames_per_step)  # the server inherits it
-    server = LocalServer(config, out / "server.log")
+        env["KYUTAI_STT_FRAMES_PER_STEP"] = str(args.frames_per_step)
+    server = ServerProcess(out / "server.log", env=env)
     rss: list[tuple[float, float]] = []  # (seconds since start, MiB)
     neighbours: list[dict] = []
     try:
-        await server.wait_ready()
+        await asyncio.to_thread(server.wait_ready)
         start = time.monotonic()
 
         async def monitor():
@@ -196,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint folder or HF repo id (CPU, float32)")
     parser.add_argument("--hours", type=float, default=2.0)
-    parser.add_argument("--audio", required=True, help="speech file repeated to fill the hours")
+    parser.add_argument("--audio", default=str(REAL_SPEECH), help="speech file repeated to fill the hours "
+                        "(default: tests/fixtures/bria.opus)")
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--neighbour-seconds", type=float, default=8.0)
     parser.add_argument("--flush-seconds", type=float, default=0.5)

@@ -11,7 +11,7 @@ start, after warm-up and at the end.
 
     # the long form (on a GPU; real model; the server is started here and stopped at the end)
     python scripts/soak.py --model kyutai/stt-1b-en_fr-candle --slots 64 --streams 48 --minutes 30 \\
-        --audio ../shared/fixtures/bria.mp3 --out artifacts/soak
+        --audio tests/fixtures/bria.opus --out artifacts/soak
     # against a running server (give the same model so the references match)
     python scripts/soak.py --url http://127.0.0.1:8000 --model kyutai/stt-1b-en_fr-candle --streams 8 --minutes 5
 
@@ -23,15 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import difflib
 import json
 import math
 import os
 import random
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,8 +43,10 @@ import websockets
 from kyutai_stt.audio.decode import OggOpusDecoder, encode_ogg_opus, load_audio_file
 from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
 from kyutai_stt.client import Client, ServerError
-from kyutai_stt.messages.events import Ready, Text, Word, WordEnd
-from kyutai_stt.stream.words import WordAssembler, pair_words
+from kyutai_stt.messages.events import Ready, Text, Word
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import ServerProcess, diff, expected_from_outputs, speech_cuts, word_tuples  # noqa: E402
 
 PROTOCOLS = ("events", "seed", "kyutai")
 
@@ -101,37 +100,12 @@ class StreamResult:
 # ------------------------------------------------------------------------------------------------ references
 def make_clips(config: SoakConfig) -> list[np.ndarray]:
     rng = random.Random(config.seed)
-    low, high = config.clip_seconds
-    sources = [load_audio_file(path) for path in config.audio]
-    clips = []
-    for index in range(config.clips):
-        length = int(rng.uniform(low, high) * SAMPLE_RATE)
-        if sources:
-            source = sources[index % len(sources)]
-            start = rng.randrange(0, max(1, len(source) - length))
-            clips.append(np.ascontiguousarray(source[start:start + length], np.float32))
-        else:
-            from kyutai_stt.engine.kyutai.testing_checkpoint import synthetic_sounds
+    if config.audio:
+        return speech_cuts([load_audio_file(path) for path in config.audio], config.clips, config.clip_seconds, rng)
+    from kyutai_stt.engine.kyutai.testing_checkpoint import synthetic_sounds
 
-            clips.append(synthetic_sounds(length / SAMPLE_RATE, 50_000 + config.seed * 1000 + index))
-    return clips
-
-
-def expected_from_outputs(model, outputs, audio_seconds: float | None = None) -> list:
-    """Text/Word/WordEnd events of the reference outputs, as a session assembles them: with ``audio_seconds``,
-    no time past the end of the audio (the flush silence is not audio)."""
-    assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
-    if audio_seconds is not None:
-        assembler.audio_end = audio_seconds
-    events = []
-    for out in outputs:
-        events += assembler.feed(out.frame, out.token)
-    return events + assembler.finish(len(outputs))
-
-
-def word_tuples(events) -> list[tuple[str, float, float]]:
-    return [(w.text, round(w.start, 3), round(w.end, 3))
-            for w in pair_words(e for e in events if isinstance(e, (Word, WordEnd)))]
+    return [synthetic_sounds(int(rng.uniform(*config.clip_seconds) * SAMPLE_RATE) / SAMPLE_RATE,
+                             50_000 + config.seed * 1000 + index) for index in range(config.clips)]
 
 
 def compute_references(config: SoakConfig, clips: list[np.ndarray],
@@ -160,21 +134,6 @@ def compute_references(config: SoakConfig, clips: list[np.ndarray],
                          if isinstance(e, Text)]
         references.append(Expected(words, opus_text, len(clip) / SAMPLE_RATE))
     return references
-
-
-def diff(got: list, want: list) -> tuple[int, int]:
-    """(lost, wrong): words of the reference missing from what came, and words that came but are not the
-    reference's (replaced or extra)."""
-    lost = wrong = 0
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=want, b=got, autojunk=False).get_opcodes():
-        if op == "delete":
-            lost += i2 - i1
-        elif op == "insert":
-            wrong += j2 - j1
-        elif op == "replace":
-            wrong += j2 - j1
-            lost += max(0, (i2 - i1) - (j2 - j1))
-    return lost, wrong
 
 
 # ------------------------------------------------------------------------------------------------ one stream
@@ -283,64 +242,14 @@ async def lane(config: SoakConfig, url: str, number: int, clips, references, dea
 
 
 # ------------------------------------------------------------------------------------------------ the server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def process_rss(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-class LocalServer:
+def local_server(config: SoakConfig, log_path: Path) -> ServerProcess:
     """``kyutai-stt serve`` in a subprocess, configured through the environment."""
-
-    def __init__(self, config: SoakConfig, log_path: Path):
-        self.port = config.port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, KYUTAI_STT_MODEL=config.model, KYUTAI_STT_DEVICE=config.device,
-                   KYUTAI_STT_DTYPE=config.dtype, KYUTAI_STT_SLOTS=str(config.slots), KYUTAI_STT_HOST="127.0.0.1",
-                   KYUTAI_STT_PORT=str(self.port), KYUTAI_STT_FLUSH_SECONDS=str(config.flush_seconds))
-        if config.api_key:
-            env["KYUTAI_STT_API_KEYS"] = config.api_key
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "kyutai_stt.cli", "serve"], env=env,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-
-    async def wait_ready(self, timeout: float = 900.0) -> None:
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(timeout=5) as client:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"the server exited with {self.process.returncode}; see {self.log.name}")
-                try:
-                    if (await client.get(self.url + "/status")).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the server did not start")
-                await asyncio.sleep(0.5)
-
-    def rss(self) -> int | None:
-        return process_rss(self.process.pid)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+    env = dict(KYUTAI_STT_MODEL=config.model, KYUTAI_STT_DEVICE=config.device, KYUTAI_STT_DTYPE=config.dtype,
+               KYUTAI_STT_SLOTS=str(config.slots), KYUTAI_STT_HOST="127.0.0.1",
+               KYUTAI_STT_FLUSH_SECONDS=str(config.flush_seconds))
+    if config.api_key:
+        env["KYUTAI_STT_API_KEYS"] = config.api_key
+    return ServerProcess(log_path, env=env, port=config.port)
 
 
 async def metrics_rss(client: httpx.AsyncClient, url: str) -> int | None:
@@ -378,8 +287,8 @@ async def run_soak(config: SoakConfig, *, outputs=None, model=None,
     reference_seconds = time.monotonic() - t
     server = None
     if config.url is None:
-        server = LocalServer(config, (out or Path(".")) / "server.log")
-        await server.wait_ready()
+        server = local_server(config, (out or Path(".")) / "server.log")
+        await asyncio.to_thread(server.wait_ready)
         url = server.url
         rss = rss or server.rss
     else:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +19,10 @@ from kyutai_stt.settings import Settings
 from kyutai_stt.engine.kyutai.testing_checkpoint import make_checkpoint, synthetic_sounds
 
 FLUSH_SECONDS = 0.5
+# the scripts' shared harness (scripts/harness.py): the tests drive engines and scripts with it too
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 CASES = Path(__file__).resolve().parent / "cases"  # small real-world inputs that once showed a fault (README there)
+BRIA = Path(__file__).resolve().parent / "fixtures" / "bria.opus"  # 28 s of real speech (source, licence: README there)
 
 
 @pytest.fixture(scope="session")
@@ -156,6 +159,7 @@ def speech(tmp_path_factory) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def bria() -> np.ndarray:
+    """Real English speech at 24 kHz mono: the first 28 s of Kyutai's bria.mp3 sample."""
     from kyutai_stt.audio.decode import load_audio_file
 
-    return load_audio_file(Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "bria.mp3")
+    return load_audio_file(BRIA)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import random
-import threading
-import time
-
 import numpy as np
 import pytest
 
 from kyutai_stt.audio.constants import FRAME_SIZE
 from kyutai_stt.engine.kyutai.checkpoint import load_model
-from kyutai_stt.engine.kyutai.engine import Engine, NoFreeSlot, StepOutput, StreamEnd, StreamFailed, flush_frame_count
+from kyutai_stt.engine.kyutai.engine import Engine, NoFreeSlot, StreamEnd, flush_frame_count
+
+from harness import Feeder, run_feeders  # scripts/harness.py, on sys.path through conftest.py
 
 from .conftest import FLUSH_SECONDS
 
@@ -25,58 +23,20 @@ def make_engine(model, slots: int, frames_per_step: int = 1) -> Engine:
     return Engine(model, slots, flush_seconds=FLUSH_SECONDS, frames_per_step=frames_per_step).start()
 
 
-class Stream:
-    """Drives one stream from its own thread: random start, random chunks, random pauses, then close."""
-
-    def __init__(self, engine: Engine, pcm: np.ndarray, seed: int):
-        self.engine, self.pcm, self.rng = engine, pcm, random.Random(seed)
-        self.outputs: list[StepOutput] = []
-        self.end: StreamEnd | StreamFailed | None = None
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def sink(self, events) -> None:
-        for event in events:
-            if isinstance(event, StepOutput):
-                self.outputs.append(event)
-            else:
-                self.end = event
-                self.done.set()
-
-    def run(self) -> None:
-        time.sleep(self.rng.uniform(0, 1.5))
-        while True:
-            try:
-                handle = self.engine.open(self.sink)
-                break
-            except NoFreeSlot:  # joining later, when another stream leaves
-                time.sleep(0.05)
-        position = 0
-        while position < len(self.pcm):
-            size = self.rng.choice([1, 100, 960, 1920, 2500, 7000, 24000])
-            self.engine.push(handle, self.pcm[position:position + size])
-            position += size
-            if self.rng.random() < 0.2:
-                time.sleep(self.rng.uniform(0, 0.4))  # a pause: this slot sits out some steps
-        self.engine.close(handle)
-
-    @property
-    def tokens(self) -> list[int]:
-        return [o.token for o in self.outputs]
+# Streams through the engine from their own threads (scripts/harness.py's Feeder): a random start within 1.5 s,
+# chunks from one sample to one second, a pause of up to 0.4 s after one chunk in five (the slot sits out steps).
+STREAM = dict(chunks=(1, 100, 960, 1920, 2500, 7000, 24000), pause=(0.2, 0.4), join_within=1.5)
 
 
-def run_streams(engine: Engine, clips: list[np.ndarray], seed: int = 0) -> list[Stream]:
-    streams = [Stream(engine, clip, seed + i) for i, clip in enumerate(clips)]
-    for s in streams:
-        s.thread.start()
-    for s in streams:
-        assert s.done.wait(300), "stream did not finish"
+def run_streams(engine: Engine, clips: list[np.ndarray], seed: int = 0) -> list[Feeder]:
+    streams = [Feeder(engine, clip, seed + i, **STREAM) for i, clip in enumerate(clips)]
+    run_feeders(streams, timeout=300)
     return streams
 
 
 def streams_through_engine(model, clips: list[np.ndarray], slots: int, frames_per_step: int = 1,
-                           seed: int = 0) -> list[Stream]:
-    """Run ``clips`` as concurrent streams (see ``Stream``) through a fresh engine, stopped afterwards."""
+                           seed: int = 0) -> list[Feeder]:
+    """Run ``clips`` as concurrent streams (see ``STREAM``) through a fresh engine, stopped afterwards."""
     engine = make_engine(model, slots, frames_per_step)
     try:
         return run_streams(engine, clips, seed)

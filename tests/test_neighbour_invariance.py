@@ -9,73 +9,24 @@ Run with ``KYUTAI_STT_MKL_CNR=0 MKL_CBWR=`` to see it fail.
 
 from __future__ import annotations
 
-import random
-import threading
-import time
-
 import numpy as np
 import pytest
 
 from kyutai_stt.engine.batch_invariant.mkl import strict_cnr_active
 from kyutai_stt.engine.kyutai.checkpoint import load_model
-from kyutai_stt.engine.kyutai.engine import Engine, StepOutput, StreamEnd
+from kyutai_stt.engine.kyutai.engine import Engine
+
+from harness import Feeder, run_feeders  # scripts/harness.py, on sys.path through conftest.py
 
 from .conftest import FLUSH_SECONDS
 
-
-class Feeder:
-    """Pushes a clip in random chunks with random pauses (the slot sits out steps), then closes."""
-
-    def __init__(self, engine: Engine, pcm: np.ndarray, seed: int, delay: float = 0.0):
-        self.engine, self.pcm, self.rng, self.delay = engine, pcm, random.Random(seed), delay
-        self.outputs: list[StepOutput] = []
-        self.done = threading.Event()
-        self.handle = engine.open(self.sink)
-
-    def sink(self, events) -> None:
-        for event in events:
-            if isinstance(event, StepOutput):
-                self.outputs.append(event)
-            elif isinstance(event, StreamEnd):
-                self.done.set()
-
-    def run(self) -> None:
-        time.sleep(self.delay)
-        position = 0
-        while position < len(self.pcm):
-            size = self.rng.choice([960, 1920, 3840, 7000, 24000])
-            self.engine.push(self.handle, self.pcm[position:position + size])
-            position += size
-            if self.rng.random() < 0.3:
-                time.sleep(self.rng.uniform(0, 0.3))
-        self.engine.close(self.handle)
+# chunks up to one second, a pause of up to 0.3 s after about one chunk in three (the slot sits out steps)
+STREAM = dict(chunks=(960, 1920, 3840, 7000, 24000), pause=(0.3, 0.3), open_now=True)
 
 
-def run_together(engine: Engine, feeders: list[Feeder]) -> None:
-    threads = [threading.Thread(target=f.run, daemon=True) for f in feeders]
-    for t in threads:
-        t.start()
-    for f in feeders:
-        assert f.done.wait(600), "stream did not finish"
-
-
-def find_speech() -> np.ndarray:
-    """The shared real-speech fixture (shared/ sits beside the repository, or above a worktree)."""
-    from pathlib import Path
-
-    from kyutai_stt.audio.decode import load_audio_file
-
-    here = Path(__file__).resolve()
-    for folder in here.parents:
-        candidate = folder / "shared" / "fixtures" / "bria.mp3"
-        if candidate.exists():
-            return load_audio_file(candidate)
-    pytest.fail("shared/fixtures/bria.mp3 not found beside the repository")
-
-
-@pytest.fixture(scope="module")
-def speech_clip() -> np.ndarray:
-    return find_speech()
+def feeder(engine: Engine, pcm: np.ndarray, seed: int, delay: float = 0.0) -> Feeder:
+    """A stream that takes its slot now (the test checks which) and starts pushing after ``delay``."""
+    return Feeder(engine, pcm, seed, delay=delay, **STREAM)
 
 
 @pytest.fixture(scope="module")
@@ -87,22 +38,22 @@ def test_mkl_runs_in_strict_reproducible_mode():
     assert strict_cnr_active() in (True, None)  # None: a torch build without MKL (nothing to fix)
 
 
-def test_clip_alone_in_slot_0_equals_clip_in_slot_2_with_neighbours_bitwise(model, speech_clip, reference):
+def test_clip_alone_in_slot_0_equals_clip_in_slot_2_with_neighbours_bitwise(model, bria, reference):
     """The issue's case: 8 s of speech, 4 slots, float32, 2 frames per step."""
-    clip = speech_clip[24000 * 3: 24000 * 11].copy()
-    neighbours = [speech_clip[24000 * 20: 24000 * 26].copy(), speech_clip[24000 * 40: 24000 * 47].copy()]
+    clip = bria[24000 * 3: 24000 * 11].copy()
+    neighbours = [bria[24000 * 20: 24000 * 26].copy(), bria[24000 * 13: 24000 * 20].copy()]
 
     engine = Engine(model, 4, flush_seconds=FLUSH_SECONDS, frames_per_step=2).start()
     try:
-        alone = Feeder(engine, clip, seed=1)
+        alone = feeder(engine, clip, seed=1)
         assert alone.handle.slot == 0
-        run_together(engine, [alone])
+        run_feeders([alone])
 
-        first = Feeder(engine, neighbours[0], seed=2)
-        second = Feeder(engine, neighbours[1], seed=3, delay=0.2)
-        together = Feeder(engine, clip, seed=4, delay=0.5)  # joins while the others run
+        first = feeder(engine, neighbours[0], seed=2)
+        second = feeder(engine, neighbours[1], seed=3, delay=0.2)
+        together = feeder(engine, clip, seed=4, delay=0.5)  # joins while the others run
         assert together.handle.slot == 2
-        run_together(engine, [first, second, together])
+        run_feeders([first, second, together])
     finally:
         engine.stop()
 

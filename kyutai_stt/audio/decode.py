@@ -156,11 +156,6 @@ def resample(pcm: np.ndarray, from_rate: int, to_rate: int = SAMPLE_RATE) -> np.
     return out.numpy()
 
 
-def to_mono(pcm: np.ndarray) -> np.ndarray:
-    pcm = np.asarray(pcm, np.float32)
-    return pcm.mean(axis=0) if pcm.ndim == 2 else pcm.reshape(-1)
-
-
 class AudioTooLong(AudioFormatError):
     """The file holds more audio than the configured limit."""
 

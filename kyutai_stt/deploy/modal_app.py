@@ -110,7 +110,7 @@ SNAPSHOT = MODAL.snapshot
 # host/port (Modal serves the app), device (the container picks its GPU), record_dir (a local path), api_keys
 # (put them in the Secret, not in the function definition).
 FORWARDED_SETTINGS = (
-    "model", "dtype", "flush_seconds", "end_of_turn_threshold", "cuda_graphs", "cors_origins", "idle_timeout_s",
+    "model", "dtype", "flush_seconds", "end_of_turn_threshold", "cors_origins", "idle_timeout_s",
     "ping_interval_s", "max_session_s", "max_message_bytes", "max_buffered_audio_s", "max_upload_bytes",
 )
 
@@ -146,7 +146,6 @@ REMOTE_FRONTEND_DIR = "/root/frontend"
 IMAGE_ENV = {
     "HF_HUB_ENABLE_HF_TRANSFER": "1",
     "HF_HOME": HF_CACHE_PATH,
-    "KYUTAI_STT_FRONTEND_DIR": REMOTE_FRONTEND_DIR,
     "PYTHONUNBUFFERED": "1",
 }
 

@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
             own.stop()
 
     app = FastAPI(title="kyutai-stt", lifespan=lifespan)
-    app.state.service = service  # the one object handlers reach, through service.get_service / ServiceDep
+    app.state.service = service  # the one object handlers reach, through service.get_service
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])

@@ -1,10 +1,7 @@
 """The service behind every endpoint: one typed object instead of loose ``app.state`` fields.
 
 ``create_app`` builds one ``Service`` and stores it as ``app.state.service``; handlers reach it through
-``get_service(conn)`` (any Request or WebSocket) or the FastAPI dependency ``ServiceDep``::
-
-    @router.websocket("/v1/stream")
-    async def socket(ws: WebSocket, service: ServiceDep): ...
+``get_service(conn)`` (any Request or WebSocket).
 
 It holds the engine, the settings, the metrics, the live sessions (for graceful shutdown), the draining flag and
 the admission of new streams (a free slot, or a bounded wait for one on the engine's condition variable).
@@ -16,9 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
 
-from fastapi import Depends
 from starlette.requests import HTTPConnection
 
 from kyutai_stt.engine.kyutai.engine import Engine, EngineStopped, NoFreeSlot
@@ -117,5 +112,3 @@ def get_service(conn: HTTPConnection) -> Service:
     """The app's ``Service``, from any Request or WebSocket."""
     return conn.app.state.service
 
-
-ServiceDep = Annotated[Service, Depends(get_service)]

@@ -59,10 +59,6 @@ class AudioSpool:
         """Samples waiting."""
         return (self._write - self._read) // 4
 
-    @property
-    def on_disk(self) -> bool:
-        return bool(getattr(self._file, "_rolled", False))
-
     def put(self, pcm: np.ndarray) -> None:
         data = np.ascontiguousarray(pcm, np.float32).tobytes()
         self._file.seek(self._write)
@@ -212,10 +208,6 @@ class Session:
     def buffered_samples(self) -> int:
         """Samples received and not yet transcribed: in the engine and in the spool."""
         return (self.engine.buffered_samples(self._handle) if self._handle else 0) + len(self._spool)
-
-    @property
-    def spooled_samples(self) -> int:
-        return len(self._spool)
 
     # ------------------------------------------------------------ output
     def __aiter__(self):

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from harness import ServerProcess, gpu_mib_by_pid, model_timing, rss_bytes  # scripts/harness.py (on the path)
 
 from .common import (REPO, DeviceOpt, DtypeOpt, ModelOpt, OutOpt, err, machine_info, markdown_table, now, stats_ms,
                      warn_if_busy, write_json)
@@ -25,82 +22,22 @@ from .memory import dtype_bytes, formula_state_memory, mib
 BENCH_SCRIPT = REPO / "scripts" / "bench.py"  # runs the `loadgen` subcommand in each load-generator process
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_bytes(pid: int) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
 def gpu_bytes(pid: int) -> int | None:
-    with contextlib.suppress(Exception):
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            p, used = [x.strip() for x in line.split(",")]
-            if int(p) == pid:
-                return int(used) * 2**20
-    return None
+    mib_used = gpu_mib_by_pid().get(pid)
+    return None if mib_used is None else mib_used * 2**20
 
 
-class Server:
-    """``kyutai-stt serve`` in a subprocess (its own interpreter, as in production)."""
-
-    def __init__(self, model: str, device: str, dtype: str, slots: int, threads: Optional[int], log_path: Path,
-                 flush_seconds: float):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, KYUTAI_STT_FLUSH_SECONDS=str(flush_seconds), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
-            env["MKL_NUM_THREADS"] = str(threads)
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        cmd = [sys.executable, "-m", "kyutai_stt.cli", "serve", "--model", model, "--device", device,
-               "--dtype", dtype, "--slots", str(slots), "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float) -> dict:
-        import httpx
-
-        deadline = now() + timeout
-        while now() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.proc.returncode}); see {self.log_path}")
-            with contextlib.suppress(Exception):
-                r = httpx.get(self.url + "/status", timeout=2)
-                if r.status_code == 200:
-                    return r.json()
-            time.sleep(0.2)
-        raise RuntimeError(f"the server was not ready after {timeout:.0f} s; see {self.log_path}")
-
-    def status(self) -> dict | None:
-        import httpx
-
-        with contextlib.suppress(Exception):
-            return httpx.get(self.url + "/status", timeout=2).json()
-        return None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
+def start_server(model: str, device: str, dtype: str, slots: int, threads: Optional[int], log_path: Path,
+                 flush_seconds: float) -> ServerProcess:
+    env = {"KYUTAI_STT_FLUSH_SECONDS": str(flush_seconds), "HF_HUB_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return ServerProcess(log_path, ["--model", model, "--device", device, "--dtype", dtype, "--slots", str(slots)],
+                         env=env)
 
 
 class MemorySampler(threading.Thread):
-    def __init__(self, server: Server, slots: int, interval: float = 0.25):
+    def __init__(self, server: ServerProcess, slots: int, interval: float = 0.25):
         super().__init__(daemon=True)
         self.server, self.slots, self.interval = server, slots, interval
         self.stop_event = threading.Event()
@@ -153,16 +90,15 @@ def e2e(
     warn_if_busy(machine)
     config_path = Path(model) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else None
-    stt_cfg = (config or {}).get("stt_config", {})
-    delay_frames = round(float(stt_cfg.get("audio_delay_seconds", 0.0)) * 12.5)
-    prefix_frames = round(float(stt_cfg.get("audio_silence_prefix_seconds", 0.0)) * 12.5)
+    timing = model_timing(model)
+    delay_frames, prefix_frames = timing["delay_frames"], timing["prefix_frames"]
     logdir = Path(tempfile.mkdtemp(prefix="kyutai-stt-bench-"))
     memory: dict[str, Any] = {}
     if config:
         formula = formula_state_memory(config, dtype_bytes(dtype, device))
         memory["formula_per_stream_mib"] = {k.replace("_bytes", ""): mib(v) for k, v in formula.items()}
 
-    server = Server(model, device, dtype, slots, server_threads, logdir / "server.log", flush_seconds)
+    server = start_server(model, device, dtype, slots, server_threads, logdir / "server.log", flush_seconds)
     sampler = None
     try:
         err.print(f"e2e: starting the server with {slots} slots on port {server.port} (log {server.log_path})")
@@ -207,7 +143,7 @@ def e2e(
 
     if slot_delta and slots > 1:
         err.print("e2e: starting a 1-slot server to measure idle memory per slot")
-        one = Server(model, device, dtype, 1, server_threads, logdir / "server-1slot.log", flush_seconds)
+        one = start_server(model, device, dtype, 1, server_threads, logdir / "server-1slot.log", flush_seconds)
         try:
             one.wait_ready(startup_timeout)
             time.sleep(1.0)

@@ -105,8 +105,3 @@ def close_for(exc: BaseException) -> tuple[int, str]:
         if cls in _REASONS:
             return INTERNAL_ERROR, _REASONS[cls]
     return INTERNAL_ERROR, "internal error"
-
-
-def is_client_fault(exc: BaseException) -> bool:
-    """True when the error is the client's doing (its close code is not 1011)."""
-    return close_for(exc)[0] != INTERNAL_ERROR
