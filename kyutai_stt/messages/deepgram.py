@@ -4,6 +4,7 @@ Shapes from Deepgram's public API reference (developers.deepgram.com/reference/s
 and the typed models of deepgram-sdk 7 (``deepgram.listen.v1.types``): what its clients, LiveKit's and Pipecat's
 read. Client controls (text frames, ``Control``): ``KeepAlive``, ``Finalize``, ``CloseStream``. Server messages:
 ``Results``, ``SpeechStarted``, ``UtteranceEnd``, ``Metadata``, ``StreamError`` (Deepgram's ``Error``).
+Pre-recorded: ``PrerecordedResponse``; errors over HTTP: ``RestError``.
 """
 
 from __future__ import annotations
@@ -99,3 +100,38 @@ class StreamError(BaseModel):
     variant: str
     description: str
     message: str
+
+
+# ------------------------------------------------------------------------------------------ pre-recorded (REST)
+class PrerecordedMetadata(BaseModel):
+    transaction_key: str = "deprecated"
+    request_id: str
+    sha256: str
+    created: str
+    duration: float
+    channels: int = 1
+    models: list[str]
+    model_info: dict[str, ModelInfo]
+
+
+class PrerecordedChannel(BaseModel):
+    alternatives: list[Alternative]
+
+
+class PrerecordedResults(BaseModel):
+    channels: list[PrerecordedChannel]
+
+
+class PrerecordedResponse(BaseModel):
+    """The answer of ``POST /v1/listen`` (deepgram-sdk's ``ListenV1Response``)."""
+
+    metadata: PrerecordedMetadata
+    results: PrerecordedResults
+
+
+class RestError(BaseModel):
+    """Deepgram's REST error body: refused query parameters (at a WebSocket's handshake too) and failed uploads."""
+
+    err_code: str
+    err_msg: str
+    request_id: str

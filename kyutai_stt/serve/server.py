@@ -9,13 +9,16 @@ from typing import Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from kyutai_stt.engine.kyutai.checkpoint import SttModel, load_model
-from kyutai_stt.engine.kyutai.engine import Engine
+from kyutai_stt.engine.kyutai.engine import Engine, NoFreeSlot
 from kyutai_stt.serve.metrics import Metrics
 from kyutai_stt.serve.service import Service, get_service
+from kyutai_stt.serve.uploads import HttpProblem, problem_response, server_busy
 from kyutai_stt.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -63,12 +66,7 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
     async def log_requests(request: Request, call_next):
         # Our own access log: the path without its query string, which may carry an API key.
         start = time.perf_counter()
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:  # + multipart overhead
-            # refuse before the body is read (Starlette would spool a multipart upload to disk first)
-            response = JSONResponse({"detail": f"body larger than {settings.max_upload_bytes} bytes"}, status_code=413)
-        else:
-            response = await call_next(request)
+        response = await call_next(request)  # (uploads are capped by their routes: uploads.ProblemRoute)
         access_log.info("%s %s %d %.0f ms", request.method, request.url.path, response.status_code,
                         (time.perf_counter() - start) * 1000)
         return response
@@ -82,6 +80,19 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
     app.include_router(deepgram.router)
     app.include_router(openai_realtime.router)
     mount_ui(app)  # the browser page at / and its assets at /static
+
+    # Errors of the HTTP endpoints, answered once for all: the route's protocol writes the body (uploads.py).
+    @app.exception_handler(HTTPException)
+    async def http_problem(request: Request, exc: HTTPException) -> Response:
+        problem = exc if isinstance(exc, HttpProblem) else HttpProblem(exc.status_code, str(exc.detail),
+                                                                       headers=exc.headers)
+        return problem_response(request, problem) or await http_exception_handler(request, exc)
+
+    @app.exception_handler(NoFreeSlot)
+    async def no_free_slot(request: Request, exc: NoFreeSlot) -> Response:
+        log.warning("%s %s refused: server full (no slot within %g s)", request.method, request.url.path,
+                    settings.http_slot_wait_s)
+        return await http_problem(request, server_busy())
 
     @app.get("/status")
     async def status(request: Request):

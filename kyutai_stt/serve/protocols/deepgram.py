@@ -32,31 +32,53 @@ import json
 import re
 import uuid
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Annotated, Callable
 
 import numpy as np
-from fastapi import APIRouter, Request, WebSocket
+from fastapi import APIRouter, Depends, Request, WebSocket
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from kyutai_stt.audio.constants import SAMPLE_RATE
-from kyutai_stt.audio.decode import AudioFormatError, AudioTooLong, load_audio_bytes
+from kyutai_stt.audio.decode import AudioFormatError
 from kyutai_stt.audio.decoders import OPUS, StreamDecoder, stream_decoder
-from kyutai_stt.serve.auth import is_authorized
-from kyutai_stt.engine.kyutai.engine import NoFreeSlot
-from kyutai_stt.messages.events import EndOfTurn, Error, Marker, Text, Word, WordEnd
 from kyutai_stt.engine.kyutai.languages import base_language, model_languages
-from kyutai_stt.messages.deepgram import (Alternative, CloseStream, Control, Finalize, Metadata, ModelInfo,
-    ResultChannel, ResultMetadata, Results, ResultWord, SpeechStarted, StreamError, UtteranceEnd)
-from kyutai_stt.serve.service import get_service
+from kyutai_stt.messages.deepgram import (
+    Alternative,
+    CloseStream,
+    Control,
+    Finalize,
+    Metadata,
+    ModelInfo,
+    PrerecordedChannel,
+    PrerecordedMetadata,
+    PrerecordedResponse,
+    PrerecordedResults,
+    RestError,
+    ResultChannel,
+    ResultMetadata,
+    Results,
+    ResultWord,
+    SpeechStarted,
+    StreamError,
+    UtteranceEnd,
+)
 from kyutai_stt.messages.errors import MessageError, UnknownMessage
-from kyutai_stt.stream.session import Session
-from kyutai_stt.stream.transcribe import session_events
-from kyutai_stt.stream.words import TimedWord, WordPairer, pair_words
+from kyutai_stt.messages.events import EndOfTurn, Error, Marker, Text, Word, WordEnd
+from kyutai_stt.serve.auth import is_authorized
 from kyutai_stt.serve.protocols import runner
-from kyutai_stt.serve.protocols.common import close, open_session
-from kyutai_stt.serve.protocols.errors import POLICY_VIOLATION, upload_error_detail
+from kyutai_stt.serve.protocols.common import POLICY_VIOLATION, close, open_session
+from kyutai_stt.serve.service import get_service
+from kyutai_stt.serve.uploads import (
+    HttpProblem,
+    Upload,
+    authorized,
+    read_body,
+    routes_rendering,
+    transcribe,
+)
+from kyutai_stt.stream.session import Session
+from kyutai_stt.stream.words import TimedWord, WordPairer, pair_words
 
 router = APIRouter()
 
@@ -161,7 +183,8 @@ def parse_options(params: list[tuple[str, str]], languages: tuple[str, ...], str
 
 
 def _rest_error(status: int, message: str, err_code: str, request_id: str) -> JSONResponse:
-    return JSONResponse({"err_code": err_code, "err_msg": message, "request_id": request_id}, status_code=status)
+    body = RestError(err_code=err_code, err_msg=message, request_id=request_id)
+    return JSONResponse(body.model_dump(), status_code=status)
 
 
 def _plain(text: str) -> str:
@@ -364,63 +387,71 @@ async def _deny(ws: WebSocket, response: JSONResponse) -> None:
 
 
 # ----------------------------------------------------------------------------- pre-recorded
-@router.post("/v1/listen")
-async def listen_file(request: Request):
-    """Deepgram's pre-recorded API: the audio file is the request body (any format we decode; raw audio with
-    ``encoding`` and ``sample_rate``). A JSON body with a ``url`` is refused: this server fetches nothing."""
-    request_id = str(uuid.uuid4())
-    if not is_authorized(request):
-        return _rest_error(401, "Invalid credentials.", "INVALID_AUTH", request_id)
-    engine = get_service(request).running_engine
-    settings = get_service(request).settings
+def render_error(request: Request, problem: HttpProblem) -> JSONResponse:
+    """An HTTP error in Deepgram's REST shape, with Deepgram's codes (a full server is 429 there)."""
+    request_id = getattr(request.state, "request_id", None) or str(uuid.uuid4())
+    status, message, err_code = problem.status_code, problem.message, problem.code or "Bad Request"
+    if problem.reason == "unauthorized":
+        message, err_code = "Invalid credentials.", "INVALID_AUTH"
+    elif problem.reason == "busy":
+        status, err_code = 429, "TOO_MANY_REQUESTS"
+    elif status >= 500:
+        err_code = "INTERNAL_SERVER_ERROR"
+    body = RestError(err_code=err_code, err_msg=message, request_id=request_id)
+    return JSONResponse(body.model_dump(), status_code=status, headers=problem.headers)
+
+
+def _request_id(request: Request) -> str:
+    """Dependency: the id this request is known by, in its answer or its error (set first: errors need it)."""
+    request.state.request_id = str(uuid.uuid4())
+    return request.state.request_id
+
+
+def _prerecorded_options(request: Request) -> ListenOptions:
+    """Dependency: the query parameters of a pre-recorded request (the streaming-only ones are ignored)."""
     params = [(k, v) for k, v in request.query_params.multi_items() if k not in ("interim_results", "vad_events",
                                                                                 "endpointing", "utterance_end_ms")]
     try:
-        options = parse_options(params, model_languages(engine.model), streaming=False)
+        options = parse_options(params, model_languages(get_service(request).running_engine.model), streaming=False)
     except DeepgramError as exc:
-        return _rest_error(400, str(exc), exc.err_code, request_id)
+        raise HttpProblem(400, str(exc), code=exc.err_code) from None
     if request.headers.get("content-type", "").startswith("application/json"):
-        return _rest_error(400, "fetching audio from a URL is not supported: send the audio as the request body",
-                           "Bad Request", request_id)
-    data = b""
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > settings.max_upload_bytes:
-            return _rest_error(413, f"body larger than {settings.max_upload_bytes} bytes", "Bad Request", request_id)
+        raise HttpProblem(400, "fetching audio from a URL is not supported: send the audio as the request body")
+    return options
+
+
+async def _listen_upload(request: Request, options: Annotated[ListenOptions, Depends(_prerecorded_options)]) -> Upload:
+    """Dependency: the body as audio, raw samples when ``encoding`` says so (any container otherwise)."""
+    if options.encoding not in RAW:
+        return await read_body(request)
     try:
-        if options.encoding in RAW:
-            decoder = _decoder(options)
-            pcm = np.concatenate([decoder.feed(data), decoder.flush()])
-        else:
-            pcm = await run_in_threadpool(load_audio_bytes, data, max_seconds=settings.max_session_s)
+        decoder = _decoder(options)
     except DeepgramError as exc:
-        return _rest_error(400, str(exc), exc.err_code, request_id)
-    except AudioTooLong as exc:
-        return _rest_error(413, str(exc), "Bad Request", request_id)
-    except AudioFormatError as exc:
-        return _rest_error(400, upload_error_detail(exc), "Bad Request", request_id)
-    collected = []
-    try:
-        async for event in session_events(engine, pcm, wait_seconds=settings.http_slot_wait_s,
-                                          end_of_turn_threshold=settings.end_of_turn_threshold):
-            if isinstance(event, Error):
-                return _rest_error(500, event.message, "INTERNAL_SERVER_ERROR", request_id)
-            if isinstance(event, (Word, WordEnd)):
-                collected.append(event)
-    except NoFreeSlot:
-        return JSONResponse({"err_code": "TOO_MANY_REQUESTS", "err_msg": "all streams are busy, retry later",
-                             "request_id": request_id}, status_code=429, headers={"Retry-After": "5"})
-    words = [_result_word(w.text, w.start, w.end) for w in pair_words(collected)]
-    model = engine.model
+        raise HttpProblem(400, str(exc), code=exc.err_code) from None
+    return await read_body(request, raw=lambda data: np.concatenate([decoder.feed(data), decoder.flush()]))
+
+
+http_router = APIRouter(route_class=routes_rendering(render_error))
+
+
+@http_router.post("/v1/listen", dependencies=[Depends(_request_id), Depends(authorized)],
+                  response_model=PrerecordedResponse)
+async def listen_file(request: Request, request_id: Annotated[str, Depends(_request_id)],
+                      options: Annotated[ListenOptions, Depends(_prerecorded_options)],
+                      upload: Annotated[Upload, Depends(_listen_upload)]):
+    """Deepgram's pre-recorded API: the audio file is the request body (any format we decode; raw audio with
+    ``encoding`` and ``sample_rate``). A JSON body with a ``url`` is refused: this server fetches nothing."""
+    words = [_result_word(w.text, w.start, w.end) for w in pair_words(await transcribe(request, upload))]
+    model = get_service(request).running_engine.model
     model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, model.name))
-    info = ModelInfo(name=model.name.rstrip("/").split("/")[-1])
-    return {
-        "metadata": {"transaction_key": "deprecated", "request_id": request_id,
-                     "sha256": hashlib.sha256(data).hexdigest(),
-                     "created": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
-                     "duration": round(len(pcm) / SAMPLE_RATE, 4), "channels": 1, "models": [model_uuid],
-                     "model_info": {model_uuid: info.model_dump()}},
-        "results": {"channels": [{"alternatives": [
-            {"transcript": _transcript(words, options.punctuate), "confidence": 1.0,
-             "words": [w.model_dump() for w in words]}]}]},
-    }
+    return PrerecordedResponse(
+        metadata=PrerecordedMetadata(
+            request_id=request_id, sha256=upload.sha256,
+            created=datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+            duration=round(upload.duration, 4), models=[model_uuid],
+            model_info={model_uuid: ModelInfo(name=model.name.rstrip("/").split("/")[-1])}),
+        results=PrerecordedResults(channels=[PrerecordedChannel(alternatives=[
+            Alternative(transcript=_transcript(words, options.punctuate), words=words)])]))
+
+
+router.include_router(http_router)

@@ -11,9 +11,6 @@ Codes: RFC 6455 section 7.4.1 and the IANA WebSocket close code registry.
 from __future__ import annotations
 
 import asyncio
-import logging
-import re
-import tempfile
 from typing import Mapping
 
 from kyutai_stt.audio.errors import AudioFormatError
@@ -34,8 +31,6 @@ TRY_AGAIN_LATER = 1013
 # label of the ``kyutai_stt_errors`` metric for a stream closed with this code
 ERROR_KINDS = {UNSUPPORTED_DATA: "unsupported_data", INVALID_PAYLOAD: "invalid_data", POLICY_VIOLATION: "policy",
                TOO_BIG: "too_big", INTERNAL_ERROR: "internal", TRY_AGAIN_LATER: "no_free_slot"}
-
-log = logging.getLogger(__name__)
 
 MAX_REASON = 120  # a close reason must fit in 123 bytes of UTF-8
 
@@ -115,19 +110,3 @@ def close_for(exc: BaseException, overrides: Mapping[type[BaseException], int] |
         if cls in _REASONS:
             return INTERNAL_ERROR, _REASONS[cls]
     return INTERNAL_ERROR, "internal error"
-
-
-_DECODE_FAILED = re.compile(r"could not decode (.+?) as audio \(")
-_TEMP_PATH = re.compile(r"""["']?""" + re.escape(tempfile.gettempdir().rstrip("/")) + r"""/[^\s"':;,)]+["']?""")
-
-
-def upload_error_detail(exc: Exception) -> str:
-    """An undecodable upload's reason for the client: no server paths (the upload sits in a temp file) and no
-    decoder library's wording; the decoders' own messages go to the server log."""
-    text = str(exc)
-    failed = _DECODE_FAILED.match(text)
-    if failed:
-        log.info("upload not decoded: %s", text)
-        return (f"could not decode {failed.group(1)} as audio: not a format we read (wav, flac, mp3, ogg/opus, ...) "
-                "or damaged")
-    return _TEMP_PATH.sub("the file", text)

@@ -11,22 +11,25 @@ keep sending silence, and close when it comes back.
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter, Request, WebSocket
+from fastapi import APIRouter, Depends, Request, WebSocket
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
-from kyutai_stt.audio.decode import AudioFormatError, AudioTooLong, load_audio_bytes
 from kyutai_stt.audio.decoders import OPUS, stream_decoder
-from kyutai_stt.serve.auth import is_authorized
-from kyutai_stt.engine.kyutai.engine import NoFreeSlot
-from kyutai_stt.messages.events import Error, Event, Marker, Ready, Step, Word, WordEnd
 from kyutai_stt.messages import kyutai as wire
-from kyutai_stt.serve.service import get_service
-from kyutai_stt.stream.transcribe import session_events
+from kyutai_stt.messages.events import Error, Event, Marker, Ready, Step, Word, WordEnd
 from kyutai_stt.serve.protocols import runner
 from kyutai_stt.serve.protocols.common import AuthQuery, open_session, parse_query
-from kyutai_stt.serve.protocols.errors import INVALID_PAYLOAD, upload_error_detail
+from kyutai_stt.serve.protocols.errors import INVALID_PAYLOAD
+from kyutai_stt.serve.uploads import (
+    HttpProblem,
+    Upload,
+    authorized,
+    routes_rendering,
+    transcribe,
+    uploaded_body,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -52,12 +55,6 @@ def to_wire(event) -> wire.Ready | wire.Word | wire.EndWord | wire.Step | wire.M
         case Error():
             return wire.Error(message=event.message)
     return None
-
-
-def wire_dict(event) -> dict | None:
-    """Our event as moshi-server's message, as a plain map (the JSON answer of the POST)."""
-    message = to_wire(event)
-    return message.model_dump() if message is not None else None
 
 
 class KyutaiTranslator(runner.Translator):
@@ -107,38 +104,20 @@ async def kyutai_socket(ws: WebSocket) -> None:
     await runner.run_stream(ws, session, KyutaiTranslator())
 
 
-@router.post(PATH)
-async def kyutai_post(request: Request):
+# ----------------------------------------------------------------------------- HTTP POST of a file
+def render_error(request: Request, problem: HttpProblem) -> JSONResponse:
+    """An HTTP error as moshi-server's clients read it: ``{"detail": message}``."""
+    message = "no free channels" if problem.reason == "busy" else problem.message  # moshi-server's words
+    return JSONResponse({"detail": message}, status_code=problem.status_code, headers=problem.headers)
+
+
+http_router = APIRouter(route_class=routes_rendering(render_error))
+
+
+@http_router.post(PATH, dependencies=[Depends(authorized)], response_model=list[wire.Word | wire.EndWord])
+async def kyutai_post(request: Request, upload: Annotated[Upload, Depends(uploaded_body)]):
     """A whole audio file in the body; the answer is the JSON list of Word/EndWord messages."""
-    if not is_authorized(request):
-        return JSONResponse({"detail": "missing or invalid API key"}, status_code=401)
-    service = get_service(request)
-    settings = service.settings
-    too_big = JSONResponse({"detail": f"file larger than {settings.max_upload_bytes} bytes"}, status_code=413)
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > settings.max_upload_bytes:
-        return too_big
-    body = bytearray()
-    async for chunk in request.stream():  # never hold more than the limit in memory
-        body += chunk
-        if len(body) > settings.max_upload_bytes:
-            return too_big
-    try:
-        # decoding takes a while for a long file: off the event loop, so that live streams are not held up
-        pcm = await run_in_threadpool(load_audio_bytes, bytes(body), max_seconds=settings.max_session_s)
-    except AudioTooLong as exc:
-        return JSONResponse({"detail": str(exc)}, status_code=413)
-    except AudioFormatError as exc:
-        return JSONResponse({"detail": upload_error_detail(exc)}, status_code=400)
-    messages = []
-    try:
-        async for event in session_events(service.running_engine, pcm, wait_seconds=settings.http_slot_wait_s,
-                                          end_of_turn_threshold=settings.end_of_turn_threshold):
-            if isinstance(event, (Word, WordEnd)):
-                messages.append(wire_dict(event))
-            elif isinstance(event, Error):
-                return JSONResponse({"detail": event.message}, status_code=500)
-    except NoFreeSlot:
-        log.warning("POST %s refused: server full (no slot within %g s)", PATH, settings.http_slot_wait_s)
-        return JSONResponse({"detail": "no free channels"}, status_code=503, headers={"Retry-After": "5"})
-    return messages
+    return [to_wire(event) for event in await transcribe(request, upload)]
+
+
+router.include_router(http_router)
