@@ -28,7 +28,7 @@ import numpy as np
 
 from kyutai_stt.audio.decode import AudioFormatError, OggOpusDecoder, load_audio_bytes
 from kyutai_stt.audio.constants import SAMPLE_RATE
-from kyutai_stt.engine.kyutai.engine import Engine
+from kyutai_stt.engine.contract import Engine
 from kyutai_stt.messages.events import Error, Ready, Step, Text
 from kyutai_stt.stream.session import Session, SessionLimitError
 from kyutai_stt.settings import Settings
@@ -166,7 +166,7 @@ async def transcribe_queue(engine: Engine, q, settings: Settings | None = None, 
         if receiver in done and receiver.exception() is None:
             # All audio is in: the last words come during the flush, at the engine's pace. The bound only
             # guards against a stalled engine; the engine ends or fails every stream it holds.
-            pending = session.buffered_samples / SAMPLE_RATE + engine.flush_frames * 0.08
+            pending = session.buffered_samples / SAMPLE_RATE + engine.info.flush_frames / engine.info.frame_rate
             try:
                 await asyncio.wait_for(asyncio.shield(sender), timeout=timeout + 60 + 4 * pending)
             except asyncio.TimeoutError:

@@ -44,9 +44,9 @@ from kyutai_stt.audio.decode import AudioFormatError, AudioTooLong, OggOpusDecod
 from kyutai_stt.serve.auth import is_authorized
 from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.audio.codecs import ContainerStreamDecoder
-from kyutai_stt.engine.kyutai.engine import NoFreeSlot
+from kyutai_stt.engine.contract import NoFreeSlot
 from kyutai_stt.messages.events import EndOfTurn, Error, Marker, Text, Word, WordEnd
-from kyutai_stt.engine.kyutai.languages import base_language, model_languages
+from kyutai_stt.messages.languages import base_language
 from kyutai_stt.messages.deepgram import (Alternative, CloseStream, Control, Finalize, Metadata, ModelInfo,
     ResultChannel, ResultMetadata, Results, ResultWord, SpeechStarted, StreamError, UtteranceEnd)
 from kyutai_stt.serve.service import get_service
@@ -334,7 +334,7 @@ async def listen_socket(ws: WebSocket) -> None:
     request_id = str(uuid.uuid4())
     engine = get_service(ws).running_engine
     try:
-        options = parse_options(list(ws.query_params.multi_items()), model_languages(engine.model), streaming=True)
+        options = parse_options(list(ws.query_params.multi_items()), engine.info.languages, streaming=True)
         decoder = _decoder(options)
     except DeepgramError as exc:
         if not is_authorized(ws):
@@ -345,7 +345,7 @@ async def listen_socket(ws: WebSocket) -> None:
     session = await open_session(ws, "deepgram")
     if session is None:
         return
-    model = engine.model
+    model = engine.info
     model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, model.name))
     transcript = _Transcript(options, request_id, model.name.rstrip("/").split("/")[-1], model_uuid)
     digest = hashlib.sha256()
@@ -358,7 +358,7 @@ async def listen_socket(ws: WebSocket) -> None:
     def finalize() -> None:
         session.push_pcm(decoder.flush())
         marker = next(markers)
-        finalize_ends[marker] = flush_now(session, model, get_service(ws).settings.flush_seconds, marker, timeline)
+        finalize_ends[marker] = flush_now(session, marker, timeline)
 
     async def receive(session: Session) -> None:
         while True:
@@ -450,7 +450,7 @@ async def listen_file(request: Request):
     params = [(k, v) for k, v in request.query_params.multi_items() if k not in ("interim_results", "vad_events",
                                                                                 "endpointing", "utterance_end_ms")]
     try:
-        options = parse_options(params, model_languages(engine.model), streaming=False)
+        options = parse_options(params, engine.info.languages, streaming=False)
     except DeepgramError as exc:
         return _rest_error(400, str(exc), exc.err_code, request_id)
     if request.headers.get("content-type", "").startswith("application/json"):
@@ -485,7 +485,7 @@ async def listen_file(request: Request):
         return JSONResponse({"err_code": "TOO_MANY_REQUESTS", "err_msg": "all streams are busy, retry later",
                              "request_id": request_id}, status_code=429, headers={"Retry-After": "5"})
     words = [_result_word(w.text, w.start, w.end) for w in pair_words(collected)]
-    model = engine.model
+    model = engine.info
     model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, model.name))
     info = ModelInfo(name=model.name.rstrip("/").split("/")[-1])
     return {

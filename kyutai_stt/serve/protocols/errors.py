@@ -16,7 +16,7 @@ import re
 import tempfile
 
 from kyutai_stt.audio.decode import AudioFormatError
-from kyutai_stt.engine.kyutai.engine import EngineStopped, NoFreeSlot
+from kyutai_stt.engine.contract import EngineStopped, NoFreeSlot
 from kyutai_stt.messages.errors import MessageError, UnknownMessage
 from kyutai_stt.stream.session import SessionLimitError
 

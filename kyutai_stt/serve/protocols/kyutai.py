@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kyutai_stt.audio.decode import AudioFormatError, AudioTooLong, OggOpusDecoder, load_audio_bytes
 from kyutai_stt.serve.auth import is_authorized
-from kyutai_stt.engine.kyutai.engine import NoFreeSlot
+from kyutai_stt.engine.contract import NoFreeSlot
 from kyutai_stt.messages.events import Error, Marker, Ready, Step, Word, WordEnd
 from kyutai_stt.messages import kyutai as wire
 from kyutai_stt.serve.service import get_service

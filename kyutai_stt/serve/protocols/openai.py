@@ -25,13 +25,12 @@ from starlette.concurrency import run_in_threadpool
 from kyutai_stt.audio.decode import AudioFormatError, AudioTooLong, load_audio_bytes
 from kyutai_stt.serve.auth import is_authorized
 from kyutai_stt.audio.constants import SAMPLE_RATE
-from kyutai_stt.engine.kyutai.checkpoint import SttModel
-from kyutai_stt.engine.kyutai.engine import NoFreeSlot
+from kyutai_stt.engine.contract import ModelInfo, NoFreeSlot
 from kyutai_stt.messages.events import Error, Text, Word, WordEnd
 from kyutai_stt.serve.service import get_service
 from kyutai_stt.serve.protocols.errors import upload_error_detail
 from kyutai_stt.stream.formats import cues, to_srt, to_text, to_vtt
-from kyutai_stt.engine.kyutai.languages import NAMES, base_language, model_languages
+from kyutai_stt.messages.languages import NAMES, base_language
 from kyutai_stt.stream.transcribe import session_events
 from kyutai_stt.stream.words import pair_words
 
@@ -46,12 +45,12 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", heade
                         status_code=status, headers=headers)
 
 
-def _check_parameters(model: SttModel, language: str | None, prompt: str | None, temperature: str | None,
+def _check_parameters(model: ModelInfo, language: str | None, prompt: str | None, temperature: str | None,
                       include: list[str] | None, chunking_strategy: str | None) -> JSONResponse | None:
     """OpenAI's optional parameters: honoured (``language``, ``temperature=0``, ``chunking_strategy=auto``) or
     refused with a 400 that says why. None when all is well."""
     if language:
-        supported = model_languages(model)
+        supported = model.languages
         if base_language(language) not in supported or len(language) > 35:
             return _error(400, f"language {language!r} is not supported by the served model, which transcribes "
                           f"{', '.join(supported)} (ISO 639-1)", param="language", code="unsupported_language")
@@ -76,13 +75,13 @@ def _check_parameters(model: SttModel, language: str | None, prompt: str | None,
     return None
 
 
-def _language_name(model: SttModel, language: str | None) -> str:
+def _language_name(model: ModelInfo, language: str | None) -> str:
     """verbose_json's ``language``, as OpenAI writes it ("english", "french"): the one asked for, else the model's
     only language; a multilingual model without a ``language`` says "unknown" (it detects none)."""
     if language:
         code = base_language(language)
         return NAMES.get(code, code)
-    supported = model_languages(model)
+    supported = model.languages
     return NAMES.get(supported[0], supported[0]) if len(supported) == 1 else "unknown"
 
 
@@ -125,7 +124,7 @@ async def transcriptions(
     if any(key.startswith("chunking_strategy[") for key in await request.form()):
         chunking_strategy = "server_vad"  # the SDK sends an object as chunking_strategy[type]=...: not "auto"
     service = get_service(request)
-    if bad := _check_parameters(service.running_engine.model, language, prompt, temperature, include,
+    if bad := _check_parameters(service.running_engine.info, language, prompt, temperature, include,
                                 chunking_strategy):
         return bad
     settings = service.settings
@@ -185,7 +184,7 @@ async def transcriptions(
         return PlainTextResponse(to_vtt(words, duration), media_type="text/vtt")
     body = {
         "task": "transcribe",
-        "language": _language_name(service.running_engine.model, language),
+        "language": _language_name(service.running_engine.info, language),
         "duration": round(duration, 3),
         "text": text,
         "segments": [

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from kyutai_stt.audio.decode import StreamResampler
 from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.messages.events import EndOfTurn, Error, Marker, Text, Word
-from kyutai_stt.engine.kyutai.languages import base_language, model_languages
+from kyutai_stt.messages.languages import base_language
 from kyutai_stt.messages.openai_realtime import Append, Clear, ClientEvent, Commit, SessionUpdate
 from kyutai_stt.serve.service import get_service
 from kyutai_stt.stream.session import Session, SessionLimitError
@@ -145,8 +145,7 @@ async def realtime_socket(ws: WebSocket) -> None:
     events = itertools.count(1)
     items = itertools.count(1)
     markers = itertools.count(1)
-    model = get_service(ws).running_engine.model
-    config = _Config(model_languages(model))
+    config = _Config(get_service(ws).running_engine.info.languages)
     session_id = "sess_" + uuid.uuid4().hex[:20]
     timeline = Timeline()
     state: dict[str, Any] = {"item": None, "previous": None, "words": [], "drop": False, "delta_sent": False}
@@ -219,13 +218,13 @@ async def realtime_socket(ws: WebSocket) -> None:
                     session.push_pcm(decoder.flush())
                     marker = next(markers)
                     pending_markers[marker] = "commit"
-                    flush_now(session, model, get_service(ws).settings.flush_seconds, marker, timeline)
+                    flush_now(session, marker, timeline)
                 elif isinstance(event, Clear):
                     session.push_pcm(decoder.flush())
                     marker = next(markers)
                     pending_markers[marker] = "clear"
                     state["drop"] = True
-                    flush_now(session, model, get_service(ws).settings.flush_seconds, marker, timeline)
+                    flush_now(session, marker, timeline)
             except RealtimeError as exc:
                 await error(str(exc), exc.param, exc.code, event.event_id)
             except SessionLimitError as exc:
