@@ -43,8 +43,17 @@ def piece_bytes(piece: str) -> bytes:
     return piece.replace("▁", " ").encode()
 
 
+def _one_replacement_per_byte(error: UnicodeDecodeError) -> tuple[str, int]:
+    """sentencepiece's rule for bytes that are not UTF-8: one U+FFFD per byte (Python's "replace" gives one per
+    maximal invalid sequence)."""
+    return "\ufffd" * (error.end - error.start), error.end
+
+
+codecs.register_error("sentencepiece", _one_replacement_per_byte)
+
+
 def _utf8_decoder():
-    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return codecs.getincrementaldecoder("utf-8")(errors="sentencepiece")
 
 
 @dataclass
@@ -99,7 +108,7 @@ class WordAssembler:
     def _complete(self) -> list[Word]:
         if not self._bytes:
             return []
-        text = self._bytes.decode("utf-8", errors="replace").strip()
+        text = self._bytes.decode("utf-8", errors="sentencepiece").strip()
         start = self._start if self._start is not None else 0.0
         self._bytes = bytearray()
         self._text = _utf8_decoder()
