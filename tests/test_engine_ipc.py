@@ -13,6 +13,7 @@ import pytest
 from kyutai_stt.audio.constants import FRAME_SIZE
 from kyutai_stt.engine.kyutai.checkpoint import load_model
 from kyutai_stt.engine.kyutai.engine import Engine, NoFreeSlot, StepOutput, StreamClosed, StreamEnd
+from kyutai_stt.engine import contract
 from kyutai_stt.engine.ipc import EngineClient, EngineServer, Endpoints, tell_engine_worker_gone
 
 from .conftest import FLUSH_SECONDS
@@ -49,6 +50,7 @@ def test_tokens_exact_through_the_client(served, reference, sounds):
     assert client.batch_size == 2 and client.info.delay_frames == engine.model.delay_frames
     assert client.info.piece(5) == engine.model.tokenizer.id_to_piece(5)
     assert client.info == engine.info  # the whole model description crosses the handshake
+    assert isinstance(engine, contract.Engine) and isinstance(client, contract.Engine)
     pcm = sounds(1.5, 3)
     events, done, sink = collect()
     handle = client.open(sink)

@@ -1,4 +1,5 @@
-"""The batched engine: one Mimi and one LMGen serve every stream, one batched step at a time.
+"""The batched Kyutai engine (``engine.contract.Engine``): one Mimi and one LMGen serve every stream, one batched
+step at a time.
 
 The engine knows nothing of sockets or asyncio. A stream takes a slot (``open``), feeds it 24 kHz float PCM of any
 length (``push``), and ends it (``close``, which flushes) or drops it (``abort``). A dedicated worker thread runs
@@ -41,6 +42,7 @@ from moshi.modules.streaming import StreamingModule
 
 from kyutai_stt.audio.constants import FRAME_RATE, FRAME_SIZE
 from kyutai_stt.engine import batch_invariant
+# the contract's events and errors, also importable from here (the engine raises and delivers them)
 from kyutai_stt.engine.contract import (EngineEvent, EngineStats, EngineStopped, NoFreeSlot, Sink, StepListener,
     StepOutput, StepTiming, StreamClosed, StreamEnd, StreamFailed, StreamHandle, call_sink)
 from kyutai_stt.engine.kyutai.attention_cache import fit_encoder_attention

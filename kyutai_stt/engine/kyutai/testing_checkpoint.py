@@ -114,9 +114,7 @@ def synthetic_sounds(seconds: float, seed: int) -> np.ndarray:
     return np.concatenate(out)[:total].astype(np.float32)
 
 
-def _train_tokenizer(vocab_size: int, seed: int, byte_fallback: bool = False) -> bytes:
-    """A BPE sentencepiece model on made-up words. ``byte_fallback``: ids 4-259 are the byte pieces ``<0x00>``...
-    ``<0xFF>`` (as in Kyutai's real tokenizers), so a random LM emits bytes often (tests of the words path)."""
+def _train_tokenizer(vocab_size: int, seed: int) -> bytes:
     rng = random.Random(seed)
     consonants = "b c d f g h j k l m n p r s t v w z ch sh th st tr pl br".split()
     vowels = "a e i o u ai ea ou ie oo".split()
@@ -130,7 +128,7 @@ def _train_tokenizer(vocab_size: int, seed: int, byte_fallback: bool = False) ->
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, byte_fallback=byte_fallback, minloglevel=2,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2,
     )
     return model.getvalue()
 
