@@ -9,7 +9,7 @@ for models with VAD heads, the probability of a pause per head. ``ModelInfo`` sa
 Two things implement ``Engine`` (the Protocol): the batched Kyutai engine in this process
 (``engine.kyutai.engine.Engine``) and ``engine.ipc.EngineClient``, the same engine served from another process;
 ``ModelInfo`` and the events cross that boundary as they are (msgspec structs). ``engine.startup.start_engine``
-builds, warms up and starts one from ``Settings``; nothing else constructs an engine.
+builds, warms up and starts one from ``Settings``; nothing else in the package constructs one.
 
 A second model family (another streaming model, a later Kyutai model) is a new ``engine/<family>/`` package that
 loads its model, implements ``Engine`` (steps, events) and describes itself with a ``ModelInfo``, plus one branch in

@@ -1,8 +1,8 @@
 """One start-up: the engine built, warmed up and started from ``Settings``, the same way everywhere.
 
-The server, the engine process of ``serve --workers``, the Modal app, ``kyutai-stt transcribe``, the in-process
-API (``stream.local.SpeechToText``) and ``stream.transcribe`` all call ``start_engine``, so they share one set of
-defaults (``Settings``). A second model family is chosen here (by the checkpoint it is given), and nowhere else.
+The server, the engine process of ``serve --workers``, the Modal app, ``kyutai-stt transcribe`` (whose sessions
+``stream.transcribe`` runs) and the in-process API (``stream.local.SpeechToText``) all call ``start_engine``, so they
+share one set of defaults (``Settings``). A second model family is chosen here (by the checkpoint it is given), and nowhere else.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ def device_type(device: str) -> str:
 def load(settings: Settings, device: str | None = None):
     """The model named by ``settings`` (weights on ``device``, default ``settings.device``), not yet served.
 
-    Raises ``CheckpointError`` (a message for the user) when it cannot be found or loaded."""
+    Raises ``ModelLoadError`` (a message for the user) when it cannot be found or loaded."""
     from kyutai_stt.engine.kyutai.checkpoint import load_model
 
     return load_model(settings.model, device or settings.device, settings.dtype)
 
 
-def start_engine(settings: Settings, model=None, *, slots: int | None = None, warmup: bool = True) -> Engine:
+def start_engine(settings: Settings, model=None, *, slots: int | None = None) -> Engine:
     """Build the engine for ``settings`` (over ``model`` when it is already loaded), warm it up and start it.
 
     ``slots``: override ``settings.slots`` (a CLI run sized to its files). The caller stops the engine."""
@@ -43,8 +43,7 @@ def start_engine(settings: Settings, model=None, *, slots: int | None = None, wa
     frames = settings.frames_per_step or default_frames_per_step(model.device)
     engine = KyutaiEngine(model, slots or settings.slots, flush_seconds=settings.flush_seconds,
                           frames_per_step=frames)
-    if warmup:
-        engine.warmup()
+    engine.warmup()  # before any stream: the first steps compile (CUDA graphs) and allocate
     engine.start()
     info = engine.info
     if info.random_weights:
