@@ -109,3 +109,14 @@ def test_admission_by_the_engine_and_a_gone_worker_frees_its_slots(served):
     client._streams[(handles[0].slot, handles[0].stream_id)].sink = sink
     client.push(handles[0], np.zeros(FRAME_SIZE, np.float32))
     assert done.wait(10) and events[-1].reason == "the stream was dropped"
+
+
+def test_the_contract_and_the_wire_need_no_torch():
+    """A worker reads the model from its ModelInfo: the contract, the IPC and the words path import no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kyutai_stt.engine.contract, kyutai_stt.engine.ipc, kyutai_stt.stream.words; "
+            "print(sorted(m for m in ('torch', 'moshi', 'sentencepiece') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
