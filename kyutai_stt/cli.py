@@ -57,7 +57,8 @@ def serve(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs."),
 ) -> None:
     """Run the server: WebSocket streaming, HTTP transcription, browser page."""
-    from kyutai_stt.engine.kyutai.checkpoint import CheckpointError, load_model
+    from kyutai_stt.engine.contract import ModelLoadError
+    from kyutai_stt.engine.startup import load
     from kyutai_stt.serve.server import serve as run_server
 
     settings = _settings(host=host, port=port, model=model, device=device, dtype=dtype, slots=slots,
@@ -70,8 +71,8 @@ def serve(
         raise typer.Exit(serve_workers(settings, settings.workers or default_workers(settings.device), verbose))
     try:
         with err.status(f"loading {settings.model} (a first run downloads it; ~2 GB for the default model)"):
-            stt = load_model(settings.model, settings.device, settings.dtype)
-    except CheckpointError as exc:
+            stt = load(settings)
+    except ModelLoadError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2)
     err.print(f"loaded {settings.model}; warming up the engine ({settings.slots} slots on {stt.device})...",
@@ -128,7 +129,7 @@ def transcribe(
     """Transcribe files, printing words with timestamps as they are recognised."""
     from kyutai_stt.audio.decode import AudioFormatError, load_audio_file
     from kyutai_stt.audio.constants import SAMPLE_RATE
-    from kyutai_stt.engine.kyutai.checkpoint import CheckpointError
+    from kyutai_stt.engine.contract import ModelLoadError
     from kyutai_stt.messages.events import Step, Word, WordEnd
     from kyutai_stt.stream.formats import render
     from kyutai_stt.stream.words import pair_words
@@ -188,17 +189,16 @@ def transcribe(
         await run_many([(a, source) for a in audios], on_event)
 
     async def run_local() -> None:
-        from kyutai_stt.engine.kyutai.checkpoint import load_model
-        from kyutai_stt.engine.kyutai.engine import Engine
+        from kyutai_stt.engine.startup import load, start_engine
         from kyutai_stt.stream.transcribe import run_many, session_events
 
         settings = _settings(model=model, device=device, dtype=dtype)
         progress.console.print(f"loading {settings.model}...", highlight=False)
-        stt = await asyncio.to_thread(load_model, settings.model, settings.device, settings.dtype)
+        stt = await asyncio.to_thread(load, settings)
         if stt.random_weights:
             progress.console.print(f"[yellow]warning:[/yellow] {settings.model} has RANDOM WEIGHTS (made by "
                                    "make-checkpoint): the text below is meaningless", highlight=False)
-        engine = Engine.from_settings(stt, settings, slots=min(len(audios), 64)).start()
+        engine = await asyncio.to_thread(start_engine, settings, stt, slots=min(len(audios), 64))
         try:
             source = partial(session_events, engine, realtime=realtime,
                              end_of_turn_threshold=settings.end_of_turn_threshold)
@@ -225,7 +225,7 @@ def transcribe(
             asyncio.run(run())
     except KeyboardInterrupt:
         err.print("stopped")
-    except CheckpointError as exc:
+    except ModelLoadError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
     except (OSError, RuntimeError) as exc:

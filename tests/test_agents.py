@@ -283,7 +283,7 @@ async def test_deepgram_mulaw_8k_and_utterance_end(keyed, reference, sounds):
 
     from kyutai_stt.audio.resample import StreamResampler
     from kyutai_stt.audio.codecs import g711_decode
-    from kyutai_stt.stream.session import END_OF_TURN_HEAD
+    from kyutai_stt.engine.kyutai.info import END_OF_TURN_HEAD
 
     source = sounds(2.4, 77)
     narrow = StreamResampler(24000, 8000)

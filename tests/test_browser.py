@@ -25,7 +25,7 @@ from kyutai_stt.stream import formats
 from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.engine.kyutai.checkpoint import load_model
 from kyutai_stt.messages.events import Word
-from kyutai_stt.stream.session import END_OF_TURN_HEAD
+from kyutai_stt.engine.kyutai.info import END_OF_TURN_HEAD
 from kyutai_stt.settings import Settings
 from kyutai_stt.serve.ui import STATIC_DIR
 from kyutai_stt.stream.words import WordAssembler, pair_words

@@ -7,15 +7,14 @@ from __future__ import annotations
 import threading
 import time
 
-import msgpack
 import numpy as np
 import pytest
-import zmq
 
 from kyutai_stt.audio.constants import FRAME_SIZE
 from kyutai_stt.engine.kyutai.checkpoint import load_model
 from kyutai_stt.engine.kyutai.engine import Engine, NoFreeSlot, StepOutput, StreamClosed, StreamEnd
-from kyutai_stt.engine.ipc import LAUNCHER_ID, EngineClient, EngineServer, Endpoints
+from kyutai_stt.engine import contract
+from kyutai_stt.engine.ipc import EngineClient, EngineServer, Endpoints, tell_engine_worker_gone
 
 from .conftest import FLUSH_SECONDS
 
@@ -48,8 +47,10 @@ def collect():
 
 def test_tokens_exact_through_the_client(served, reference, sounds):
     engine, _, client = served
-    assert client.batch_size == 2 and client.model.delay_frames == engine.model.delay_frames
-    assert client.model.tokenizer.id_to_piece(5) == engine.model.tokenizer.id_to_piece(5)
+    assert client.batch_size == 2 and client.info.delay_frames == engine.model.delay_frames
+    assert client.info.piece(5) == engine.model.tokenizer.id_to_piece(5)
+    assert client.info == engine.info  # the whole model description crosses the handshake
+    assert isinstance(engine, contract.Engine) and isinstance(client, contract.Engine)
     pcm = sounds(1.5, 3)
     events, done, sink = collect()
     handle = client.open(sink)
@@ -98,10 +99,7 @@ def test_admission_by_the_engine_and_a_gone_worker_frees_its_slots(served):
             time.sleep(0.02)
     client.push(handles[0], np.zeros(FRAME_SIZE, np.float32))
     assert client.stats().slots_in_use == 2
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.connect(endpoints.requests)
-    push.send(msgpack.packb([LAUNCHER_ID, ["gone", client.worker_id]]))  # what the launcher says when it died
-    push.close(linger=1000)
+    tell_engine_worker_gone(endpoints, client.worker_id)  # what the launcher says when it died
     deadline = time.monotonic() + 5
     while engine.stats().slots_in_use:
         assert time.monotonic() < deadline, "the gone worker's slots were not freed"
@@ -111,3 +109,14 @@ def test_admission_by_the_engine_and_a_gone_worker_frees_its_slots(served):
     client._streams[(handles[0].slot, handles[0].stream_id)].sink = sink
     client.push(handles[0], np.zeros(FRAME_SIZE, np.float32))
     assert done.wait(10) and events[-1].reason == "the stream was dropped"
+
+
+def test_the_contract_and_the_wire_need_no_torch():
+    """A worker reads the model from its ModelInfo: the contract, the IPC and the words path import no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kyutai_stt.engine.contract, kyutai_stt.engine.ipc, kyutai_stt.stream.words; "
+            "print(sorted(m for m in ('torch', 'moshi', 'sentencepiece') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -37,6 +37,7 @@ def test_every_mid_stream_flush_is_taken_out_of_client_times():
 
     class FakeSession:
         samples_received = 0
+        engine = SimpleNamespace(info=SimpleNamespace(delay_frames=2, flush_frames=2 + 3))  # 0.24 s of flush: 3 frames
 
         def push_pcm(self, pcm):
             self.samples_received += len(pcm)
@@ -44,12 +45,12 @@ def test_every_mid_stream_flush_is_taken_out_of_client_times():
         def push_marker(self, marker_id):
             pass
 
-    session, timeline, model = FakeSession(), Timeline(), SimpleNamespace(delay_frames=2)
+    session, timeline = FakeSession(), Timeline()
     session.push_pcm(np.zeros(FRAME_SIZE * 25))  # 2 s of client audio
-    assert flush_now(session, model, 0.24, 1, timeline) == 2.0
+    assert flush_now(session, 1, timeline) == 2.0
     first = session.samples_received / 24000 - 2.0  # the first flush's silence
     session.push_pcm(np.zeros(FRAME_SIZE * 25))  # 2 s more
-    assert flush_now(session, model, 0.24, 2, timeline) == pytest.approx(4.0)
+    assert flush_now(session, 2, timeline) == pytest.approx(4.0)
     second = session.samples_received / 24000 - 4.0 - first
     assert timeline.client_time(1.0) == 1.0
     assert timeline.client_time(2.0 + first / 2) == pytest.approx(2.0)  # inside the first silence

@@ -123,3 +123,16 @@ def test_nothing_is_timed_after_the_end_of_the_audio():
     words = pair_words(events)
     assert [(w.text, w.start, w.end) for w in words] == [("hello", 0.0, 0.3), ("world", 0.3, 0.3)]
     assert all(e.time <= 0.3 for e in events if isinstance(e, Text))
+
+
+def test_byte_fallback_pieces_decode_as_the_tokenizer_does():
+    """A byte-fallback piece is one byte, and a character's bytes may span pieces (never the literal "<0xC3>")."""
+    pieces = {10: "▁caf", 11: "<0xC3>", 12: "<0xA9>", 13: "▁a", 14: "<0xAA>", 15: "<0xE2>", 16: "<0x82>", 17: "b"}
+    assembler = WordAssembler(pieces.__getitem__, 0)
+    events = []
+    for frame, token in enumerate([0, 10, 11, 12, 0, 13, 14, 15, 16, 17, 3]):
+        events += assembler.feed(frame, token)
+    assert [e.text for e in events if isinstance(e, Word)] == ["café", "a\ufffd\ufffd\ufffdb"]
+    # Text events carry whole characters: the first byte of "é" waits for the second
+    assert [e.text for e in events if isinstance(e, Text)][:2] == [" caf", "é"]
+    assert "".join(e.text for e in events if isinstance(e, Text)) == " café a\ufffd\ufffd\ufffdb"

@@ -263,28 +263,22 @@ class STT:
     @modal.enter(snap=SNAPSHOT)
     def load(self) -> None:
         """Before the snapshot: download (into the Volume) and load the weights on CPU."""
-        from kyutai_stt.engine.kyutai.checkpoint import load_model
+        from kyutai_stt.engine.startup import load
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         settings = Settings()
         self.engine = None
         start = time.perf_counter()
-        self.model = load_model(settings.model, "cpu", planned_dtype(settings))
+        self.model = load(settings.model_copy(update={"dtype": planned_dtype(settings)}), device="cpu")
         log.info("loaded %s on CPU in %.1f s", settings.model, time.perf_counter() - start)
 
     @modal.enter(snap=False)
     def start(self) -> None:
         """After the snapshot: move to the GPU, build the batched engine, warm it up (CUDA graphs), start it."""
-        from kyutai_stt.engine.kyutai.engine import Engine
+        from kyutai_stt.engine.startup import start_engine
 
         self.settings = Settings()  # read after the snapshot: the Secret's API keys may have changed since
-        start = time.perf_counter()
-        move_model(self.model, self.settings.device)
-        engine = Engine.from_settings(self.model, self.settings)
-        engine.warmup()
-        self.engine = engine.start()
-        log.info("engine ready on %s (%s), %d slots, in %.1f s", self.model.device,
-                 str(self.model.dtype).removeprefix("torch."), self.settings.slots, time.perf_counter() - start)
+        self.engine = start_engine(self.settings, move_model(self.model, self.settings.device))
 
     @modal.exit()
     def stop(self) -> None:
@@ -301,7 +295,7 @@ class STT:
         """The same FastAPI app as ``kyutai-stt serve``, over this container's engine."""
         from kyutai_stt.serve.server import create_app
 
-        return create_app(self.settings, self.model, engine=self.engine)
+        return create_app(self.settings, engine=self.engine)
 
     @modal.method()
     async def transcribe_queue(self, q: modal.Queue, events: bool = False) -> str:

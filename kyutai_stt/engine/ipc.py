@@ -1,22 +1,19 @@
 """The engine across processes: one engine process owns the model and the device; front-end worker processes
-reach it through ``EngineClient``, which has the ``Engine``'s own stream interface, so ``Session`` and every
+reach it through ``EngineClient``, which implements the same ``engine.contract.Engine``, so ``Session`` and every
 protocol adapter run unchanged in a worker.
 
-Transport: ZeroMQ (pyzmq) over ``ipc://`` sockets, messages packed with msgpack (the split vLLM uses between its
+Transport: ZeroMQ (pyzmq) over ``ipc://`` sockets, messages packed with msgpack (msgspec; the split vLLM uses between its
 API servers and its EngineCore). Each worker has one PUSH socket to the engine's PULL socket (requests, audio) and
 one DEALER socket, whose routing id names the worker, fed by the engine's ROUTER socket (replies, events). Both
 ends batch: everything a process queued since its I/O thread last woke goes out as one message, so a step's events
 for a worker are one message, and a worker's pushes between two wakes are one message.
 
-Wire messages are msgpack lists. Worker -> engine: ``[worker_id, command, ...]`` with commands
-``["hello"]``, ``["open", request]``, ``["push", slot, stream, pcm_f32le]``, ``["close", slot, stream]``,
-``["abort", slot, stream]``, ``["stats", request]``, ``["beat"]``, ``["bye"]``; the launcher sends
-``["gone", worker_id]`` when a worker process died. Engine -> worker: a list of items ``["info", {...}]``,
-``["opened", request, slot, stream]``, ``["refused", request, kind, message]``, ``["stats", request, {...}]``,
-``["events", slot, stream, samples_received, [event, ...]]``, ``["steps", [[frames, seconds], ...]]`` (the timing of
-every engine step since the last message, sent to every worker, whose step listeners, e.g. the real-time monitor,
-get them), ``["beat"]``. Events: ``[0, frame, token, pauses,
-buffered_samples]`` (StepOutput), ``[1, frames]`` (StreamEnd), ``[2, reason]`` (StreamFailed).
+Wire messages are msgspec structs, tagged by their class name, with one encoder and one decoder per direction
+(``WorkerBatch`` in, ``EngineBatch`` out): worker -> engine ``Hello``, ``Open``, ``Push`` (float32 PCM bytes),
+``Close``, ``Abort``, ``StatsRequest``, ``Beat``, ``Bye``, and the launcher's ``Gone`` when a worker process died;
+engine -> worker ``Info`` (the engine's ``ModelInfo`` and slots), ``Opened``, ``Refused``, ``Stats``, ``Events``
+(the stream's ``EngineEvent``s, the same structs the engine delivers), ``Steps`` (the timing of every engine step since
+the last message, sent to every worker, whose step listeners, e.g. the real-time monitor, get them), ``Beat``.
 
 Admission is global and exact: only the engine process allocates slots (``Engine.open`` under its lock).
 Liveness: the engine sends a beat to every worker every ``BEAT_SECONDS``; a worker that hears nothing for
@@ -34,16 +31,16 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
-import msgpack
+import msgspec
 import numpy as np
 import zmq
 
-from kyutai_stt.serve.metrics import name_os_thread
-from kyutai_stt.engine.kyutai.engine import (Engine, EngineEvent, EngineStats, EngineStopped, NoFreeSlot, StepOutput,
-    StreamClosed, StreamEnd, StreamFailed, StreamHandle)
+from kyutai_stt.engine.contract import (Engine, EngineEvent, EngineStats, EngineStopped, ModelInfo, NoFreeSlot,
+    StepListener, StepOutput, StepTiming, StreamClosed, StreamHandle, StreamFailed, call_sink)
+from kyutai_stt.engine.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -99,28 +96,107 @@ class _Waker:
                 pass
 
 
-def _pack_events(events: list[EngineEvent]) -> list:
-    out = []
-    for e in events:
-        if isinstance(e, StepOutput):
-            out.append([0, e.frame, e.token, list(e.pauses) if e.pauses is not None else None, e.buffered_samples])
-        elif isinstance(e, StreamEnd):
-            out.append([1, e.frames])
-        else:
-            out.append([2, e.reason])
-    return out
+# ---------------------------------------------------------------------------------------------- worker -> engine
+class Hello(msgspec.Struct, tag=True):
+    """A worker introduces itself (repeated until the engine answers with ``Info``)."""
 
 
-def _unpack_events(items: list) -> list[EngineEvent]:
-    out: list[EngineEvent] = []
-    for item in items:
-        if item[0] == 0:
-            out.append(StepOutput(item[1], item[2], tuple(item[3]) if item[3] is not None else None, item[4]))
-        elif item[0] == 1:
-            out.append(StreamEnd(item[1]))
-        else:
-            out.append(StreamFailed(item[1]))
-    return out
+class Open(msgspec.Struct, tag=True):
+    request: int
+
+
+class Push(msgspec.Struct, tag=True):
+    slot: int
+    stream: int
+    pcm: bytes  # float32, native order
+
+
+class Close(msgspec.Struct, tag=True):
+    slot: int
+    stream: int
+
+
+class Abort(msgspec.Struct, tag=True):
+    slot: int
+    stream: int
+
+
+class StatsRequest(msgspec.Struct, tag=True):
+    request: int
+
+
+class Beat(msgspec.Struct, tag=True):
+    """Both ways: "still here"."""
+
+
+class Bye(msgspec.Struct, tag=True):
+    """The worker stops: free its streams."""
+
+
+class Gone(msgspec.Struct, tag=True):
+    """From the launcher: this worker's process died."""
+
+    worker: str
+
+
+Command = Hello | Open | Push | Close | Abort | StatsRequest | Beat | Bye | Gone
+
+
+class WorkerBatch(msgspec.Struct):
+    """Everything one worker (or the launcher) queued since its I/O thread last woke: one zmq message."""
+
+    worker: str
+    commands: list[Command]
+
+
+# ---------------------------------------------------------------------------------------------- engine -> worker
+class Info(msgspec.Struct, tag=True):
+    info: ModelInfo
+    batch_size: int
+
+
+class Opened(msgspec.Struct, tag=True):
+    request: int
+    slot: int
+    stream: int
+
+
+class Refused(msgspec.Struct, tag=True):
+    request: int
+    full: bool  # every slot is in use (else the engine is stopped)
+    message: str
+
+
+class Stats(msgspec.Struct, tag=True):
+    request: int
+    stats: EngineStats
+
+
+class Events(msgspec.Struct, tag=True):
+    slot: int
+    stream: int
+    received: int  # samples of this stream the engine process had received when it sent these
+    events: list[EngineEvent]
+
+
+class Steps(msgspec.Struct, tag=True):
+    steps: list[tuple[int, float]]  # (frames, seconds) per engine step
+
+
+Item = Info | Opened | Refused | Stats | Events | Steps | Beat
+EngineBatch = list[Item]  # everything for one worker since the engine's I/O loop last sent: one zmq message
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_commands = msgspec.msgpack.Decoder(WorkerBatch).decode
+_decode_items = msgspec.msgpack.Decoder(EngineBatch).decode
+
+
+def tell_engine_worker_gone(endpoints: "Endpoints", worker: str) -> None:
+    """The launcher: a worker process died, free its slots now."""
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(endpoints.requests)
+    push.send(_encode(WorkerBatch(LAUNCHER_ID, [Gone(worker)])))
+    push.close(linger=2000)
 
 
 # ====================================================================================== engine process side
@@ -152,14 +228,7 @@ class EngineServer:
         self._routes: dict[tuple[int, int], _Route] = {}
         self._workers: dict[str, float] = {}  # worker id -> last time heard
         self._stopping = threading.Event()
-        model = engine.model
-        self._info = {
-            "name": model.name, "batch_size": engine.batch_size, "frames_per_step": engine.frames_per_step,
-            "flush_frames": engine.flush_frames, "delay_frames": model.delay_frames,
-            "prefix_frames": model.prefix_frames, "random_weights": model.random_weights,
-            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
-            "tokenizer": model.tokenizer.serialized_model_proto(),
-        }
+        self._info = Info(engine.info, engine.batch_size)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -190,7 +259,7 @@ class EngineServer:
                             message = self._pull.recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._handle(msgpack.unpackb(message))
+                        self._handle(_decode_commands(message))
                 if self._waker.read_fd in ready:
                     self._waker.clear()
                 self._send_events()
@@ -204,8 +273,8 @@ class EngineServer:
             self._ctx.term()
             self._waker.close()
 
-    def _reply(self, worker: str, items: list) -> None:
-        self._router.send_multipart([worker.encode(), msgpack.packb(items)])
+    def _reply(self, worker: str, items: EngineBatch) -> None:
+        self._router.send_multipart([worker.encode(), _encode(items)])
 
     def _beat(self, now: float) -> None:
         for worker, heard in list(self._workers.items()):
@@ -213,7 +282,7 @@ class EngineServer:
                 log.warning("worker %s silent for %.1f s: dropping its streams", worker, now - heard)
                 self._drop_worker(worker)
             else:
-                self._reply(worker, [["beat"]])
+                self._reply(worker, [Beat()])
 
     def _drop_worker(self, worker: str) -> None:
         self._workers.pop(worker, None)
@@ -222,66 +291,67 @@ class EngineServer:
                 self.engine.abort(route.handle)
                 del self._routes[key]
 
-    def _handle(self, message: list) -> None:
-        worker, commands = message[0], message[1:]
+    def _handle(self, batch: WorkerBatch) -> None:
+        worker = batch.worker
         if worker == LAUNCHER_ID:
-            for command in commands:
-                if command[0] == "gone":
-                    log.warning("worker %s exited: freeing its %d slot(s)", command[1],
-                                sum(r.worker == command[1] for r in self._routes.values()))
-                    self._drop_worker(command[1])
+            for command in batch.commands:
+                if isinstance(command, Gone):
+                    log.warning("worker %s exited: freeing its %d slot(s)", command.worker,
+                                sum(r.worker == command.worker for r in self._routes.values()))
+                    self._drop_worker(command.worker)
             return
-        replies, unknown = [], set()
+        replies: EngineBatch = []
+        unknown: set[tuple[int, int]] = set()
         self._workers[worker] = time.monotonic()
-        for command in commands:
-            kind = command[0]
-            if kind == "push":
-                route = self._routes.get((command[1], command[2]))
+        for command in batch.commands:
+            if isinstance(command, Push):
+                key = (command.slot, command.stream)
+                route = self._routes.get(key)
                 if route is not None:
-                    pcm = np.frombuffer(command[3], np.float32)
+                    pcm = np.frombuffer(command.pcm, np.float32)
                     route.received += pcm.size
                     try:
                         self.engine.push(route.handle, pcm)
                     except StreamClosed:
                         pass  # the stream failed or ended; its last events are on their way
-                elif (command[1], command[2]) not in unknown:
+                elif key not in unknown:
                     # dropped here (its worker was silent too long, or it failed): say so, or it waits forever
-                    unknown.add((command[1], command[2]))
-                    replies.append(["events", command[1], command[2], 0, [[2, "the stream was dropped"]]])
-            elif kind == "open":
-                replies.append(self._open(worker, command[1]))
-            elif kind == "close":
-                route = self._routes.get((command[1], command[2]))
+                    unknown.add(key)
+                    replies.append(Events(command.slot, command.stream, 0, [StreamFailed("the stream was dropped")]))
+            elif isinstance(command, Open):
+                replies.append(self._open(worker, command.request))
+            elif isinstance(command, Close):
+                route = self._routes.get((command.slot, command.stream))
                 if route is not None:
                     self.engine.close(route.handle)
-            elif kind == "abort":
-                route = self._routes.pop((command[1], command[2]), None)
+            elif isinstance(command, Abort):
+                route = self._routes.pop((command.slot, command.stream), None)
                 if route is not None:
                     self.engine.abort(route.handle)
-            elif kind == "stats":
-                replies.append(["stats", command[1], asdict(self.engine.stats())])
-            elif kind == "hello":
-                replies.append(["info", self._info])
-            elif kind == "bye":
+            elif isinstance(command, StatsRequest):
+                replies.append(Stats(command.request, self.engine.stats()))
+            elif isinstance(command, Hello):
+                replies.append(self._info)
+            elif isinstance(command, Bye):
                 self._drop_worker(worker)
         if replies:
             self._reply(worker, replies)
 
-    def _open(self, worker: str, request: int) -> list:
+    def _open(self, worker: str, request: int) -> Opened | Refused:
         route = _Route(worker)
         try:
             handle = self.engine.open(self._sink_for(route))
         except NoFreeSlot as exc:
-            return ["refused", request, "full", str(exc)]
+            return Refused(request, True, str(exc))
         except EngineStopped as exc:
-            return ["refused", request, "stopped", str(exc)]
+            return Refused(request, False, str(exc))
         route.handle = handle
         self._routes[(handle.slot, handle.stream_id)] = route
-        return ["opened", request, handle.slot, handle.stream_id]
+        return Opened(request, handle.slot, handle.stream_id)
 
     def _send_events(self) -> None:
         """Everything the engine delivered since the last call: one message per worker."""
-        by_worker: dict[str, list] = {}
+        by_worker: dict[str, EngineBatch] = {}
         while self._outbox:
             route, events = self._outbox.popleft()
             handle = route.handle
@@ -291,38 +361,21 @@ class EngineServer:
             if any(not isinstance(e, StepOutput) for e in events):
                 self._routes.pop(key, None)  # ended or failed: the engine freed the slot
             by_worker.setdefault(route.worker, []).append(
-                ["events", handle.slot, handle.stream_id, route.received, _pack_events(events)])
+                Events(handle.slot, handle.stream_id, route.received, events))
         # After the events: the engine calls step listeners before it delivers, so the timings of every step whose
         # events were just taken are queued by now, and go first (a worker's monitor sees the step before its end).
         steps = []
         while self._steps:
-            steps.append(list(self._steps.popleft()))
+            steps.append(self._steps.popleft())
         if steps:  # every worker: a worker with no stream still answers /status for the whole server
             for worker in self._workers:
-                by_worker.setdefault(worker, []).insert(0, ["steps", steps])
+                by_worker.setdefault(worker, []).insert(0, Steps(steps))
         for worker, items in by_worker.items():
             if worker in self._workers:
                 self._reply(worker, items)
 
 
 # ====================================================================================== worker process side
-class RemoteModel:
-    """What a worker needs of the model: the tokenizer (loaded alone, from the engine's copy) and its timing
-    constants and description. The weights stay in the engine process."""
-
-    def __init__(self, info: dict):
-        import sentencepiece
-        import torch
-
-        self.name = info["name"]
-        self.tokenizer = sentencepiece.SentencePieceProcessor(model_proto=info["tokenizer"])
-        self.delay_frames: int = info["delay_frames"]
-        self.prefix_frames: int = info["prefix_frames"]
-        self.random_weights: bool = info["random_weights"]
-        self.device = torch.device(info["device"])
-        self.dtype = getattr(torch, info["dtype"])
-
-
 @dataclass(eq=False)
 class _Stream:
     sink: Callable[[list[EngineEvent]], None]
@@ -335,19 +388,22 @@ class _Stream:
 @dataclass(eq=False)
 class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
-    reply: list | None = None
+    reply: Item | None = None
     sink: Callable[[list[EngineEvent]], None] | None = None
 
 
 class EngineClient:
-    """The ``Engine`` stream interface, served by an engine in another process.
+    """``engine.contract.Engine``, served by an engine in another process.
 
     ``open`` and ``stats`` wait for the engine's answer (at most ``REQUEST_TIMEOUT_SECONDS``; an open takes a
     round trip, well under a millisecond over ``ipc://`` when the engine is idle); ``push``, ``close`` and
     ``abort`` are queued and sent in order by the I/O thread. Sinks are called on the I/O thread, as the engine
     calls them on its worker thread. ``buffered_samples`` is computed here from the engine's last report plus what
-    was sent since, so backpressure needs no round trip.
+    was sent since, so backpressure needs no round trip. The model itself stays in the engine process: ``info``
+    (its ``ModelInfo``, sent in the handshake) is all a worker needs of it.
     """
+
+    counts_step_metrics = False  # the engine process records the step metrics once, for the whole server
 
     def __init__(self, endpoints: Endpoints, worker_id: str, connect_timeout: float = 60.0):
         self.worker_id = worker_id
@@ -360,13 +416,13 @@ class EngineClient:
         self._dealer.setsockopt(zmq.RCVHWM, 0)
         self._dealer.connect(endpoints.events)
         self._waker = _Waker()
-        self._outbox: deque[list] = deque()
+        self._outbox: deque[Command] = deque()
         self._streams: dict[tuple[int, int], _Stream] = {}
         self._pending: dict[int, _Pending] = {}
         self._requests = itertools.count(1)
         self._lock = threading.Lock()  # guards _streams and _pending between the caller and the I/O thread
-        self._step_listeners: list[Callable[[int, float], None]] = []
-        self._info: dict | None = None
+        self._step_listeners: list[StepListener] = []
+        self._hello: Info | None = None
         self._info_ready = threading.Event()
         self._last_heard = time.monotonic()
         self._engine_alive = True
@@ -376,15 +432,10 @@ class EngineClient:
         if not self._info_ready.wait(connect_timeout):
             self.stop()
             raise EngineStopped(f"no answer from the engine process within {connect_timeout:g} s")
-        info = self._info
-        self.model = RemoteModel(info)
-        self.batch_size: int = info["batch_size"]
-        self.frames_per_step: int = info["frames_per_step"]
-        self.flush_frames: int = info["flush_frames"]
+        self.info: ModelInfo = self._hello.info
+        self.batch_size: int = self._hello.batch_size
 
-    counts_step_metrics = False  # the engine process records the step metrics once, for the whole server
-
-    # ---------------------------------------------------------------- Engine interface
+    # ---------------------------------------------------------------- engine.contract.Engine
     @property
     def alive(self) -> bool:
         return self._engine_alive and not self._stopping
@@ -397,13 +448,15 @@ class EngineClient:
         while True:
             if not self.alive:
                 raise EngineStopped("the engine is not running")
-            reply = self._request(["open"], sink)
-            if reply[0] == "opened":
-                return StreamHandle(reply[2], reply[3])
-            if reply[2] != "full":
-                raise EngineStopped(reply[3])
+            request = next(self._requests)
+            reply = self._request(request, Open(request), sink)
+            if isinstance(reply, Opened):
+                return StreamHandle(reply.slot, reply.stream)
+            assert isinstance(reply, Refused)
+            if not reply.full:
+                raise EngineStopped(reply.message)
             if time.monotonic() + OPEN_RETRY_SECONDS > deadline:
-                raise NoFreeSlot(reply[3])
+                raise NoFreeSlot(reply.message)
             time.sleep(OPEN_RETRY_SECONDS)
 
     def push(self, handle: StreamHandle, pcm: np.ndarray) -> None:
@@ -414,19 +467,19 @@ class EngineClient:
         if stream is None or stream.closing:
             raise StreamClosed("stream is closed")
         stream.sent += pcm.size
-        self._send(["push", handle.slot, handle.stream_id, pcm.tobytes()])
+        self._send(Push(handle.slot, handle.stream_id, pcm.tobytes()))
 
     def close(self, handle: StreamHandle) -> None:
         stream = self._streams.get((handle.slot, handle.stream_id))
         if stream is not None and not stream.closing:
             stream.closing = True
-            self._send(["close", handle.slot, handle.stream_id])
+            self._send(Close(handle.slot, handle.stream_id))
 
     def abort(self, handle: StreamHandle) -> None:
         with self._lock:
             stream = self._streams.pop((handle.slot, handle.stream_id), None)
         if stream is not None:
-            self._send(["abort", handle.slot, handle.stream_id])
+            self._send(Abort(handle.slot, handle.stream_id))
 
     def buffered_samples(self, handle: StreamHandle) -> int:
         stream = self._streams.get((handle.slot, handle.stream_id))
@@ -437,40 +490,46 @@ class EngineClient:
     def stats(self) -> EngineStats:
         if self.alive:
             try:
-                reply = self._request(["stats"], timeout=2.0)
-                stats = EngineStats(**reply[2])
+                request = next(self._requests)
+                reply = self._request(request, StatsRequest(request), timeout=2.0)
+                assert isinstance(reply, Stats)
+                stats = reply.stats
                 stats.worker_alive = stats.worker_alive and self.alive
                 return stats
             except EngineStopped:
                 pass
         return EngineStats(self.batch_size, 0, 0, 0, False, 0.0, 0)
 
-    def add_step_listener(self, listener: Callable[[int, float], None]) -> None:
+    def add_step_listener(self, listener: StepListener) -> None:
         """Call ``listener(frames, seconds)`` for every engine step, on the I/O thread, as the engine process
         reports them (with the step's events): the real-time monitor of each worker. The step metrics are not
         counted here but in the engine process (``counts_step_metrics``), or /metrics would sum them N+1 times."""
         self._step_listeners.append(listener)
 
+    def add_step_timing_listener(self, listener: Callable[[StepTiming], None]) -> None:
+        """Per-part step timings force a device sync in every step of the engine process: benchmarks register
+        them on an engine in their own process (``scripts/benchkit``), never across processes."""
+        raise NotImplementedError("step timings are measured in the engine's own process")
+
     def stop(self) -> None:
         if self._stopping:
             return
-        self._send(["bye"])  # the I/O thread sends what is queued before it closes
+        self._send(Bye())  # the I/O thread sends what is queued before it closes
         self._stopping = True
         self._waker.wake()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
 
     # ---------------------------------------------------------------- internals
-    def _send(self, command: list) -> None:
+    def _send(self, command: Command) -> None:
         self._outbox.append(command)
         self._waker.wake()
 
-    def _request(self, command: list, sink=None, timeout: float = REQUEST_TIMEOUT_SECONDS) -> list:
-        request = next(self._requests)
+    def _request(self, request: int, command: Command, sink=None, timeout: float = REQUEST_TIMEOUT_SECONDS) -> Item:
         pending = _Pending(sink=sink)
         with self._lock:
             self._pending[request] = pending
-        self._send(command + [request])
+        self._send(command)
         if not pending.done.wait(timeout):
             with self._lock:
                 self._pending.pop(request, None)
@@ -478,6 +537,13 @@ class EngineClient:
         if pending.reply is None:
             raise EngineStopped("the engine is not running")
         return pending.reply
+
+    def _flush_outbox(self) -> None:
+        commands = []
+        while self._outbox:
+            commands.append(self._outbox.popleft())
+        if commands:
+            self._push.send(_encode(WorkerBatch(self.worker_id, commands)))
 
     def _run(self) -> None:
         name_os_thread("stt-ipc-client")
@@ -488,17 +554,13 @@ class EngineClient:
         try:
             while not self._stopping:
                 now = time.monotonic()
-                if self._info is None and now >= next_beat:
-                    self._outbox.appendleft(["hello"])  # repeated until the engine's ROUTER knows this worker
+                if self._hello is None and now >= next_beat:
+                    self._outbox.appendleft(Hello())  # repeated until the engine's ROUTER knows this worker
                     next_beat = now + 0.2
                 elif now >= next_beat:
-                    self._outbox.append(["beat"])
+                    self._outbox.append(Beat())
                     next_beat = now + BEAT_SECONDS
-                if self._outbox:
-                    commands = [self.worker_id]
-                    while self._outbox:
-                        commands.append(self._outbox.popleft())
-                    self._push.send(msgpack.packb(commands))
+                self._flush_outbox()
                 ready = dict(poller.poll(timeout=100))
                 if self._waker.read_fd in ready:
                     self._waker.clear()
@@ -509,29 +571,27 @@ class EngineClient:
                         except zmq.Again:
                             break
                         self._last_heard = time.monotonic()
-                        for item in msgpack.unpackb(message):
+                        for item in _decode_items(message):
                             self._on_item(item)
-                if self._info is not None and self._engine_alive and \
+                if self._hello is not None and self._engine_alive and \
                         time.monotonic() - self._last_heard > DEAD_AFTER_SECONDS:
                     self._engine_gone()
         finally:
-            if self._outbox:
-                with contextlib.suppress(zmq.ZMQError):
-                    self._push.send(msgpack.packb([self.worker_id, *self._outbox]))
+            with contextlib.suppress(zmq.ZMQError):
+                self._flush_outbox()
             self._push.close(linger=200)
             self._dealer.close(linger=0)
             self._ctx.term()
             self._waker.close()
 
-    def _on_item(self, item: list) -> None:
-        kind = item[0]
-        if kind == "steps":
-            for frames, seconds in item[1]:
+    def _on_item(self, item: Item) -> None:
+        if isinstance(item, Steps):
+            for frames, seconds in item.steps:
                 for listener in self._step_listeners:
                     listener(frames, seconds)
-        elif kind == "events":
-            key = (item[1], item[2])
-            events = _unpack_events(item[4])
+        elif isinstance(item, Events):
+            key = (item.slot, item.stream)
+            events = item.events
             with self._lock:
                 stream = self._streams.get(key)
                 if stream is not None and any(not isinstance(e, StepOutput) for e in events):
@@ -540,23 +600,24 @@ class EngineClient:
                 return  # aborted here already
             last = next((e for e in reversed(events) if isinstance(e, StepOutput)), None)
             if last is not None:
-                stream.reported, stream.received_at_report = last.buffered_samples, item[3]
-            Engine._deliver(stream.sink, events)
-        elif kind in ("opened", "refused", "stats"):
+                stream.reported, stream.received_at_report = last.buffered_samples, item.received
+            call_sink(stream.sink, events)
+        elif isinstance(item, (Opened, Refused, Stats)):
             with self._lock:
-                pending = self._pending.pop(item[1], None)
-                if pending is not None and kind == "opened":
-                    prefix = self._info["prefix_frames"] * 1920
-                    self._streams[(item[2], item[3])] = _Stream(pending.sink, reported=prefix)
+                pending = self._pending.pop(item.request, None)
+                if pending is not None and isinstance(item, Opened):
+                    # the engine holds the silence prefix of a new stream before its audio
+                    prefix = self.info.prefix_frames * self.info.frame_size
+                    self._streams[(item.slot, item.stream)] = _Stream(pending.sink, reported=prefix)
             if pending is None:
-                if kind == "opened":  # the caller gave up waiting: give the slot back
-                    self._outbox.append(["abort", item[2], item[3]])
+                if isinstance(item, Opened):  # the caller gave up waiting: give the slot back
+                    self._outbox.append(Abort(item.slot, item.stream))
                 return
             pending.reply = item
             pending.done.set()
-        elif kind == "info":
-            if self._info is None:
-                self._info = item[1]
+        elif isinstance(item, Info):
+            if self._hello is None:
+                self._hello = item
                 self._info_ready.set()
 
     def _engine_gone(self) -> None:
@@ -568,4 +629,4 @@ class EngineClient:
         for p in pending:
             p.done.set()  # reply None: EngineStopped
         for stream in streams:
-            Engine._deliver(stream.sink, [StreamFailed("the engine stopped")])
+            call_sink(stream.sink, [StreamFailed("the engine stopped")])

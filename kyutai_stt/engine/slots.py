@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from kyutai_stt.engine.kyutai.engine import Engine, NoFreeSlot, Sink, StreamHandle
+from kyutai_stt.engine.contract import Engine, NoFreeSlot, Sink, StreamHandle
 
 
 async def open_when_free(engine: Engine, sink: Sink, timeout: float) -> StreamHandle:

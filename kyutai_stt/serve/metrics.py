@@ -7,23 +7,14 @@ from the engine's own stats, are the most recent value)."""
 from __future__ import annotations
 
 import os
-import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kyutai_stt.engine.threads import name_os_thread
 
 STEP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 ENGINE_THREAD_NAME = "stt-engine"
-
-
-def name_os_thread(name: str) -> None:
-    """Give the calling thread a kernel-visible name (``/proc/<pid>/task/<tid>/comm``, top -H, py-spy), so the CPU
-    time of each thread can be told apart from outside (scripts/bench_frontend.py). Linux only; a no-op elsewhere."""
-    try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
-            comm.write(name[:15])
-    except OSError:
-        pass
 
 
 def multiprocess_dir() -> str | None:

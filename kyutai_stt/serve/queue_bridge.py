@@ -32,8 +32,8 @@ from kyutai_stt.messages.events import Error, Event, Step, Text
 from kyutai_stt.messages.queue import AUDIO, TRANSCRIPTION, queue_call
 from kyutai_stt.serve.protocols import runner
 from kyutai_stt.serve.protocols.errors import CloseSocket, ServerFault
-from kyutai_stt.settings import Settings
 from kyutai_stt.stream.session import Session
+from kyutai_stt.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ async def transcribe_queue(engine, q, settings: Settings | None = None, *, event
         if receiver in done and receiver.exception() is None:
             # All audio is in: the last words come during the flush, at the engine's pace. The bound only
             # guards against a stalled engine; the engine ends or fails every stream it holds.
-            pending = session.buffered_samples / SAMPLE_RATE + engine.flush_frames * 0.08
+            pending = session.buffered_samples / SAMPLE_RATE + engine.info.flush_frames / engine.info.frame_rate
             try:
                 await asyncio.wait_for(asyncio.shield(sender), timeout=timeout + 60 + 4 * pending)
             except asyncio.TimeoutError:

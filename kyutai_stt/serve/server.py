@@ -14,8 +14,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from kyutai_stt.engine.kyutai.checkpoint import SttModel, load_model
-from kyutai_stt.engine.kyutai.engine import Engine, NoFreeSlot
+from kyutai_stt.engine.contract import Engine, NoFreeSlot
+from kyutai_stt.engine.startup import start_engine
 from kyutai_stt.serve.metrics import Metrics
 from kyutai_stt.serve.service import Service, get_service
 from kyutai_stt.serve.uploads import HttpProblem, problem_response, server_busy
@@ -25,9 +25,8 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("kyutai_stt.access")
 
 
-def create_app(settings: Settings | None = None, model: SttModel | None = None,
-               engine: Engine | None = None) -> FastAPI:
-    """Build the app. The model is loaded (or taken as given) and the engine started in the lifespan.
+def create_app(settings: Settings | None = None, model=None, engine: Engine | None = None) -> FastAPI:
+    """Build the app. The engine is started in the lifespan (``start_engine``, over ``model`` when given).
 
     ``engine``: serve an engine that is already warmed up and running (the Modal app shares one between its
     web app and its Queue method); its owner stops it, not the app.
@@ -43,14 +42,8 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
         if engine is not None:
             yield
             return
-        stt = model or load_model(settings.model, settings.device, settings.dtype)
-        own = Engine.from_settings(stt, settings)
-        own.warmup()
-        own.start()
+        own = start_engine(settings, model)
         service.attach(own)
-        if stt.random_weights:
-            log.warning("%s has RANDOM WEIGHTS: it produces meaningless text", settings.model)
-        log.info("serving %s on %s (%s), %d slots", settings.model, stt.device, stt.dtype, settings.slots)
         try:
             yield
         finally:
@@ -104,9 +97,9 @@ def create_app(settings: Settings | None = None, model: SttModel | None = None,
             "healthy": healthy,
             "draining": service.draining,
             "model": settings.model,
-            "random_weights": engine.model.random_weights,
-            "device": str(engine.model.device),
-            "dtype": str(engine.model.dtype).removeprefix("torch."),
+            "random_weights": engine.info.random_weights,
+            "device": engine.info.device,
+            "dtype": engine.info.dtype,
             "slots_in_use": stats.slots_in_use,
             "slots_total": stats.slots_total,
             "steps": stats.steps,
@@ -145,10 +138,14 @@ class GracefulServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(settings: Settings, model: SttModel | None = None, on_ready: Callable[[], None] | None = None) -> None:
+def uvicorn_config(app: FastAPI | None, settings: Settings) -> uvicorn.Config:
+    """uvicorn as every server process runs it: keepalive pings, message cap, our own access log."""
+    return uvicorn.Config(app, host=settings.host, port=settings.port, ws_max_size=settings.max_message_bytes,
+                          ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=2 * settings.ping_interval_s,
+                          access_log=False, log_config=None)
+
+
+def serve(settings: Settings, model=None, on_ready: Callable[[], None] | None = None) -> None:
     """Run the server until SIGTERM/SIGINT. ``on_ready`` is called once it answers (engine warm, socket open)."""
     app = create_app(settings, model)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, ws_max_size=settings.max_message_bytes,
-                            ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=2 * settings.ping_interval_s,
-                            access_log=False, log_config=None)
-    GracefulServer(config, app, on_ready).run()
+    GracefulServer(uvicorn_config(app, settings), app, on_ready).run()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import HTTPConnection
 
-from kyutai_stt.engine.kyutai.engine import Engine, EngineStopped, NoFreeSlot
+from kyutai_stt.engine.contract import Engine, EngineStopped, NoFreeSlot
 from kyutai_stt.serve.metrics import Metrics
 from kyutai_stt.serve.pace import RealTimeMonitor
 from kyutai_stt.stream.session import Session
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class Service:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
-    engine: Engine | None = None  # set by create_app's lifespan (or given, when shared with another front end)
+    engine: Engine | None = None  # set by create_app's lifespan (or given: an EngineClient, or Modal's shared one)
     sessions: set[Session] = field(default_factory=set)  # live WebSocket sessions
     draining: bool = False  # shutting down: no new streams
     queued: int = 0  # WebSocket clients waiting for a slot
@@ -38,9 +38,9 @@ class Service:
 
     def attach(self, engine: Engine) -> None:
         """Serve ``engine``: its steps feed the metrics and the real-time monitor (``pace``)."""
-        self.pace = RealTimeMonitor(engine.frames_per_step, lambda: [s.buffered_samples for s in list(self.sessions)],
-                                    self.metrics.registry)
-        if getattr(engine, "counts_step_metrics", True):  # an EngineClient's steps are counted in the engine process
+        self.pace = RealTimeMonitor(engine.info.frames_per_step,
+                                    lambda: [s.buffered_samples for s in list(self.sessions)], self.metrics.registry)
+        if engine.counts_step_metrics:  # an EngineClient's steps are counted once, in the engine process
             engine.add_step_listener(self.metrics.on_step)
         engine.add_step_listener(self.pace.on_step)
         self.engine = engine

@@ -1,9 +1,9 @@
 """``kyutai-stt serve --workers N``: one engine process, N front-end worker processes, one port.
 
 The launcher (this process) binds the listening socket, starts the engine process (model, device, batched steps;
-``engine_ipc.EngineServer``) and waits until it is warmed up, then starts N workers. Each worker inherits the
+``engine.ipc.EngineServer``) and waits until it is warmed up, then starts N workers. Each worker inherits the
 socket and runs the whole FastAPI app (WebSockets, decoding, resampling, sessions, events) over an
-``engine_ipc.EngineClient``; the kernel hands each new connection to one of them.
+``engine.ipc.EngineClient``; the kernel hands each new connection to one of them.
 
 Supervision: a worker that dies is reported to the engine at once (its slots are freed) and started again; its
 own streams are lost, nobody else's. If the engine process dies, workers keep answering ``/status`` with 503 and
@@ -26,11 +26,7 @@ import tempfile
 import time
 from multiprocessing.connection import wait
 
-import msgpack
-import uvicorn
-import zmq
-
-from kyutai_stt.engine.ipc import LAUNCHER_ID, EngineClient, EngineServer, Endpoints
+from kyutai_stt.engine.ipc import EngineClient, EngineServer, Endpoints, tell_engine_worker_gone
 from kyutai_stt.serve.metrics import MULTIPROCESS_ENV
 from kyutai_stt.settings import Settings
 
@@ -41,17 +37,11 @@ ROLE_ENV = "KYUTAI_STT_PROCESS_ROLE"
 
 def default_workers(device: str) -> int:
     """One per core minus one (for the engine) on CUDA; 1 on CPU, where the engine needs the cores."""
-    from kyutai_stt.engine.kyutai.checkpoint import resolve_device
+    from kyutai_stt.engine.startup import device_type
 
-    if resolve_device(device).type != "cuda":
+    if device_type(device) != "cuda":
         return 1
     return max(1, (os.cpu_count() or 2) - 1)
-
-
-def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
-    return uvicorn.Config(app, host=settings.host, port=settings.port, ws_max_size=settings.max_message_bytes,
-                          ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=2 * settings.ping_interval_s,
-                          access_log=False, log_config=None)
 
 
 # ---------------------------------------------------------------------------------------------- children
@@ -66,24 +56,18 @@ def run_engine_process(settings_json: str, endpoints: Endpoints, ready, verbose:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group; the launcher decides the order
     settings = Settings.model_validate_json(settings_json)
     _setup_child_logging(settings, verbose)
-    from kyutai_stt.engine.kyutai.checkpoint import CheckpointError, load_model
-    from kyutai_stt.engine.kyutai.engine import Engine
+    from kyutai_stt.engine.contract import ModelLoadError
+    from kyutai_stt.engine.startup import start_engine
     from kyutai_stt.serve.metrics import Metrics
 
     try:
-        model = load_model(settings.model, settings.device, settings.dtype)
-    except CheckpointError as exc:
+        engine = start_engine(settings)
+    except ModelLoadError as exc:
         ready.send(("error", str(exc)))
         raise SystemExit(2)
-    engine = Engine.from_settings(model, settings)
-    engine.add_step_listener(Metrics().on_step)
-    engine.warmup()
-    engine.start()
+    engine.add_step_listener(Metrics().on_step)  # the step metrics of the whole server, counted once, here
     server = EngineServer(engine, endpoints)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    if model.random_weights:
-        log.warning("%s has RANDOM WEIGHTS: it produces meaningless text", settings.model)
-    log.info("engine process: %s on %s (%s), %d slots", settings.model, model.device, model.dtype, settings.slots)
     ready.send(("ready", ""))
     try:
         server.run()
@@ -96,7 +80,7 @@ def run_worker_process(settings_json: str, endpoints: Endpoints, worker_id: str,
     """A front-end worker: the whole app on the inherited socket, over the engine process."""
     settings = Settings.model_validate_json(settings_json)
     _setup_child_logging(settings, verbose)
-    from kyutai_stt.serve.server import GracefulServer, create_app
+    from kyutai_stt.serve.server import GracefulServer, create_app, uvicorn_config
 
     client = EngineClient(endpoints, worker_id)
     try:
@@ -152,6 +136,8 @@ class Launcher:
         os.makedirs(os.environ[MULTIPROCESS_ENV], exist_ok=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        from kyutai_stt.serve.server import uvicorn_config
+
         config = uvicorn_config(None, self.settings)
         self._sock = config.bind_socket()  # bound here, so the port is taken before anything slow happens
         try:
@@ -184,13 +170,6 @@ class Launcher:
     def _on_signal(self, *_):
         self._stop = True
 
-    def _tell_engine(self, command: list) -> None:
-        ctx = zmq.Context.instance()
-        push = ctx.socket(zmq.PUSH)
-        push.connect(self.endpoints.requests)
-        push.send(msgpack.packb([LAUNCHER_ID, command]))
-        push.close(linger=2000)
-
     def _supervise(self) -> None:
         engine_reported = False
         while not self._stop:
@@ -210,7 +189,7 @@ class Launcher:
                 log.error("worker %s died (exit code %s): its streams are lost; starting it again", worker_id,
                           process.exitcode)
                 if not engine_reported:
-                    self._tell_engine(["gone", worker_id])
+                    tell_engine_worker_gone(self.endpoints, worker_id)
                 self._mark_dead(process.pid)
                 self._start_worker(index)
 

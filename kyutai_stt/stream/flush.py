@@ -2,7 +2,7 @@
 
 The engine only flushes a stream when it ends, so this feeds the same thing through the session: the audio so far
 is zero-padded to a whole frame and followed by the engine's flush silence (the model's delay plus
-``flush_seconds``: ``engine.flush_frame_count``), then one frame more, since the engine steps a stream's last whole
+``flush_seconds``: ``ModelInfo.flush_frames``), then one frame more, since the engine steps a stream's last whole
 frame only once the next one is there. A session marker placed inside that silence is echoed exactly when the
 frames of the flush have been transcribed, i.e. when every word of the audio before it has come out, with the same
 outputs as at the end of a stream (the model is causal). The silence becomes part of the stream; ``Timeline``
@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
-from kyutai_stt.engine.kyutai.checkpoint import SttModel
-from kyutai_stt.engine.kyutai.engine import flush_frame_count
 from kyutai_stt.stream.session import Session
 
 
@@ -34,16 +32,17 @@ class Timeline:
         return t
 
 
-def flush_now(session: Session, model: SttModel, flush_seconds: float, marker_id: int, timeline: Timeline) -> float:
+def flush_now(session: Session, marker_id: int, timeline: Timeline) -> float:
     """Feed the flush and a marker (see the module docstring). Returns the client time where the audio ended."""
+    info = session.engine.info
     at = session.samples_received / SAMPLE_RATE
     client_at = timeline.client_time(at)  # the silences of earlier flushes taken out
     pad = -session.samples_received % FRAME_SIZE
-    after = flush_frame_count(model, flush_seconds) - model.delay_frames
+    after = info.flush_frames - info.delay_frames
     # the marker is echoed once frames_done >= ceil(samples / frame) + delay + prefix: placed after `after` frames
     # of silence, that is when the engine's whole flush (delay + flush_seconds) has been transcribed
     session.push_pcm(np.zeros(pad + after * FRAME_SIZE, np.float32))
     session.push_marker(marker_id)
-    session.push_pcm(np.zeros((model.delay_frames + 1) * FRAME_SIZE, np.float32))
+    session.push_pcm(np.zeros((info.delay_frames + 1) * FRAME_SIZE, np.float32))
     timeline.inserted.append((client_at, session.samples_received / SAMPLE_RATE - at))
     return client_at

@@ -9,7 +9,9 @@
     print(stream.words)                        # every word, final, with start and end times
     stt.close()
 
-Several ``transcribe_stream`` blocks (in threads) share the model's batch, up to ``slots`` at once.
+Several ``transcribe_stream`` blocks (in threads) share the model's batch, up to ``slots`` at once (default
+``Settings().slots``, as the server). Engine outputs become words through the same ``OutputReader`` as a server
+session's.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import numpy as np
 
 from kyutai_stt.audio.resample import StreamResampler
 from kyutai_stt.audio.constants import SAMPLE_RATE
-from kyutai_stt.engine.kyutai.checkpoint import SttModel, load_model
-from kyutai_stt.engine.kyutai.engine import Engine, StepOutput, StreamEnd, StreamFailed, default_frames_per_step
-from kyutai_stt.messages.events import Text, Word
-from kyutai_stt.stream.words import TimedWord, WordAssembler, WordPairer
+from kyutai_stt.engine.contract import Engine, StepOutput, StreamEnd, StreamFailed
+from kyutai_stt.engine.startup import start_engine
+from kyutai_stt.messages.events import Text, Word, WordEnd
+from kyutai_stt.settings import Settings
+from kyutai_stt.stream.reader import OutputReader
+from kyutai_stt.stream.words import TimedWord, WordPairer
 
 
 class StreamFailedError(RuntimeError):
@@ -34,10 +38,9 @@ class LocalStream:
     """One stream. Properties are safe to read from any thread at any time."""
 
     def __init__(self, engine: Engine, sample_rate: int, timeout: float):
-        model = engine.model
         self._engine = engine
         self._timeout = timeout
-        self._assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
+        self._reader = OutputReader(engine.info)
         self._resampler = StreamResampler(sample_rate)
         self._lock = threading.Lock()
         self._done = threading.Event()
@@ -51,9 +54,9 @@ class LocalStream:
         with self._lock:
             for item in events:
                 if isinstance(item, StepOutput):
-                    self._apply(self._assembler.feed(item.frame, item.token))
+                    self._apply(self._reader.step(item, item.buffered_samples))
                 elif isinstance(item, StreamEnd):
-                    self._apply(self._assembler.finish(item.frames))
+                    self._apply(self._reader.end(item))
                     self._done.set()
                 elif isinstance(item, StreamFailed):
                     self._failure = item.reason
@@ -63,7 +66,7 @@ class LocalStream:
         for event in events:
             if isinstance(event, Text):
                 self._draft.append(event.text)
-            else:
+            elif isinstance(event, (Word, WordEnd)):
                 if isinstance(event, Word):
                     self._draft = []
                 self._pairer.feed(event)
@@ -81,7 +84,7 @@ class LocalStream:
             tail = self._resampler.flush()
             with self._lock:  # no word time past the audio (as Session does)
                 self._samples += tail.size
-                self._assembler.audio_end = self._samples / SAMPLE_RATE
+                self._reader.set_audio_end(self._samples / SAMPLE_RATE)
             self._engine.push(self._handle, tail)
             self._engine.close(self._handle)
         if not self._done.wait(self._timeout):
@@ -122,16 +125,17 @@ class LocalStream:
 
 
 class SpeechToText:
-    """A model and its engine, in this process."""
+    """A model and its engine, in this process, started as the server starts it (``start_engine``)."""
 
-    def __init__(self, model: SttModel, slots: int = 4, flush_seconds: float = 0.5, frames_per_step: int = 0):
-        self.model = model
-        frames = frames_per_step or default_frames_per_step(model.device)
-        self.engine = Engine(model, slots, flush_seconds=flush_seconds, frames_per_step=frames).start()
+    def __init__(self, model=None, settings: Settings | None = None):
+        """``model``: already loaded (else the one ``settings`` names, the defaults and ``KYUTAI_STT_*``)."""
+        self.settings = settings or Settings()
+        self.engine = start_engine(self.settings, model)
 
     @classmethod
-    def load(cls, model: str, device: str = "auto", dtype: str = "auto", slots: int = 4) -> "SpeechToText":
-        return cls(load_model(model, device, dtype), slots)
+    def load(cls, model: str, device: str = "auto", dtype: str = "auto", **settings) -> "SpeechToText":
+        """``settings``: any other ``Settings`` field (``slots``, ``flush_seconds``, ``frames_per_step``...)."""
+        return cls(settings=Settings(model=model, device=device, dtype=dtype, **settings))
 
     def transcribe_stream(self, sample_rate: int = 24000, timeout: float = 600.0) -> LocalStream:
         return LocalStream(self.engine, sample_rate, timeout)

@@ -8,7 +8,7 @@
     async for event in session: ... # Ready, Text, Word, WordEnd, Step, EndOfTurn, Marker, End | Error
 
 The engine calls back on its worker thread; the session hops to the event loop and turns the raw token stream
-into events (``words.WordAssembler``, end-of-turn from VAD head 2, marker bookkeeping).
+into events (``reader.OutputReader``: words, end of turn from the VAD head the model names), plus markers.
 
 Pace: the engine holds at most ``max_buffered_seconds`` of a stream's audio; what a client sends beyond that
 waits in the session's ``AudioSpool`` (memory up to ``spool_memory_seconds``, then a temporary file) and is fed to
@@ -31,15 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
-from kyutai_stt.engine.kyutai.engine import (Engine, EngineEvent, StepOutput, StreamClosed, StreamEnd, StreamFailed,
+from kyutai_stt.engine.contract import (Engine, EngineEvent, StepOutput, StreamClosed, StreamEnd, StreamFailed,
     StreamHandle)
 from kyutai_stt.engine.slots import open_when_free
-from kyutai_stt.messages.events import End, EndOfTurn, Error, Event, Marker, Ready, Step, Word
-from kyutai_stt.stream.words import WordAssembler
+from kyutai_stt.messages.events import End, Error, Event, Marker, Ready
+from kyutai_stt.stream.reader import OutputReader
 
 log = logging.getLogger(__name__)
-
-END_OF_TURN_HEAD = 2  # the 2 s horizon head, as Kyutai's tools use
 
 
 class SessionLimitError(ValueError):
@@ -88,20 +86,15 @@ class Session:
         self.engine = engine
         self.id = session_id or uuid.uuid4().hex[:12]
         self.samples_received = 0
-        self._threshold = end_of_turn_threshold
         self._max_samples = max_seconds * SAMPLE_RATE
         self._record_dir = record_dir
         self._recording = None  # soundfile.SoundFile, opened by the first audio (record_dir only)
-        model = engine.model
-        self._assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
-        self._lead_frames = model.delay_frames + model.prefix_frames
+        self._reader = OutputReader(engine.info, end_of_turn_threshold)
+        self._lead_frames = engine.info.lead_frames
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._handle: StreamHandle | None = None
         self._markers: deque[tuple[int, int]] = deque()  # (frames needed, marker id)
-        self._frames_done = 0
-        self._last_pause = 1.0
-        self._words_in_turn = 0
         self._max_pending = max_pending_events  # 0: unbounded (in-process consumers)
         self._max_buffered = max_buffered_seconds * SAMPLE_RATE
         self._spool = AudioSpool(int(spool_memory_seconds * SAMPLE_RATE) * 4)
@@ -176,7 +169,7 @@ class Session:
         if self.ended or self._handle is None:
             return
         self.ended = True
-        self._assembler.audio_end = self.samples_received / SAMPLE_RATE  # the flush silence is not audio
+        self._reader.set_audio_end(self.samples_received / SAMPLE_RATE)  # the flush silence is not audio
         self._close_pending = True
         self._drain()
 
@@ -202,7 +195,7 @@ class Session:
     @property
     def frames_done(self) -> int:
         """Frames of this stream the engine has processed so far."""
-        return self._frames_done
+        return self._reader.frames_done
 
     @property
     def buffered_samples(self) -> int:
@@ -250,9 +243,8 @@ class Session:
             if isinstance(item, StepOutput):
                 self._on_step(item)
             elif isinstance(item, StreamEnd):
-                for event in self._assembler.finish(item.frames):
+                for event in self._reader.end(item):
                     self._emit(event)
-                self._frames_done = item.frames
                 for _, marker_id in self._markers:
                     self._emit(Marker(id=marker_id))
                 self._markers.clear()
@@ -266,23 +258,12 @@ class Session:
                 self._emit(Error(message=item.reason))
 
     def _on_step(self, out: StepOutput) -> None:
-        self._frames_done = out.frame + 1
-        self._emit(Step(step_idx=out.frame, pause_probabilities=out.pauses,
-                        buffered_samples=out.buffered_samples + len(self._spool)))
-        for event in self._assembler.feed(out.frame, out.token):
-            if isinstance(event, Word):
-                self._words_in_turn += 1
+        for event in self._reader.step(out, out.buffered_samples + len(self._spool)):
             self._emit(event)
-        if out.pauses is not None:
-            pause = out.pauses[END_OF_TURN_HEAD]
-            if pause >= self._threshold > self._last_pause and self._words_in_turn:
-                self._emit(EndOfTurn(probability=pause, time=self._assembler.time(out.frame)))
-                self._words_in_turn = 0
-            self._last_pause = pause
         self._echo_markers()
 
     def _echo_markers(self) -> None:
-        while self._markers and self._frames_done >= self._markers[0][0]:
+        while self._markers and self._reader.frames_done >= self._markers[0][0]:
             self._emit(Marker(id=self._markers.popleft()[1]))
 
     def _record(self, pcm: np.ndarray) -> None:

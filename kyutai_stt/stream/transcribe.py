@@ -1,4 +1,5 @@
-"""Transcribe audio files, in-process (one engine, the files share its batch) or against a server."""
+"""Transcribe audio files, in-process (one engine from ``engine.startup.start_engine``, the files share its batch)
+or against a server."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from kyutai_stt.audio.chunks import audio_chunks
 from kyutai_stt.audio.constants import FRAME_SIZE
-from kyutai_stt.engine.kyutai.engine import Engine
+from kyutai_stt.engine.contract import Engine
 from kyutai_stt.messages.events import Event
 from kyutai_stt.stream.session import Session
 

@@ -1,7 +1,10 @@
-"""From text tokens to words with times: a pure function of the token stream and the model's timing.
+"""From text tokens to words with times: a pure function of the token stream and the model's ``ModelInfo``.
 
-Token ids (Kyutai STT convention): 3 is padding, 0 marks a word boundary (a new word starts at this step),
-1 and 2 are never text, anything above 3 is a sentencepiece piece ("▁" is a space).
+The model's description says which token is padding (no new text), which marks a word boundary (a new word starts
+at this step) and from which id on tokens are sentencepiece pieces (the defaults here are Kyutai's: 3, 0 and 4).
+Pieces become text the way sentencepiece decodes them: "▁" is a space, a byte-fallback piece ``<0xNN>`` is one
+byte, and a word's bytes are UTF-8 across its pieces (an "é" may be two byte pieces). Only the pieces' strings are
+needed (``ModelInfo.pieces``), so worker processes, which have no tokenizer, decode alike.
 
 Words follow Kyutai's own server (``State::step_tokens`` in ``rust/moshi-core/src/asr.rs`` of kyutai-labs/moshi,
 which moshi-server's ``/api/asr-streaming`` sends as ``Word``/``EndWord``): the pieces since the last padding or
@@ -17,47 +20,85 @@ after it is not audio).
 
 from __future__ import annotations
 
+import codecs
+import functools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from kyutai_stt.audio.constants import FRAME_RATE
+from kyutai_stt.engine.contract import ModelInfo
 from kyutai_stt.messages.events import Text, Word, WordEnd
 
-PAD = 3
-BOUNDARY = 0
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def piece_bytes(piece: str) -> bytes:
+    """The bytes a sentencepiece piece stands for: ``<0xNN>`` (byte fallback) is one byte, "▁" a space."""
+    match = _BYTE_PIECE.fullmatch(piece)
+    if match:
+        return bytes((int(match.group(1), 16),))
+    return piece.replace("▁", " ").encode()
+
+
+def _one_replacement_per_byte(error: UnicodeDecodeError) -> tuple[str, int]:
+    """sentencepiece's rule for bytes that are not UTF-8: one U+FFFD per byte (Python's "replace" gives one per
+    maximal invalid sequence)."""
+    return "\ufffd" * (error.end - error.start), error.end
+
+
+codecs.register_error("sentencepiece", _one_replacement_per_byte)
+
+
+def _utf8_decoder():
+    return codecs.getincrementaldecoder("utf-8")(errors="sentencepiece")
 
 
 @dataclass
 class WordAssembler:
     piece: Callable[[int], str]  # token id -> sentencepiece piece
     offset_frames: int  # model delay + silence prefix, in frames
-    _pieces: list[str] = field(default_factory=list)
+    frame_rate: float = FRAME_RATE
+    padding_token: int = 3
+    boundary_token: int = 0
+    first_piece_token: int = 4
+    _bytes: bytearray = field(default_factory=bytearray)  # the word being assembled, as its pieces' bytes
+    _text: object = field(default_factory=_utf8_decoder)  # its text so far, for the Text events (bytes may split)
+    _texted: bool = False  # a Text event of this word was sent
     _start: float | None = None  # start of the word being assembled (or awaiting its pieces)
     _open_word: bool = False  # a Word was sent whose WordEnd is still due
     audio_end: float = math.inf  # seconds of audio the client sent, once known (set at the end of the stream)
 
+    @classmethod
+    def for_model(cls, info: ModelInfo) -> "WordAssembler":
+        return cls(info.piece, info.lead_frames, info.frame_rate, info.padding_token, info.boundary_token,
+                   info.first_piece_token)
+
     def time(self, frame: int) -> float:
         """Seconds into the client's audio of a token produced at ``frame`` (0 before it, ``audio_end`` after)."""
-        return min(max(0.0, (frame - self.offset_frames) / FRAME_RATE), self.audio_end)
+        return min(max(0.0, (frame - self.offset_frames) / self.frame_rate), self.audio_end)
 
     def feed(self, frame: int, token: int) -> list[Text | Word | WordEnd]:
         now = self.time(frame)
         out: list[Text | Word | WordEnd] = []
-        if token > PAD:
-            piece = self.piece(token)
+        if token >= self.first_piece_token:
+            data = piece_bytes(self.piece(token))
             if self._start is None:
                 self._start = now
-            text = piece.replace("▁", " ")
-            if not self._pieces and not text.startswith(" "):
-                text = " " + text
-            self._pieces.append(piece)
-            out.append(Text(text=text, time=now))
+            self._bytes += data
+            text = self._text.decode(data)  # "" while a character's bytes are incomplete
+            if text:
+                if not self._texted and not text.startswith(" "):
+                    text = " " + text
+                self._texted = True
+                out.append(Text(text=text, time=now))
             return out
-        if token not in (PAD, BOUNDARY):
+        if token not in (self.padding_token, self.boundary_token):
             return out  # bos/eos/unk-like ids carry no text
         out.extend(self._complete())
-        if token == BOUNDARY:
+        if token == self.boundary_token:
             if self._open_word:
                 out.append(WordEnd(stop_time=now))
                 self._open_word = False
@@ -65,11 +106,13 @@ class WordAssembler:
         return out
 
     def _complete(self) -> list[Word]:
-        if not self._pieces:
+        if not self._bytes:
             return []
-        text = "".join(self._pieces).replace("▁", " ").strip()
+        text = self._bytes.decode("utf-8", errors="sentencepiece").strip()
         start = self._start if self._start is not None else 0.0
-        self._pieces = []
+        self._bytes = bytearray()
+        self._text = _utf8_decoder()
+        self._texted = False
         self._start = None
         if not text:
             return []

@@ -19,12 +19,12 @@ import torch
 from moshi.models import LMModel, MimiModel, loaders
 
 from kyutai_stt.audio.constants import FRAME_RATE
+from kyutai_stt.engine.contract import ModelLoadError
 
 log = logging.getLogger(__name__)
 
 
-
-class CheckpointError(RuntimeError):
+class CheckpointError(ModelLoadError):
     """The checkpoint could not be found, downloaded or loaded; the message says what to do."""
 
 
@@ -41,10 +41,6 @@ class SttModel:
     device: torch.device
     dtype: torch.dtype
     random_weights: bool = False
-
-    @property
-    def has_vad(self) -> bool:
-        return len(self.lm.extra_heads) > 0
 
     @property
     def delay_frames(self) -> int:

@@ -1,4 +1,5 @@
-"""The batched engine: one Mimi and one LMGen serve every stream, one batched step at a time.
+"""The batched Kyutai engine (``engine.contract.Engine``): one Mimi and one LMGen serve every stream, one batched
+step at a time.
 
 The engine knows nothing of sockets or asyncio. A stream takes a slot (``open``), feeds it 24 kHz float PCM of any
 length (``push``), and ends it (``close``, which flushes) or drops it (``abort``). A dedicated worker thread runs
@@ -39,54 +40,16 @@ import torch
 from moshi.models import LMGen
 from moshi.modules.streaming import StreamingModule
 
-from kyutai_stt.engine import batch_invariant
-from kyutai_stt.engine.kyutai.attention_cache import fit_encoder_attention
 from kyutai_stt.audio.constants import FRAME_RATE, FRAME_SIZE
+from kyutai_stt.engine import batch_invariant
+# the contract's events and errors, also importable from here (the engine raises and delivers them)
+from kyutai_stt.engine.contract import (EngineEvent, EngineStats, EngineStopped, NoFreeSlot, Sink, StepListener,
+    StepOutput, StepTiming, StreamClosed, StreamEnd, StreamFailed, StreamHandle, call_sink)
+from kyutai_stt.engine.kyutai.attention_cache import fit_encoder_attention
 from kyutai_stt.engine.kyutai.checkpoint import SttModel
+from kyutai_stt.engine.kyutai.info import describe
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class StepOutput:
-    """What one LM step produced for one stream."""
-
-    frame: int  # index of the audio frame of this stream (silence prefix included) that produced the token
-    token: int  # text token: 3 padding, 0 word boundary, >3 a piece
-    pauses: tuple[float, ...] | None  # per VAD head, probability of no voice activity; None without heads
-    buffered_samples: int  # audio of this stream waiting in the engine after this step
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnd:
-    """The stream was flushed: every output for its audio has been delivered."""
-
-    frames: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamFailed:
-    """The engine could not process this stream; no more outputs will come."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class StepTiming:
-    """Where one engine step's time went, in seconds (``Engine.add_step_timing_listener``; benchmarks).
-
-    While a timing listener is registered the worker synchronises the device after each part, so on CUDA each part
-    is that part's own device time, and the step is a little slower than without (one sync per part instead of one
-    per step). On the CPU the parts are plain wall-clock time."""
-
-    frames: int  # frames stepped (as given to step listeners)
-    seconds: float  # the step as step listeners see it: prepare + mimi + lm + d2h
-    plan: float  # before ``seconds``, under the lock: choosing the slots, copying their frames into the batch
-    prepare: float  # resets, init steps (their LM step too), exec masks, audio to the device
-    mimi: float  # Mimi encode of the batch
-    lm: float  # the LM steps (``frames_per_step`` of them) with their exec masks
-    d2h: float  # tokens and VAD probabilities back to the host
-    deliver: float  # after ``seconds``: building the StepOutputs and calling every sink
 
 
 class _PartClock:
@@ -103,22 +66,6 @@ class _PartClock:
         t = time.perf_counter()
         self.parts[name] = self.parts.get(name, 0.0) + t - self._last
         self._last = t
-
-
-EngineEvent = StepOutput | StreamEnd | StreamFailed
-Sink = Callable[[list[EngineEvent]], None]
-
-
-class NoFreeSlot(RuntimeError):
-    """Every slot is in use."""
-
-
-class StreamClosed(RuntimeError):
-    """The stream no longer holds its slot (ended, aborted or failed)."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is not running (stopped, or its worker died)."""
 
 
 class _AudioQueue:
@@ -209,23 +156,6 @@ class _StepPlan:
     plan_seconds: float = 0.0  # measured only for timing listeners
 
 
-@dataclass
-class StreamHandle:
-    slot: int
-    stream_id: int
-
-
-@dataclass
-class EngineStats:
-    slots_total: int
-    slots_in_use: int
-    steps: int
-    frames: int
-    worker_alive: bool
-    last_step_seconds: float
-    failures: int
-
-
 def default_frames_per_step(device: torch.device) -> int:
     """1 on GPU; 2 on CPU, where Mimi's fixed per-call cost dominates (same results, 80 ms more latency)."""
     return 1 if device.type == "cuda" else 2
@@ -237,6 +167,10 @@ def flush_frame_count(model: SttModel, flush_seconds: float) -> int:
 
 
 class Engine:
+    """The batched Kyutai engine; implements ``engine.contract.Engine``."""
+
+    counts_step_metrics = True  # this process runs the steps: its step listeners feed the metrics
+
     def __init__(self, model: SttModel, slots: int, flush_seconds: float = 0.5, frames_per_step: int = 1,
                  batch_invariant_mode: str | None = None):
         """``batch_invariant_mode``: auto/on/off, default ``$KYUTAI_STT_BATCH_INVARIANT`` (see ``batch_invariant``)."""
@@ -246,7 +180,8 @@ class Engine:
         # at the price of (frames_per_step - 1) x 80 ms of extra latency; results are the same.
         self.frames_per_step = frames_per_step
         self.flush_frames = flush_frame_count(model, flush_seconds)
-        self._step_listeners: list[Callable[[int, float], None]] = []  # (frames in the step, seconds)
+        self.info = describe(model, frames_per_step, self.flush_frames)
+        self._step_listeners: list[StepListener] = []
         self._timing_listeners: list[Callable[[StepTiming], None]] = []
         self._slots = [_Slot(i) for i in range(slots)]
         self._ids = itertools.count(1)
@@ -297,13 +232,7 @@ class Engine:
         if self._worker is None or not self._worker.is_alive():
             self._streaming.close()
 
-    @classmethod
-    def from_settings(cls, model: SttModel, settings, slots: int | None = None) -> "Engine":
-        """An engine configured by a ``Settings`` object (slots, flush, frames per step)."""
-        frames = settings.frames_per_step or default_frames_per_step(model.device)
-        return cls(model, slots or settings.slots, flush_seconds=settings.flush_seconds, frames_per_step=frames)
-
-    def add_step_listener(self, listener: Callable[[int, float], None]) -> None:
+    def add_step_listener(self, listener: StepListener) -> None:
         """Call ``listener(frames, seconds)`` after every step, on the worker thread (metrics, benchmarks)."""
         self._step_listeners.append(listener)
 
@@ -431,7 +360,7 @@ class Engine:
             with self._cond:
                 for slot in self._slots:
                     if slot.in_use and slot.sink is not None:
-                        self._deliver(slot.sink, [StreamFailed("the engine stopped")])
+                        call_sink(slot.sink, [StreamFailed("the engine stopped")])
                         self._release(slot)
 
     def _plan(self) -> _StepPlan:
@@ -543,7 +472,7 @@ class Engine:
                     self._release(slot)
                 deliveries.append((sink, events))
         for sink, events in deliveries:
-            self._deliver(sink, events)
+            call_sink(sink, events)
 
     def _fail_step(self, targets, exc: Exception) -> None:
         """A step raised: fail the streams it carried, and give their slots back fresh."""
@@ -558,11 +487,4 @@ class Engine:
                 # the slot's state may be half-updated: the next stream in it is reset anyway (open sets
                 # needs_reset), so nothing else to repair here.
         for sink in deliveries:
-            self._deliver(sink, [StreamFailed(f"internal error while transcribing: {type(exc).__name__}")])
-
-    @staticmethod
-    def _deliver(sink: Sink, events: list[EngineEvent]) -> None:
-        try:
-            sink(events)
-        except Exception:  # a broken consumer must never stop the engine
-            log.exception("stream sink raised")
+            call_sink(sink, [StreamFailed(f"internal error while transcribing: {type(exc).__name__}")])

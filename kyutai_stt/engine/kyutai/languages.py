@@ -1,8 +1,9 @@
-"""Which languages the served model transcribes, for the protocols that let a client name one.
+"""Which languages a Kyutai checkpoint transcribes (``ModelInfo.languages``, for the protocols that let a client
+name one).
 
-Kyutai publishes two STT models (see /work/shared/specs/kyutai-stt-facts.md): ``kyutai/stt-1b-en_fr`` (English and
-French, 0.5 s delay) and ``kyutai/stt-2.6b-en`` (English, 2.5 s delay). A checkpoint says what it supports, in
-order of precedence:
+Kyutai publishes two STT models (their model cards on the Hugging Face Hub, https://huggingface.co/kyutai):
+``kyutai/stt-1b-en_fr`` (English and French, 0.5 s delay) and ``kyutai/stt-2.6b-en`` (English, 2.5 s delay).
+A checkpoint says what it supports, in order of precedence:
 
 1. ``config.json``'s ``model_id.languages`` (a list of ISO 639-1 codes; ``make-checkpoint`` checkpoints may carry it);
 2. its name: a repository or folder name ending in ``-en_fr`` / ``-en`` (Kyutai's naming);
@@ -16,10 +17,6 @@ import re
 from pathlib import Path
 
 from kyutai_stt.engine.kyutai.checkpoint import SttModel
-
-# ISO 639-1 code -> the English name OpenAI's verbose_json reports ("english", "french").
-NAMES = {"en": "english", "fr": "french"}
-
 
 def model_languages(model: SttModel) -> tuple[str, ...]:
     """ISO 639-1 codes the model transcribes, e.g. ``("en", "fr")``."""
@@ -35,8 +32,3 @@ def model_languages(model: SttModel) -> tuple[str, ...]:
     if match:
         return tuple(match.group(1).split("_"))
     return ("en", "fr") if abs(model.audio_delay_seconds - 0.5) < 1e-6 else ("en",)
-
-
-def base_language(tag: str) -> str:
-    """The primary subtag of a BCP-47 tag, lower case: ``"en-US"`` -> ``"en"``."""
-    return tag.replace("_", "-").split("-")[0].strip().lower()

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from kyutai_stt.serve.auth import is_authorized
-from kyutai_stt.engine.kyutai.engine import EngineStopped, NoFreeSlot
+from kyutai_stt.engine.contract import EngineStopped, NoFreeSlot
 from kyutai_stt.serve.service import get_service
 from kyutai_stt.stream.session import Session
 from kyutai_stt.serve.protocols.errors import (POLICY_VIOLATION, SERVICE_RESTART, TRY_AGAIN_LATER,

@@ -40,9 +40,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from kyutai_stt.audio.constants import SAMPLE_RATE
-from kyutai_stt.audio.decode import AudioFormatError
+from kyutai_stt.audio.errors import AudioFormatError
 from kyutai_stt.audio.decoders import OPUS, StreamDecoder, stream_decoder
-from kyutai_stt.engine.kyutai.languages import base_language, model_languages
+from kyutai_stt.messages.languages import base_language
 from kyutai_stt.messages.deepgram import (
     Alternative,
     CloseStream,
@@ -365,7 +365,7 @@ async def listen_socket(ws: WebSocket) -> None:
     request_id = str(uuid.uuid4())
     engine = get_service(ws).running_engine
     try:
-        options = parse_options(list(ws.query_params.multi_items()), model_languages(engine.model), streaming=True)
+        options = parse_options(list(ws.query_params.multi_items()), engine.info.languages, streaming=True)
     except DeepgramError as exc:
         if not is_authorized(ws):
             await _deny(ws, _rest_error(401, "Invalid credentials.", "INVALID_AUTH", request_id))
@@ -375,7 +375,7 @@ async def listen_socket(ws: WebSocket) -> None:
     session = await open_session(ws, "deepgram")
     if session is None:
         return
-    await runner.run_stream(ws, session, DeepgramTranslator(session, options, request_id, engine.model.name))
+    await runner.run_stream(ws, session, DeepgramTranslator(session, options, request_id, engine.info.name))
 
 
 async def _deny(ws: WebSocket, response: JSONResponse) -> None:
@@ -412,7 +412,7 @@ def _prerecorded_options(request: Request) -> ListenOptions:
     params = [(k, v) for k, v in request.query_params.multi_items() if k not in ("interim_results", "vad_events",
                                                                                 "endpointing", "utterance_end_ms")]
     try:
-        options = parse_options(params, model_languages(get_service(request).running_engine.model), streaming=False)
+        options = parse_options(params, get_service(request).running_engine.info.languages, streaming=False)
     except DeepgramError as exc:
         raise HttpProblem(400, str(exc), code=exc.err_code) from None
     if request.headers.get("content-type", "").startswith("application/json"):
@@ -442,7 +442,7 @@ async def listen_file(request: Request, request_id: Annotated[str, Depends(_requ
     """Deepgram's pre-recorded API: the audio file is the request body (any format we decode; raw audio with
     ``encoding`` and ``sample_rate``). A JSON body with a ``url`` is refused: this server fetches nothing."""
     words = [_result_word(w.text, w.start, w.end) for w in pair_words(await transcribe(request, upload))]
-    model = get_service(request).running_engine.model
+    model = get_service(request).running_engine.info
     model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, model.name))
     return PrerecordedResponse(
         metadata=PrerecordedMetadata(

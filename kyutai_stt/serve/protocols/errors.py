@@ -14,7 +14,7 @@ import asyncio
 from typing import Mapping
 
 from kyutai_stt.audio.errors import AudioFormatError
-from kyutai_stt.engine.kyutai.engine import EngineStopped, NoFreeSlot
+from kyutai_stt.engine.contract import EngineStopped, NoFreeSlot
 from kyutai_stt.messages.errors import MessageError, UnknownMessage
 from kyutai_stt.stream.session import SessionLimitError
 

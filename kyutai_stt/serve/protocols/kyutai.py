@@ -17,8 +17,9 @@ from fastapi import APIRouter, Depends, Request, WebSocket
 from fastapi.responses import JSONResponse
 
 from kyutai_stt.audio.decoders import OPUS, stream_decoder
+from kyutai_stt.messages.events import Error, Marker, Ready, Step, Word, WordEnd
 from kyutai_stt.messages import kyutai as wire
-from kyutai_stt.messages.events import Error, Event, Marker, Ready, Step, Word, WordEnd
+from kyutai_stt.messages.events import Event
 from kyutai_stt.serve.protocols import runner
 from kyutai_stt.serve.protocols.common import AuthQuery, open_session, parse_query
 from kyutai_stt.serve.protocols.errors import INVALID_PAYLOAD

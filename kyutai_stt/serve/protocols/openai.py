@@ -21,10 +21,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from kyutai_stt.engine.kyutai.languages import NAMES, base_language, model_languages
+from kyutai_stt.messages.languages import NAMES, base_language
 from kyutai_stt.messages.events import Error, Text
 from kyutai_stt.messages.openai import (ErrorBody, ErrorDetail, Model, ModelList, Transcription, TranscriptionSegment,
     TranscriptionVerbose, TranscriptionWord)
+
 from kyutai_stt.serve.service import get_service
 from kyutai_stt.serve.uploads import (HttpProblem, authorized, read_form_file, routes_rendering, transcribe,
     upload_events)
@@ -121,7 +122,7 @@ async def transcriptions(
         raise _refuse("stream must be true or false", param="stream")
     if any(key.startswith("chunking_strategy[") for key in await request.form()):
         chunking_strategy = "server_vad"  # the SDK sends an object as chunking_strategy[type]=...: not "auto"
-    supported = model_languages(get_service(request).running_engine.model)
+    supported = get_service(request).running_engine.info.languages
     _check_parameters(supported, language, prompt, temperature, include, chunking_strategy)
     upload = await read_form_file(request, file)
 

@@ -34,7 +34,7 @@ from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.audio.decoders import StreamDecoder, stream_decoder
 from kyutai_stt.messages import openai_realtime as rt
 from kyutai_stt.messages.events import EndOfTurn, Error, Event, Marker, Text, Word
-from kyutai_stt.engine.kyutai.languages import base_language, model_languages
+from kyutai_stt.messages.languages import base_language
 from kyutai_stt.messages.openai_realtime import Append, Clear, ClientEvent, Commit, SessionUpdate
 from kyutai_stt.serve.protocols import runner
 from kyutai_stt.serve.protocols.common import close, open_session
@@ -248,7 +248,7 @@ async def realtime_socket(ws: WebSocket) -> None:
     session = await open_session(ws, "openai_realtime")
     if session is None:
         return
-    translator = RealtimeTranslator(session, model_languages(get_service(ws).running_engine.model))
+    translator = RealtimeTranslator(session, get_service(ws).running_engine.info.languages)
     if intent != "transcription":
         await ws.send_text(translator.error("only transcription sessions are served here: connect with "
                                             "?intent=transcription", "intent", "unsupported_intent"))

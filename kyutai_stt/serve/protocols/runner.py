@@ -199,15 +199,13 @@ async def forward_events(send: Send, session: Session, translator: Translator) -
 async def run_stream(ws: WebSocket, session: Session, translator: Translator) -> None:
     """Serve one admitted session over ``ws`` with ``translator`` until it ends; always closes and frees the
     slot (see the module docstring)."""
-    service = get_service(ws)
 
     async def send(messages: Iterable[Outgoing]) -> None:
         for message in messages:
             await (ws.send_bytes(message) if isinstance(message, bytes) else ws.send_text(message))
 
     def flush(marker: int) -> float:
-        return flush_now(session, service.running_engine.model, service.settings.flush_seconds, marker,
-                         translator.timeline)
+        return flush_now(session, marker, translator.timeline)
 
     async def receive(session: Session) -> None:
         await feed_inputs(lambda: receive_message(ws, session), send, session, translator, flush)
