@@ -188,7 +188,7 @@ async def test_disconnects_are_told_apart_in_logs_and_metrics(checkpoint_dir, ca
     """A client that closes, one whose connection stops answering pings, and a server-side close are logged and
     counted differently."""
     with start_server(checkpoint_dir, slots=2, ping_interval_s=0.3, idle_timeout_s=30) as running:
-        with caplog.at_level(logging.INFO, logger="kyutai_stt.serve.protocols.common"):
+        with caplog.at_level(logging.INFO, logger="kyutai_stt.serve.protocols.runner"):
             async with websockets.connect(running.ws + "/v1/stream?format=pcm_s16le", ping_interval=None) as ws:
                 await ws.send(bytes(3840))
             quiet = await websockets.connect(running.ws + "/v1/stream?format=pcm_s16le", ping_interval=None)

@@ -287,9 +287,8 @@ async def _serve(ws: WebSocket, session: Session, receive, send, protocol: str) 
         if code != -1:
             await close(ws, code, reason)
         who = f"server closed {code}" if code != -1 else reason or "client gone"
-        log.info("session %s: %s %s after %.1f s of audio%s", session.id, protocol, who,
-                 session.samples_received / SAMPLE_RATE, f": {reason}" if reason and code != -1 else "",
-                 extra={"session_id": session.id})
+        log.info("session %s: %s after %.1f s of audio%s (%s)", session.id, who, session.samples_received / SAMPLE_RATE,
+                 f": {reason}" if reason and code != -1 else "", protocol, extra={"session_id": session.id})
 
 
 def disconnect_cause(ws: WebSocket, code: int | None) -> str:
