@@ -14,6 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+pytestmark = pytest.mark.scripts  # a script's smoke run: `uv run pytest -m scripts` (CI runs it too)
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 
 

@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.scripts  # a script's smoke run: `uv run pytest -m scripts` (CI runs it too)
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
 
 

@@ -9,6 +9,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.scripts  # a script's smoke run: `uv run pytest -m scripts` (CI runs it too)
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
 
 
