@@ -29,7 +29,9 @@ from kyutai_stt.stream.words import pair_words
 from .conftest import FLUSH_SECONDS, free_port
 from .helpers import expected_words, opus_pages_and_decoded
 
-pytestmark = pytest.mark.timeout(1500)  # two multi-process servers start on a busy 2-core machine
+# multi-process servers, ~3 min: outside the default run (`uv run pytest -m slow`; CI runs it too); the timeout: two
+# multi-process servers start on a busy 2-core machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 SLOTS = 4
 ROOT = Path(__file__).resolve().parents[1]
