@@ -68,6 +68,7 @@ def test_several_frames_per_step_give_the_same_tokens(engine_model, reference, s
         assert stream.tokens == reference.tokens(clip)
 
 
+@pytest.mark.slow  # long audio or many connections: `uv run pytest -m slow` (CI runs it)
 def test_stream_longer_than_mimi_context_with_several_frames_per_step(engine_model, reference, bria):
     """Past Mimi's 10 s attention context, 2 frames per Mimi call still give the single-stream tokens.
 
@@ -79,6 +80,7 @@ def test_stream_longer_than_mimi_context_with_several_frames_per_step(engine_mod
     assert stream.tokens == reference.tokens(clip)
 
 
+@pytest.mark.slow  # long audio or many connections: `uv run pytest -m slow` (CI runs it)
 def test_mimi_attention_sees_its_whole_context_whatever_the_call_size(checkpoint_dir, bria):
     """Mimi's encoder latents past its 10 s context are the same for 1 or 2 frames per call (float noise only),
     and the comparison does catch moshi's default cache, which drops keys for multi-step calls."""
@@ -195,6 +197,7 @@ def test_abort_frees_the_slot_and_full_engine_refuses(engine_model, sounds):
         engine.stop()
 
 
+@pytest.mark.slow  # long audio or many connections: `uv run pytest -m slow` (CI runs it)
 def test_streams_longer_than_the_lm_context(checkpoint_dir, sounds, tmp_path):
     """A long stream wraps the LM's ring KV cache (and runs RoPE past the context): still exact.
 

@@ -111,6 +111,7 @@ async def kyutai_read_at_end_client(url: str, pcm: np.ndarray) -> tuple[list[tup
     return words, ws.close_code
 
 
+@pytest.mark.slow  # long audio or many connections: `uv run pytest -m slow` (CI runs it)
 @pytest.mark.parametrize("client", [kyutai_full_speed_client, kyutai_read_at_end_client])
 async def test_kyutai_clients_ahead_of_the_engine_get_every_word(checkpoint_dir, reference, minute, client):
     """Long speech at full speed, 1 s keepalive pings, one slot, a small engine buffer: the client is read at

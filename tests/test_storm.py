@@ -19,6 +19,7 @@ import time
 
 import msgpack
 import numpy as np
+import pytest
 import websockets
 
 from kyutai_stt.audio.decode import encode_ogg_opus
@@ -134,6 +135,7 @@ async def settled(condition, timeout: float = 30.0) -> bool:
     return True
 
 
+@pytest.mark.slow  # long audio or many connections: `uv run pytest -m slow` (CI runs it)
 async def test_reconnect_storm(server, reference, sounds):
     connections = server.server.server_state.connections  # uvicorn's live connections
     await storm(server, 2 * len(PATHS) * len(BEHAVIOURS))  # warm up every code path once
