@@ -7,7 +7,9 @@ audio, corrected for the model's delay.
 Query (``StreamQuery``): ``format`` (``opus``: Ogg/Opus pages, the default; ``pcm_f32le`` / ``pcm_s16le``: raw
 little-endian PCM), ``sample_rate`` of raw PCM (8000 to 192000, resampled to 24 kHz), ``channels`` of raw PCM (1,
 the default, or 2: interleaved stereo, mixed down to mono; Ogg/Opus declares its own), ``steps`` (also send a
-``step`` event every 80 ms), and the API key (``api_key`` / ``auth_id``). Any other parameter is refused.
+``step`` event every 80 ms), the turn layer's thresholds (``eot_threshold``, ``eager_eot_threshold``,
+``eot_timeout_ms``: ``speech_started``, ``eager_end_of_turn``, ``turn_resumed``, ``end_of_turn``), and the API key
+(``api_key`` / ``auth_id``). Any other parameter is refused.
 
 Client controls (text frames, ``Control``): ``{"type": "marker", "id": N}``, ``{"type": "end"}``.
 """
@@ -63,12 +65,38 @@ class Step(_Event):
     buffered_samples: int = 0
 
 
+class SpeechStarted(_Event):
+    """A turn starts: the first text since the last end of turn (``stream.turns``)."""
+
+    type: Literal["speech_started"] = "speech_started"
+    time: float
+
+
+class EagerEndOfTurn(_Event):
+    """The pause probability crossed the eager threshold (``eager_eot_threshold``): the speaker may have finished.
+    Either ``turn_resumed`` or ``end_of_turn`` follows."""
+
+    type: Literal["eager_end_of_turn"] = "eager_end_of_turn"
+    probability: float
+    time: float
+
+
+class TurnResumed(_Event):
+    """Text came after an ``eager_end_of_turn``: the turn goes on."""
+
+    type: Literal["turn_resumed"] = "turn_resumed"
+    time: float
+
+
 class EndOfTurn(_Event):
-    """VAD head 2's pause probability crossed the threshold after some words: the speaker has likely finished."""
+    """VAD head 2's pause probability crossed the threshold after some words: the speaker has likely finished.
+    Every word of the turn came before it. ``trigger``: ``model`` (the VAD head), ``timeout`` (no text for
+    ``eot_timeout_ms``) or ``manual`` (the client ended the turn)."""
 
     type: Literal["end_of_turn"] = "end_of_turn"
     probability: float
     time: float
+    trigger: Literal["model", "timeout", "manual"] = "model"
 
 
 class Marker(_Event):
@@ -91,7 +119,8 @@ class Error(_Event):
 
 
 Event = Annotated[
-    Union[Ready, Text, Word, WordEnd, Step, EndOfTurn, Marker, End, Error], Field(discriminator="type")
+    Union[Ready, Text, Word, WordEnd, Step, SpeechStarted, EagerEndOfTurn, TurnResumed, EndOfTurn, Marker, End,
+          Error], Field(discriminator="type")
 ]
 
 
@@ -101,7 +130,8 @@ G711_FORMATS = ("mulaw", "alaw")
 CONTAINER_FORMATS = tuple(_CONTAINERS)
 FORMATS = ("opus", *PCM_FORMATS, *G711_FORMATS, *CONTAINER_FORMATS)
 # a close reason fits in 123 bytes: the full list of formats is in the README
-QUERY_ERROR = "format must be one of opus, pcm_f32le, pcm_s16le, mulaw, alaw, webm...; sample_rate 8000-192000; steps true/false"
+QUERY_ERROR = ("format must be one of opus, pcm_f32le, pcm_s16le, mulaw, alaw, webm...; sample_rate 8000-192000; "
+               "steps, eot_* see README")
 
 
 class StreamQuery(BaseModel):
@@ -112,6 +142,12 @@ class StreamQuery(BaseModel):
     sample_rate: int = Field(24000, ge=8000, le=192000)
     channels: int = Field(1, ge=1, le=2)  # of raw PCM: 2 is interleaved stereo, mixed down to mono
     steps: bool = False  # true/false, 1/0, yes/no, on/off
+    # the turn layer (``stream.turns``): pause probability of the VAD head that ends a turn (None: the server's
+    # ``end_of_turn_threshold``), of an eager end (None: no eager ends), and an end after this much time without
+    # new text (None: none)
+    eot_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    eager_eot_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    eot_timeout_ms: int | None = Field(None, ge=100, le=600_000)
     api_key: str | None = None
     auth_id: str | None = None
 
@@ -121,6 +157,9 @@ class StreamQuery(BaseModel):
             raise ValueError("channels applies to raw PCM: other formats declare their own (stereo is mixed down)")
         if self.format in CONTAINER_FORMATS and "sample_rate" in self.model_fields_set:
             raise ValueError("sample_rate applies to raw PCM and G.711: an audio container declares its own")
+        if self.eager_eot_threshold is not None and self.eot_threshold is not None \
+                and self.eager_eot_threshold > self.eot_threshold:
+            raise ValueError("eager_eot_threshold must not be above eot_threshold")
         return self
 
     @property

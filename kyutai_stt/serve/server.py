@@ -69,8 +69,9 @@ def create_app(settings: Settings | None = None, model=None, engine: Engine | No
 
     for protocol in (seed, events_ws, kyutai, openai):
         app.include_router(protocol.router)
-    from kyutai_stt.serve.protocols import deepgram, openai_realtime
+    from kyutai_stt.serve.protocols import deepgram, flux, openai_realtime
     app.include_router(deepgram.router)
+    app.include_router(flux.router)
     app.include_router(openai_realtime.router)
     mount_ui(app)  # the browser page at / and its assets at /static
 

@@ -146,17 +146,17 @@ async def open_session(ws: WebSocket, protocol: str,
     return session
 
 
-async def receive_message(ws: WebSocket, session: Session) -> dict:
-    """Next client message, with the idle timeout applied; raises WebSocketDisconnect when gone.
+async def receive_message(ws: WebSocket, session: Session, timeout: float | None = None) -> dict:
+    """Next client message, with the protocol's idle timeout applied (None: none); raises WebSocketDisconnect
+    when gone.
 
     The socket is always read, however far ahead of the engine the client is: its audio waits in the session's
     spool, and its keepalive pongs (behind that audio in TCP) keep arriving. Idle for too long: the audio already
     received is finished first (``FinishThenClose``)."""
-    settings = get_service(ws).settings
     try:
-        message = await asyncio.wait_for(ws.receive(), timeout=settings.idle_timeout_s)
+        message = await asyncio.wait_for(ws.receive(), timeout=timeout)
     except asyncio.TimeoutError:
-        raise FinishThenClose(POLICY_VIOLATION, f"no data for {settings.idle_timeout_s:g} s") from None
+        raise FinishThenClose(POLICY_VIOLATION, f"no data for {timeout:g} s") from None
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     return message

@@ -16,7 +16,8 @@ Mapping onto our session events:
   complete by then is sent as final (the last one ending where the audio ended) with ``from_finalize: true``; a
   word whose pieces are still coming at the end of the flush stays open (it continues with the next audio). The stream stays open; the silence is not counted in later timestamps.
 - ``CloseStream`` (or an empty binary message): flush, the last words, ``Metadata``, close 1000. ``KeepAlive``
-  resets the idle timer.
+  resets the idle timer: as at Deepgram, 10 s without any message finishes the stream (its words still come) and
+  closes it (1008; a shorter ``idle_timeout_s`` setting wins).
 - ``confidence`` is 1.0: decoding is greedy and the engine does not report token probabilities.
 
 Errors: a bad query parameter is refused at the handshake with HTTP 400 and Deepgram's REST error body
@@ -83,6 +84,7 @@ from kyutai_stt.stream.words import TimedWord, WordPairer, pair_words
 router = APIRouter()
 
 FLAGS = {"true": True, "false": False}
+IDLE_SECONDS = 10.0  # Deepgram's idle close (NET-0001): no audio and no KeepAlive for this long
 RAW_FORMATS = {"linear16": "pcm_s16le", "mulaw": "mulaw", "alaw": "alaw"}  # ours, for Deepgram's raw encodings
 RAW = tuple(RAW_FORMATS)
 ENCODINGS = RAW + ("opus", "ogg-opus")
@@ -333,6 +335,10 @@ class DeepgramTranslator(runner.Translator):
 
     def flushed(self, marker: int, end: float) -> None:
         self.finalize_ends[marker] = end
+
+    def idle_timeout(self, settings) -> float:
+        """Deepgram closes a stream that sends neither audio nor ``KeepAlive`` for about 10 s (NET-0001)."""
+        return min(settings.idle_timeout_s, IDLE_SECONDS)
 
     def render(self, event) -> list[str]:
         if isinstance(event, Error):

@@ -5,7 +5,10 @@ Query parameters choose the audio format: ``format=opus`` (Ogg/Opus pages, the d
 interleaved stereo, mixed down to mono; a stream that declares nothing is mono), ``mulaw``/``alaw`` (raw G.711 at
 ``sample_rate``, 8000 unless given), an audio container pushed in pieces (``webm`` as a browser's MediaRecorder
 records it, ``ogg``, ``mp3``, ``aac``, ``flac``, ``wav``, or ``container`` to let FFmpeg tell; see ``codecs``), and
-``steps=true`` to also receive a ``step`` event every 80 ms. Any other query parameter is refused (1008). The
+``steps=true`` to also receive a ``step`` event every 80 ms, and the turn layer's ``eot_threshold``,
+``eager_eot_threshold``, ``eot_timeout_ms`` (``stream.turns``: ``speech_started``, ``eager_end_of_turn``,
+``turn_resumed``, ``end_of_turn``, each end after the turn's last word). Any other query parameter is refused
+(1008). The
 messages are declared in ``kyutai_stt.messages.events``. Binary messages carry audio; text messages are JSON controls:
 ``{"type": "marker", "id": 1}`` and ``{"type": "end"}`` (end of audio: the server flushes, sends the last words,
 then ``{"type": "end"}`` and closes with 1000). Server messages are the events of ``kyutai_stt.messages.events``.
@@ -13,12 +16,16 @@ then ``{"type": "end"}`` and closes with 1000). Server messages are the events o
 
 from __future__ import annotations
 
+import math
+
 from fastapi import APIRouter, WebSocket
 
 from kyutai_stt.audio.decoders import stream_decoder
 from kyutai_stt.messages.events import QUERY_ERROR, EndControl, Error, Event, MarkerControl, Step, StreamQuery, parse_control
 from kyutai_stt.serve.protocols import runner
 from kyutai_stt.serve.protocols.common import open_session, parse_query
+from kyutai_stt.serve.service import get_service
+from kyutai_stt.stream.turns import TurnThresholds, TurnTracker
 
 router = APIRouter()
 
@@ -28,9 +35,10 @@ class EventsTranslator(runner.Translator):
 
     protocol = "events"
 
-    def __init__(self, query: StreamQuery):
+    def __init__(self, query: StreamQuery, info, default_eot: float):
         super().__init__(stream_decoder(query.format, query.rate, query.channels))
         self.steps = query.steps
+        self.turns = TurnTracker(info, thresholds(query, default_eot))  # no flush: the words stay the file's
 
     def parse(self, message: dict) -> list[runner.Input]:
         if message.get("bytes") is not None:
@@ -57,4 +65,13 @@ async def events_socket(ws: WebSocket) -> None:
     session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()))
     if session is None:
         return
-    await runner.run_stream(ws, session, EventsTranslator(query))
+    service = get_service(ws)
+    translator = EventsTranslator(query, service.running_engine.info, service.settings.end_of_turn_threshold)
+    await runner.run_stream(ws, session, translator)
+
+
+def thresholds(query: StreamQuery, default_eot: float) -> TurnThresholds:
+    eot = default_eot if query.eot_threshold is None else query.eot_threshold
+    return TurnThresholds(eot=eot, eager=query.eager_eot_threshold if query.eager_eot_threshold is None
+                          else min(query.eager_eot_threshold, eot),
+                          timeout_s=math.inf if query.eot_timeout_ms is None else query.eot_timeout_ms / 1000)

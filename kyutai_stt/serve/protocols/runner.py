@@ -4,7 +4,8 @@ An adapter only translates (``Translator``): it reads each client message as str
 ``Samples``, ``Marker``, ``Flush``, ``End``, ``Configure``, ``Reply``), renders each session event as its wire
 messages, and says what an error looks like in-band. The runner owns the rest, the same for every protocol:
 decoding (the translator's ``audio.decoders`` decoder), backpressure (the session's spool: the socket is always
-read), mid-stream flushes (``stream.flush``), the idle timeout, the one error map (``errors.close_for``, with the
+read), mid-stream flushes (``stream.flush``), the turn layer (``stream.turns``, when the translator has one), the
+idle timeout (each protocol's own, ``Translator.idle_timeout``), the one error map (``errors.close_for``, with the
 protocol's own codes where its reference service differs), waiting out the final flush, and closing.
 
 Two transports share the stream's two loops (``feed_inputs``, ``forward_events``): a WebSocket (``run_stream``,
@@ -35,6 +36,7 @@ from kyutai_stt.serve.protocols.errors import (ERROR_KINDS, INTERNAL_ERROR, NORM
 from kyutai_stt.serve.service import get_service
 from kyutai_stt.stream.flush import Timeline, flush_now
 from kyutai_stt.stream.session import Session
+from kyutai_stt.stream.turns import TurnTracker
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,14 @@ class Translator:
     def __init__(self, decoder: StreamDecoder | None = None):
         self.decoder = decoder  # None: the protocol sends no encoded audio (``Audio`` is then an error)
         self.timeline = Timeline()  # flush silences, taken out of the times the client sees
+        # The turn layer (``stream.turns``), when the protocol speaks of turns: the session's events pass through
+        # it before ``render``; a tracker made with ``flush=True`` gets the runner's flush (``bind_flush``).
+        self.turns: TurnTracker | None = None
+
+    def idle_timeout(self, settings) -> float | None:
+        """Seconds without any client message before the stream is finished and closed (its reference service's
+        policy); None: never (the transport's pings still find a dead peer). By default the server's setting."""
+        return settings.idle_timeout_s
 
     def parse(self, message) -> Iterable[Input]:
         """One client message (a WebSocket's ``{"bytes": ...}`` or ``{"text": ...}``, a Queue's item) as stream
@@ -190,7 +200,8 @@ async def forward_events(send: Send, session: Session, translator: Translator) -
     """Render the session's events to the client until its ``End``; an engine failure is rendered, then raised
     as ``ServerFault``."""
     async for event in session:
-        await send(translator.render(event))
+        for item in translator.turns.feed(event) if translator.turns is not None else (event,):
+            await send(translator.render(item))
         if isinstance(event, Error):
             raise ServerFault(translator.fault_reason or event.message)
     await send(translator.finish())
@@ -207,8 +218,12 @@ async def run_stream(ws: WebSocket, session: Session, translator: Translator) ->
     def flush(marker: int) -> float:
         return flush_now(session, marker, translator.timeline)
 
+    if translator.turns is not None and translator.turns.flush is not None:
+        translator.turns.flush = flush  # the turn layer's own ends flush like a client's Finalize
+
     async def receive(session: Session) -> None:
-        await feed_inputs(lambda: receive_message(ws, session), send, session, translator, flush)
+        timeout = translator.idle_timeout(get_service(ws).settings)
+        await feed_inputs(lambda: receive_message(ws, session, timeout), send, session, translator, flush)
 
     async def forward(session: Session) -> None:
         await forward_events(send, session, translator)

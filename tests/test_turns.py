@@ -1,0 +1,160 @@
+"""The turn layer (``stream.turns``) and the dialects that speak of turns: /v1/stream's turn events, Deepgram Flux
+(/v2/listen, with deepgram-sdk, Pipecat and LiveKit), OpenAI Realtime's turn detection; each protocol's idle policy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import websockets
+
+from kyutai_stt.engine.contract import ModelInfo, StreamEnd
+from kyutai_stt.engine.kyutai.engine import flush_frame_count
+from kyutai_stt.engine.kyutai.info import describe
+from kyutai_stt.messages.events import (EagerEndOfTurn, End, EndOfTurn, Marker, SpeechStarted, Step, Text,
+    TurnResumed, Word, WordEnd)
+from kyutai_stt.stream.reader import OutputReader
+from kyutai_stt.stream.turns import TurnThresholds, TurnTracker
+
+from .conftest import FLUSH_SECONDS, start_server
+from .helpers import expected_words
+from .test_agents import KEY, deepgram_client, finalized_words, int16
+
+TURN_EVENTS = (SpeechStarted, EagerEndOfTurn, TurnResumed, EndOfTurn)
+
+
+# ------------------------------------------------------------------------------ the tracker, step by step
+INFO = ModelInfo(name="t", family="test", pieces=("",) * 8, first_piece_token=4, padding_token=3, boundary_token=0,
+                 sample_rate=24000, frame_size=1920, delay_frames=0, prefix_frames=0, frames_per_step=1,
+                 flush_frames=6, vad_horizons=(0.5, 1.0, 2.0, 3.0), end_of_turn_head=2)
+
+
+def step(frame: int, pause: float) -> Step:
+    return Step(step_idx=frame, pause_probabilities=(0.0, 0.0, pause, 0.0))
+
+
+def turn_events(tracker: TurnTracker, events) -> list:
+    out = []
+    for event in events:
+        out += [e for e in tracker.feed(event) if isinstance(e, TURN_EVENTS)]
+    return out
+
+
+def test_tracker_turns_without_flush():
+    tracker = TurnTracker(INFO, TurnThresholds(eot=0.6, eager=0.4))
+    out = turn_events(tracker, [
+        step(0, 0.9),  # a high pause before any speech ends nothing
+        Text(text=" he", time=0.08), step(1, 0.1), Word(text="he", start_time=0.08),
+        step(2, 0.45),  # eager crossing
+        Text(text=" so", time=0.24),  # speech goes on
+        step(3, 0.2), step(4, 0.7),  # both crossings: eager at once; "so" is still being spelt: the end waits
+        Word(text="so", start_time=0.24), step(5, 0.9),
+        EndOfTurn(probability=0.9, time=0.4),  # the reader's own end is dropped
+        Text(text=" x", time=0.5),
+    ])
+    assert [type(e) for e in out] == [SpeechStarted, EagerEndOfTurn, TurnResumed, EagerEndOfTurn, EndOfTurn,
+                                      SpeechStarted]
+    assert out[4].time == 0.32 and out[4].probability == 0.7 and tracker.turn_index == 1
+
+
+def test_tracker_turns_with_flush():
+    flushed = []
+    tracker = TurnTracker(INFO, TurnThresholds(eot=0.6, eager=0.4), flush=flushed.append)
+    out = turn_events(tracker, [Text(text=" a", time=0.0), Word(text="a", start_time=0.0), step(1, 0.1), step(2, 0.5)])
+    assert [type(e) for e in out] == [SpeechStarted] and len(flushed) == 1  # the eager end waits for its flush
+    # the audio before the flush still belongs to the turn: no new turn, no resumption
+    out = turn_events(tracker, [Text(text=" b", time=0.1), Word(text="b", start_time=0.1), step(3, 0.8),
+                                Marker(id=flushed[0])])
+    assert [type(e) for e in out] == [EagerEndOfTurn, EndOfTurn]  # the end came during the flush: right after
+    assert tracker.feed(Marker(id=5)) == [Marker(id=5)]  # a client's marker passes
+    # a forced end: its flush, then the end (acknowledged even with no words)
+    marker = tracker.force_end()
+    assert turn_events(tracker, [step(4, 0.1), Marker(id=marker)]) == \
+        [EndOfTurn(probability=0.8, time=0.24, trigger="manual")]  # when it was asked
+    # the timeout: no new text for timeout_s
+    tracker.thresholds = TurnThresholds(eot=0.99, timeout_s=0.2)
+    out = turn_events(tracker, [Text(text=" c", time=0.4), Word(text="c", start_time=0.4), step(6, 0.1),
+                                step(8, 0.1)])
+    assert [type(e) for e in out] == [SpeechStarted] and len(flushed) == 2
+    assert turn_events(tracker, [Marker(id=flushed[1])]) == [EndOfTurn(probability=0.1, time=0.64, trigger="timeout")]
+
+
+def test_thresholds_checked():
+    for bad in (dict(eot=1.5), dict(eot=0.5, eager=0.7), dict(timeout_s=0)):
+        with pytest.raises(ValueError):
+            TurnThresholds(**bad)
+
+
+# ------------------------------------------------------------------------------ servers
+@pytest.fixture(scope="module")
+def turns_server(checkpoint_dir):
+    with start_server(checkpoint_dir, slots=4, api_keys=[KEY], idle_timeout_s=1.5) as running:
+        yield running
+
+
+def model_info(reference) -> ModelInfo:
+    return describe(reference.model, 2, flush_frame_count(reference.model, FLUSH_SECONDS))
+
+
+def reference_turns(reference, pcm, thresholds: TurnThresholds) -> list:
+    """The turn events of a stream of ``pcm`` (ended by the client), from the single-stream reference outputs read
+    as the session reads them, through the turn layer without flushes (``/v1/stream``)."""
+    info = model_info(reference)
+    outputs = reference.outputs(pcm)
+    reader, tracker = OutputReader(info), TurnTracker(info, thresholds)
+    events = []
+    for out in outputs:
+        for event in reader.step(out, 0):
+            events += tracker.feed(event)
+    reader.set_audio_end(len(pcm) / 24000)
+    for event in reader.end(StreamEnd(frames=len(outputs))):
+        events += tracker.feed(event)
+    return [e for e in events if isinstance(e, TURN_EVENTS)]
+
+
+async def events_stream(server, pcm: np.ndarray, query: str = "") -> list[dict]:
+    """Every message of a /v1/stream stream of ``pcm`` (float32), sent in 0.2 s chunks, then ended."""
+    url = f"{server.ws}/v1/stream?format=pcm_f32le&api_key={KEY}{query}"
+    async with websockets.connect(url, max_size=None) as ws:
+        for i in range(0, len(pcm), 4800):
+            await ws.send(pcm[i:i + 4800].astype("<f4").tobytes())
+        await ws.send(json.dumps({"type": "end"}))
+        return [json.loads(message) async for message in ws]
+
+
+def rounded(event: dict) -> dict:
+    """Probabilities to 1e-4: the batched engine's and the batch-1 reference's differ by ~1e-7 (README)."""
+    return {k: round(v, 4) if k == "probability" else v for k, v in event.items()}
+
+
+async def test_events_turns_with_neighbour(turns_server, reference, sounds):
+    pcm, other = sounds(6.0, 81), sounds(2.0, 82)
+    thresholds = TurnThresholds(eot=0.53, eager=0.51)  # the random checkpoint's pause head hovers about 0.5
+    want = [rounded(e.model_dump()) for e in reference_turns(reference, pcm, thresholds)]
+    assert {e["type"] for e in want} >= {"speech_started", "eager_end_of_turn", "end_of_turn"}, "a clip with turns"
+    mine, neighbour = await asyncio.gather(
+        events_stream(turns_server, pcm, "&eot_threshold=0.53&eager_eot_threshold=0.51"),
+        events_stream(turns_server, other))
+    got = [rounded(e) for e in mine if e["type"] in ("speech_started", "eager_end_of_turn", "turn_resumed", "end_of_turn")]
+    assert got == want
+    # every word of a turn comes before its end
+    turn_words, ends = 0, 0
+    for message in mine:
+        if message["type"] == "word":
+            turn_words += 1
+        elif message["type"] == "end_of_turn":
+            assert turn_words, "an end of turn with no word before it"
+            turn_words, ends = 0, ends + 1
+    assert ends == sum(e["type"] == "end_of_turn" for e in want)
+    assert [(m["text"], m["start_time"]) for m in neighbour if m["type"] == "word"] == \
+        [(w.text, w.start) for w in expected_words(reference.model, reference.outputs(other))]
+
+
+async def test_events_turn_query_refused(turns_server):
+    for query in ("eot_threshold=1.5", "eager_eot_threshold=0.8&eot_threshold=0.5", "eot_timeout_ms=5"):
+        async with websockets.connect(f"{turns_server.ws}/v1/stream?api_key={KEY}&{query}") as ws:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+        assert closed.value.rcvd.code == 1008, query
