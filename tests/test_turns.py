@@ -158,3 +158,72 @@ async def test_events_turn_query_refused(turns_server):
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await ws.recv()
         assert closed.value.rcvd.code == 1008, query
+
+
+# ------------------------------------------------------------------------------ Deepgram Flux
+def check_flux_states(turns) -> None:
+    """developers.deepgram.com/docs/flux/state: StartOfTurn opens a turn, EagerEndOfTurn (non-empty) awaits its end,
+    TurnResumed only after it, EndOfTurn with the eager transcript; turn_index moves on after each EndOfTurn."""
+    state, index, eager = "initial", 0, None
+    for m in turns:
+        assert m.turn_index == index, m
+        if m.event == "StartOfTurn":
+            assert state == "initial", m
+            state = "ongoing"
+        elif m.event == "Update":
+            assert state in ("ongoing", "awaiting"), m
+        elif m.event == "EagerEndOfTurn":
+            assert state == "ongoing" and m.transcript, m
+            state, eager = "awaiting", m.transcript
+        elif m.event == "TurnResumed":
+            assert state == "awaiting", m
+            state, eager = "ongoing", None
+        elif m.event == "EndOfTurn":
+            assert state in ("ongoing", "awaiting"), m
+            assert eager is None or m.transcript == eager, m
+            state, eager, index = "initial", None, index + 1
+
+
+async def test_flux_sdk_turns(turns_server, reference, sounds):
+    from deepgram.listen.v2.types import ListenV2TurnInfo
+
+    data, heard = int16(sounds(6.0, 81))
+    # the turn's end (decided while the audio is all in) flushes the stream there: its words are those a flush at
+    # the end of the audio makes final, the same as a Finalize
+    want = " ".join(w.text for w in finalized_words(reference.model, reference.outputs(heard)))
+    more, _ = int16(sounds(1.0, 83))
+    other = sounds(2.0, 82)
+    messages = []
+
+    async def flux():
+        async with deepgram_client(turns_server).listen.v2.connect(
+                model="flux-general-en", encoding="linear16", sample_rate=24000, eot_threshold=0.53,
+                eager_eot_threshold=0.51) as socket:
+            await socket.send_media(data)  # in one message: the end of turn is decided once it is all in
+            async for message in socket:
+                messages.append(message)
+                kind = getattr(message, "event", message.type)
+                if kind == "EndOfTurn" and message.trigger == "model" and message.turn_index == 0:
+                    # from now on only the client ends turns (eot_threshold 1.0): more audio, then ForceEndTurn
+                    await socket.send_configure({"type": "Configure", "thresholds": {"eot_threshold": 1.0}})
+                elif kind == "ConfigureSuccess":
+                    await socket.send_media(more)
+                    await socket.send_force_end_turn()
+                elif kind == "EndOfTurn" and message.trigger == "manual":
+                    await socket.send_close_stream()
+
+    _, neighbour = await asyncio.gather(asyncio.wait_for(flux(), 240), events_stream(turns_server, other))
+    assert messages[0].type == "Connected"
+    assert [m.sequence_id for m in messages] == list(range(len(messages)))
+    turns = [m for m in messages if isinstance(m, ListenV2TurnInfo)]
+    check_flux_states(turns)
+    first_end = next(m for m in turns if m.event == "EndOfTurn")
+    assert (first_end.transcript, first_end.trigger, first_end.turn_index) == (want, "model", 0)
+    assert [w.word for w in first_end.words] == want.split()
+    assert [m.event for m in turns[:turns.index(first_end)] if m.event != "Update"] == ["StartOfTurn", "EagerEndOfTurn"]
+    assert first_end.audio_window_end <= len(heard) / 24000  # client time: the flush silence is not counted
+    configured = next(m for m in messages if m.type == "ConfigureSuccess")
+    assert configured.thresholds.eot_threshold == 1.0 and configured.thresholds.eager_eot_threshold == 0.51
+    assert any(m.event == "EndOfTurn" and m.trigger == "manual" for m in turns)
+    assert [(m["text"], m["start_time"]) for m in neighbour if m["type"] == "word"] == \
+        [(w.text, w.start) for w in expected_words(reference.model, reference.outputs(other))]

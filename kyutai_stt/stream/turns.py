@@ -86,18 +86,18 @@ class TurnTracker:
         if isinstance(event, Text):
             self._last_text_time = event.time
             self._spelling = True
-            if self._ending is None:
-                if self.state == self.IDLE:
-                    self.state = self.SPEAKING
-                    out.append(SpeechStarted(time=event.time))
-                elif self.state == self.EAGER:
+            if self.state == self.IDLE:  # (a turn starting inside a forced end's flush is ended by it)
+                self.state = self.SPEAKING
+                out.append(SpeechStarted(time=event.time))
+            elif self._ending is None:
+                if self.state == self.EAGER:
                     self.state = self.SPEAKING
                     self._end_due = None
                     out.append(TurnResumed(time=event.time))
         elif isinstance(event, Word):
             self._spelling = False
             self._words += 1
-            if self.state == self.IDLE and self._ending is None:  # a word without text events (an end's flush)
+            if self.state == self.IDLE:  # a word without text events
                 self.state = self.SPEAKING
                 out.insert(0, SpeechStarted(time=event.start_time))
             if self._end_due is not None and self.flush is None and self.state != self.IDLE:
@@ -112,7 +112,7 @@ class TurnTracker:
     def force_end(self) -> int:
         """The client ends the turn now (Flux ``ForceEndTurn``; needs ``flush``): the marker of the flush to feed
         (the caller feeds it, its decoder's tail first); the ``EndOfTurn`` comes when it is back, with every word
-        of the audio so far before it (an empty turn is ended too: the client's end is acknowledged)."""
+        of the audio so far before it (none when no turn was under way: Flux's state machine ends only turns)."""
         if self.flush is None:
             raise RuntimeError("a forced end of turn needs the flush")
         marker = next(self._markers)
@@ -177,6 +177,8 @@ class TurnTracker:
             if self._end_due is not None:
                 out += self._end(self._end_due)
             return out
+        if self.state == self.IDLE:  # a forced end with no turn under way: nothing to end
+            return []
         return self._end(event)
 
     def _end(self, event: EndOfTurn) -> list[Event]:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from kyutai_stt.audio.constants import FRAME_SIZE
 from kyutai_stt.serve.auth import is_authorized
 from kyutai_stt.engine.contract import EngineStopped, NoFreeSlot
 from kyutai_stt.serve.service import get_service
@@ -152,11 +153,26 @@ async def receive_message(ws: WebSocket, session: Session, timeout: float | None
 
     The socket is always read, however far ahead of the engine the client is: its audio waits in the session's
     spool, and its keepalive pongs (behind that audio in TCP) keep arriving. Idle for too long: the audio already
-    received is finished first (``FinishThenClose``)."""
+        received is finished first (``FinishThenClose``). A client is never idle while the engine still works on its
+    audio (a slow engine, a long flush, a turn's end on its way): the idle time counts once that is done."""
+    receiving = asyncio.ensure_future(ws.receive())
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
     try:
-        message = await asyncio.wait_for(ws.receive(), timeout=timeout)
-    except asyncio.TimeoutError:
-        raise FinishThenClose(POLICY_VIOLATION, f"no data for {timeout:g} s") from None
+        while True:
+            # look now and then whether the engine is still on this client's audio (the engine holds back at most
+            # a frame and a part of one until more audio comes): the idle time counts from when it is done
+            done, _ = await asyncio.wait({receiving}, timeout=None if timeout is None else timeout / 4)
+            if done:
+                break
+            if session.buffered_samples >= 2 * FRAME_SIZE:
+                deadline = loop.time() + timeout  # words are still due: not idle
+            elif loop.time() >= deadline:  # idle, and the server owes it nothing: finish and close
+                raise FinishThenClose(POLICY_VIOLATION, f"no data for {timeout:g} s")
+    finally:
+        if not receiving.done():
+            receiving.cancel()
+    message = receiving.result()
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     return message
