@@ -63,13 +63,21 @@ class Transcription(BaseModel):
 
 class TurnDetection(BaseModel):
     type: Literal["server_vad"] = "server_vad"
+    threshold: float = 0.5
+    silence_duration_ms: int | None = None  # the horizon of the VAD head read
+    prefix_padding_ms: int = 0
+
+
+class SemanticTurnDetection(BaseModel):
+    type: Literal["semantic_vad"] = "semantic_vad"
+    eagerness: Literal["low", "medium", "high", "auto"] = "auto"
 
 
 class AudioInput(BaseModel):
     format: PcmFormat | G711Format
     noise_reduction: None = None
     transcription: Transcription
-    turn_detection: TurnDetection | None
+    turn_detection: TurnDetection | SemanticTurnDetection | None
 
 
 class SessionAudio(BaseModel):

@@ -43,6 +43,7 @@ class TurnThresholds:
     eot: float = 0.5  # pause probability that ends a turn
     eager: float | None = None  # lower probability for an eager end; None: no eager ends
     timeout_s: float = math.inf  # a turn with words ends after this much stream time without new text
+    head: int | None = None  # the VAD head to read (None: the model's ``end_of_turn_head``)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.eot <= 1.0:
@@ -63,7 +64,7 @@ class TurnTracker:
                  flush: Callable[[int], object] | None = None):
         self.thresholds = thresholds
         self.flush = flush  # feeds a mid-stream flush with this marker (see the module docstring)
-        self._head = info.end_of_turn_head
+        self._default_head = info.end_of_turn_head
         self._lead, self._rate = info.lead_frames, info.frame_rate
         self._markers = itertools.count(_OWN_MARKERS, -1)
         self.state = self.IDLE
@@ -123,8 +124,9 @@ class TurnTracker:
     def _step(self, step: Step) -> list[Event]:
         out: list[Event] = []
         pause = None
-        if step.pause_probabilities is not None and self._head is not None:
-            pause = step.pause_probabilities[self._head]
+        head = self._default_head if self.thresholds.head is None else self.thresholds.head
+        if step.pause_probabilities is not None and head is not None and head < len(step.pause_probabilities):
+            pause = step.pause_probabilities[head]
         last, self._last_pause = self._last_pause, (pause if pause is not None else self._last_pause)
         if self._ending is not None:
             marker, event = self._ending

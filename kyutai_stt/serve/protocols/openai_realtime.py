@@ -41,8 +41,11 @@ from kyutai_stt.serve.protocols.common import close, open_session
 from kyutai_stt.serve.protocols.errors import POLICY_VIOLATION
 from kyutai_stt.serve.service import get_service
 from kyutai_stt.stream.session import Session, SessionLimitError
+from kyutai_stt.stream.turns import TurnThresholds, TurnTracker
 
 router = APIRouter()
+
+MIN_COMMIT_MS = 100  # OpenAI's smallest committable buffer
 
 FORMATS = {"audio/pcm": "pcm16", "pcm16": "pcm16", "audio/pcmu": "g711_ulaw", "g711_ulaw": "g711_ulaw",
            "audio/pcma": "g711_alaw", "g711_alaw": "g711_alaw"}
@@ -54,15 +57,30 @@ class RealtimeError(Exception):
         self.param, self.code = param, code
 
 
+# semantic_vad's eagerness as the pause probability that ends a turn: eager ends turns at a lower one
+EAGERNESS = {"low": 0.7, "medium": 0.5, "auto": 0.5, "high": 0.35}
+TURN_KEYS = {"server_vad": {"type", "threshold", "silence_duration_ms", "prefix_padding_ms", "create_response",
+                            "interrupt_response", "idle_timeout_ms"},
+             "semantic_vad": {"type", "eagerness", "create_response", "interrupt_response"}}
+OPENAI_THRESHOLD = 0.5  # server_vad's default (and only honoured) activation threshold
+
+
 class _Config:
     """The transcription session's settings, as the client set them (GA or beta shape)."""
 
-    def __init__(self, languages: tuple[str, ...]):
+    def __init__(self, languages: tuple[str, ...], horizons: tuple[float, ...], default_eot: float):
         self.languages = languages
+        self.horizons = horizons
         self.format = "pcm16"
         self.language: str | None = None
         self.model = "kyutai"
         self.server_vad = True
+        self.vad_type = "server_vad"
+        self.default_eot = default_eot
+        self.eot = default_eot  # pause probability that ends a turn
+        self.head: int | None = None  # the VAD head read (None: the model's)
+        self.eagerness = "auto"
+        self.prefix_padding_ms = 0
 
     def update(self, session: dict[str, Any]) -> None:
         if session.get("type") not in (None, "transcription"):
@@ -97,18 +115,62 @@ class _Config:
             self.language = base_language(transcription["language"])
         self.model = transcription.get("model") or self.model
         if turn != "unset":
-            kind = turn.get("type") if isinstance(turn, dict) else None
-            if turn is not None and kind != "server_vad":
-                raise RealtimeError("turn_detection must be server_vad (the model's VAD head) or null",
-                                    "session.audio.input.turn_detection")
-            self.server_vad = turn is not None
+            self._turn_detection(turn)
+
+    def _turn_detection(self, turn) -> None:
+        """server_vad and semantic_vad both read the model's VAD head (its pause probability); null: commits only.
+        What the head cannot honour is refused."""
+        param = "session.audio.input.turn_detection"
+        if turn is None:
+            self.server_vad = False
+            return
+        kind = turn.get("type") if isinstance(turn, dict) else None
+        if kind not in TURN_KEYS:
+            raise RealtimeError("turn_detection must be server_vad or semantic_vad (the model's VAD head) or null",
+                                param)
+        unknown = sorted(set(turn) - TURN_KEYS[kind])
+        if unknown:
+            raise RealtimeError(f"turn_detection.{unknown[0]} is not supported with {kind}", f"{param}.{unknown[0]}")
+        eot, head, padding = self.default_eot, None, 0
+        if kind == "server_vad":
+            if turn.get("threshold") not in (None, OPENAI_THRESHOLD):
+                raise RealtimeError(f"threshold {turn['threshold']!r} is not supported: speech is detected by the "
+                                    f"model's VAD head, at {OPENAI_THRESHOLD} (or leave it out)", f"{param}.threshold")
+            if turn.get("idle_timeout_ms") is not None:
+                raise RealtimeError("idle_timeout_ms is not supported", f"{param}.idle_timeout_ms")
+            silence = turn.get("silence_duration_ms")
+            if silence is not None:
+                ms = [round(h * 1000) for h in self.horizons]
+                if silence not in ms:
+                    raise RealtimeError(f"silence_duration_ms must be one of {', '.join(map(str, ms))}: the "
+                                        "horizons of the model's VAD heads", f"{param}.silence_duration_ms")
+                head = ms.index(silence)
+            padding = turn.get("prefix_padding_ms") or 0
+            if not isinstance(padding, int) or padding < 0:
+                raise RealtimeError("prefix_padding_ms must be a non-negative integer", f"{param}.prefix_padding_ms")
+        else:
+            eagerness = turn.get("eagerness") or "auto"
+            if eagerness not in EAGERNESS:
+                raise RealtimeError("eagerness must be low, medium, high or auto", f"{param}.eagerness")
+            eot, self.eagerness = EAGERNESS[eagerness], eagerness
+        self.server_vad, self.vad_type, self.eot, self.head, self.prefix_padding_ms = True, kind, eot, head, padding
+
+    def thresholds(self) -> TurnThresholds:
+        return TurnThresholds(eot=self.eot, head=self.head)
 
     def describe(self, session_id: str) -> rt.TranscriptionSession:
         fmt = rt.PcmFormat() if self.format == "pcm16" else \
             rt.G711Format(type="audio/pcmu" if self.format == "g711_ulaw" else "audio/pcma")
         return rt.TranscriptionSession(id=session_id, audio=rt.SessionAudio(input=rt.AudioInput(
             format=fmt, transcription=rt.Transcription(model=self.model, language=self.language),
-            turn_detection=rt.TurnDetection() if self.server_vad else None)))
+            turn_detection=self._describe_turns() if self.server_vad else None)))
+
+    def _describe_turns(self) -> rt.TurnDetection | rt.SemanticTurnDetection:
+        if self.vad_type == "semantic_vad":
+            return rt.SemanticTurnDetection(eagerness=self.eagerness)
+        head = self.head if self.head is not None else min(2, len(self.horizons) - 1)
+        return rt.TurnDetection(silence_duration_ms=round(self.horizons[head] * 1000) if self.horizons else None,
+                                prefix_padding_ms=self.prefix_padding_ms)
 
     def decoder(self) -> StreamDecoder:
         """Raw PCM16 at 24 kHz, or G.711 at 8 kHz."""
@@ -124,9 +186,13 @@ class RealtimeTranslator(runner.Translator):
 
     protocol = "openai_realtime"
 
-    def __init__(self, session: Session, languages: tuple[str, ...]):
-        self.config = _Config(languages)
+    def __init__(self, session: Session, info, default_eot: float):
+        self.config = _Config(info.languages, info.vad_horizons, default_eot)
         super().__init__(self.config.decoder())
+        # the turn layer without flushes: an automatic commit comes once the turn's last word is final, and the
+        # stream's words stay the file mode's
+        self.turns = TurnTracker(info, self.config.thresholds())
+        self.buffered_ms = 0.0  # audio appended since the last commit (OpenAI refuses to commit under 100 ms)
         self.session = session
         self.session_id = "sess_" + uuid.uuid4().hex[:20]
         self.event_ids = itertools.count(1)
@@ -138,6 +204,8 @@ class RealtimeTranslator(runner.Translator):
         self.words: list[str] = []
         self.drop = False  # a clear is under way: its words are dropped
         self.delta_sent = False
+        self.spelling = ""  # deltas of the word being spelt (its Word not come yet)
+        self.carried = 0  # words whose deltas went out with an item that is over: their Word is not added again
         self.client_event_id: str | None = None  # of the client event being handled
 
     def emit(self, event: rt.ServerEvent) -> str:
@@ -176,21 +244,35 @@ class RealtimeTranslator(runner.Translator):
             inputs: list[runner.Input] = []
             if self.config.format != before:
                 inputs.append(runner.Configure(self.config.decoder()))
+            self.turns.thresholds = self.config.thresholds()
             beta = event.type.startswith("transcription_session")
             updated = rt.SessionUpdated(type="transcription_session.updated" if beta else "session.updated",
                                         session=self.config.describe(self.session_id))
             return inputs + [runner.Reply([self.emit(updated)])]
         if isinstance(event, Append):
             try:
-                return [runner.Audio(base64.b64decode(event.audio, validate=True))]
+                audio = base64.b64decode(event.audio, validate=True)
             except (binascii.Error, ValueError):
                 raise RealtimeError("audio must be base64", "audio") from None
+            self.buffered_ms += len(audio) / (48 if self.config.format == "pcm16" else 8)
+            return [runner.Audio(audio)]
+        if isinstance(event, Commit) and self.buffered_ms < MIN_COMMIT_MS:
+            # as OpenAI: no item, nothing fed to the model
+            raise RealtimeError(f"Error committing input audio buffer: buffer too small. Expected at least "
+                                f"{MIN_COMMIT_MS} ms of audio, but buffer only has {self.buffered_ms:.2f} ms of audio.",
+                                None, "input_audio_buffer_commit_empty")
         if isinstance(event, (Commit, Clear)):
+            self.buffered_ms = 0.0
             marker = next(self.markers)
             self.pending_markers[marker] = "commit" if isinstance(event, Commit) else "clear"
             self.drop = self.drop or isinstance(event, Clear)
             return [runner.Flush(marker)]
         return []
+
+    def idle_timeout(self, settings) -> None:
+        """OpenAI does not close an idle Realtime session (a push-to-talk client is silent between turns); only
+        ``max_session_s`` of audio bounds it, and the WebSocket pings find a dead peer."""
+        return None
 
     def refuse(self, exc: BaseException, code: int, reason: str) -> tuple[list[str], str]:
         kind = "session_limit" if isinstance(exc, SessionLimitError) else "invalid_value"
@@ -206,8 +288,13 @@ class RealtimeTranslator(runner.Translator):
         if self.item is None:
             return []
         item = self.item
+        words = self.words
+        if self.spelling.strip():  # its deltas went out with this item: so does the word (its Word comes later)
+            words = words + [self.spelling.strip()]
+            self.carried += 1
+        self.spelling = ""
         out = [self.emit(rt.Committed(item_id=item, previous_item_id=self.previous)),
-               self.emit(rt.TranscriptionCompleted(item_id=item, transcript=" ".join(self.words), usage=rt.Usage(
+               self.emit(rt.TranscriptionCompleted(item_id=item, transcript=" ".join(words), usage=rt.Usage(
                    seconds=round(self.session.samples_received / SAMPLE_RATE, 3))))]
         self.previous, self.item, self.words, self.delta_sent = item, None, [], False
         return out
@@ -227,15 +314,22 @@ class RealtimeTranslator(runner.Translator):
         out = []
         if isinstance(event, Text):
             if self.item is None and self.config.server_vad:
-                start = self.timeline.client_time(event.time)
-                out.append(self.emit(rt.SpeechStarted(item_id=self._item_id(), audio_start_ms=round(start * 1000))))
+                start = self.timeline.client_time(event.time) * 1000 - self.config.prefix_padding_ms
+                out.append(self.emit(rt.SpeechStarted(item_id=self._item_id(),
+                                                      audio_start_ms=max(0, round(start)))))
             delta = event.text if self.delta_sent else event.text.lstrip()
             self.delta_sent = True
+            self.spelling += event.text
             out.append(self.emit(rt.TranscriptionDelta(item_id=self._item_id(), delta=delta)))
         elif isinstance(event, Word):
+            self.spelling = ""
+            if self.carried:  # already in the item it was spelt in
+                self.carried -= 1
+                return out
             self._item_id()
             self.words.append(event.text)
         elif isinstance(event, EndOfTurn) and self.config.server_vad and self.item is not None:
+            self.buffered_ms = 0.0  # the automatic commit
             out.append(self.emit(rt.SpeechStopped(item_id=self.item,
                                                   audio_end_ms=round(self.timeline.client_time(event.time) * 1000))))
             out += self._end_item()
@@ -248,7 +342,8 @@ async def realtime_socket(ws: WebSocket) -> None:
     session = await open_session(ws, "openai_realtime")
     if session is None:
         return
-    translator = RealtimeTranslator(session, get_service(ws).running_engine.info.languages)
+    service = get_service(ws)
+    translator = RealtimeTranslator(session, service.running_engine.info, service.settings.end_of_turn_threshold)
     if intent != "transcription":
         await ws.send_text(translator.error("only transcription sessions are served here: connect with "
                                             "?intent=transcription", "intent", "unsupported_intent"))
