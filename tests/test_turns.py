@@ -227,3 +227,118 @@ async def test_flux_sdk_turns(turns_server, reference, sounds):
     assert any(m.event == "EndOfTurn" and m.trigger == "manual" for m in turns)
     assert [(m["text"], m["start_time"]) for m in neighbour if m["type"] == "word"] == \
         [(w.text, w.start) for w in expected_words(reference.model, reference.outputs(other))]
+
+
+# ------------------------------------------------------------------------------ OpenAI Realtime
+def realtime_client(server):
+    import openai
+
+    return openai.AsyncOpenAI(base_url=server.http + "/v1", api_key=KEY)
+
+
+def session_update(turn_detection) -> dict:
+    return {"type": "transcription", "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
+                                                         "turn_detection": turn_detection}}}
+
+
+async def test_realtime_commit_empty(turns_server, reference, sounds):
+    """case24: a commit of an empty, < 100 ms or already committed buffer is an error and creates no item; then
+    a long silence (push to talk) does not close the session (OpenAI has no idle close)."""
+    import base64
+
+    short, _ = int16(np.full(1200, 0.01, np.float32))  # 50 ms
+    speech, _ = int16(sounds(1.5, 84))
+    heard = np.frombuffer(short + speech, "<i2").astype(np.float32) / 32768
+    want = " ".join(w.text for w in finalized_words(reference.model, reference.outputs(heard)))
+    async with realtime_client(turns_server).realtime.connect(extra_query={"intent": "transcription"}) as rt:
+        assert (await rt.recv()).type == "session.created"
+        await rt.session.update(session=session_update(None))
+        assert (await rt.recv()).type == "session.updated"
+        await rt.input_audio_buffer.commit(event_id="c1")
+        empty = await rt.recv()
+        assert (empty.type, empty.error.code, empty.error.event_id) == ("error", "input_audio_buffer_commit_empty", "c1")
+        await rt.input_audio_buffer.append(audio=base64.b64encode(short).decode())
+        await rt.input_audio_buffer.commit(event_id="c2")
+        small = await rt.recv()
+        assert small.error.code == "input_audio_buffer_commit_empty" and "50.00 ms" in small.error.message
+        await asyncio.sleep(2.0)  # idle past the server's idle_timeout_s (1.5 s): still open
+        await rt.input_audio_buffer.append(audio=base64.b64encode(speech).decode())
+        await rt.input_audio_buffer.commit(event_id="c3")
+        kinds = []
+        async for event in rt:
+            kinds.append(event.type)
+            if event.type == "conversation.item.input_audio_transcription.completed":
+                assert event.transcript == want
+                break
+        await rt.input_audio_buffer.commit(event_id="c4")
+        again = await rt.recv()
+        assert again.type == "error" and again.error.code == "input_audio_buffer_commit_empty"
+    assert kinds.count("input_audio_buffer.committed") == 1 and "input_audio_buffer.speech_started" not in kinds
+
+
+async def test_realtime_turn_detection_parameters(turns_server):
+    async with realtime_client(turns_server).realtime.connect(extra_query={"intent": "transcription"}) as rt:
+        assert (await rt.recv()).type == "session.created"
+        refused = {"threshold": {"type": "server_vad", "threshold": 0.8},
+                   "silence_duration_ms": {"type": "server_vad", "silence_duration_ms": 300},
+                   "idle_timeout_ms": {"type": "server_vad", "idle_timeout_ms": 5000},
+                   "eagerness": {"type": "semantic_vad", "eagerness": "very"},
+                   "turn_detection": {"type": "push_to_talk"}}
+        for param, turn in refused.items():
+            await rt.session.update(session=session_update(turn))
+            error = await rt.recv()
+            assert error.type == "error" and error.error.param.endswith(param), (param, error)
+        await rt.session.update(session=session_update({"type": "semantic_vad", "eagerness": "high"}))
+        updated = await rt.recv()
+        assert updated.session.audio.input.turn_detection.type == "semantic_vad"
+        assert updated.session.audio.input.turn_detection.eagerness == "high"
+        await rt.session.update(session=session_update(
+            {"type": "server_vad", "threshold": 0.5, "silence_duration_ms": 1000, "prefix_padding_ms": 300}))
+        updated = await rt.recv()
+        detection = updated.session.audio.input.turn_detection
+        assert (detection.silence_duration_ms, detection.prefix_padding_ms) == (1000, 300)
+
+
+async def test_realtime_server_vad_items(turns_server, reference, sounds):
+    """case25: items split where the turn layer ends turns (the VAD head, after the turn's last word), each with
+    speech_started first, deltas that spell its completed transcript, and audio_start_ms in client time."""
+    import base64
+
+    data, heard = int16(sounds(6.0, 85))  # three ends of turn at the server's threshold (0.5)
+    info = model_info(reference)
+    threshold = turns_server.app.state.service.settings.end_of_turn_threshold  # server_vad's
+    reader, tracker = OutputReader(info), TurnTracker(info, TurnThresholds(eot=threshold))
+    items, starts, current = [], [], None
+    outputs = reference.outputs(heard)
+    for out in outputs:
+        for event in (e for raw in reader.step(out, 0) for e in tracker.feed(raw)):
+            if isinstance(event, Text) and current is None:
+                current = []
+                starts.append(round(event.time * 1000))
+            elif isinstance(event, Word):
+                current.append(event.text)
+            elif isinstance(event, EndOfTurn) and current is not None:
+                items.append(" ".join(current))
+                current = None
+    assert len(items) >= 2, "a clip with several turns"
+    async with realtime_client(turns_server).realtime.connect(extra_query={"intent": "transcription"}) as rt:
+        await rt.recv()
+        await rt.session.update(session=session_update({"type": "server_vad"}))
+        await rt.recv()
+        await rt.input_audio_buffer.append(audio=base64.b64encode(data).decode())
+        events = []
+        async for event in rt:
+            events.append(event)
+            if sum(e.type.endswith(".completed") for e in events) == len(items):
+                break
+    by_item: dict[str, list] = {}
+    for event in events:
+        if getattr(event, "item_id", None):
+            by_item.setdefault(event.item_id, []).append(event)
+    got = []
+    for item_id, its in by_item.items():
+        assert its[0].type == "input_audio_buffer.speech_started", [e.type for e in its]
+        completed = next(e for e in its if e.type.endswith(".completed"))
+        assert "".join(e.delta for e in its if e.type.endswith(".delta")) == completed.transcript
+        got.append((its[0].audio_start_ms, completed.transcript))
+    assert got == list(zip(starts, items))
