@@ -181,7 +181,7 @@ async def test_unknown_query_parameters_are_refused_on_every_websocket(edge_serv
     )
     language, kyutai, seed, repeated, opus_channels, six = results
     assert (language.code, language.reason) == (
-        1008, "unknown query parameter 'language' (accepted: format, sample_rate, channels, steps, api_key, auth_id)")
+        1008, "unknown query parameter 'language' (accepted: format, sample_rate, channels, steps, eot_threshold, ...)")
     assert (kyutai.code, kyutai.reason) == (1008, "unknown query parameter 'format' (accepted: api_key, auth_id)")
     assert (seed.code, seed.reason) == (1008, "unknown query parameter 'x' (accepted: api_key, auth_id)")
     assert (repeated.code, repeated.reason) == (1008, "query parameter 'format' given more than once")

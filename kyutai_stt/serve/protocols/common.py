@@ -74,8 +74,11 @@ def query_error(model: type[BaseModel], exc: ValidationError, value_error: str |
     pydantic's own message for the first wrong value)."""
     for error in exc.errors(include_url=False):
         if error["type"] == "extra_forbidden":
+            head = f"unknown query parameter {str(error['loc'][0])[:30]!r} (accepted: "
             accepted = ", ".join(model.model_fields)
-            return f"unknown query parameter {str(error['loc'][0])[:30]!r} (accepted: {accepted})"
+            if len(head) + len(accepted) + 1 > 120:  # a close reason is short: as many as fit, the README has all
+                accepted = accepted[:120 - len(head) - 5].rsplit(", ", 1)[0] + ", ..."
+            return f"{head}{accepted})"
     first = exc.errors(include_url=False)[0]
     if first["type"] == "value_error" and not first["loc"]:  # the model's own check across parameters
         return str(first["ctx"]["error"])
