@@ -129,6 +129,7 @@ def rounded(event: dict) -> dict:
     return {k: round(v, 4) if k == "probability" else v for k, v in event.items()}
 
 
+@pytest.mark.slow  # 6 s clips through the batch-1 reference and the engine (~1-2 min on 2 cores)
 async def test_events_turns_with_neighbour(turns_server, reference, sounds):
     pcm, other = sounds(6.0, 81), sounds(2.0, 82)
     thresholds = TurnThresholds(eot=0.53, eager=0.51)  # the random checkpoint's pause head hovers about 0.5
@@ -184,6 +185,7 @@ def check_flux_states(turns) -> None:
             state, eager, index = "initial", None, index + 1
 
 
+@pytest.mark.slow  # 6 s clips through the batch-1 reference and the engine (~1-2 min on 2 cores)
 async def test_flux_sdk_turns(turns_server, reference, sounds):
     from deepgram.listen.v2.types import ListenV2TurnInfo
 
@@ -299,6 +301,7 @@ async def test_realtime_turn_detection_parameters(turns_server):
         assert (detection.silence_duration_ms, detection.prefix_padding_ms) == (1000, 300)
 
 
+@pytest.mark.slow  # 6 s clips through the batch-1 reference and the engine (~1-2 min on 2 cores)
 async def test_realtime_server_vad_items(turns_server, reference, sounds):
     """case25: items split where the turn layer ends turns (the VAD head, after the turn's last word), each with
     speech_started first, deltas that spell its completed transcript, and audio_start_ms in client time."""
@@ -342,3 +345,22 @@ async def test_realtime_server_vad_items(turns_server, reference, sounds):
         assert "".join(e.delta for e in its if e.type.endswith(".delta")) == completed.transcript
         got.append((its[0].audio_start_ms, completed.transcript))
     assert got == list(zip(starts, items))
+
+
+@pytest.mark.slow  # waits out the turn's end at the engine's pace (~20 s of a loaded 2-core CPU)
+async def test_pipecat_flux_stt_service(turns_server, reference, sounds):
+    from pipecat.frames.frames import InputAudioRawFrame, TranscriptionFrame
+    from pipecat.pipeline.task import PipelineParams
+    from pipecat.services.deepgram.flux.stt import DeepgramFluxSTTService
+    from pipecat.tests.utils import SleepFrame, run_test
+
+    data, heard = int16(sounds(6.0, 81))
+    want = " ".join(w.text for w in finalized_words(reference.model, reference.outputs(heard)))
+    stt = DeepgramFluxSTTService(api_key=KEY, url=turns_server.ws + "/v2/listen", sample_rate=24000,
+                                 settings=DeepgramFluxSTTService.Settings(eot_threshold=0.53))
+    # one frame, so the end of turn is decided once the audio is all in (Pipecat's watchdog waits 2x its length)
+    down, _ = await run_test(stt, frames_to_send=[InputAudioRawFrame(audio=data, sample_rate=24000, num_channels=1),
+                                                  SleepFrame(sleep=45)],
+                             pipeline_params=PipelineParams(audio_in_sample_rate=24000), start_timeout=10)
+    finals = [f.text for f in down if isinstance(f, TranscriptionFrame)]
+    assert finals and finals[0] == want  # Flux's EndOfTurn is Pipecat's final transcription
