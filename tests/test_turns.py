@@ -69,10 +69,11 @@ def test_tracker_turns_with_flush():
                                 Marker(id=flushed[0])])
     assert [type(e) for e in out] == [EagerEndOfTurn, EndOfTurn]  # the end came during the flush: right after
     assert tracker.feed(Marker(id=5)) == [Marker(id=5)]  # a client's marker passes
-    # a forced end: its flush, then the end (acknowledged even with no words)
+    # a forced end with no turn under way ends nothing (Flux's state machine); during a turn: its flush, then the end
+    assert turn_events(tracker, [step(4, 0.1), Marker(id=tracker.force_end())]) == []
     marker = tracker.force_end()
-    assert turn_events(tracker, [step(4, 0.1), Marker(id=marker)]) == \
-        [EndOfTurn(probability=0.8, time=0.24, trigger="manual")]  # when it was asked
+    out = turn_events(tracker, [Text(text=" d", time=0.3), Word(text="d", start_time=0.3), Marker(id=marker)])
+    assert out == [SpeechStarted(time=0.3), EndOfTurn(probability=0.1, time=0.32, trigger="manual")]  # asked at 0.32
     # the timeout: no new text for timeout_s
     tracker.thresholds = TurnThresholds(eot=0.99, timeout_s=0.2)
     out = turn_events(tracker, [Text(text=" c", time=0.4), Word(text="c", start_time=0.4), step(6, 0.1),
