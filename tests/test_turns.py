@@ -44,7 +44,7 @@ def turn_events(tracker: TurnTracker, events) -> list:
 
 def test_tracker_turns_without_flush():
     tracker = TurnTracker(INFO, TurnThresholds(eot=0.6, eager=0.4))
-    out = turn_events(tracker, [
+    out = turn_events(tracker, events := [
         step(0, 0.9),  # a high pause before any speech ends nothing
         Text(text=" he", time=0.08), step(1, 0.1), Word(text="he", start_time=0.08),
         step(2, 0.45),  # eager crossing
@@ -57,6 +57,10 @@ def test_tracker_turns_without_flush():
     assert [type(e) for e in out] == [SpeechStarted, EagerEndOfTurn, TurnResumed, EagerEndOfTurn, EndOfTurn,
                                       SpeechStarted]
     assert out[4].time == 0.32 and out[4].probability == 0.7 and tracker.turn_index == 1
+    # the end comes right after the turn's last word, not before it
+    tracker = TurnTracker(INFO, TurnThresholds(eot=0.6, eager=0.4))
+    stream = [e for event in events for e in tracker.feed(event)]
+    assert stream.index(out[4]) == stream.index(Word(text="so", start_time=0.24)) + 1
 
 
 def test_tracker_turns_with_flush():
