@@ -222,6 +222,7 @@ def run(
     protocols: str = typer.Option(",".join(PROTOCOLS), help=f"Any of {', '.join(PROTOCOLS)}."),
     utterances: int = typer.Option(8, min=1, help="Utterances (turns) per session."),
     slots: int = typer.Option(4, min=1, help="The server's --slots."),
+    workers: Optional[int] = typer.Option(None, help="The server's --workers (front-end processes)."),
     capacity: Optional[int] = typer.Option(None, help="The engine's capacity in sessions (default: --slots); the "
                                                       "loaded run is 90 % of it on CPU, half of it on GPU."),
     target: str = typer.Option("auto", help="cpu or gpu targets of issue 19 (auto: from --device)."),
@@ -264,7 +265,7 @@ def run(
             env["OMP_NUM_THREADS"] = str(threads)
         log_path = Path(os.environ.get("TTFS_LOG_DIR", "/tmp")) / f"ttfs-server-{os.getpid()}.log"
         server = ServerProcess(log_path, ["--model", model, "--slots", str(slots), "--device", device,
-                                          "--dtype", dtype], env=env)
+                                          "--dtype", dtype], env=env, workers=workers)
         log(f"starting the server (log {log_path})")
         server.wait_ready(startup_timeout)
         url = server.url
@@ -290,6 +291,8 @@ def run(
                     f"turns, step {row['step_ms']:.1f} ms, load {row['load_avg'][0]:.1f}"
                     + (f", errors: {row['errors'][:2]}" if row["errors"] else ""))
                 rows.append(row)
+                if out:  # as they come: a run cut short keeps what it measured
+                    save(out, {"machine": machine, "model": model, "partial": True, "rows": rows, "flush_frames": flush})
     finally:
         if server is not None:
             server.stop()
@@ -303,12 +306,26 @@ def run(
     for text, holds in checks:
         print(f"- {'HOLDS' if holds else 'FAILS'}: {text}")
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"machine": machine, "model": model, "device": device, "slots": slots,
-                                   "frames_per_step": fps, "delay_frames": delay, "capacity": capacity,
-                                   "load_sessions": load_sessions, "flush_frames": flush, "rows": rows,
-                                   "targets": [{"check": t, "holds": h} for t, h in checks]}, indent=1) + "\n")
+        save(out, {"machine": machine, "model": model, "device": device, "slots": slots, "frames_per_step": fps,
+                   "delay_frames": delay, "capacity": capacity, "load_sessions": load_sessions, "command": sys.argv,
+                   "git": git_commit(), "flush_frames": flush, "rows": rows,
+                   "targets": [{"check": t, "holds": h} for t, h in checks]})
         log(f"wrote {out}")
+
+
+def save(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_HERE, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 if __name__ == "__main__":

@@ -133,6 +133,12 @@ async def session(base_http: str, speech: list[bytes], start_delay: float, gap_s
 
 async def run_sessions(base_http: str, source: np.ndarray, utterances: list[Utterance], sessions: int,
                        per_session: int, ramp_s: float = 1.0, seed: int = 0) -> list[SessionResult]:
+    import sys
+
+    from loguru import logger
+
+    logger.remove()  # Pipecat logs every frame at DEBUG: warnings only
+    logger.add(sys.stderr, level="WARNING")
     speech = [int16_bytes(to_rate(source[u.start:u.start + u.length], RATE)) for u in utterances]
     rng = random.Random(seed)
     return list(await asyncio.gather(*(
