@@ -73,6 +73,17 @@ def frames_done(url: str) -> int:
     return int(httpx.get(url + "/status", timeout=30).json()["frames"])
 
 
+def wait_idle(url: str, timeout: float = 600.0) -> float:
+    """Until no slot is in use (the previous run's streams still flushing their backlog hold theirs): a run starts
+    on an idle engine and its sessions are never refused. Returns the seconds waited."""
+    import httpx
+
+    start = time.perf_counter()
+    while httpx.get(url + "/status", timeout=30).json()["slots_in_use"] and time.perf_counter() - start < timeout:
+        time.sleep(0.5)
+    return time.perf_counter() - start
+
+
 def needed_steps(delay_frames: int, frames_per_step: int, stop_secs: float = STOP_SECS) -> int:
     """Engine steps the last word still needs at the VAD stop: the rest of the model's delay beyond the stop_secs
     of silence already sent, plus one frame (the word rule closes a word at the next token)."""
@@ -136,6 +147,9 @@ def _light_worker(args: tuple) -> list[dict]:
 def run_one(protocol: str, server_url: str, sessions: int, per_session: int, utterances, delay: int, fps: int,
             procs: int, ramp: float) -> dict:
     base_ws = server_url.replace("http", "ws", 1)
+    waited = wait_idle(server_url)
+    if waited > 1:
+        log(f"  waited {waited:.0f} s for the previous run's streams to finish")
     steps_before = step_totals(server_url)
     t = time.perf_counter()
     if protocol == "pipecat":

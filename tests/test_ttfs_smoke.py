@@ -51,7 +51,7 @@ def test_floor_counts_the_steps_the_last_word_needs(ttfs):
 def test_one_turn_per_protocol_against_a_real_server(ttfs, checkpoint_dir, tmp_path):
     out = tmp_path / "ttfs.json"
     result = CliRunner().invoke(ttfs.app, [
-        "run", "--model", str(checkpoint_dir), "--slots", "2", "--clients", "1", "--utterances", "1",
+        "run", "--model", str(checkpoint_dir), "--slots", "1", "--clients", "1", "--utterances", "1",
         "--threads", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "| protocol | sessions |" in result.stdout
