@@ -37,6 +37,7 @@ class SessionResult:
     ttfs: list[float] = field(default_factory=list)  # seconds, one per utterance whose final came
     missing: int = 0  # finalizes never answered within FINAL_TIMEOUT_S
     audio_s: float = 0.0  # audio sent (speech and silence), seconds
+    late_p99_s: float = 0.0  # how late the client sent its chunks (p99): a load generator that lags skews TTFS
     error: str | None = None
 
 
@@ -181,7 +182,7 @@ async def session(protocol: Protocol, speech: list[np.ndarray], utterances: list
                         final.set()
 
             reader = asyncio.create_task(receive())
-            t0, sent = time.perf_counter(), 0
+            t0, sent, late = time.perf_counter(), 0, []
 
             async def send(pcm: np.ndarray) -> float:
                 """Send one chunk at its real-time moment; returns when it went out."""
@@ -189,6 +190,7 @@ async def session(protocol: Protocol, speech: list[np.ndarray], utterances: list
                 due = t0 + sent * CHUNK_MS / 1000
                 if due > time.perf_counter():
                     await asyncio.sleep(due - time.perf_counter())
+                late.append(time.perf_counter() - due)
                 await ws.send(protocol.audio(pcm))
                 sent += 1
                 return time.perf_counter()
@@ -219,6 +221,7 @@ async def session(protocol: Protocol, speech: list[np.ndarray], utterances: list
                 for _ in range(round(gap_s * 1000 / CHUNK_MS)):
                     await send(silence)
             result.audio_s = sent * CHUNK_MS / 1000
+            result.late_p99_s = float(np.percentile(late, 99)) if late else 0.0
             reader.cancel()
     except Exception as exc:  # noqa: BLE001 - a failed session is reported, never stops the others
         result.error = f"{type(exc).__name__}: {exc}"[:300]

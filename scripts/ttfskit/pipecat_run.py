@@ -57,6 +57,7 @@ def _classes():
             self.done = asyncio.Event()
             self.chunk = RATE * CHUNK_MS // 1000 * 2
             self.sent = 0
+            self.late: list[float] = []
 
         async def start(self, frame: StartFrame):
             await super().start(frame)
@@ -67,6 +68,7 @@ def _classes():
             due = t0 + self.sent * CHUNK_MS / 1000
             if due > time.perf_counter():
                 await asyncio.sleep(due - time.perf_counter())
+            self.late.append(time.perf_counter() - due)
             await self.push_audio_frame(InputAudioRawFrame(audio=data, sample_rate=RATE, num_channels=1))
             self.sent += 1
 
@@ -89,6 +91,7 @@ def _classes():
                         await self.push(silence, t0)
             finally:
                 self.result.audio_s = self.sent * CHUNK_MS / 1000
+                self.result.late_p99_s = float(np.percentile(self.late, 99)) if self.late else 0.0
                 self.done.set()
 
     return Collector, Transport
