@@ -129,8 +129,7 @@ class Kyutai(Protocol):
 
         if not isinstance(message, bytes):
             return False
-        event = msgpack.unpackb(message)
-        return event.get("type") == "Marker" and event.get("id") == self.markers
+        return msgpack.unpackb(message).get("type") == "Marker"  # echoes come in order: the session counts them
 
 
 class Stream(Protocol):
@@ -147,8 +146,7 @@ class Stream(Protocol):
     def is_final(self, message):
         if isinstance(message, bytes):
             return False
-        event = json.loads(message)
-        return event.get("type") == "marker" and event.get("id") == self.markers
+        return json.loads(message).get("type") == "marker"  # echoes come in order: the session counts them
 
 
 CLIENTS = {"deepgram": Deepgram, "realtime": Realtime, "kyutai": Kyutai, "stream": Stream}
@@ -168,7 +166,8 @@ async def session(protocol: Protocol, speech: list[np.ndarray], utterances: list
     chunk = protocol.rate * CHUNK_MS // 1000
     silence = np.zeros(chunk, np.float32)
     final = asyncio.Event()
-    arrived: list[float] = []
+    arrived: list[float] = []  # the acknowledgements, in order: the k-th answers the k-th finalize
+    finalizes = 0
     try:
         async with websockets.connect(protocol.url(), max_size=None, open_timeout=120, ping_interval=None,
                                       close_timeout=30) as ws:
@@ -179,7 +178,8 @@ async def session(protocol: Protocol, speech: list[np.ndarray], utterances: list
                 async for message in ws:
                     if protocol.is_final(message):
                         arrived.append(time.perf_counter())
-                        final.set()
+                        if len(arrived) == finalizes:  # a late answer to an earlier (missed) turn is not this one's
+                            final.set()
 
             reader = asyncio.create_task(receive())
             t0, sent, late = time.perf_counter(), 0, []
@@ -207,6 +207,7 @@ async def session(protocol: Protocol, speech: list[np.ndarray], utterances: list
                     at = await send(np.pad(part, (0, chunk - len(part))) if len(part) else silence)
                     if k + 1 == stop_chunk:  # the VAD reports the stop after this chunk: the agent finalizes
                         stopped_at = at
+                        finalizes += 1
                         for message in protocol.finalize():
                             await ws.send(message)
                 deadline = time.perf_counter() + FINAL_TIMEOUT_S
