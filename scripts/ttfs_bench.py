@@ -251,6 +251,8 @@ def run(
     procs: int = typer.Option(1, min=1, help="Processes for the light clients (hundreds of sessions)."),
     ramp: float = typer.Option(1.0, help="Sessions start at random within this many seconds."),
     probe: bool = typer.Option(True, help="Measure the server's flush frames per turn first."),
+    final_timeout: float = typer.Option(light.FINAL_TIMEOUT_S, help="Seconds a client waits for a final before "
+                                                                    "counting it missing and going on."),
     startup_timeout: float = typer.Option(900.0),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write every sample and figure as JSON here."),
 ) -> None:
@@ -271,6 +273,7 @@ def run(
 
         log(f"making a random {make_checkpoint} checkpoint in {model}")
         build(Path(model), make_checkpoint)
+    light.FINAL_TIMEOUT_S = final_timeout  # read by both kinds of client at run time
     delay = model_timing(model)["delay_frames"]
     utts = plan.load()
     server = None

@@ -52,7 +52,7 @@ def test_one_turn_per_protocol_against_a_real_server(ttfs, checkpoint_dir, tmp_p
     out = tmp_path / "ttfs.json"
     result = CliRunner().invoke(ttfs.app, [
         "run", "--model", str(checkpoint_dir), "--slots", "1", "--clients", "1", "--utterances", "1",
-        "--threads", "1", "--out", str(out)])
+        "--threads", "1", "--final-timeout", "300", "--out", str(out)])  # function, not speed: wait
     assert result.exit_code == 0, result.output
     assert "| protocol | sessions |" in result.stdout
     data = json.loads(out.read_text())

@@ -29,7 +29,7 @@ import numpy as np
 from .plan import CHUNK_MS, STOP_SECS, Utterance, int16_bytes, to_rate
 
 PROTOCOLS = ("deepgram", "realtime", "kyutai", "stream")
-FINAL_TIMEOUT_S = 20.0  # a final that has not come by then is counted as missing
+FINAL_TIMEOUT_S = 20.0  # a final that has not come by then is counted as missing (--final-timeout)
 
 
 @dataclass

@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from .light import FINAL_TIMEOUT_S, SessionResult
+from . import light
+from .light import SessionResult
 from .plan import CHUNK_MS, STOP_SECS, Utterance, int16_bytes, to_rate
 
 RATE = 16000
@@ -82,7 +83,7 @@ def _classes():
                     self.collector.reported.clear()
                     for offset in range(0, len(data), self.chunk):
                         await self.push(data[offset:offset + self.chunk].ljust(self.chunk, b"\0"), t0)
-                    deadline = time.perf_counter() + FINAL_TIMEOUT_S
+                    deadline = time.perf_counter() + light.FINAL_TIMEOUT_S
                     while not self.collector.reported.is_set() and time.perf_counter() < deadline:
                         await self.push(silence, t0)
                     if not self.collector.reported.is_set():
@@ -113,7 +114,7 @@ async def session(base_http: str, speech: list[bytes], start_delay: float, gap_s
     collector = Collector()
     transport = Transport(speech, collector, result, gap_s, lead_s)
     # a TTFS only from the finalize's acknowledgement: Pipecat's fallback (the last transcript after a 2 s wait) off
-    stt = DeepgramSTTService(api_key="unused", base_url=base_http, sample_rate=RATE, stt_ttfb_timeout=FINAL_TIMEOUT_S)
+    stt = DeepgramSTTService(api_key="unused", base_url=base_http, sample_rate=RATE, stt_ttfb_timeout=light.FINAL_TIMEOUT_S)
     vad = VADProcessor(vad_analyzer=SileroVADAnalyzer(params=VADParams(stop_secs=STOP_SECS)))
     worker = PipelineWorker(Pipeline([transport, vad, stt]), observers=[collector],
                             params=PipelineParams(audio_in_sample_rate=RATE, audio_in_channels=1, enable_metrics=True))
