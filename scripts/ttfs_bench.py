@@ -310,7 +310,8 @@ def run(
                     + (f", errors: {row['errors'][:2]}" if row["errors"] else ""))
                 rows.append(row)
                 if out:  # as they come: a run cut short keeps what it measured
-                    save(out, {"machine": machine, "model": model, "partial": True, "rows": rows, "flush_frames": flush})
+                    save(out, {"machine": machine, "model": model, "partial": True, "rows": rows,
+                               "flush_frames": flush})
     finally:
         if server is not None:
             server.stop()

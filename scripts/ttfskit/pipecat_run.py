@@ -114,7 +114,8 @@ async def session(base_http: str, speech: list[bytes], start_delay: float, gap_s
     collector = Collector()
     transport = Transport(speech, collector, result, gap_s, lead_s)
     # a TTFS only from the finalize's acknowledgement: Pipecat's fallback (the last transcript after a 2 s wait) off
-    stt = DeepgramSTTService(api_key="unused", base_url=base_http, sample_rate=RATE, stt_ttfb_timeout=light.FINAL_TIMEOUT_S)
+    stt = DeepgramSTTService(api_key="unused", base_url=base_http, sample_rate=RATE,
+                             stt_ttfb_timeout=light.FINAL_TIMEOUT_S)
     vad = VADProcessor(vad_analyzer=SileroVADAnalyzer(params=VADParams(stop_secs=STOP_SECS)))
     worker = PipelineWorker(Pipeline([transport, vad, stt]), observers=[collector],
                             params=PipelineParams(audio_in_sample_rate=RATE, audio_in_channels=1, enable_metrics=True))

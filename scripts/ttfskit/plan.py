@@ -99,7 +99,8 @@ def build(count: int = 24, seed: int = 19, seconds: tuple[float, float] = (1.5, 
 
 
 def save(utterances: list[Utterance], path: Path = PLAN_PATH) -> None:
-    path.write_text(json.dumps({"source": "tests/fixtures/bria.opus", "vad": f"SileroVADAnalyzer(stop_secs={STOP_SECS})",
+    path.write_text(json.dumps({"source": "tests/fixtures/bria.opus",
+                                "vad": f"SileroVADAnalyzer(stop_secs={STOP_SECS})",
                                 "chunk_ms": CHUNK_MS, "utterances": [asdict(u) for u in utterances]}, indent=1) + "\n")
 
 
