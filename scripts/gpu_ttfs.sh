@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The TTFS benchmark on a lent GPU, in one go (sized for about 5 minutes on an H100 or H200 with 16 cores):
+#   a random stt-1b checkpoint (bf16), `kyutai-stt serve --slots $SLOTS --workers $WORKERS`, then 1 / 64 / 256 / 512
+#   concurrent sessions of the light Deepgram and OpenAI Realtime clients (the same method as the Pipecat pipeline:
+#   real speech at real time in 20 ms chunks, finalize at Pipecat's Silero VAD stop from scripts/ttfs_plan.json;
+#   the GPU machine has no Pipecat), $PROCS load-generator processes. Prints whether issue 19's GPU target holds
+#   (TTFS p99 <= 0.30 s with one session and at half the capacity, $SLOTS / 2 sessions).
+# Results: $OUT/ttfs-gpu.json and $OUT/ttfs-gpu.md, the server's log in $OUT.
+#
+#   bash scripts/gpu_ttfs.sh                       # from the repository root
+#   CKPT=/tmp/ck_1b CLIENTS=1,64 bash scripts/gpu_ttfs.sh
+#
+# The GPU machine's python3 lacks some server dependencies (see scripts/gpu_wheels.sh): put their wheels in
+# $WHEELS (default shared/wheels) and they are installed to a private folder first.
+set -uo pipefail
+DEADLINE_S=${DEADLINE_S:-420}
+CKPT=${CKPT:-/tmp/ck_1b}
+OUT=${OUT:-${OUT_DIR:-$PWD/gpu-out}}
+WHEELS=${WHEELS:-shared/wheels}
+SLOTS=${SLOTS:-512}
+CLIENTS=${CLIENTS:-1,64,256,512}
+PROTOCOLS=${PROTOCOLS:-deepgram,realtime}
+TURNS=${TURNS:-5}
+PROCS=${PROCS:-6}
+WORKERS=${WORKERS:-6}
+mkdir -p "$OUT"
+start=$(date +%s)
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  python3 -m pip install --quiet --no-index --no-deps --target /tmp/kyutai-deps "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH=/tmp/kyutai-deps:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+left=$(( DEADLINE_S - ($(date +%s) - start) ))
+TTFS_LOG_DIR="$OUT" timeout --signal=INT --kill-after=20 "$left" python3 scripts/ttfs_bench.py run \
+  --model "$CKPT" --make-checkpoint 1b --device cuda --dtype bfloat16 --slots "$SLOTS" --workers "$WORKERS" \
+  --clients "$CLIENTS" --protocols "$PROTOCOLS" --utterances "$TURNS" --procs "$PROCS" --ramp 2 \
+  --startup-timeout 240 --out "$OUT/ttfs-gpu.json" | tee "$OUT/ttfs-gpu.md"
+echo "exit $? after $(( $(date +%s) - start )) s; results in $OUT"

@@ -1,0 +1,1 @@
+"""The TTFS benchmark's parts (scripts/ttfs_bench.py): the utterance plan, the clients, the report."""
