@@ -49,6 +49,9 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     vad_horizons: tuple[float, ...] = ()  # per VAD head, how far ahead (s) it predicts a pause; () without heads
     end_of_turn_head: int | None = None  # the VAD head whose pause probability ends a turn
     languages: tuple[str, ...] = ()  # ISO 639-1 codes it transcribes, the most likely first
+    # where words start: "boundary" (Kyutai: the boundary token; a padding completes a word) or "piece" (NeMo: a
+    # piece that begins with "▁"; a word is complete when the next one starts or the stream ends)
+    word_start: str = "boundary"
     device: str = "cpu"
     dtype: str = "float32"
     random_weights: bool = False  # a test checkpoint: the text is meaningless
