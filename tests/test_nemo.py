@@ -1,0 +1,178 @@
+"""NVIDIA's family (engine/nemo): a stream's tokens equal NeMo's own batch-1 streaming loop whatever its slot,
+neighbours and join time, and the server serves it through the protocols with the same words.
+
+A tiny random-weight cache-aware CTC checkpoint (``make-checkpoint --family nemo``) is made once per run, or reused
+from ``KYUTAI_STT_TEST_NEMO_CHECKPOINT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+
+pytest.importorskip("nemo.collections.asr")
+
+from kyutai_stt.client import Client  # noqa: E402
+from kyutai_stt.engine.contract import StepOutput, StreamEnd  # noqa: E402
+from kyutai_stt.engine.nemo.checkpoint import load_model, make_checkpoint  # noqa: E402
+from kyutai_stt.engine.nemo.engine import PADDING, TOKEN_OFFSET, Engine  # noqa: E402
+from kyutai_stt.engine.nemo.reference import reference_labels  # noqa: E402
+from kyutai_stt.messages.events import Word, WordEnd  # noqa: E402
+from kyutai_stt.settings import Settings  # noqa: E402
+from kyutai_stt.stream.words import WordAssembler, pair_words  # noqa: E402
+
+from .conftest import RunningServer, free_port  # noqa: E402
+from .helpers import words_of  # noqa: E402
+from .test_protocols import wav_bytes  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def nemo_dir(tmp_path_factory) -> Path:
+    cached = os.environ.get("KYUTAI_STT_TEST_NEMO_CHECKPOINT")
+    if cached:
+        folder = Path(cached)
+        if not (folder / "model.nemo").exists():
+            make_checkpoint(folder, "tiny")
+        return folder
+    return make_checkpoint(tmp_path_factory.mktemp("nemo") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="session")
+def nemo_model(nemo_dir):
+    return load_model(str(nemo_dir), "cpu", "float32")
+
+
+def expected_tokens(model, pcm: np.ndarray) -> list[int]:
+    """The contract's tokens for NeMo's reference labels: blank or a repeat is padding, else the piece."""
+    blank = model.asr.decoder.num_classes_with_blank - 1
+    tokens, previous = [], blank
+    for label in reference_labels(model, pcm):
+        tokens.append(PADDING if label in (blank, previous) else label + TOKEN_OFFSET)
+        previous = label
+    return tokens
+
+
+class Collector:
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.done = threading.Event()
+
+    def __call__(self, events):
+        for event in events:
+            if isinstance(event, StepOutput):
+                self.tokens.append(event.token)
+            elif isinstance(event, StreamEnd):
+                self.done.set()
+
+
+def test_stream_equals_nemo_reference_whatever_its_slot_neighbours_and_join(nemo_model, bria):
+    """The parity and neighbour-invariance proof: 6 s of speech in slot 2 of 4, fed in random pieces, while two
+    neighbours join at other times, pause and leave, gives NeMo's own batch-1 streaming labels token for token; so
+    does the same stream alone in slot 0 (bit-identical tokens)."""
+    rng = random.Random(3)
+    main = bria[: 24000 * 6 + 777]  # a partial last frame and a partial last chunk
+    other_a, other_b = bria[24000 * 8: 24000 * 11], bria[24000 * 12: 24000 * 16 + 100]
+    want = expected_tokens(nemo_model, main)
+    assert sum(t != PADDING for t in want) > 20  # the random model's labels do change: the check bites
+    engine = Engine(nemo_model, 4)
+    engine.warmup()
+    engine.start()
+    try:
+        alone = Collector()
+        handle = engine.open(alone)
+        engine.push(handle, main)
+        engine.close(handle)
+        assert alone.done.wait(120)
+        assert alone.tokens == want
+
+        # slots 0 and 1 taken first, so the stream lands in slot 2; neighbours join late and pause
+        sinks = [Collector() for _ in range(3)]
+        first = engine.open(sinks[0])
+        engine.push(first, other_a[:24000])
+        holder = engine.open(Collector())
+        handles = [first, None, engine.open(sinks[2])]
+        assert handles[2].slot == 2
+        engine.abort(holder)  # slot 1 frees: the second neighbour joins there later
+        position, step = 0, 0
+        while position < len(main):
+            size = rng.choice([480, 1920, 5000, 7777])
+            engine.push(handles[2], main[position:position + size])
+            position += size
+            step += 1
+            if step == 10:
+                handles[1] = engine.open(sinks[1])
+                engine.push(handles[1], other_b)
+            if step == 20:
+                engine.push(first, other_a[24000:])
+                engine.close(first)
+        engine.close(handles[1])
+        engine.close(handles[2])
+        assert all(s.done.wait(120) for s in sinks)
+        assert sinks[2].tokens == want
+        assert sinks[0].tokens == expected_tokens(nemo_model, other_a)
+        assert sinks[1].tokens == expected_tokens(nemo_model, other_b)
+    finally:
+        engine.stop()
+
+
+def test_piece_words():
+    """NeMo's words: a "▁" piece starts a word; padding between a word's pieces does not split it."""
+    pieces = ("<b>", "<pad>", "▁hel", "lo", "▁wor", "ld", "▁")
+    assembler = WordAssembler(pieces.__getitem__, 0, 12.5, 1, 0, 2, piece_starts_word=True)
+    events = []
+    for frame, token in enumerate([1, 2, 1, 1, 3, 1, 4, 5, 1, 1]):
+        events += assembler.feed(frame, token)
+    events += assembler.finish(10)
+    words = [(w.text, w.start, w.end) for w in pair_words(e for e in events if isinstance(e, (Word, WordEnd)))]
+    assert words == [("hello", 0.08, 0.4), ("world", 0.48, 0.8)]
+
+
+@pytest.fixture(scope="module")
+def nemo_server(nemo_dir):
+    from kyutai_stt.engine.startup import load
+    from kyutai_stt.serve.server import create_app
+
+    settings = Settings(model=str(nemo_dir), device="cpu", dtype="float32", slots=4)
+    with RunningServer(create_app(settings, load(settings)), free_port()) as running:
+        yield running
+
+
+async def test_server_serves_the_nemo_family(nemo_server, nemo_model, bria):
+    """/status names the family; the events WebSocket (two streams at once) and OpenAI's SDK give the reference's
+    words."""
+    import httpx
+
+    pcm = bria[: 24000 * 4]
+    info = nemo_server.engine.info
+    assembler = WordAssembler.for_model(info)
+    assembler.audio_end = len(pcm) / 24000
+    events = []
+    for frame, token in enumerate(expected_tokens(nemo_model, pcm)):
+        events += assembler.feed(frame, token)
+    events += assembler.finish(-(-len(pcm) // 1920))
+    want = [(w.text, round(w.start, 4), round(w.end, 4))
+            for w in pair_words(e for e in events if isinstance(e, (Word, WordEnd)))]
+    assert want
+    async with httpx.AsyncClient() as client:
+        status = (await client.get(nemo_server.http + "/status")).json()
+    assert status["family"] == "nemo" and status["slots_total"] == 4
+
+    async def via_events(chunk):
+        return words_of([e async for e in Client(nemo_server.ws).stream(pcm, chunk_samples=chunk)])
+
+    async def via_openai():
+        client = openai.AsyncOpenAI(base_url=nemo_server.http + "/v1", api_key="unused", timeout=600)
+        result = await client.audio.transcriptions.create(
+            model="nemo", file=("a.wav", wav_bytes(pcm)), response_format="verbose_json",
+            timestamp_granularities=["word"])
+        return [(w.word, round(w.start, 4), round(w.end, 4)) for w in result.words]
+
+    results = await asyncio.gather(via_events(5000), via_events(1234), via_openai())
+    assert results[0] == results[1] == results[2] == want
