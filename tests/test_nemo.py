@@ -33,6 +33,18 @@ from .helpers import words_of  # noqa: E402
 from .test_protocols import wav_bytes  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for this module: the tiny model's small products gain nothing from two, and on a
+    loaded 2-core machine OpenMP's spinning threads made each step 17x slower (results are the same)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def nemo_dir(tmp_path_factory) -> Path:
     cached = os.environ.get("KYUTAI_STT_TEST_NEMO_CHECKPOINT")
