@@ -52,6 +52,9 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     # where words start: "boundary" (Kyutai: the boundary token; a padding completes a word) or "piece" (NeMo: a
     # piece that begins with "▁"; a word is complete when the next one starts or the stream ends)
     word_start: str = "boundary"
+    # frames of audio past a step's last frame the engine needs before it steps it (NeMo: the STFT window and the
+    # resampler reach 8 ms into the next frame); a mid-stream flush feeds them as silence
+    lookahead_frames: int = 0
     device: str = "cpu"
     dtype: str = "float32"
     random_weights: bool = False  # a test checkpoint: the text is meaningless

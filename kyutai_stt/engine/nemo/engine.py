@@ -40,14 +40,16 @@ PADDING, BOUNDARY = 1, 0
 
 
 def describe(model: NemoModel, chunk_frames: int) -> ModelInfo:
-    tokenizer = model.asr.tokenizer
-    pieces = tuple(tokenizer.tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size))
+    processor = model.asr.tokenizer.tokenizer  # sentencepiece
+    # <unk> and control pieces carry no text (their strings would otherwise reach the client as "<unk>")
+    pieces = tuple("" if processor.is_unknown(i) or processor.is_control(i) else processor.id_to_piece(i)
+                   for i in range(model.asr.tokenizer.vocab_size))
     return ModelInfo(
         name=model.name, family="nemo", pieces=("<boundary>", "<pad>") + pieces, first_piece_token=TOKEN_OFFSET,
         padding_token=PADDING, boundary_token=BOUNDARY, sample_rate=24000, frame_size=FRAME_24K,
         delay_frames=0, prefix_frames=0, frames_per_step=chunk_frames, flush_frames=0,
         languages=("en",), device=str(model.device), dtype="float32", random_weights=model.random_weights,
-        word_start="piece")
+        word_start="piece", lookahead_frames=1)
 
 
 class _AudioQueue:
