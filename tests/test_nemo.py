@@ -71,6 +71,16 @@ def expected_tokens(model, pcm: np.ndarray) -> list[int]:
     return tokens
 
 
+def wait_for(condition, timeout: float = 60.0) -> None:
+    """Let the engine catch up (a real pause or join in engine time, not just in push order)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the engine did not catch up"
+        time.sleep(0.005)
+
+
 class Collector:
     def __init__(self):
         self.tokens: list[int] = []
@@ -104,7 +114,8 @@ def test_stream_equals_nemo_reference_whatever_its_slot_neighbours_and_join(nemo
         assert alone.done.wait(120)
         assert alone.tokens == want
 
-        # slots 0 and 1 taken first, so the stream lands in slot 2; neighbours join late and pause
+        # slots 0 and 1 taken first, so the stream lands in slot 2; the first neighbour runs out of audio and
+        # pauses (its slot idle while the others step), the second joins mid-stream, in engine time
         sinks = [Collector() for _ in range(3)]
         first = engine.open(sinks[0])
         engine.push(first, other_a[:24000])
@@ -112,6 +123,7 @@ def test_stream_equals_nemo_reference_whatever_its_slot_neighbours_and_join(nemo
         handles = [first, None, engine.open(sinks[2])]
         assert handles[2].slot == 2
         engine.abort(holder)  # slot 1 frees: the second neighbour joins there later
+        wait_for(lambda: len(sinks[0].tokens) >= 10)  # 12 frames pushed; the last chunk waits for its look-ahead
         position, step = 0, 0
         while position < len(main):
             size = rng.choice([480, 1920, 5000, 7777])
@@ -119,9 +131,11 @@ def test_stream_equals_nemo_reference_whatever_its_slot_neighbours_and_join(nemo
             position += size
             step += 1
             if step == 10:
+                wait_for(lambda: len(sinks[2].tokens) >= 8)
                 handles[1] = engine.open(sinks[1])
                 engine.push(handles[1], other_b)
             if step == 20:
+                wait_for(lambda: len(sinks[2].tokens) >= 30)
                 engine.push(first, other_a[24000:])
                 engine.close(first)
         engine.close(handles[1])
