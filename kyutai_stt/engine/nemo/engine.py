@@ -145,7 +145,7 @@ class Engine:
         self.fault_injector: Callable[[], None] | None = None
         if model.device.type == "cpu" and batch_invariant.enable_strict_cnr() is False:
             log.warning("MKL is not in strict reproducible mode: a stream's outputs may depend on its slot")
-        self._features = FeatureBatch(asr.preprocessor, slots, asr.encoder._feat_in, self._pre_cache)
+        self._features = FeatureBatch(asr.preprocessor, slots, asr.encoder._feat_in, self._pre_cache, model.device)
         channel, time_, channel_len = asr.encoder.get_initial_cache_state(batch_size=slots, device=model.device)
         self._cache_channel, self._cache_time, self._cache_len = channel, time_, channel_len
         self._last_label = torch.full((slots,), self._blank, dtype=torch.long)
@@ -298,8 +298,8 @@ class Engine:
         return reset, active, torch.from_numpy(pcm), deliver, targets
 
     def _reset(self, mask: torch.Tensor) -> None:
-        self._features.reset(mask)
         device_mask = mask.to(self.model.device)
+        self._features.reset(device_mask)
         self._cache_channel[:, device_mask] = 0
         self._cache_time[:, device_mask] = 0
         self._cache_len[device_mask] = 0
@@ -309,7 +309,7 @@ class Engine:
     def _encode(self, pcm: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """One chunk for every row; the ``active`` rows' state moves on. The chunk's labels ``[B, C]``."""
         device = self.model.device
-        features = self._features.chunk(pcm, active).to(device)
+        features = self._features.chunk(pcm.to(device, non_blocking=True), active.to(device))
         lengths = torch.full((self.batch_size,), features.shape[2], dtype=torch.long, device=device)
         encoder = self.model.asr.encoder
         encoded, encoded_len, channel, time_, channel_len = encoder.cache_aware_stream_step(

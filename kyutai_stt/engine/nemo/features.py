@@ -32,11 +32,12 @@ LOOKAHEAD_24K = STFT_LOOKAHEAD_16K * 3 // 2 + RESAMPLE_CONTEXT_24K  # 192 sample
 class FeatureBatch:
     """Per-slot left context (24 kHz samples, 16 kHz samples, feature frames for the pre-encoder's cache)."""
 
-    def __init__(self, preprocessor: torch.nn.Module, slots: int, features: int, pre_encode_cache: int):
-        self.preprocessor = preprocessor
-        self.tail24 = torch.zeros(slots, RESAMPLE_CONTEXT_24K)
-        self.tail16 = torch.zeros(slots, STFT_CONTEXT_16K)
-        self.cache = torch.zeros(slots, features, pre_encode_cache)
+    def __init__(self, preprocessor: torch.nn.Module, slots: int, features: int, pre_encode_cache: int,
+                 device: torch.device | str = "cpu"):
+        self.preprocessor = preprocessor  # on ``device``, with the model
+        self.tail24 = torch.zeros(slots, RESAMPLE_CONTEXT_24K, device=device)
+        self.tail16 = torch.zeros(slots, STFT_CONTEXT_16K, device=device)
+        self.cache = torch.zeros(slots, features, pre_encode_cache, device=device)
 
     def reset(self, mask: torch.Tensor) -> None:
         """Streams start from silence."""
@@ -53,7 +54,7 @@ class FeatureBatch:
         skip = RESAMPLE_CONTEXT_24K * 2 // 3
         pcm16 = pcm16[:, skip:skip + frames * FRAME_16K + STFT_LOOKAHEAD_16K]
         signal = torch.cat([self.tail16, pcm16], dim=1)
-        lengths = torch.full((signal.shape[0],), signal.shape[1], dtype=torch.long)
+        lengths = torch.full((signal.shape[0],), signal.shape[1], dtype=torch.long, device=signal.device)
         mel, _ = self.preprocessor(input_signal=signal, length=lengths)
         start = STFT_CONTEXT_16K // HOP
         mel = mel[:, :, start:start + frames * FEATURES_PER_FRAME]
