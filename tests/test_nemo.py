@@ -200,8 +200,18 @@ async def test_server_serves_the_nemo_family(nemo_server, nemo_model, bria):
             timestamp_granularities=["word"])
         return [(w.word, round(w.start, 4), round(w.end, 4)) for w in result.words]
 
-    results = await asyncio.gather(via_events(5000), via_events(1234), via_openai())
+    async def via_kyutai():  # moshi-server's msgpack protocol, through our client
+        events = [e async for e in Client(nemo_server.ws, "kyutai").stream(pcm)]
+        return [(e.text, round(e.start_time, 4)) for e in events if isinstance(e, Word)]
+
+    results = await asyncio.gather(via_events(5000), via_events(1234), via_openai(), via_kyutai())
     assert results[0] == results[1] == results[2] == want
+    # moshi-server's protocol has no flush: the words before its end marker are a prefix of the flushed ones
+    assert results[3] and results[3] == [(w[0], w[1]) for w in want][:len(results[3])]
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(nemo_server.http + "/metrics")).text
+    frames = [line for line in metrics.splitlines() if line.startswith("kyutai_stt_frames_processed_total")]
+    assert frames and float(frames[0].split()[-1]) >= 4 * 50  # four streams of 50 frames were transcribed
 
 
 async def test_deepgram_sdk_live_finalize(nemo_server, nemo_model, bria):
