@@ -16,6 +16,7 @@ import json
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 
@@ -48,13 +49,14 @@ def main() -> None:
         engine.warmup()
         pcm = torch.randn(slots, (model.lookahead + 1) * FRAME_24K + LOOKAHEAD_24K) * 0.1
         active = torch.ones(slots, dtype=torch.bool)
+        deliver = np.full(slots, model.lookahead + 1)
         for _ in range(3):
-            engine._encode(pcm, active)
+            engine.step_tokens(pcm, active, deliver)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(args.steps):
-            engine._encode(pcm, active)  # ends with the labels on the host: a device sync
+            engine.step_tokens(pcm, active, deliver)  # ends with the labels on the host: a device sync
         step = (time.perf_counter() - start) / args.steps
         row = {"slots": slots, "step_ms": step * 1000, "steps_per_s": 1 / step, "rtf": step / chunk_seconds,
                "real_time": step < chunk_seconds}

@@ -23,7 +23,7 @@ from kyutai_stt.client import Client  # noqa: E402
 from kyutai_stt.engine.contract import StepOutput, StreamEnd  # noqa: E402
 from kyutai_stt.engine.nemo.checkpoint import load_model, make_checkpoint  # noqa: E402
 from kyutai_stt.engine.nemo.engine import PADDING, TOKEN_OFFSET, Engine  # noqa: E402
-from kyutai_stt.engine.nemo.reference import reference_labels  # noqa: E402
+from kyutai_stt.engine.nemo.reference import reference_labels, reference_tokens  # noqa: E402
 from kyutai_stt.messages.events import Word, WordEnd  # noqa: E402
 from kyutai_stt.settings import Settings  # noqa: E402
 from kyutai_stt.stream.words import WordAssembler, pair_words  # noqa: E402
@@ -45,15 +45,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def nemo_dir(tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory, head: str) -> Path:
+    """A tiny random checkpoint with a CTC or RNNT head, made once per run (or kept in
+    ``$KYUTAI_STT_TEST_NEMO_CHECKPOINT`` for CTC, that folder + "-rnnt" for RNNT)."""
     cached = os.environ.get("KYUTAI_STT_TEST_NEMO_CHECKPOINT")
     if cached:
-        folder = Path(cached)
+        folder = Path(cached + ("-rnnt" if head == "rnnt" else ""))
         if not (folder / "model.nemo").exists():
-            make_checkpoint(folder, "tiny")
+            make_checkpoint(folder, "tiny", head=head)
         return folder
-    return make_checkpoint(tmp_path_factory.mktemp("nemo") / "tiny", "tiny")
+    return make_checkpoint(tmp_path_factory.mktemp("nemo") / head, "tiny", head=head)
+
+
+@pytest.fixture(scope="session")
+def nemo_dir(tmp_path_factory) -> Path:
+    return checkpoint(tmp_path_factory, "ctc")
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +67,13 @@ def nemo_model(nemo_dir):
     return load_model(str(nemo_dir), "cpu", "float32")
 
 
+@pytest.fixture(scope="session")
+def rnnt_model(tmp_path_factory):
+    return load_model(str(checkpoint(tmp_path_factory, "rnnt")), "cpu", "float32")
+
+
 def expected_tokens(model, pcm: np.ndarray) -> list[int]:
-    """The contract's tokens for NeMo's reference labels: blank or a repeat is padding, else the piece."""
+    """The contract's tokens for NeMo's reference labels (CTC): blank or a repeat is padding, else the piece."""
     blank = model.asr.decoder.num_classes_with_blank - 1
     tokens, previous = [], blank
     for label in reference_labels(model, pcm):
@@ -84,12 +95,14 @@ def wait_for(condition, timeout: float = 60.0) -> None:
 class Collector:
     def __init__(self):
         self.tokens: list[int] = []
+        self.frames: list[list[int]] = []  # every token of each frame (RNNT may emit several)
         self.done = threading.Event()
 
     def __call__(self, events):
         for event in events:
             if isinstance(event, StepOutput):
                 self.tokens.append(event.token)
+                self.frames.append(([event.token] if event.token != PADDING else []) + list(event.more_tokens))
             elif isinstance(event, StreamEnd):
                 self.done.set()
 
@@ -144,6 +157,38 @@ def test_stream_equals_nemo_reference_whatever_its_slot_neighbours_and_join(nemo
         assert sinks[2].tokens == want
         assert sinks[0].tokens == expected_tokens(nemo_model, other_a)
         assert sinks[1].tokens == expected_tokens(nemo_model, other_b)
+    finally:
+        engine.stop()
+
+
+def test_rnnt_stream_equals_nemo_reference_with_neighbours(rnnt_model, bria):
+    """RNNT: several tokens per frame (``StepOutput.more_tokens``); a stream in slot 1 while a neighbour in slot 0
+    pauses and another joins mid-stream gets NeMo's batch-1 streaming hypothesis, each token at its frame."""
+    main, other_a, other_b = bria[: 24000 * 4 + 555], bria[24000 * 8: 24000 * 10], bria[24000 * 12: 24000 * 14]
+    want = reference_tokens(rnnt_model, main)
+    assert sum(len(f) > 1 for f in want) > 5  # frames with several tokens: the contract's extension is exercised
+    engine = Engine(rnnt_model, 3)
+    engine.warmup()
+    engine.start()
+    try:
+        sinks = [Collector() for _ in range(3)]
+        first = engine.open(sinks[0])
+        engine.push(first, other_a[:24000])
+        handle = engine.open(sinks[1])
+        assert handle.slot == 1
+        wait_for(lambda: len(sinks[0].tokens) >= 10)  # the neighbour pauses
+        engine.push(handle, main[: 24000 * 2])
+        wait_for(lambda: len(sinks[1].tokens) >= 12)
+        late = engine.open(sinks[2])  # joins mid-stream
+        engine.push(late, other_b)
+        engine.push(handle, main[24000 * 2:])
+        engine.push(first, other_a[24000:])
+        for h in (first, handle, late):
+            engine.close(h)
+        assert all(s.done.wait(120) for s in sinks)
+        assert sinks[1].frames == want
+        assert sinks[0].frames == reference_tokens(rnnt_model, other_a)
+        assert sinks[2].frames == reference_tokens(rnnt_model, other_b)
     finally:
         engine.stop()
 

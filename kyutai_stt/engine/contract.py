@@ -81,6 +81,7 @@ class StepOutput(msgspec.Struct, frozen=True, tag=True):
     token: int  # text token (read with ``ModelInfo``: padding, word boundary or a piece)
     pauses: tuple[float, ...] | None  # per VAD head, probability of no voice activity; None without heads
     buffered_samples: int  # audio of this stream waiting in the engine after this step
+    more_tokens: tuple[int, ...] = ()  # further text tokens of the same frame, in order (RNNT may emit several)
 
 
 class StreamEnd(msgspec.Struct, frozen=True, tag=True):

@@ -69,6 +69,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", lookahead: 
         raise ModelLoadError(f"could not load the NeMo checkpoint {name}: {exc}") from exc
     _check_streamable(name, asr)
     asr.eval()
+    if hasattr(asr, "joint"):  # greedy batched RNNT/TDT decoding, each slot continuing its own hypothesis
+        asr.change_decoding_strategy(_greedy_batch(asr.cfg.decoding), verbose=False)
     encoder = asr.encoder
     contexts = [list(c) for c in encoder.att_context_size_all]
     if lookahead is None:
@@ -82,12 +84,23 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", lookahead: 
     return NemoModel(name, asr, dev, torch.float32, random_weights, lookahead)
 
 
+def _greedy_batch(decoding):
+    from omegaconf import OmegaConf, open_dict
+
+    decoding = OmegaConf.create(OmegaConf.to_container(decoding)) if decoding is not None else OmegaConf.create({})
+    with open_dict(decoding):
+        decoding.strategy = "greedy_batch"
+        decoding.preserve_alignments = False
+        decoding.compute_timestamps = False
+    return decoding
+
+
 def _check_streamable(name: str, asr) -> None:
-    from nemo.collections.asr.models import EncDecCTCModel
+    from nemo.collections.asr.models import EncDecCTCModel, EncDecRNNTModel
     from nemo.collections.asr.modules.conformer_encoder import ConformerEncoder
 
-    if not isinstance(asr, EncDecCTCModel) or hasattr(asr, "joint"):
-        raise ModelLoadError(f"{name} is a {type(asr).__name__}: only CTC cache-aware models are served so far")
+    if not isinstance(asr, (EncDecCTCModel, EncDecRNNTModel)):
+        raise ModelLoadError(f"{name} is a {type(asr).__name__}: only CTC and RNNT/TDT cache-aware models are served")
     if not isinstance(asr.encoder, ConformerEncoder) or asr.encoder.att_context_style != "chunked_limited":
         raise ModelLoadError(f"{name} has no cache-aware streaming encoder (att_context_style chunked_limited)")
     pre = asr.cfg.preprocessor
@@ -111,8 +124,20 @@ _TEXT = ("the quick brown fox jumps over the lazy dog while streaming speech bec
          "and every stream keeps its own cache in its own slot of the batch so neighbours never change a word ")
 
 
-def tiny_config(size: str, tokenizer_dir: str, lookahead: tuple[int, ...] = (1, 0, 6, 13)) -> dict:
+def tiny_config(size: str, tokenizer_dir: str, lookahead: tuple[int, ...] = (1, 0, 6, 13), head: str = "ctc") -> dict:
     d_model, layers, heads, features, _ = SIZES[size]
+    if head == "rnnt":
+        config = tiny_config(size, tokenizer_dir, lookahead)
+        config["model_defaults"] = {"enc_hidden": d_model, "pred_hidden": d_model, "joint_hidden": d_model}
+        config["decoder"] = {"_target_": "nemo.collections.asr.modules.RNNTDecoder", "normalization_mode": None,
+                             "random_state_sampling": False, "blank_as_pad": True,
+                             "prednet": {"pred_hidden": d_model, "pred_rnn_layers": 1, "t_max": None, "dropout": 0.0}}
+        config["joint"] = {"_target_": "nemo.collections.asr.modules.RNNTJoint", "log_softmax": None,
+                           "preserve_memory": False, "fuse_loss_wer": False, "fused_batch_size": 4,
+                           "jointnet": {"joint_hidden": d_model, "activation": "relu", "dropout": 0.0}}
+        config["decoding"] = {"strategy": "greedy_batch", "greedy": {"max_symbols": 5}}
+        config["loss"] = {"loss_name": "default"}
+        return config
     return {
         "sample_rate": 16000,
         "tokenizer": {"dir": tokenizer_dir, "type": "bpe"},
@@ -140,10 +165,11 @@ def tiny_config(size: str, tokenizer_dir: str, lookahead: tuple[int, ...] = (1, 
     }
 
 
-def make_checkpoint(folder: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a RANDOM-WEIGHT cache-aware CTC checkpoint (``model.nemo``) of ``size`` into ``folder``."""
+def make_checkpoint(folder: str | os.PathLike, size: str = "tiny", seed: int = 0, head: str = "ctc") -> Path:
+    """Write a RANDOM-WEIGHT cache-aware checkpoint (``model.nemo``) of ``size`` with a ``head`` ("ctc" or "rnnt")
+    into ``folder``."""
     import sentencepiece as spm
-    from nemo.collections.asr.models import EncDecCTCModelBPE
+    from nemo.collections.asr.models import EncDecCTCModelBPE, EncDecRNNTBPEModel
     from omegaconf import OmegaConf
 
     if size not in SIZES:
@@ -165,9 +191,12 @@ def make_checkpoint(folder: str | os.PathLike, size: str = "tiny", seed: int = 0
         (Path(work) / "vocab.txt").write_text("".join(
             (p[1:] if p.startswith("▁") else "##" + p) + "\n" for p in pieces))
         torch.manual_seed(seed)
-        model = EncDecCTCModelBPE(cfg=OmegaConf.create(tiny_config(size, work)))
+        if head not in ("ctc", "rnnt"):
+            raise ValueError("head must be ctc or rnnt")
+        cls = EncDecRNNTBPEModel if head == "rnnt" else EncDecCTCModelBPE
+        model = cls(cfg=OmegaConf.create(tiny_config(size, work, head=head)))
         with torch.no_grad():  # sharper random logits: labels change from frame to frame, so parity tests bite
-            for parameter in model.decoder.parameters():
+            for parameter in (model.joint if head == "rnnt" else model.decoder).parameters():
                 parameter.mul_(8.0)
         model.eval()
         model.save_to(str(folder / "model.nemo"))

@@ -130,7 +130,10 @@ class Engine:
         pre_cache = cfg.pre_encode_cache_size
         self._pre_cache = pre_cache[1] if isinstance(pre_cache, list) else pre_cache
         self._drop = cfg.drop_extra_pre_encoded
-        self._blank = asr.decoder.num_classes_with_blank - 1
+        self._rnnt = hasattr(asr, "joint")  # RNNT/TDT (hybrid models too: their RNNT head), else CTC
+        self._blank = asr.tokenizer.vocab_size  # NeMo's blank follows the pieces, CTC and RNNT alike
+        self._hyps: list = [None] * slots  # RNNT: each slot's hypothesis so far (its decoder state)
+        self._rnnt_frames = [0] * slots  # RNNT: the slot's frames decoded before this step
         self.info = describe(model, self.chunk_frames)
         self.frames_per_step = self.chunk_frames
         self._step_listeners: list[StepListener] = []
@@ -179,7 +182,7 @@ class Engine:
         all_on = torch.ones(self.batch_size, dtype=torch.bool)
         pcm = torch.zeros(self.batch_size, self.chunk_frames * FRAME_24K + LOOKAHEAD_24K)
         for _ in range(steps):
-            self._encode(pcm, all_on)
+            self.step_tokens(pcm, all_on, np.full(self.batch_size, self.chunk_frames))
         self._reset(all_on)
 
     # ---------------------------------------------------------------- stream API (any thread)
@@ -304,10 +307,13 @@ class Engine:
         self._cache_time[:, device_mask] = 0
         self._cache_len[device_mask] = 0
         self._last_label[mask] = self._blank
+        for i in mask.nonzero().flatten().tolist():
+            self._hyps[i] = None
+            self._rnnt_frames[i] = 0
 
     @torch.no_grad()
-    def _encode(self, pcm: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """One chunk for every row; the ``active`` rows' state moves on. The chunk's labels ``[B, C]``."""
+    def _encode(self, pcm: torch.Tensor, active: torch.Tensor):
+        """The encoder on one chunk for every row; the ``active`` rows' caches move on. (encoded, lengths)."""
         device = self.model.device
         features = self._features.chunk(pcm.to(device, non_blocking=True), active.to(device))
         lengths = torch.full((self.batch_size,), features.shape[2], dtype=torch.long, device=device)
@@ -320,8 +326,49 @@ class Engine:
         self._cache_channel = torch.where(keep[None, :, None, None], channel, self._cache_channel)
         self._cache_time = torch.where(keep[None, :, None, None], time_, self._cache_time)
         self._cache_len = torch.where(keep, channel_len, self._cache_len)
-        log_probs = self.model.asr.decoder(encoder_output=encoded)  # [B, T, vocabulary + blank]
-        return log_probs.argmax(dim=-1)[:, :self.chunk_frames].cpu()
+        return encoded, encoded_len
+
+    @torch.no_grad()
+    def step_tokens(self, pcm: torch.Tensor, active: torch.Tensor, deliver: np.ndarray) -> list[list[list[int]]]:
+        """One step's compute: per row, per frame of the chunk, the contract tokens it emitted ([] for none)."""
+        encoded, encoded_len = self._encode(pcm, active)
+        if self._rnnt:
+            return self._rnnt_tokens(encoded, encoded_len, active)
+        # CTC: a label that is blank or repeats the previous frame's is no new text
+        labels = self.model.asr.decoder(encoder_output=encoded).argmax(dim=-1)[:, :self.chunk_frames].cpu()
+        previous = torch.cat([self._last_label[:, None], labels[:, :-1]], dim=1)
+        emitted = (labels != self._blank) & (labels != previous)
+        last = labels.gather(1, torch.from_numpy(np.maximum(deliver - 1, 0))[:, None])[:, 0]
+        self._last_label = torch.where(active, last, self._last_label)
+        rows = (labels + TOKEN_OFFSET).tolist()
+        return [[[row[j]] if flags[j] else [] for j in range(len(row))]
+                for row, flags in zip(rows, emitted.tolist())]
+
+    def _rnnt_tokens(self, encoded, encoded_len, active) -> list[list[list[int]]]:
+        """RNNT/TDT greedy decoding for the whole batch, each row continuing its own hypothesis (an idle row gets
+        no frames and keeps it). A frame may emit several tokens; the hypothesis' timestamps say which frame."""
+        lengths = torch.where(active.to(encoded_len.device), encoded_len, torch.zeros_like(encoded_len))
+        lengths = lengths.clamp(max=self.chunk_frames)
+        before = [len(h.y_sequence) if h is not None else 0 for h in self._hyps]
+        out = self.model.asr.decoding.rnnt_decoder_predictions_tensor(
+            encoder_output=encoded, encoded_lengths=lengths, return_hypotheses=True,
+            partial_hypotheses=list(self._hyps))
+        hyps = out[0] if isinstance(out, tuple) else out
+        rows: list[list[list[int]]] = []
+        for i, hyp in enumerate(hyps):
+            frames: list[list[int]] = [[] for _ in range(self.chunk_frames)]
+            if bool(active[i]):
+                self._hyps[i] = hyp
+                base = self._rnnt_frames[i]
+                tokens = hyp.y_sequence[before[i]:]
+                tokens = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
+                stamps = hyp.timestamp[before[i]:]
+                stamps = stamps.tolist() if torch.is_tensor(stamps) else list(stamps)
+                for token, stamp in zip(tokens, stamps):
+                    frames[min(max(int(stamp) - base, 0), self.chunk_frames - 1)].append(int(token) + TOKEN_OFFSET)
+                self._rnnt_frames[i] = base + self.chunk_frames
+            rows.append(frames)
+        return rows
 
     def _execute(self, reset, active, pcm, deliver, targets) -> None:
         start = time.perf_counter()
@@ -330,15 +377,10 @@ class Engine:
                 self.fault_injector()
             if reset.any():
                 self._reset(reset)
-            labels = self._encode(pcm, active)
+            tokens = self.step_tokens(pcm, active, deliver)
         except Exception as exc:
             self._fail_step(targets, exc)
             return
-        # CTC: a label that is blank or repeats the previous frame's is no new text
-        previous = torch.cat([self._last_label[:, None], labels[:, :-1]], dim=1)
-        tokens = torch.where((labels == self._blank) | (labels == previous), PADDING, labels + TOKEN_OFFSET)
-        last = labels.gather(1, torch.from_numpy(np.maximum(deliver - 1, 0))[:, None])[:, 0]
-        self._last_label = torch.where(active, last, self._last_label)
         elapsed = time.perf_counter() - start
         frames = int(deliver.sum())
         self._steps += 1
@@ -347,13 +389,13 @@ class Engine:
         for listener in self._step_listeners:
             listener(frames, elapsed)
         deliver_start = time.perf_counter()
-        self._deliver(targets, tokens.numpy(), deliver)
+        self._deliver(targets, tokens, deliver)
         if self._timing_listeners:
             timing = StepTiming(frames, elapsed, 0.0, 0.0, 0.0, elapsed, 0.0, time.perf_counter() - deliver_start)
             for listener in self._timing_listeners:
                 listener(timing)
 
-    def _deliver(self, targets, tokens: np.ndarray, deliver: np.ndarray) -> None:
+    def _deliver(self, targets, tokens: list[list[list[int]]], deliver: np.ndarray) -> None:
         deliveries = []
         with self._cond:
             for index, (slot, stream_id, sink) in targets.items():
@@ -361,8 +403,10 @@ class Engine:
                     continue
                 events: list[EngineEvent] = []
                 for j in range(deliver[index]):
-                    events.append(StepOutput(frame=slot.frames_done, token=int(tokens[index, j]), pauses=None,
-                                             buffered_samples=len(slot.buffer)))
+                    emitted = tokens[index][j]
+                    events.append(StepOutput(frame=slot.frames_done, token=emitted[0] if emitted else PADDING,
+                                             pauses=None, buffered_samples=len(slot.buffer),
+                                             more_tokens=tuple(emitted[1:])))
                     slot.frames_done += 1
                 if slot.closing and slot.frames_left <= 0:
                     events.append(StreamEnd(slot.frames_done))
