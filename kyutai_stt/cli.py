@@ -94,8 +94,9 @@ def make_checkpoint(
     folder: Path = typer.Argument(..., help="Where to write the checkpoint."),
     size: str = typer.Option("tiny", help="tiny (about a minute to build on 2 cores; tests), small, or 1b (stt-1b-en_fr architecture)."),
     seed: int = typer.Option(0, help="Random seed."),
-    family: str = typer.Option("kyutai", help="kyutai, or nemo (NVIDIA's cache-aware streaming FastConformer, CTC: "
+    family: str = typer.Option("kyutai", help="kyutai, or nemo (NVIDIA's cache-aware streaming FastConformer: "
                                "--size tiny or 0.6b; needs the nemo extra)."),
+    head: str = typer.Option("ctc", help="--family nemo: the decoder head, ctc or rnnt."),
 ) -> None:
     """Write a RANDOM-WEIGHT checkpoint in the real layout. It produces meaningless text: tests and benchmarks only."""
     import time
@@ -110,8 +111,11 @@ def make_checkpoint(
             raise typer.Exit(2)
         _logging(False)
         start = time.monotonic()
-        with err.status(f"building a random-weight {size} NeMo checkpoint"):
-            build_nemo(folder, size, seed)
+        if head not in ("ctc", "rnnt"):
+            err.print("[red]error:[/red] --head must be ctc or rnnt")
+            raise typer.Exit(2)
+        with err.status(f"building a random-weight {size} NeMo checkpoint ({head})"):
+            build_nemo(folder, size, seed, head=head)
         err.print(f"wrote a random-weight NeMo {size} checkpoint to {folder} in {time.monotonic() - start:.0f} s "
                   "(it produces MEANINGLESS text)", highlight=False)
         return

@@ -24,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a .nemo file, folder or hub id (default: make a random one)")
     parser.add_argument("--size", default="tiny", help="random checkpoint size: tiny or 0.6b")
+    parser.add_argument("--head", default="ctc", help="random checkpoint head: ctc or rnnt")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--slots", default="1,8,32")
     parser.add_argument("--lookahead", type=int, default=None, help="encoder frames of right context per chunk")
@@ -38,7 +39,7 @@ def main() -> None:
     from kyutai_stt.engine.nemo.engine import Engine
     from kyutai_stt.engine.nemo.features import FRAME_24K, LOOKAHEAD_24K
 
-    checkpoint = args.checkpoint or str(make_checkpoint(tempfile.mkdtemp(), args.size))
+    checkpoint = args.checkpoint or str(make_checkpoint(tempfile.mkdtemp(), args.size, head=args.head))
     model = load_model(checkpoint, args.device, "float32", args.lookahead)
     chunk_seconds = (model.lookahead + 1) * 0.08
     rows = []

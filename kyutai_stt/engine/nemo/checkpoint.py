@@ -1,9 +1,9 @@
-"""Loading NVIDIA's cache-aware streaming FastConformer checkpoints (CTC), and tiny random-weight ones for tests.
+"""Loading NVIDIA's cache-aware streaming FastConformer checkpoints (CTC, RNNT), and tiny random-weight ones for tests.
 
 ``--model`` names a ``.nemo`` file, a folder holding one (or an extracted ``.nemo``), or a model hub id such as
 ``nvidia/nemotron-speech-streaming-en-0.6b`` (downloaded through the hub by NeMo's own ``from_pretrained``, as Kyutai
-checkpoints are). Only cache-aware streaming encoders (``att_context_style`` chunked_limited) with CTC heads are
-served here; their features must not be normalised over the whole utterance (``normalize: NA``), which no stream can
+checkpoints are). Only cache-aware streaming encoders (``att_context_style`` chunked_limited) are
+served here (CTC or RNNT heads; a hybrid model's RNNT head); their features must not be normalised over the whole utterance (``normalize: NA``), which no stream can
 do.
 """
 

@@ -1,5 +1,5 @@
-"""The batched NVIDIA engine (``engine.contract.Engine``): one cache-aware streaming FastConformer (CTC) serves every
-stream, one chunk of ``lookahead + 1`` encoder frames (80 ms each) per step.
+"""The batched NVIDIA engine (``engine.contract.Engine``): one cache-aware streaming FastConformer (CTC or RNNT) serves
+every stream, one chunk of ``lookahead + 1`` encoder frames (80 ms each) per step.
 
 Each slot holds its own encoder caches (``cache_last_channel[:, i]``, ``cache_last_time[:, i]``,
 ``cache_last_channel_len[i]``), its feature context (``features.FeatureBatch``) and its last CTC label; joining is a
@@ -10,7 +10,9 @@ its slot, its neighbours or when it joined. The reference is NeMo's own batch-1 
 
 CTC to the contract's one token per frame: a frame's label that is blank, or repeats the previous frame's label, is
 padding; any other label is that piece (token id + ``TOKEN_OFFSET``). Words start at pieces that begin with "▁"
-(``ModelInfo.word_start == "piece"``). At the end of a stream its last chunk is padded with silence; only the
+(``ModelInfo.word_start == "piece"``). RNNT: each slot continues its own hypothesis (NeMo's greedy batched decoding
+with partial hypotheses; an idle row gets no frames), and a frame's tokens are those its hypothesis stamps with that
+frame, the first in ``StepOutput.token``, the rest in ``more_tokens``. At the end of a stream its last chunk is padded with silence; only the
 stream's own frames are delivered.
 """
 
