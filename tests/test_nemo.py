@@ -205,6 +205,26 @@ def test_piece_words():
     assert words == [("hello", 0.08, 0.4), ("world", 0.48, 0.8)]
 
 
+def test_reader_reads_every_token_of_a_frame():
+    """The one words path: a frame's ``more_tokens`` give the same events as the tokens one frame each."""
+    from kyutai_stt.engine.contract import ModelInfo
+    from kyutai_stt.stream.reader import OutputReader
+
+    info = ModelInfo(name="t", family="nemo", pieces=("<b>", "<pad>", "▁hel", "lo", "▁wor", "ld"),
+                     first_piece_token=2, padding_token=1, boundary_token=0, sample_rate=24000, frame_size=1920,
+                     delay_frames=0, prefix_frames=0, frames_per_step=2, flush_frames=0, word_start="piece")
+    together, apart = OutputReader(info), OutputReader(info)
+    one = [e for e in together.step(StepOutput(0, 2, None, 0, more_tokens=(3, 4)), 0) if isinstance(e, (Word, WordEnd))]
+    one += [e for e in together.step(StepOutput(1, 5, None, 0), 0) if isinstance(e, (Word, WordEnd))]
+    one += together.end(StreamEnd(2))
+    two = []
+    for token in (2, 3, 4):
+        two += [e for e in apart.words.feed(0, token) if isinstance(e, (Word, WordEnd))]
+    two += [e for e in apart.words.feed(1, 5) if isinstance(e, (Word, WordEnd))]
+    two += apart.end(StreamEnd(2))
+    assert one == two and [w.text for w in one if isinstance(w, Word)] == ["hello", "world"]
+
+
 @pytest.fixture(scope="module")
 def nemo_server(nemo_dir):
     from kyutai_stt.engine.startup import load
