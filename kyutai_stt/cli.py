@@ -54,6 +54,9 @@ def serve(
     log_format: Optional[str] = typer.Option(None, help="text or json [env KYUTAI_STT_LOG_FORMAT]."),
     workers: Optional[int] = typer.Option(None, help="Front-end worker processes sharing the port, around one engine "
                                           "process; 0: auto (cores - 1 on CUDA, 1 on CPU) [env KYUTAI_STT_WORKERS]."),
+    nemo_lookahead: Optional[int] = typer.Option(None, help="NVIDIA (.nemo) models: encoder frames of right context "
+                                                 "per chunk (the chunk is lookahead + 1 x 80 ms) [env "
+                                                 "KYUTAI_STT_NEMO_LOOKAHEAD, default: the model's own]."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs."),
 ) -> None:
     """Run the server: WebSocket streaming, HTTP transcription, browser page."""
@@ -62,7 +65,8 @@ def serve(
     from kyutai_stt.serve.server import serve as run_server
 
     settings = _settings(host=host, port=port, model=model, device=device, dtype=dtype, slots=slots,
-                         record_dir=record_dir, api_keys=api_key or None, log_format=log_format, workers=workers)
+                         record_dir=record_dir, api_keys=api_key or None, log_format=log_format, workers=workers,
+                         nemo_lookahead=nemo_lookahead)
     _logging(verbose, settings.log_format)
     from kyutai_stt.serve.workers import default_workers, serve_workers
 
@@ -90,12 +94,34 @@ def make_checkpoint(
     folder: Path = typer.Argument(..., help="Where to write the checkpoint."),
     size: str = typer.Option("tiny", help="tiny (about a minute to build on 2 cores; tests), small, or 1b (stt-1b-en_fr architecture)."),
     seed: int = typer.Option(0, help="Random seed."),
+    family: str = typer.Option("kyutai", help="kyutai, or nemo (NVIDIA's cache-aware streaming FastConformer: "
+                               "--size tiny or 0.6b; needs the nemo extra)."),
+    head: str = typer.Option("ctc", help="--family nemo: the decoder head, ctc or rnnt."),
 ) -> None:
     """Write a RANDOM-WEIGHT checkpoint in the real layout. It produces meaningless text: tests and benchmarks only."""
     import time
 
     from rich.progress import SpinnerColumn, TimeElapsedColumn
 
+    if family == "nemo":
+        from kyutai_stt.engine.nemo.checkpoint import SIZES as NEMO_SIZES, make_checkpoint as build_nemo
+
+        if size not in NEMO_SIZES:
+            err.print(f"[red]error:[/red] --size must be one of {', '.join(NEMO_SIZES)} with --family nemo")
+            raise typer.Exit(2)
+        _logging(False)
+        start = time.monotonic()
+        if head not in ("ctc", "rnnt"):
+            err.print("[red]error:[/red] --head must be ctc or rnnt")
+            raise typer.Exit(2)
+        with err.status(f"building a random-weight {size} NeMo checkpoint ({head})"):
+            build_nemo(folder, size, seed, head=head)
+        err.print(f"wrote a random-weight NeMo {size} checkpoint to {folder} in {time.monotonic() - start:.0f} s "
+                  "(it produces MEANINGLESS text)", highlight=False)
+        return
+    if family != "kyutai":
+        err.print("[red]error:[/red] --family must be kyutai or nemo")
+        raise typer.Exit(2)
     from kyutai_stt.engine.kyutai.testing_checkpoint import SIZES, make_checkpoint as build, progress_steps
 
     _logging(False)

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
         description="80 ms frames each stream advances per engine step. 0: auto (1 on GPU; 2 on CPU, where "
         "Mimi's per-call cost dominates: more streams keep real time, for 80 ms more latency). Results are identical.",
     )
+    nemo_lookahead: int | None = Field(
+        None, ge=0, le=64,
+        description="NVIDIA (NeMo) models only: encoder frames (80 ms) of right context per chunk, one of the "
+        "model's att_context_size look-aheads; a chunk is lookahead + 1 frames (latency). Default: the model's own.",
+    )
     end_of_turn_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="End of turn fires when VAD head 2's pause probability crosses this."
     )

@@ -202,9 +202,22 @@ def pinned_requirements() -> tuple[list[str], list[str]]:
 PIP_PACKAGES, NO_DEPS_PIP_PACKAGES = pinned_requirements()
 FRONTEND_INCLUDED = FRONTEND_DIR.is_dir()
 
+def nemo_requirements() -> list[str]:
+    """NVIDIA's family is an extra: the image installs it (pinned as here) only when the deployed model is one."""
+    from kyutai_stt.engine.startup import family
+    from kyutai_stt.settings import Settings
+
+    if family(Settings().model) != "nemo":
+        return []
+    try:
+        return [f"nemo-toolkit[asr]=={metadata.version('nemo-toolkit')}"]
+    except metadata.PackageNotFoundError:  # inside a container, or the extra is not installed here
+        return []
+
+
 image = modal.Image.debian_slim(python_version=PYTHON_VERSION)
 if PIP_PACKAGES:
-    image = image.uv_pip_install(*PIP_PACKAGES)
+    image = image.uv_pip_install(*PIP_PACKAGES, *nemo_requirements())
 if NO_DEPS_PIP_PACKAGES:
     image = image.uv_pip_install(*NO_DEPS_PIP_PACKAGES, extra_options="--no-deps")
 image = image.env(IMAGE_ENV).add_local_python_source(PACKAGE, ignore=["**/__pycache__/**", "**/*.pyc"])
@@ -237,8 +250,12 @@ UI_CONCURRENCY = dict(max_inputs=1000)
 # ---------------------------------------------------------------------------------------- the STT service
 def planned_dtype(settings) -> str:
     """The dtype the model will run in, decided before the snapshot (when no GPU is visible yet)."""
+    from kyutai_stt.engine.startup import family
+
     if settings.dtype != "auto":
         return settings.dtype
+    if family(settings.model) == "nemo":
+        return "float32"  # the NVIDIA family runs in float32
     on_gpu = settings.device.startswith("cuda") or (settings.device == "auto" and GPU is not None)
     return "bfloat16" if on_gpu else "float32"
 
@@ -248,7 +265,10 @@ def move_model(model, device: str):
     from kyutai_stt.engine.kyutai.checkpoint import resolve_device
 
     target = resolve_device(device)
-    if target != model.device:
+    if target != model.device and hasattr(model, "asr"):  # the NVIDIA family: one NeMo model
+        model.asr.to(target)
+        model.device = target
+    elif target != model.device:
         model.mimi.to(target)
         model.lm.to(target)
         model.device = target

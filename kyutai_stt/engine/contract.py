@@ -49,6 +49,12 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     vad_horizons: tuple[float, ...] = ()  # per VAD head, how far ahead (s) it predicts a pause; () without heads
     end_of_turn_head: int | None = None  # the VAD head whose pause probability ends a turn
     languages: tuple[str, ...] = ()  # ISO 639-1 codes it transcribes, the most likely first
+    # where words start: "boundary" (Kyutai: the boundary token; a padding completes a word) or "piece" (NeMo: a
+    # piece that begins with "▁"; a word is complete when the next one starts or the stream ends)
+    word_start: str = "boundary"
+    # frames of audio past a step's last frame the engine needs before it steps it (NeMo: the STFT window and the
+    # resampler reach 8 ms into the next frame); a mid-stream flush feeds them as silence
+    lookahead_frames: int = 0
     device: str = "cpu"
     dtype: str = "float32"
     random_weights: bool = False  # a test checkpoint: the text is meaningless
@@ -75,6 +81,7 @@ class StepOutput(msgspec.Struct, frozen=True, tag=True):
     token: int  # text token (read with ``ModelInfo``: padding, word boundary or a piece)
     pauses: tuple[float, ...] | None  # per VAD head, probability of no voice activity; None without heads
     buffered_samples: int  # audio of this stream waiting in the engine after this step
+    more_tokens: tuple[int, ...] = ()  # further text tokens of the same frame, in order (RNNT may emit several)
 
 
 class StreamEnd(msgspec.Struct, frozen=True, tag=True):

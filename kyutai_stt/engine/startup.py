@@ -23,10 +23,27 @@ def device_type(device: str) -> str:
     return resolve_device(device).type
 
 
+def family(model: str) -> str:
+    """The engine family of a ``--model``: "nemo" for NVIDIA's ``.nemo`` checkpoints and ``nvidia/`` hub ids,
+    else "kyutai". Only the path's shape is read: NeMo is an optional extra, imported only to serve its models."""
+    from pathlib import Path
+
+    path = Path(model)
+    if path.suffix == ".nemo" or model.startswith("nvidia/"):
+        return "nemo"
+    if path.is_dir() and (any(path.glob("*.nemo")) or (path / "model_config.yaml").exists()):
+        return "nemo"
+    return "kyutai"
+
+
 def load(settings: Settings, device: str | None = None):
     """The model named by ``settings`` (weights on ``device``, default ``settings.device``), not yet served.
 
     Raises ``ModelLoadError`` (a message for the user) when it cannot be found or loaded."""
+    if family(settings.model) == "nemo":
+        from kyutai_stt.engine.nemo.checkpoint import load_model as load_nemo
+
+        return load_nemo(settings.model, device or settings.device, settings.dtype, settings.nemo_lookahead)
     from kyutai_stt.engine.kyutai.checkpoint import load_model
 
     return load_model(settings.model, device or settings.device, settings.dtype)
@@ -36,13 +53,18 @@ def start_engine(settings: Settings, model=None, *, slots: int | None = None) ->
     """Build the engine for ``settings`` (over ``model`` when it is already loaded), warm it up and start it.
 
     ``slots``: override ``settings.slots`` (a CLI run sized to its files). The caller stops the engine."""
-    from kyutai_stt.engine.kyutai.engine import Engine as KyutaiEngine, default_frames_per_step
-
     start = time.perf_counter()
     model = model if model is not None else load(settings)
-    frames = settings.frames_per_step or default_frames_per_step(model.device)
-    engine = KyutaiEngine(model, slots or settings.slots, flush_seconds=settings.flush_seconds,
-                          frames_per_step=frames)
+    if family(settings.model) == "nemo":
+        from kyutai_stt.engine.nemo.engine import Engine as NemoEngine
+
+        engine = NemoEngine(model, slots or settings.slots)  # steps one chunk (lookahead + 1 frames) at a time
+    else:
+        from kyutai_stt.engine.kyutai.engine import Engine as KyutaiEngine, default_frames_per_step
+
+        frames = settings.frames_per_step or default_frames_per_step(model.device)
+        engine = KyutaiEngine(model, slots or settings.slots, flush_seconds=settings.flush_seconds,
+                              frames_per_step=frames)
     engine.warmup()  # before any stream: the first steps compile (CUDA graphs) and allocate
     engine.start()
     info = engine.info

@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None, model=None, engine: Engine | No
             "healthy": healthy,
             "draining": service.draining,
             "model": settings.model,
+            "family": engine.info.family,
             "random_weights": engine.info.random_weights,
             "device": engine.info.device,
             "dtype": engine.info.dtype,

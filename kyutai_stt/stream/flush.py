@@ -43,6 +43,10 @@ def flush_now(session: Session, marker_id: int, timeline: Timeline) -> float:
     # of silence, that is when the engine's whole flush (delay + flush_seconds) has been transcribed
     session.push_pcm(np.zeros(pad + after * FRAME_SIZE, np.float32))
     session.push_marker(marker_id)
-    session.push_pcm(np.zeros((info.delay_frames + 1) * FRAME_SIZE, np.float32))
+    # a model with look-ahead past its steps (NeMo's chunks) steps the marker's frame once its whole chunk and the
+    # look-ahead are in: up to a step less one frame, plus the look-ahead
+    lookahead = getattr(info, "lookahead_frames", 0)  # 0 for Kyutai (and the tests' stand-in infos)
+    after = info.delay_frames + 1 if not lookahead else info.frames_per_step + lookahead
+    session.push_pcm(np.zeros(after * FRAME_SIZE, np.float32))
     timeline.inserted.append((client_at, session.samples_received / SAMPLE_RATE - at))
     return client_at

@@ -30,10 +30,11 @@ class OutputReader:
         self.frames_done = out.frame + 1
         events: list[Event] = [Step(step_idx=out.frame, pause_probabilities=out.pauses,
                                     buffered_samples=buffered_samples)]
-        for event in self.words.feed(out.frame, out.token):
-            if isinstance(event, Word):
-                self._words_in_turn += 1
-            events.append(event)
+        for token in (out.token, *out.more_tokens):  # RNNT models may emit several tokens in one frame
+            for event in self.words.feed(out.frame, token):
+                if isinstance(event, Word):
+                    self._words_in_turn += 1
+                events.append(event)
         if out.pauses is not None and self._end_of_turn_head is not None:
             pause = out.pauses[self._end_of_turn_head]
             if pause >= self._threshold > self._last_pause and self._words_in_turn:

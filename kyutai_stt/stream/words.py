@@ -64,6 +64,8 @@ class WordAssembler:
     padding_token: int = 3
     boundary_token: int = 0
     first_piece_token: int = 4
+    piece_starts_word: bool = False  # NeMo: a piece that begins with "▁" starts a word (``ModelInfo.word_start``)
+    _last_piece: float = 0.0  # time of the latest piece (piece_starts_word: the word's end when the next starts)
     _bytes: bytearray = field(default_factory=bytearray)  # the word being assembled, as its pieces' bytes
     _text: object = field(default_factory=_utf8_decoder)  # its text so far, for the Text events (bytes may split)
     _texted: bool = False  # a Text event of this word was sent
@@ -74,7 +76,7 @@ class WordAssembler:
     @classmethod
     def for_model(cls, info: ModelInfo) -> "WordAssembler":
         return cls(info.piece, info.lead_frames, info.frame_rate, info.padding_token, info.boundary_token,
-                   info.first_piece_token)
+                   info.first_piece_token, info.word_start == "piece")
 
     def time(self, frame: int) -> float:
         """Seconds into the client's audio of a token produced at ``frame`` (0 before it, ``audio_end`` after)."""
@@ -83,6 +85,8 @@ class WordAssembler:
     def feed(self, frame: int, token: int) -> list[Text | Word | WordEnd]:
         now = self.time(frame)
         out: list[Text | Word | WordEnd] = []
+        if self.piece_starts_word:
+            return self._feed_piece_word(frame, token, now)
         if token >= self.first_piece_token:
             data = piece_bytes(self.piece(token))
             if self._start is None:
@@ -103,6 +107,31 @@ class WordAssembler:
                 out.append(WordEnd(stop_time=now))
                 self._open_word = False
             self._start = now
+        return out
+
+    def _feed_piece_word(self, frame: int, token: int, now: float) -> list[Text | Word | WordEnd]:
+        """NeMo's convention: padding is no new text; a "▁" piece completes the word before it (ending one frame
+        after its last piece) and starts a new one."""
+        if token < self.first_piece_token:
+            return []
+        out: list[Text | Word | WordEnd] = []
+        piece = self.piece(token)
+        if piece.startswith("▁") and self._bytes:
+            out.extend(self._complete())
+            if self._open_word:
+                out.append(WordEnd(stop_time=min(now, self._last_piece + 1 / self.frame_rate)))
+                self._open_word = False
+        data = piece_bytes(piece)
+        if self._start is None:
+            self._start = now
+        self._last_piece = now
+        self._bytes += data
+        text = self._text.decode(data)
+        if text:
+            if not self._texted and not text.startswith(" "):
+                text = " " + text
+            self._texted = True
+            out.append(Text(text=text, time=now))
         return out
 
     def _complete(self) -> list[Word]:
