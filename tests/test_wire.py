@@ -181,12 +181,12 @@ async def test_unknown_query_parameters_are_refused_on_every_websocket(edge_serv
     )
     language, kyutai, seed, repeated, opus_channels, six = results
     assert (language.code, language.reason) == (
-        1008, "unknown query parameter 'language' (accepted: format, sample_rate, channels, steps, api_key, auth_id)")
+        1008, "unknown query parameter 'language' (accepted: format, sample_rate, channels, multichannel, steps, api_key, auth_id)")
     assert (kyutai.code, kyutai.reason) == (1008, "unknown query parameter 'format' (accepted: api_key, auth_id)")
     assert (seed.code, seed.reason) == (1008, "unknown query parameter 'x' (accepted: api_key, auth_id)")
     assert (repeated.code, repeated.reason) == (1008, "query parameter 'format' given more than once")
     assert opus_channels.code == 1008 and opus_channels.reason.startswith("channels applies to raw PCM")
-    assert six.code == 1008 and six.reason.startswith("format must be one of")
+    assert six.code == 1008 and six.reason.startswith("more than 2 channels needs multichannel=true")
     # the auth parameters themselves are fine, and a bad query without the key is still a 401
     ok = await exchange(ws + "/api/asr-streaming?api_key=k", [msgpack.packb({"type": "Marker", "id": "x"})])
     assert ok.code == 1007 and msgpack.unpackb(ok.received[0]) == {"type": "Ready"}

@@ -19,6 +19,7 @@ from starlette.requests import HTTPConnection
 from kyutai_stt.engine.contract import Engine, EngineStopped, NoFreeSlot
 from kyutai_stt.serve.metrics import Metrics
 from kyutai_stt.serve.pace import RealTimeMonitor
+from kyutai_stt.stream.channels import ChannelSession
 from kyutai_stt.stream.session import Session
 from kyutai_stt.settings import Settings
 
@@ -52,8 +53,11 @@ class Service:
             raise EngineStopped("the engine is not running")
         return self.engine
 
-    def new_session(self) -> Session:
-        """A live stream's session, bounded by the settings (not started: see ``admit``)."""
+    def new_session(self, channels: int = 1) -> Session | ChannelSession:
+        """A live stream's session, bounded by the settings (not started: see ``admit``); with ``channels`` > 1 a
+        multichannel one (a slot per channel)."""
+        if channels > 1:
+            return ChannelSession.from_settings(self.running_engine, self.settings, channels)
         return Session.from_settings(self.running_engine, self.settings)
 
     async def admit(self, session: Session) -> None:
