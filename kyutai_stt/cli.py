@@ -54,6 +54,9 @@ def serve(
     log_format: Optional[str] = typer.Option(None, help="text or json [env KYUTAI_STT_LOG_FORMAT]."),
     workers: Optional[int] = typer.Option(None, help="Front-end worker processes sharing the port, around one engine "
                                           "process; 0: auto (cores - 1 on CUDA, 1 on CPU) [env KYUTAI_STT_WORKERS]."),
+    diarizer: Optional[str] = typer.Option(None, help="Speakers for streams that ask (diarize=true): "
+                                           "nvidia/diar_streaming_sortformer_4spk-v2, a .nemo file or random:tiny; "
+                                           "needs the nemo extra and --workers 1 [env KYUTAI_STT_DIARIZER]."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs."),
 ) -> None:
     """Run the server: WebSocket streaming, HTTP transcription, browser page."""
@@ -62,7 +65,8 @@ def serve(
     from kyutai_stt.serve.server import serve as run_server
 
     settings = _settings(host=host, port=port, model=model, device=device, dtype=dtype, slots=slots,
-                         record_dir=record_dir, api_keys=api_key or None, log_format=log_format, workers=workers)
+                         record_dir=record_dir, api_keys=api_key or None, log_format=log_format, workers=workers,
+                         diarizer=diarizer)
     _logging(verbose, settings.log_format)
     from kyutai_stt.serve.workers import default_workers, serve_workers
 

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
         description="80 ms frames each stream advances per engine step. 0: auto (1 on GPU; 2 on CPU, where "
         "Mimi's per-call cost dominates: more streams keep real time, for 80 ms more latency). Results are identical.",
     )
+    diarizer: str | None = Field(
+        None, description="Streaming speaker diarization for streams that ask for it (diarize=true): "
+        "'nvidia/diar_streaming_sortformer_4spk-v2' (a hub id), a .nemo file, or 'random:tiny' (random weights, "
+        "tests). Needs the nemo extra. None: no diarization.",
+    )
     end_of_turn_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="End of turn fires when VAD head 2's pause probability crosses this."
     )

@@ -8,7 +8,7 @@ Query (``StreamQuery``): ``format`` (``opus``: Ogg/Opus pages, the default; ``pc
 little-endian PCM), ``sample_rate`` of raw PCM (8000 to 192000, resampled to 24 kHz), ``channels`` of raw PCM (1,
 the default, or 2: interleaved stereo, mixed down to mono; Ogg/Opus declares its own), ``multichannel`` (with
 ``channels`` 2 to 8 of raw PCM: each channel is transcribed on its own, in a slot of its own, and its events carry
-``channel``), ``steps`` (also send a
+``channel``), ``diarize`` (words carry ``speaker``: needs a server started with ``--diarizer``), ``steps`` (also send a
 ``step`` event every 80 ms), and the API key (``api_key`` / ``auth_id``). Any other parameter is refused.
 
 Client controls (text frames, ``Control``): ``{"type": "marker", "id": N}``, ``{"type": "end"}``.
@@ -35,6 +35,7 @@ def _tag(description: str):
 
 
 CHANNEL = "the audio channel it belongs to (0-based), on multichannel streams only"
+SPEAKER = "who said it (0-based, in order of first appearance), on diarized streams only"
 
 
 class Ready(_Event):
@@ -57,6 +58,7 @@ class Word(_Event):
     text: str
     start_time: float
     channel: int | None = _tag(CHANNEL)
+    speaker: int | None = _tag(SPEAKER)
 
 
 class WordEnd(_Event):
@@ -129,6 +131,7 @@ class StreamQuery(BaseModel):
     # of raw PCM (interleaved): 2 is stereo, mixed down to mono unless ``multichannel``
     channels: int = Field(1, ge=1, le=MAX_CHANNELS)
     multichannel: bool = False  # transcribe each channel on its own (one engine slot each), events tagged ``channel``
+    diarize: bool = False  # words carry ``speaker`` (needs a server started with a diarizer)
     steps: bool = False  # true/false, 1/0, yes/no, on/off
     api_key: str | None = None
     auth_id: str | None = None

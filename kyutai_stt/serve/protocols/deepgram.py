@@ -21,6 +21,8 @@ Mapping onto our session events:
   engine slot each, the same words as that channel sent alone) and gets its own ``Results``, ``SpeechStarted`` and
   ``UtteranceEnd`` with ``channel_index: [channel, channels]``; ``Finalize`` finalizes every channel. Without it,
   the channels are mixed down. Pre-recorded requests refuse ``multichannel=true``.
+- ``diarize=true`` (a server started with ``--diarizer``): every word carries ``speaker`` (``stream.speakers``:
+  a word comes once the diarizer has heard its whole span, about 0.5 s later than without).
 - ``confidence`` is 1.0: decoding is greedy and the engine does not report token probabilities.
 
 Errors: a bad query parameter is refused at the handshake with HTTP 400 and Deepgram's REST error body
@@ -91,7 +93,7 @@ RAW_FORMATS = {"linear16": "pcm_s16le", "mulaw": "mulaw", "alaw": "alaw"}  # our
 RAW = tuple(RAW_FORMATS)
 ENCODINGS = RAW + ("opus", "ogg-opus")
 # Accepted only with the value that matches what we do (the others are refused: we cannot honour them).
-FIXED = {"smart_format": "false", "numerals": "false", "profanity_filter": "false", "diarize": "false",
+FIXED = {"smart_format": "false", "numerals": "false", "profanity_filter": "false",
          "dictation": "false", "detect_entities": "false", "filler_words": "true",
          "detect_language": "false", "version": "latest"}
 WHY_FIXED = {"filler_words": "the model writes what it hears, filler words included",
@@ -126,6 +128,7 @@ class ListenOptions(BaseModel):
     language: str = "en"
     channels: int = 1  # of raw audio, interleaved
     multichannel: bool = False  # each channel transcribed on its own (else mixed down)
+    diarize: bool = False  # words carry ``speaker`` (a server with a diarizer)
 
 
 def _flag(name: str, value: str) -> bool:
@@ -155,7 +158,7 @@ def parse_options(params: list[tuple[str, str]], languages: tuple[str, ...], str
             if not re.fullmatch(r"[1-8]", value):
                 raise DeepgramError(f"channels must be an integer from 1 to {MAX_CHANNELS}")
             options.channels = int(value)
-        elif name in ("interim_results", "punctuate", "vad_events", "multichannel"):
+        elif name in ("interim_results", "punctuate", "vad_events", "multichannel", "diarize"):
             setattr(options, name, _flag(name, value))
         elif name == "endpointing":
             if value.lower() == "false":
@@ -186,6 +189,8 @@ def parse_options(params: list[tuple[str, str]], languages: tuple[str, ...], str
         raise DeepgramError(f"sample_rate is required with encoding={options.encoding}")
     if options.channels > 1 and options.encoding not in RAW:
         raise DeepgramError("channels is only for raw encodings (linear16, mulaw, alaw): a container declares its own")
+    if options.diarize and options.multichannel and options.channels > 1:
+        raise DeepgramError("diarize=true and multichannel=true cannot be combined here: a channel is a speaker")
     if options.multichannel and not streaming:
         raise DeepgramError("multichannel=true is supported on streaming (WebSocket) requests only")
     if options.encoding not in RAW and options.sample_rate is not None and streaming:
@@ -203,8 +208,9 @@ def _plain(text: str) -> str:
     return re.sub(r"[^\w'-]+", "", text.lower()) or text.lower()
 
 
-def _result_word(text: str, start: float, end: float) -> ResultWord:
-    return ResultWord(word=_plain(text), start=round(start, 4), end=round(end, 4), punctuated_word=text)
+def _result_word(text: str, start: float, end: float, speaker: int | None = None) -> ResultWord:
+    return ResultWord(word=_plain(text), start=round(start, 4), end=round(end, 4), punctuated_word=text,
+                      speaker=speaker)
 
 
 def _transcript(words: list[ResultWord], punctuate: bool) -> str:
@@ -234,6 +240,7 @@ class _Transcript:
                                        model_uuid=model_uuid)
         self.words = WordPairer()  # its pending word: complete, end not known yet
         self.pieces: list[Text] = []  # the word being recognised
+        self.speakers: list[int | None] = []  # of the words fed to the pairer, not yet final (diarize=true)
         self.cursor = 0.0  # end of the last final result
         self.in_turn = False
         self.speech_final_due = False
@@ -254,7 +261,7 @@ class _Transcript:
     def _final(self, word: TimedWord, from_finalize: bool = False) -> Results:
         start = self.shift(word.start)
         end = max(self.shift(word.end), start)
-        result = _result_word(word.text, start, end)
+        result = _result_word(word.text, start, end, self.speakers.pop(0) if self.speakers else None)
         message = self._results([result], True, end, from_finalize)
         self.cursor = end
         return message
@@ -271,6 +278,7 @@ class _Transcript:
         elif isinstance(event, (Word, WordEnd)):
             if isinstance(event, Word):
                 self.pieces = []
+                self.speakers.append(event.speaker)
             self.words.feed(event)
             final, self.words.words = self.words.words, []  # sent once: the pairer keeps none
             out += [self._final(word) for word in final]
@@ -288,7 +296,8 @@ class _Transcript:
         now = self.shift(self.pieces[-1].time) if self.pieces else self.cursor
         pending = self.words.pending
         if pending is not None:
-            words.append(_result_word(pending.text, self.shift(pending.start_time), now))
+            words.append(_result_word(pending.text, self.shift(pending.start_time), now,
+                                      self.speakers[0] if self.speakers else None))
         if self.pieces:
             text = "".join(p.text for p in self.pieces).strip()
             if text:
@@ -304,7 +313,8 @@ class _Transcript:
         self.words.pending = None
         start = self.shift(pending.start_time)
         end = max(end, start)
-        message = self._results([_result_word(pending.text, start, end)], True, end, from_finalize=True)
+        speaker = self.speakers.pop(0) if self.speakers else None
+        message = self._results([_result_word(pending.text, start, end, speaker)], True, end, from_finalize=True)
         self.cursor = end
         return [message]
 
@@ -388,13 +398,16 @@ async def listen_socket(ws: WebSocket) -> None:
     engine = get_service(ws).running_engine
     try:
         options = parse_options(list(ws.query_params.multi_items()), engine.info.languages, streaming=True)
+        if options.diarize and get_service(ws).diarizer is None:
+            raise DeepgramError("diarize=true needs a server started with a diarizer (--diarizer)")
     except DeepgramError as exc:
         if not is_authorized(ws):
             await _deny(ws, _rest_error(401, "Invalid credentials.", "INVALID_AUTH", request_id))
             return
         await _deny(ws, _rest_error(400, str(exc), exc.err_code, request_id))
         return
-    session = await open_session(ws, "deepgram", channels=options.channels if options.multichannel else 1)
+    session = await open_session(ws, "deepgram", channels=options.channels if options.multichannel else 1,
+                                 diarize=options.diarize)
     if session is None:
         return
     await runner.run_stream(ws, session, DeepgramTranslator(session, options, request_id, engine.info.name))

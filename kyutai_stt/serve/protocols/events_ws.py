@@ -57,7 +57,7 @@ async def events_socket(ws: WebSocket) -> None:
     if query is None:
         return
     session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()),
-                                 channels=query.channels if query.multichannel else 1)
+                                 channels=query.channels if query.multichannel else 1, diarize=query.diarize)
     if session is None:
         return
     await runner.run_stream(ws, session, EventsTranslator(query))
