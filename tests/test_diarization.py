@@ -155,3 +155,42 @@ async def test_deepgram_sdk_diarize_words_speaker(served, diarizer, reference, s
            for m in messages if isinstance(m, ListenV1Results) and m.is_final for w in m.channel.alternatives[0].words]
     want = expected(reference, diarizer, samples.astype(np.float32) / 32768)
     assert want and got == want
+
+
+def wav(pcm: np.ndarray) -> bytes:
+    import io
+
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, pcm, 24000, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+async def test_uploads_openai_diarized_json_srt_and_deepgram_prerecorded(served, diarizer, reference, sounds):
+    import openai
+
+    pcm = sounds(2.4, 511)  # the clip above: its speakers change
+    want = expected(reference, diarizer, pcm)
+    client = openai.AsyncOpenAI(base_url=served.http + "/v1", api_key=KEY, timeout=300)
+    diarized = await client.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=("a.wav", wav(pcm)),
+                                                        response_format="diarized_json")
+    # segments: runs of one speaker's words (cues broken at every change of speaker), labelled A, B, ...
+    got = [(s.speaker, s.text) for s in diarized.segments]
+    runs: list[tuple[int, list[str]]] = []
+    for text, _, _, speaker in want:
+        if runs and runs[-1][0] == speaker and len(runs[-1][1]) < 12:
+            runs[-1][1].append(text)
+        else:
+            runs.append((speaker, [text]))
+    assert got == [("ABCD"[speaker], " ".join(texts)) for speaker, texts in runs] and len(got) > 1
+    srt = await client.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=("a.wav", wav(pcm)),
+                                                   response_format="srt")
+    assert [line for line in srt.splitlines() if line.startswith("[")] == \
+        [f"[Speaker {speaker + 1}] " + " ".join(texts) for speaker, texts in runs]
+
+    env = DeepgramClientEnvironment(base=served.http, production=served.ws, agent=served.ws, agent_rest=served.http)
+    response = await AsyncDeepgramClient(api_key=KEY, environment=env).listen.v1.media.transcribe_file(
+        request=wav(pcm), model="nova-3", diarize=True, punctuate=True)
+    words = response.results.channels[0].alternatives[0].words
+    assert [(w.punctuated_word, round(w.start, 4), round(w.end, 4), w.speaker) for w in words] == want

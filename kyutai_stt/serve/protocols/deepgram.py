@@ -476,7 +476,13 @@ async def listen_file(request: Request, request_id: Annotated[str, Depends(_requ
                       upload: Annotated[Upload, Depends(_listen_upload)]):
     """Deepgram's pre-recorded API: the audio file is the request body (any format we decode; raw audio with
     ``encoding`` and ``sample_rate``). A JSON body with a ``url`` is refused: this server fetches nothing."""
-    words = [_result_word(w.text, w.start, w.end) for w in pair_words(await transcribe(request, upload))]
+    if options.diarize and get_service(request).diarizer is None:
+        raise HttpProblem(400, "diarize=true needs a server started with a diarizer (--diarizer)",
+                          code="INVALID_QUERY_PARAMETER")
+    events = await transcribe(request, upload, options.diarize)
+    speakers = [e.speaker for e in events if isinstance(e, Word)]  # one per paired word, in order
+    words = [_result_word(w.text, w.start, w.end, speaker)
+             for w, speaker in zip(pair_words(events), speakers)]
     model = get_service(request).running_engine.info
     model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, model.name))
     return PrerecordedResponse(
