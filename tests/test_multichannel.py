@@ -68,11 +68,21 @@ async def test_multichannel_query_is_checked(served):
     base = served.ws + f"/v1/stream?api_key={KEY}"
     for query, reason in (("&format=opus&multichannel=true", "multichannel needs raw PCM"),
                           ("&format=pcm_f32le&channels=3", "needs multichannel=true"),
-                          ("&format=pcm_f32le&channels=5&multichannel=true", "5 channels need 5 streams")):
+                          ("&format=pcm_f32le&channels=5&multichannel=true", "5 channels need 5 streams"),
+                          ("&diarize=true", "diarize=true needs a server started with a diarizer")):
         async with websockets.connect(base + query) as ws:
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await ws.recv()
         assert closed.value.rcvd.code == 1008 and reason in closed.value.rcvd.reason
+
+
+async def test_deepgram_diarize_without_a_diarizer_is_refused_at_the_handshake(served):
+    from deepgram.core.api_error import ApiError
+
+    with pytest.raises(ApiError) as refused:
+        async with deepgram_client(served).listen.v1.connect(model="nova-3", diarize="true"):
+            pass
+    assert refused.value.status_code == 400  # the SDK keeps no body: the reason is in the server's 400 body
 
 
 def deepgram_client(server) -> AsyncDeepgramClient:
