@@ -57,6 +57,9 @@ def serve(
     nemo_lookahead: Optional[int] = typer.Option(None, help="NVIDIA (.nemo) models: encoder frames of right context "
                                                  "per chunk (the chunk is lookahead + 1 x 80 ms) [env "
                                                  "KYUTAI_STT_NEMO_LOOKAHEAD, default: the model's own]."),
+    diarizer: Optional[str] = typer.Option(None, help="Speakers for streams that ask (diarize=true): "
+                                           "nvidia/diar_streaming_sortformer_4spk-v2, a .nemo file or random:tiny; "
+                                           "needs the nemo extra and --workers 1 [env KYUTAI_STT_DIARIZER]."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs."),
 ) -> None:
     """Run the server: WebSocket streaming, HTTP transcription, browser page."""
@@ -66,7 +69,7 @@ def serve(
 
     settings = _settings(host=host, port=port, model=model, device=device, dtype=dtype, slots=slots,
                          record_dir=record_dir, api_keys=api_key or None, log_format=log_format, workers=workers,
-                         nemo_lookahead=nemo_lookahead)
+                         nemo_lookahead=nemo_lookahead, diarizer=diarizer)
     _logging(verbose, settings.log_format)
     from kyutai_stt.serve.workers import default_workers, serve_workers
 

@@ -55,16 +55,28 @@ class Client:
                                   max_size=None)
 
     async def stream(self, audio: np.ndarray | AsyncIterable[np.ndarray], *, realtime: bool = False,
-                     chunk_samples: int = FRAME_SIZE, steps: bool = False) -> AsyncIterator[Event]:
+                     chunk_samples: int = FRAME_SIZE, steps: bool = False,
+                     diarize: bool = False) -> AsyncIterator[Event]:
         """Send 24 kHz mono float PCM (an array, or an async iterable of chunks such as a microphone) and yield
-        events until ``End`` (``ServerError`` on failure)."""
-        chunks = audio_chunks(audio, chunk_samples, realtime)
-        if self.protocol == "events":
-            stream = self._events(chunks, steps)
+        events until ``End`` (``ServerError`` on failure).
+
+        Multichannel (``events`` only): an array of shape ``[channels, samples]`` is sent interleaved with
+        ``multichannel=true``; each channel is transcribed on its own and its events carry ``channel``.
+        ``diarize`` (``events`` only): words carry ``speaker`` (a server started with a diarizer)."""
+        if diarize and self.protocol != "events":
+            raise ValueError("speakers need the events protocol")
+        if isinstance(audio, np.ndarray) and audio.ndim == 2:
+            if self.protocol != "events":
+                raise ValueError("multichannel audio needs the events protocol")
+            channels = audio.shape[0]
+            chunks = audio_chunks(audio.T.reshape(-1), chunk_samples * channels, realtime, channels)
+            stream = self._events(chunks, steps, channels, diarize)
+        elif self.protocol == "events":
+            stream = self._events(audio_chunks(audio, chunk_samples, realtime), steps, diarize=diarize)
         elif self.protocol == "kyutai":
-            stream = self._kyutai(chunks, realtime, steps)
+            stream = self._kyutai(audio_chunks(audio, chunk_samples, realtime), realtime, steps)
         else:
-            stream = self._seed(chunks)
+            stream = self._seed(audio_chunks(audio, chunk_samples, realtime))
         async for event in stream:
             yield event
 
@@ -82,10 +94,13 @@ class Client:
         finally:
             task.cancel()
 
-    async def _events(self, chunks, steps):
-        query = StreamQuery(format="pcm_f32le", sample_rate=SAMPLE_RATE, steps=steps)
+    async def _events(self, chunks, steps, channels: int = 1, diarize: bool = False):
+        query = StreamQuery(format="pcm_f32le", sample_rate=SAMPLE_RATE, steps=steps, channels=channels,
+                            multichannel=channels > 1, diarize=diarize)
         async with self._connect(f"?format={query.format}&sample_rate={query.sample_rate}"
-                                 + ("&steps=true" if query.steps else "")) as ws:
+                                 + ("&steps=true" if query.steps else "")
+                                 + (f"&channels={channels}&multichannel=true" if query.multichannel else "")
+                                 + ("&diarize=true" if query.diarize else "")) as ws:
             async def sender():
                 async for chunk in chunks:
                     await ws.send(np.asarray(chunk, "<f4").tobytes())

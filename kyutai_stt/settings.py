@@ -42,6 +42,11 @@ class Settings(BaseSettings):
         description="NVIDIA (NeMo) models only: encoder frames (80 ms) of right context per chunk, one of the "
         "model's att_context_size look-aheads; a chunk is lookahead + 1 frames (latency). Default: the model's own.",
     )
+    diarizer: str | None = Field(
+        None, description="Streaming speaker diarization for streams that ask for it (diarize=true): "
+        "'nvidia/diar_streaming_sortformer_4spk-v2' (a hub id), a .nemo file, or 'random:tiny' (random weights, "
+        "tests). Needs the nemo extra. None: no diarization.",
+    )
     end_of_turn_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="End of turn fires when VAD head 2's pause probability crosses this."
     )

@@ -180,13 +180,14 @@ async def test_unknown_query_parameters_are_refused_on_every_websocket(edge_serv
         exchange(ws + "/v1/stream?api_key=k&format=pcm_s16le&channels=6", []),
     )
     language, kyutai, seed, repeated, opus_channels, six = results
-    assert (language.code, language.reason) == (
-        1008, "unknown query parameter 'language' (accepted: format, sample_rate, channels, steps, eot_threshold, ...)")
+    # the reason is cut to fit a close frame (parse_query keeps 120 characters): the list's tail may be cut off
+    assert language.code == 1008 and language.reason.startswith(
+        "unknown query parameter 'language' (accepted: format, sample_rate, channels, multichannel, diarize, steps")
     assert (kyutai.code, kyutai.reason) == (1008, "unknown query parameter 'format' (accepted: api_key, auth_id)")
     assert (seed.code, seed.reason) == (1008, "unknown query parameter 'x' (accepted: api_key, auth_id)")
     assert (repeated.code, repeated.reason) == (1008, "query parameter 'format' given more than once")
     assert opus_channels.code == 1008 and opus_channels.reason.startswith("channels applies to raw PCM")
-    assert six.code == 1008 and six.reason.startswith("format must be one of")
+    assert six.code == 1008 and six.reason.startswith("more than 2 channels needs multichannel=true")
     # the auth parameters themselves are fine, and a bad query without the key is still a 401
     ok = await exchange(ws + "/api/asr-streaming?api_key=k", [msgpack.packb({"type": "Marker", "id": "x"})])
     assert ok.code == 1007 and msgpack.unpackb(ok.received[0]) == {"type": "Ready"}

@@ -10,7 +10,8 @@ A ``StreamDecoder`` takes bytes in any grouping and gives 24 kHz mono float32:
 - ``close()``: free what the decoder holds (a container decoder's helper thread), however the stream ended.
 Bad bytes raise ``AudioFormatError`` from ``feed`` or ``end``.
 
-Kinds: raw samples (``RawDecoder``: PCM f32/s16 and G.711, interleaved channels mixed down), Ogg/Opus
+Kinds: raw samples (``RawDecoder``: PCM f32/s16 and G.711, interleaved channels mixed down; ``ChannelsDecoder``:
+kept apart, ``[channels, samples]``, for multichannel streams), Ogg/Opus
 (``decode.OggOpusDecoder``), any container FFmpeg reads (``codecs.ContainerStreamDecoder``), and for the Modal
 Queue, Ogg/Opus or a whole file gathered and decoded at the end (``OpusOrFileDecoder``).
 """
@@ -91,6 +92,38 @@ class RawDecoder:
         pass
 
 
+class ChannelsDecoder:
+    """Raw interleaved samples kept apart: ``channels`` rows of 24 kHz float32 (shape ``[channels, samples]``), each
+    channel decoded exactly as a mono stream of it would be (one ``RawDecoder`` per channel, so a channel's audio
+    does not depend on the others). For multichannel streams, whose channels are transcribed one by one."""
+
+    def __init__(self, fmt: str, sample_rate: int, channels: int):
+        self.channels = channels
+        self.width = RawDecoder(fmt, sample_rate).width  # bytes per sample of one channel
+        self._decoders = [RawDecoder(fmt, sample_rate) for _ in range(channels)]
+        self._carry = b""
+
+    def _rows(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.stack(parts) if parts else np.zeros((self.channels, 0), np.float32)
+
+    def feed(self, data: bytes) -> np.ndarray:
+        data = self._carry + bytes(data) if self._carry else bytes(data)
+        frame = self.width * self.channels
+        usable = len(data) - len(data) % frame
+        self._carry = data[usable:]
+        samples = np.frombuffer(data[:usable], np.uint8).reshape(-1, self.channels, self.width)
+        return self._rows([d.feed(samples[:, c].tobytes()) for c, d in enumerate(self._decoders)])
+
+    def flush(self) -> np.ndarray:
+        return self._rows([d.flush() for d in self._decoders])
+
+    def end(self) -> np.ndarray:
+        return self._rows([d.end() for d in self._decoders])
+
+    def close(self) -> None:
+        pass
+
+
 class OpusOrFileDecoder:
     """Ogg/Opus pages decoded as they come, or pieces of any other audio file (wav, mp3, flac, Ogg/Vorbis...)
     gathered up to ``max_bytes`` and decoded at the end: the Modal Queue's chunks, whose format nobody declares.
@@ -137,10 +170,15 @@ class OpusOrFileDecoder:
 
 
 def stream_decoder(fmt: str, sample_rate: int = SAMPLE_RATE, channels: int = 1,
-                   max_bytes: int | None = None) -> StreamDecoder:
+                   max_bytes: int | None = None, split_channels: bool = False) -> StreamDecoder:
     """The decoder for ``fmt``: ``"opus"`` (Ogg/Opus pages), a raw format of ``RAW_FORMATS`` at ``sample_rate``
-    with ``channels`` interleaved, a key of ``CONTAINER_FORMATS`` (``"container"``: FFmpeg probes), or
-    ``"opus_or_file"`` (files gathered up to ``max_bytes``). Raises ``AudioFormatError`` for anything else."""
+    with ``channels`` interleaved (mixed down, or kept apart with ``split_channels``: ``ChannelsDecoder``), a key
+    of ``CONTAINER_FORMATS`` (``"container"``: FFmpeg probes), or ``"opus_or_file"`` (files gathered up to
+    ``max_bytes``). Raises ``AudioFormatError`` for anything else."""
+    if split_channels:
+        if fmt not in RAW_FORMATS:
+            raise AudioFormatError("separate channels need raw audio (PCM or G.711)")
+        return ChannelsDecoder(fmt, sample_rate, channels)
     if fmt == OPUS:
         return OggOpusDecoder()
     if fmt in RAW_FORMATS:

@@ -49,6 +49,27 @@ def load(settings: Settings, device: str | None = None):
     return load_model(settings.model, device or settings.device, settings.dtype)
 
 
+def start_diarizer(settings: Settings):
+    """The streaming diarizer ``settings.diarizer`` names, started (None when it names none). Sortformer needs the
+    ``nemo`` extra; ``ModelLoadError`` when it is missing or the model cannot be loaded."""
+    if not settings.diarizer:
+        return None
+    from kyutai_stt.engine.contract import ModelLoadError
+
+    try:
+        from kyutai_stt.engine.diarization.sortformer import SortformerDiarizer, load_sortformer
+    except ImportError as exc:
+        raise ModelLoadError(f"the diarizer needs the nemo extra (pip install 'kyutai-stt[nemo]'): {exc}") from None
+    start = time.perf_counter()
+    device = device_type(settings.device)
+    model = load_sortformer(settings.diarizer, device)
+    diarizer = SortformerDiarizer(model, name=settings.diarizer)
+    if diarizer.info.random_weights:
+        log.warning("diarizer %s has RANDOM WEIGHTS: its speakers are meaningless", settings.diarizer)
+    log.info("diarizer ready: %s on %s in %.1f s", settings.diarizer, device, time.perf_counter() - start)
+    return diarizer
+
+
 def start_engine(settings: Settings, model=None, *, slots: int | None = None) -> Engine:
     """Build the engine for ``settings`` (over ``model`` when it is already loaded), warm it up and start it.
 

@@ -35,6 +35,8 @@ class ResultWord(BaseModel):
     end: float
     confidence: float = 1.0
     punctuated_word: str
+    # diarize=true only (absent otherwise, as Deepgram sends it)
+    speaker: int | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class Alternative(BaseModel):

@@ -6,7 +6,9 @@ audio, corrected for the model's delay.
 
 Query (``StreamQuery``): ``format`` (``opus``: Ogg/Opus pages, the default; ``pcm_f32le`` / ``pcm_s16le``: raw
 little-endian PCM), ``sample_rate`` of raw PCM (8000 to 192000, resampled to 24 kHz), ``channels`` of raw PCM (1,
-the default, or 2: interleaved stereo, mixed down to mono; Ogg/Opus declares its own), ``steps`` (also send a
+the default, or 2: interleaved stereo, mixed down to mono; Ogg/Opus declares its own), ``multichannel`` (with
+``channels`` 2 to 8 of raw PCM: each channel is transcribed on its own, in a slot of its own, and its events carry
+``channel``), ``diarize`` (words carry ``speaker``: needs a server started with ``--diarizer``), ``steps`` (also send a
 ``step`` event every 80 ms), the turn layer's thresholds (``eot_threshold``, ``eager_eot_threshold``,
 ``eot_timeout_ms``: ``speech_started``, ``eager_end_of_turn``, ``turn_resumed``, ``end_of_turn``), and the API key
 (``api_key`` / ``auth_id``). Any other parameter is refused.
@@ -29,6 +31,15 @@ class _Event(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
+def _tag(description: str):
+    """An optional tag of an event, absent from its JSON unless set (so untagged streams look as they always did)."""
+    return Field(None, description=description, exclude_if=lambda value: value is None)
+
+
+CHANNEL = "the audio channel it belongs to (0-based), on multichannel streams only"
+SPEAKER = "who said it (0-based, in order of first appearance), on diarized streams only"
+
+
 class Ready(_Event):
     type: Literal["ready"] = "ready"
 
@@ -39,6 +50,7 @@ class Text(_Event):
     type: Literal["text"] = "text"
     text: str
     time: float
+    channel: int | None = _tag(CHANNEL)
 
 
 class Word(_Event):
@@ -47,6 +59,8 @@ class Word(_Event):
     type: Literal["word"] = "word"
     text: str
     start_time: float
+    channel: int | None = _tag(CHANNEL)
+    speaker: int | None = _tag(SPEAKER)
 
 
 class WordEnd(_Event):
@@ -54,6 +68,7 @@ class WordEnd(_Event):
 
     type: Literal["word_end"] = "word_end"
     stop_time: float
+    channel: int | None = _tag(CHANNEL)
 
 
 class Step(_Event):
@@ -63,6 +78,7 @@ class Step(_Event):
     step_idx: int
     pause_probabilities: tuple[float, ...] | None = None  # per VAD head (0.5, 1, 2, 3 s horizons)
     buffered_samples: int = 0
+    channel: int | None = _tag(CHANNEL)
 
 
 class SpeechStarted(_Event):
@@ -97,6 +113,7 @@ class EndOfTurn(_Event):
     probability: float
     time: float
     trigger: Literal["model", "timeout", "manual"] = "model"
+    channel: int | None = _tag(CHANNEL)
 
 
 class Marker(_Event):
@@ -125,6 +142,7 @@ Event = Annotated[
 
 
 PCM_FORMATS = ("pcm_f32le", "pcm_s16le")
+MAX_CHANNELS = 8  # multichannel: each channel takes an engine slot
 G711_FORMATS = ("mulaw", "alaw")
 # audio containers pushed in pieces ("container"/"auto": FFmpeg tells)
 CONTAINER_FORMATS = tuple(_CONTAINERS)
@@ -140,7 +158,10 @@ class StreamQuery(BaseModel):
     format: Literal[FORMATS] = "opus"  # type: ignore[valid-type]
     # of raw PCM, or of G.711 (8000 when not given); "16000.5" or "abc" are refused
     sample_rate: int = Field(24000, ge=8000, le=192000)
-    channels: int = Field(1, ge=1, le=2)  # of raw PCM: 2 is interleaved stereo, mixed down to mono
+    # of raw PCM (interleaved): 2 is stereo, mixed down to mono unless ``multichannel``
+    channels: int = Field(1, ge=1, le=MAX_CHANNELS)
+    multichannel: bool = False  # transcribe each channel on its own (one engine slot each), events tagged ``channel``
+    diarize: bool = False  # words carry ``speaker`` (needs a server started with a diarizer)
     steps: bool = False  # true/false, 1/0, yes/no, on/off
     # the turn layer (``stream.turns``): pause probability of the VAD head that ends a turn (None: the server's
     # ``end_of_turn_threshold``), of an eager end (None: no eager ends), and an end after this much time without
@@ -155,6 +176,10 @@ class StreamQuery(BaseModel):
     def _fields_of_raw_audio(self) -> "StreamQuery":
         if self.format not in PCM_FORMATS and "channels" in self.model_fields_set and self.channels != 1:
             raise ValueError("channels applies to raw PCM: other formats declare their own (stereo is mixed down)")
+        if self.multichannel and (self.format not in PCM_FORMATS or self.channels < 2):
+            raise ValueError("multichannel needs raw PCM (pcm_f32le or pcm_s16le) with channels of 2 or more")
+        if self.channels > 2 and not self.multichannel:
+            raise ValueError("more than 2 channels needs multichannel=true (each channel is transcribed on its own)")
         if self.format in CONTAINER_FORMATS and "sample_rate" in self.model_fields_set:
             raise ValueError("sample_rate applies to raw PCM and G.711: an audio container declares its own")
         if self.eager_eot_threshold is not None and self.eot_threshold is not None \

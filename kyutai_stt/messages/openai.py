@@ -48,6 +48,26 @@ class TranscriptionVerbose(BaseModel):
     words: list[TranscriptionWord] | None = None
 
 
+class TranscriptionDiarizedSegment(BaseModel):
+    """A run of one speaker's words (``openai.types.audio.TranscriptionDiarizedSegment``)."""
+
+    type: Literal["transcript.text.segment"] = "transcript.text.segment"
+    id: str
+    start: float
+    end: float
+    text: str
+    speaker: str  # "A", "B", ... in order of appearance
+
+
+class TranscriptionDiarized(BaseModel):
+    """``response_format=diarized_json`` (``openai.types.audio.TranscriptionDiarized``)."""
+
+    task: Literal["transcribe"] = "transcribe"
+    duration: float
+    text: str
+    segments: list[TranscriptionDiarizedSegment]
+
+
 class Model(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from kyutai_stt.engine.contract import Engine, NoFreeSlot
-from kyutai_stt.engine.startup import start_engine
+from kyutai_stt.engine.startup import start_diarizer, start_engine
 from kyutai_stt.serve.metrics import Metrics
 from kyutai_stt.serve.service import Service, get_service
 from kyutai_stt.serve.uploads import HttpProblem, problem_response, server_busy
@@ -25,15 +25,17 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("kyutai_stt.access")
 
 
-def create_app(settings: Settings | None = None, model=None, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, model=None, engine: Engine | None = None,
+               diarizer=None) -> FastAPI:
     """Build the app. The engine is started in the lifespan (``start_engine``, over ``model`` when given).
 
     ``engine``: serve an engine that is already warmed up and running (the Modal app shares one between its
-    web app and its Queue method); its owner stops it, not the app.
+    web app and its Queue method); its owner stops it, not the app. ``diarizer``: a started ``Diarizer`` to
+    serve (its owner stops it); else the one ``settings.diarizer`` names is started with the engine.
     """
     settings = settings or Settings()
     metrics = Metrics()
-    service = Service(settings, metrics)
+    service = Service(settings, metrics, diarizer=diarizer)
     if engine is not None:
         service.attach(engine)
 
@@ -44,10 +46,15 @@ def create_app(settings: Settings | None = None, model=None, engine: Engine | No
             return
         own = start_engine(settings, model)
         service.attach(own)
+        own_diarizer = start_diarizer(settings) if diarizer is None else None
+        if own_diarizer is not None:
+            service.diarizer = own_diarizer
         try:
             yield
         finally:
             own.stop()
+            if own_diarizer is not None:
+                own_diarizer.stop()
 
     app = FastAPI(title="kyutai-stt", lifespan=lifespan)
     app.state.service = service  # the one object handlers reach, through service.get_service

@@ -19,6 +19,9 @@ from starlette.requests import HTTPConnection
 from kyutai_stt.engine.contract import Engine, EngineStopped, NoFreeSlot
 from kyutai_stt.serve.metrics import Metrics
 from kyutai_stt.serve.pace import RealTimeMonitor
+from kyutai_stt.engine.diarization.contract import Diarizer
+from kyutai_stt.stream.channels import ChannelSession
+from kyutai_stt.stream.speakers import DiarizedSession
 from kyutai_stt.stream.session import Session
 from kyutai_stt.settings import Settings
 
@@ -34,6 +37,7 @@ class Service:
     draining: bool = False  # shutting down: no new streams
     queued: int = 0  # WebSocket clients waiting for a slot
     pace: RealTimeMonitor | None = None  # is the engine keeping real time? (set by ``attach``)
+    diarizer: Diarizer | None = None  # speakers for streams that ask (``settings.diarizer``)
     _waits: set[asyncio.Task] = field(default_factory=set, repr=False)
 
     def attach(self, engine: Engine) -> None:
@@ -52,9 +56,20 @@ class Service:
             raise EngineStopped("the engine is not running")
         return self.engine
 
-    def new_session(self) -> Session:
-        """A live stream's session, bounded by the settings (not started: see ``admit``)."""
+    def new_session(self, channels: int = 1, diarize: bool = False) -> Session | ChannelSession:
+        """A live stream's session, bounded by the settings (not started: see ``admit``); with ``channels`` > 1 a
+        multichannel one (a slot per channel); with ``diarize`` its words carry speakers (``DiarizedSession``)."""
+        if channels > 1:
+            return ChannelSession.from_settings(self.running_engine, self.settings, channels)
+        if diarize:
+            return DiarizedSession.from_settings(self.running_engine, self.settings, diarizer=self.running_diarizer)
         return Session.from_settings(self.running_engine, self.settings)
+
+    @property
+    def running_diarizer(self) -> Diarizer:
+        if self.diarizer is None:
+            raise DiarizerMissing("diarize=true needs a server started with a diarizer (--diarizer)")
+        return self.diarizer
 
     async def admit(self, session: Session) -> None:
         """Give ``session`` a slot now, or let it wait in the bounded queue (``queue_max`` clients, each for up to
@@ -106,6 +121,10 @@ class Service:
             await asyncio.sleep(0.05)
         if self.sessions:
             log.warning("shutting down: %d stream(s) did not finish in %.0f s", len(self.sessions), timeout)
+
+
+class DiarizerMissing(ValueError):
+    """A stream asked for speakers on a server without a diarizer."""
 
 
 def get_service(conn: HTTPConnection) -> Service:

@@ -218,18 +218,20 @@ async def read_form_file(request: Request, file: UploadFile) -> Upload:
 
 
 # ------------------------------------------------------------------------------------------------ the session
-def upload_events(request: Request, upload: Upload):
-    """The events of a session over the upload (async iterator). Its first step waits up to ``http_slot_wait_s``
-    for a slot and raises ``NoFreeSlot`` when none comes (the app answers 503)."""
+def upload_events(request: Request, upload: Upload, diarize: bool = False):
+    """The events of a session over the upload (async iterator; ``diarize``: words with speakers). Its first step
+    waits up to ``http_slot_wait_s`` for a slot and raises ``NoFreeSlot`` when none comes (the app answers 503)."""
     service = get_service(request)
     return session_events(service.running_engine, upload.pcm, wait_seconds=service.settings.http_slot_wait_s,
-                          end_of_turn_threshold=service.settings.end_of_turn_threshold)
+                          end_of_turn_threshold=service.settings.end_of_turn_threshold,
+                          diarizer=service.running_diarizer if diarize else None)
 
 
-async def transcribe(request: Request, upload: Upload) -> list[Word | WordEnd]:
-    """The words of the upload and their ends, in order; an engine failure is a 500."""
+async def transcribe(request: Request, upload: Upload, diarize: bool = False) -> list[Word | WordEnd]:
+    """The words of the upload and their ends, in order (``diarize``: words carry ``speaker``); an engine failure
+    is a 500."""
     words: list[Word | WordEnd] = []
-    async for event in upload_events(request, upload):
+    async for event in upload_events(request, upload, diarize):
         if isinstance(event, Error):
             raise HttpProblem(500, event.message, "failed")
         if isinstance(event, (Word, WordEnd)):

@@ -13,21 +13,25 @@ from kyutai_stt.audio.constants import FRAME_SIZE
 from kyutai_stt.engine.contract import Engine
 from kyutai_stt.messages.events import Event
 from kyutai_stt.stream.session import Session
+from kyutai_stt.stream.speakers import DiarizedSession
 
 
-async def start_session(engine: Engine, *, wait_seconds: float = 0.0, **session_kwargs) -> Session:
-    """A started session; when every slot is busy, wait up to ``wait_seconds`` for one (then NoFreeSlot)."""
-    session = Session(engine, **session_kwargs)
+async def start_session(engine: Engine, *, wait_seconds: float = 0.0, diarizer=None, **session_kwargs) -> Session:
+    """A started session (with ``diarizer``: its words carry speakers); when every slot is busy, wait up to
+    ``wait_seconds`` for one (then NoFreeSlot)."""
+    session = DiarizedSession(engine, diarizer, **session_kwargs) if diarizer is not None \
+        else Session(engine, **session_kwargs)
     await session.start_waiting(wait_seconds)
     return session
 
 
 async def session_events(engine: Engine, audio, *, realtime: bool = False,
                          chunk_samples: int = FRAME_SIZE, end_of_turn_threshold: float = 0.5,
-                         wait_seconds: float = 0.0) -> AsyncIterator[Event]:
+                         wait_seconds: float = 0.0, diarizer=None) -> AsyncIterator[Event]:
     """Stream ``audio`` (24 kHz mono: an array, or an async iterable of chunks) through a new engine session and
-    yield its events until ``End``/``Error``."""
-    session = await start_session(engine, wait_seconds=wait_seconds, end_of_turn_threshold=end_of_turn_threshold)
+    yield its events until ``End``/``Error`` (words with speakers when a ``diarizer`` is given)."""
+    session = await start_session(engine, wait_seconds=wait_seconds, end_of_turn_threshold=end_of_turn_threshold,
+                                  diarizer=diarizer)
 
     async def feed() -> None:
         count = 0

@@ -108,8 +108,10 @@ async def parse_query(ws: WebSocket, model: type[Q], value_error: str | None = N
 
 
 async def open_session(ws: WebSocket, protocol: str,
-                       on_full: Callable[[str], Awaitable[None]] | None = None) -> Session | None:
-    """Admit a client: key, origin, a free slot (or a bounded wait for one). None when refused (already closed)."""
+                       on_full: Callable[[str], Awaitable[None]] | None = None, channels: int = 1,
+                       diarize: bool = False) -> Session | None:
+    """Admit a client: key, origin, a free slot (or a bounded wait for one; ``channels`` slots for a multichannel
+    stream; ``diarize``: speakers on its words). None when refused (already closed)."""
     service = get_service(ws)
     if await deny_unauthorized(ws):
         return None
@@ -123,9 +125,19 @@ async def open_session(ws: WebSocket, protocol: str,
         log.info("%s stream from %s refused: server shutting down", protocol, client)
         await close(ws, SERVICE_RESTART, "server shutting down, retry on another instance")
         return None
+    if diarize and service.diarizer is None:
+        await close(ws, POLICY_VIOLATION, "diarize=true needs a server started with a diarizer (--diarizer)")
+        return None
+    if diarize and channels > 1:
+        await close(ws, POLICY_VIOLATION, "diarize and multichannel cannot be combined: a channel is a speaker")
+        return None
+    if channels > service.running_engine.batch_size:
+        await close(ws, POLICY_VIOLATION, f"{channels} channels need {channels} streams; this server runs "
+                                          f"{service.running_engine.batch_size}")
+        return None
     session: Session | None = None
     try:
-        session = service.new_session()
+        session = service.new_session(channels, diarize)
         await service.admit(session)
     except NoFreeSlot:
         if session is not None:

@@ -18,6 +18,12 @@ Mapping onto our session events:
 - ``CloseStream`` (or an empty binary message): flush, the last words, ``Metadata``, close 1000. ``KeepAlive``
   resets the idle timer: as at Deepgram, 10 s without any message finishes the stream (its words still come) and
   closes it (1008; a shorter ``idle_timeout_s`` setting wins).
+- ``multichannel=true`` with ``channels`` 2 to 8 of a raw encoding: each channel is transcribed on its own (an
+  engine slot each, the same words as that channel sent alone) and gets its own ``Results``, ``SpeechStarted`` and
+  ``UtteranceEnd`` with ``channel_index: [channel, channels]``; ``Finalize`` finalizes every channel. Without it,
+  the channels are mixed down. Pre-recorded requests refuse ``multichannel=true``.
+- ``diarize=true`` (a server started with ``--diarizer``): every word carries ``speaker`` (``stream.speakers``:
+  a word comes once the diarizer has heard its whole span, about 0.5 s later than without).
 - ``confidence`` is 1.0: decoding is greedy and the engine does not report token probabilities.
 
 Errors: a bad query parameter is refused at the handshake with HTTP 400 and Deepgram's REST error body
@@ -65,7 +71,7 @@ from kyutai_stt.messages.deepgram import (
     UtteranceEnd,
 )
 from kyutai_stt.messages.errors import MessageError, UnknownMessage
-from kyutai_stt.messages.events import EndOfTurn, Error, Marker, Text, Word, WordEnd
+from kyutai_stt.messages.events import MAX_CHANNELS, EndOfTurn, Error, Marker, Text, Word, WordEnd
 from kyutai_stt.serve.auth import is_authorized
 from kyutai_stt.serve.protocols import runner
 from kyutai_stt.serve.protocols.common import POLICY_VIOLATION, close, open_session
@@ -89,8 +95,8 @@ RAW_FORMATS = {"linear16": "pcm_s16le", "mulaw": "mulaw", "alaw": "alaw"}  # our
 RAW = tuple(RAW_FORMATS)
 ENCODINGS = RAW + ("opus", "ogg-opus")
 # Accepted only with the value that matches what we do (the others are refused: we cannot honour them).
-FIXED = {"smart_format": "false", "numerals": "false", "profanity_filter": "false", "diarize": "false",
-         "dictation": "false", "multichannel": "false", "detect_entities": "false", "filler_words": "true",
+FIXED = {"smart_format": "false", "numerals": "false", "profanity_filter": "false",
+         "dictation": "false", "detect_entities": "false", "filler_words": "true",
          "detect_language": "false", "version": "latest"}
 WHY_FIXED = {"filler_words": "the model writes what it hears, filler words included",
              "version": "only the served model's latest version exists"}
@@ -122,6 +128,9 @@ class ListenOptions(BaseModel):
     utterance_end: bool = False
     vad_events: bool = False
     language: str = "en"
+    channels: int = 1  # of raw audio, interleaved
+    multichannel: bool = False  # each channel transcribed on its own (else mixed down)
+    diarize: bool = False  # words carry ``speaker`` (a server with a diarizer)
 
 
 def _flag(name: str, value: str) -> bool:
@@ -148,9 +157,10 @@ def parse_options(params: list[tuple[str, str]], languages: tuple[str, ...], str
                 raise DeepgramError("sample_rate must be an integer from 8000 to 192000")
             options.sample_rate = int(value)
         elif name == "channels":
-            if value != "1":
-                raise DeepgramError("only mono audio is supported: channels must be 1")
-        elif name in ("interim_results", "punctuate", "vad_events"):
+            if not re.fullmatch(r"[1-8]", value):
+                raise DeepgramError(f"channels must be an integer from 1 to {MAX_CHANNELS}")
+            options.channels = int(value)
+        elif name in ("interim_results", "punctuate", "vad_events", "multichannel", "diarize"):
             setattr(options, name, _flag(name, value))
         elif name == "endpointing":
             if value.lower() == "false":
@@ -179,6 +189,12 @@ def parse_options(params: list[tuple[str, str]], languages: tuple[str, ...], str
             raise DeepgramError(f"unknown parameter {name!r}")
     if options.encoding in RAW and options.sample_rate is None:
         raise DeepgramError(f"sample_rate is required with encoding={options.encoding}")
+    if options.channels > 1 and options.encoding not in RAW:
+        raise DeepgramError("channels is only for raw encodings (linear16, mulaw, alaw): a container declares its own")
+    if options.diarize and options.multichannel and options.channels > 1:
+        raise DeepgramError("diarize=true and multichannel=true cannot be combined here: a channel is a speaker")
+    if options.multichannel and not streaming:
+        raise DeepgramError("multichannel=true is supported on streaming (WebSocket) requests only")
     if options.encoding not in RAW and options.sample_rate is not None and streaming:
         raise DeepgramError("sample_rate is only for raw encodings (linear16, mulaw, alaw)")
     return options
@@ -194,8 +210,9 @@ def _plain(text: str) -> str:
     return re.sub(r"[^\w'-]+", "", text.lower()) or text.lower()
 
 
-def _result_word(text: str, start: float, end: float) -> ResultWord:
-    return ResultWord(word=_plain(text), start=round(start, 4), end=round(end, 4), punctuated_word=text)
+def _result_word(text: str, start: float, end: float, speaker: int | None = None) -> ResultWord:
+    return ResultWord(word=_plain(text), start=round(start, 4), end=round(end, 4), punctuated_word=text,
+                      speaker=speaker)
 
 
 def _transcript(words: list[ResultWord], punctuate: bool) -> str:
@@ -208,7 +225,8 @@ def _decoder(options: ListenOptions) -> StreamDecoder:
     ``Finalize`` flushes what the decoder can release mid-stream: a raw resampler's tail; nothing for Ogg pages
     (decoded whole) or containers (their resampler holds back under 0.1 s until the end)."""
     if options.encoding in RAW:
-        return stream_decoder(RAW_FORMATS[options.encoding], options.sample_rate)
+        return stream_decoder(RAW_FORMATS[options.encoding], options.sample_rate, options.channels,
+                              split_channels=options.multichannel and options.channels > 1)
     return stream_decoder("container" if options.encoding is None else OPUS)
 
 
@@ -216,12 +234,15 @@ def _decoder(options: ListenOptions) -> StreamDecoder:
 class _Transcript:
     """Turns session events into Deepgram messages for one stream (see the module docstring for the rules)."""
 
-    def __init__(self, options: ListenOptions, request_id: str, model_name: str, model_uuid: str):
+    def __init__(self, options: ListenOptions, request_id: str, model_name: str, model_uuid: str,
+                 channel_index: tuple[int, int] = (0, 1)):
         self.options = options
+        self.channel_index = list(channel_index)  # [this channel, channels]
         self.metadata = ResultMetadata(request_id=request_id, model_info=ModelInfo(name=model_name),
                                        model_uuid=model_uuid)
         self.words = WordPairer()  # its pending word: complete, end not known yet
         self.pieces: list[Text] = []  # the word being recognised
+        self.speakers: list[int | None] = []  # of the words fed to the pairer, not yet final (diarize=true)
         self.cursor = 0.0  # end of the last final result
         self.in_turn = False
         self.speech_final_due = False
@@ -232,7 +253,8 @@ class _Transcript:
         if is_final and self.speech_final_due and self.options.endpointing:
             speech_final, self.speech_final_due = True, False
         start = self.cursor if is_final else (words[0].start if words else self.cursor)
-        return Results(duration=round(max(0.0, end - start), 4), start=round(start, 4), is_final=is_final,
+        return Results(channel_index=self.channel_index, duration=round(max(0.0, end - start), 4),
+                       start=round(start, 4), is_final=is_final,
                        speech_final=speech_final, from_finalize=from_finalize,
                        channel=ResultChannel(alternatives=[Alternative(
                            transcript=_transcript(words, self.options.punctuate), words=words)]),
@@ -241,7 +263,7 @@ class _Transcript:
     def _final(self, word: TimedWord, from_finalize: bool = False) -> Results:
         start = self.shift(word.start)
         end = max(self.shift(word.end), start)
-        result = _result_word(word.text, start, end)
+        result = _result_word(word.text, start, end, self.speakers.pop(0) if self.speakers else None)
         message = self._results([result], True, end, from_finalize)
         self.cursor = end
         return message
@@ -252,12 +274,13 @@ class _Transcript:
             if not self.in_turn:
                 self.in_turn = True
                 if self.options.vad_events:
-                    out.append(SpeechStarted(timestamp=round(self.shift(event.time), 4)))
+                    out.append(SpeechStarted(channel=self.channel_index, timestamp=round(self.shift(event.time), 4)))
             self.pieces.append(event)
             out += self._interim()
         elif isinstance(event, (Word, WordEnd)):
             if isinstance(event, Word):
                 self.pieces = []
+                self.speakers.append(event.speaker)
             self.words.feed(event)
             final, self.words.words = self.words.words, []  # sent once: the pairer keeps none
             out += [self._final(word) for word in final]
@@ -265,7 +288,7 @@ class _Transcript:
             self.in_turn = False
             self.speech_final_due = True
             if self.options.utterance_end:
-                out.append(UtteranceEnd(last_word_end=round(self.shift(event.time), 4)))
+                out.append(UtteranceEnd(channel=self.channel_index, last_word_end=round(self.shift(event.time), 4)))
         return out
 
     def _interim(self) -> list[BaseModel]:
@@ -275,7 +298,8 @@ class _Transcript:
         now = self.shift(self.pieces[-1].time) if self.pieces else self.cursor
         pending = self.words.pending
         if pending is not None:
-            words.append(_result_word(pending.text, self.shift(pending.start_time), now))
+            words.append(_result_word(pending.text, self.shift(pending.start_time), now,
+                                      self.speakers[0] if self.speakers else None))
         if self.pieces:
             text = "".join(p.text for p in self.pieces).strip()
             if text:
@@ -291,7 +315,8 @@ class _Transcript:
         self.words.pending = None
         start = self.shift(pending.start_time)
         end = max(end, start)
-        message = self._results([_result_word(pending.text, start, end)], True, end, from_finalize=True)
+        speaker = self.speakers.pop(0) if self.speakers else None
+        message = self._results([_result_word(pending.text, start, end, speaker)], True, end, from_finalize=True)
         self.cursor = end
         return [message]
 
@@ -308,8 +333,13 @@ class DeepgramTranslator(runner.Translator):
         super().__init__(_decoder(options))
         self.session, self.options, self.request_id = session, options, request_id
         self.model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, model_name))
-        self.transcript = _Transcript(options, request_id, model_name.rstrip("/").split("/")[-1], self.model_uuid)
-        self.transcript.shift = self.timeline.client_time
+        # one transcript per channel (multichannel: Results per channel, with its channel_index, as Deepgram sends)
+        channels = options.channels if options.multichannel else 1
+        self.transcripts = [_Transcript(options, request_id, model_name.rstrip("/").split("/")[-1], self.model_uuid,
+                                        (c, channels)) for c in range(channels)]
+        for transcript in self.transcripts:
+            transcript.shift = self.timeline.client_time
+        self.transcript = self.transcripts[0]
         self.digest = hashlib.sha256()
         self.created = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
         self.markers = itertools.count(1)
@@ -344,14 +374,16 @@ class DeepgramTranslator(runner.Translator):
         if isinstance(event, Error):
             return [_stream_error("NET-0000", event.message)]
         if isinstance(event, Marker) and event.id in self.finalize_ends:
-            items = self.transcript.finalized(self.finalize_ends.pop(event.id))
+            end = self.finalize_ends.pop(event.id)
+            items = [item for transcript in self.transcripts for item in transcript.finalized(end)]
         else:
-            items = self.transcript.on_event(event)
+            items = self.transcripts[getattr(event, "channel", None) or 0].on_event(event)
         return [item.model_dump_json() for item in items]
 
     def finish(self) -> list[str]:
         duration = self.timeline.client_time(self.session.samples_received / SAMPLE_RATE)
         return [Metadata(request_id=self.request_id, sha256=self.digest.hexdigest(), created=self.created,
+                         channels=len(self.transcripts),
                          duration=round(duration, 4), models=[self.model_uuid],
                          model_info={self.model_uuid: self.transcript.metadata.model_info}).model_dump_json()]
 
@@ -372,13 +404,16 @@ async def listen_socket(ws: WebSocket) -> None:
     engine = get_service(ws).running_engine
     try:
         options = parse_options(list(ws.query_params.multi_items()), engine.info.languages, streaming=True)
+        if options.diarize and get_service(ws).diarizer is None:
+            raise DeepgramError("diarize=true needs a server started with a diarizer (--diarizer)")
     except DeepgramError as exc:
         if not is_authorized(ws):
             await _deny(ws, _rest_error(401, "Invalid credentials.", "INVALID_AUTH", request_id))
             return
         await _deny(ws, _rest_error(400, str(exc), exc.err_code, request_id))
         return
-    session = await open_session(ws, "deepgram")
+    session = await open_session(ws, "deepgram", channels=options.channels if options.multichannel else 1,
+                                 diarize=options.diarize)
     if session is None:
         return
     await runner.run_stream(ws, session, DeepgramTranslator(session, options, request_id, engine.info.name))
@@ -447,7 +482,13 @@ async def listen_file(request: Request, request_id: Annotated[str, Depends(_requ
                       upload: Annotated[Upload, Depends(_listen_upload)]):
     """Deepgram's pre-recorded API: the audio file is the request body (any format we decode; raw audio with
     ``encoding`` and ``sample_rate``). A JSON body with a ``url`` is refused: this server fetches nothing."""
-    words = [_result_word(w.text, w.start, w.end) for w in pair_words(await transcribe(request, upload))]
+    if options.diarize and get_service(request).diarizer is None:
+        raise HttpProblem(400, "diarize=true needs a server started with a diarizer (--diarizer)",
+                          code="INVALID_QUERY_PARAMETER")
+    events = await transcribe(request, upload, options.diarize)
+    speakers = [e.speaker for e in events if isinstance(e, Word)]  # one per paired word, in order
+    words = [_result_word(w.text, w.start, w.end, speaker)
+             for w, speaker in zip(pair_words(events), speakers)]
     model = get_service(request).running_engine.info
     model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, model.name))
     return PrerecordedResponse(

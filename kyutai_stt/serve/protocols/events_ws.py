@@ -2,7 +2,9 @@
 
 Query parameters choose the audio format: ``format=opus`` (Ogg/Opus pages, the default), ``pcm_f32le`` or
 ``pcm_s16le`` (raw little-endian at ``sample_rate``, resampled to 24 kHz when needed; ``channels=2`` for
-interleaved stereo, mixed down to mono; a stream that declares nothing is mono), ``mulaw``/``alaw`` (raw G.711 at
+interleaved stereo, mixed down to mono; a stream that declares nothing is mono; with ``multichannel=true``,
+``channels`` 2 to 8 are transcribed each on its own, in an engine slot each, and every ``text``, ``word``,
+``word_end``, ``step`` and ``end_of_turn`` event carries its ``channel``), ``mulaw``/``alaw`` (raw G.711 at
 ``sample_rate``, 8000 unless given), an audio container pushed in pieces (``webm`` as a browser's MediaRecorder
 records it, ``ogg``, ``mp3``, ``aac``, ``flac``, ``wav``, or ``container`` to let FFmpeg tell; see ``codecs``), and
 ``steps=true`` to also receive a ``step`` event every 80 ms, and the turn layer's ``eot_threshold``,
@@ -36,9 +38,11 @@ class EventsTranslator(runner.Translator):
     protocol = "events"
 
     def __init__(self, query: StreamQuery, info, default_eot: float):
-        super().__init__(stream_decoder(query.format, query.rate, query.channels))
+        super().__init__(stream_decoder(query.format, query.rate, query.channels, split_channels=query.multichannel))
         self.steps = query.steps
-        self.turns = TurnTracker(info, thresholds(query, default_eot))  # no flush: the words stay the file's
+        # no flush: the words stay the file's; a multichannel stream's channels are separate speakers, each with its
+        # own end of turn from the reader (one tracker would mix their words)
+        self.turns = None if query.multichannel else TurnTracker(info, thresholds(query, default_eot))
 
     def parse(self, message: dict) -> list[runner.Input]:
         if message.get("bytes") is not None:
@@ -62,7 +66,8 @@ async def events_socket(ws: WebSocket) -> None:
     query = await parse_query(ws, StreamQuery, QUERY_ERROR)
     if query is None:
         return
-    session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()))
+    session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()),
+                                 channels=query.channels if query.multichannel else 1, diarize=query.diarize)
     if session is None:
         return
     service = get_service(ws)

@@ -2,7 +2,9 @@
 
 Spoken by the ``openai`` SDK and the many tools built on it. Files are transcribed at full speed through the same
 engine as live streams (several requests share the batch). ``response_format``: json, text, srt, vtt,
-verbose_json (segments; words when ``timestamp_granularities[]=word``); ``stream=true`` answers server-sent events
+verbose_json (segments; words when ``timestamp_granularities[]=word``), diarized_json (OpenAI's
+``gpt-4o-transcribe-diarize`` answer: segments of one speaker each, speakers "A", "B"...; a server with a diarizer;
+``model=gpt-4o-transcribe-diarize`` also labels srt/vtt cues with their speaker); ``stream=true`` answers server-sent events
 ``transcript.text.delta`` / ``transcript.text.done``. Auth: ``Authorization: Bearer KEY`` when keys are configured.
 
 Optional parameters (``_check_parameters``): ``language`` is checked against the served model's languages
@@ -22,8 +24,9 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from kyutai_stt.messages.languages import NAMES, base_language
-from kyutai_stt.messages.events import Error, Text
-from kyutai_stt.messages.openai import (ErrorBody, ErrorDetail, Model, ModelList, Transcription, TranscriptionSegment,
+from kyutai_stt.messages.events import Error, Text, Word
+from kyutai_stt.messages.openai import (ErrorBody, ErrorDetail, Model, ModelList, Transcription,
+                                       TranscriptionDiarized, TranscriptionDiarizedSegment, TranscriptionSegment,
     TranscriptionVerbose, TranscriptionWord)
 
 from kyutai_stt.serve.service import get_service
@@ -32,7 +35,8 @@ from kyutai_stt.serve.uploads import (HttpProblem, authorized, read_form_file, r
 from kyutai_stt.stream.formats import cues, to_srt, to_text, to_vtt
 from kyutai_stt.stream.words import pair_words
 
-FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+FORMATS = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
+DIARIZE_MODEL = "gpt-4o-transcribe-diarize"  # OpenAI's diarizing model: its name asks for speakers here too
 
 
 def render_error(request: Request, problem: HttpProblem) -> JSONResponse:
@@ -99,7 +103,8 @@ async def list_models(request: Request) -> ModelList:
 
 
 @router.post("/audio/transcriptions", dependencies=[Depends(authorized)],
-             response_model=TranscriptionVerbose | Transcription, response_model_exclude_none=True)
+             response_model=TranscriptionVerbose | TranscriptionDiarized | Transcription,
+             response_model_exclude_none=True)
 async def transcriptions(
     request: Request,
     # every field is optional and a string here, checked below: a bad value gets OpenAI's 400, not FastAPI's 422
@@ -124,6 +129,12 @@ async def transcriptions(
         chunking_strategy = "server_vad"  # the SDK sends an object as chunking_strategy[type]=...: not "auto"
     supported = get_service(request).running_engine.info.languages
     _check_parameters(supported, language, prompt, temperature, include, chunking_strategy)
+    diarize = response_format == "diarized_json" or model == DIARIZE_MODEL
+    if diarize and get_service(request).diarizer is None:
+        raise _refuse(f"speakers (response_format=diarized_json, model={DIARIZE_MODEL}) need a server started with "
+                      "a diarizer (--diarizer)", param="response_format")
+    if diarize and stream.lower() == "true":
+        raise _refuse("speakers are not streamed: use stream=false", param="stream")
     upload = await read_form_file(request, file)
 
     if stream.lower() == "true":
@@ -144,16 +155,25 @@ async def transcriptions(
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    words = pair_words(await transcribe(request, upload))
+    events = await transcribe(request, upload, diarize)
+    words = pair_words(events)
+    speakers = [e.speaker for e in events if isinstance(e, Word)] if diarize else None  # one per paired word
     text = to_text(words)
     if response_format == "json":
         return Transcription(text=text)
     if response_format == "text":
         return PlainTextResponse(text)
     if response_format == "srt":
-        return PlainTextResponse(to_srt(words, upload.duration))
+        return PlainTextResponse(to_srt(words, upload.duration, speakers))
     if response_format == "vtt":
-        return PlainTextResponse(to_vtt(words, upload.duration), media_type="text/vtt")
+        return PlainTextResponse(to_vtt(words, upload.duration, speakers), media_type="text/vtt")
+    if response_format == "diarized_json":
+        who = {id(w): s for w, s in zip(words, speakers)}
+        return TranscriptionDiarized(duration=round(upload.duration, 3), text=text, segments=[
+            TranscriptionDiarizedSegment(id=f"seg_{i}", start=group[0].start, end=max(group[-1].end, group[0].start),
+                                         text=" ".join(w.text for w in group),
+                                         speaker=_letter(who[id(group[0])]))
+            for i, group in enumerate(cues(words, speakers))])
     segments = [TranscriptionSegment(id=i, start=group[0].start, end=max(group[-1].end, group[0].start),
                                      text=" " + " ".join(w.text for w in group))
                 for i, group in enumerate(cues(words))]
@@ -169,6 +189,17 @@ async def translations(request: Request):
     """Not offered: the models transcribe; they do not translate."""
     raise _refuse("translation is not supported: this server transcribes speech in its own language "
                   "(use /v1/audio/transcriptions)", code="unsupported_endpoint")
+
+
+def _letter(speaker: int | None) -> str:
+    """OpenAI's speaker labels: A, B, ... (Z, then AA...)."""
+    n, label = (speaker or 0), ""
+    while True:
+        n, rest = divmod(n, 26)
+        label = chr(ord("A") + rest) + label
+        if not n:
+            return label
+        n -= 1
 
 
 async def _prepend(first, rest):

@@ -57,6 +57,8 @@ function streamUrl(params) {
   // travels in the WebSocket URL (the server never logs query strings).
   const key = new URLSearchParams(location.search).get("api_key");
   if (key) search.set("api_key", key);
+  // Who speaks: open the page as /?diarize=true on a server started with --diarizer; words then carry `speaker`.
+  if (new URLSearchParams(location.search).get("diarize") === "true") search.set("diarize", "true");
   url.search = search.toString();
   return url.toString();
 }
@@ -132,22 +134,30 @@ function nearBottom() {
   return el.scrollHeight - el.scrollTop - el.clientHeight < 40;
 }
 
-function addWord(text, start) {
+function addWord(text, start, speaker = null) {
   const stick = nearBottom();
   const previous = transcript.words[transcript.words.length - 1];
   if (previous && previous.end == null) endWord(start); // no word_end came in between: it ends here
+  // another speaker starts a paragraph of their own, labelled (diarized streams only)
+  if (speaker != null && previous && previous.speaker !== speaker) transcript.turnEl = null;
   if (!transcript.turnEl) {
     ui.transcript.querySelector(".placeholder")?.remove();
     transcript.turnEl = document.createElement("p");
     transcript.turnEl.className = "turn";
     ui.transcript.append(transcript.turnEl);
+    if (speaker != null) {
+      const label = document.createElement("span");
+      label.className = `speaker speaker-${speaker % 4}`;
+      label.textContent = `Speaker ${speaker + 1}: `;
+      transcript.turnEl.append(label);
+    }
   } else {
     transcript.turnEl.append(" ");
   }
   const span = document.createElement("span");
   span.className = "word";
   span.textContent = text;
-  const word = { text, start, end: null, turn: transcript.turn, el: span };
+  const word = { text, start, end: null, turn: transcript.turn, el: span, speaker };
   span.dataset.start = String(start);
   span.title = wordTitle(word);
   transcript.turnEl.append(span);
@@ -539,7 +549,7 @@ function onMicEvent(stream, event) {
       break;
     }
     case "word":
-      addWord(event.text, mic.offset + event.start_time);
+      addWord(event.text, mic.offset + event.start_time, event.speaker ?? null);
       break;
     case "word_end":
       endWord(mic.offset + event.stop_time);
@@ -825,7 +835,7 @@ function onFileEvent(stream, event) {
       break;
     }
     case "word":
-      addWord(event.text, event.start_time);
+      addWord(event.text, event.start_time, event.speaker ?? null);
       break;
     case "word_end":
       endWord(event.stop_time);

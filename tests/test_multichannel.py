@@ -1,0 +1,122 @@
+"""Multichannel audio: each channel a slot of one session, its words tagged with the channel and equal to that
+channel transcribed alone (the single-stream reference), with a neighbour stream keeping its exact words; through
+our client (``/v1/stream``) and Deepgram's real SDK (``multichannel=true``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import websockets
+from deepgram import AsyncDeepgramClient
+from deepgram.environment import DeepgramClientEnvironment
+from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results
+
+from kyutai_stt.audio.constants import SAMPLE_RATE
+from kyutai_stt.audio.decoders import stream_decoder
+from kyutai_stt.client import Client
+from kyutai_stt.messages.events import End, Word, WordEnd
+
+from .conftest import start_server
+from .helpers import ref_words, words_of
+
+KEY = "channels-key"
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint_dir):
+    with start_server(checkpoint_dir, slots=4, api_keys=[KEY]) as running:
+        yield running
+
+
+def int16(pcm: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(pcm * 32768), -32768, 32767).astype("<i2")
+
+
+def test_channels_decoder_gives_each_channel_as_its_mono_stream():
+    rng = np.random.default_rng(5)
+    pcm = rng.uniform(-1, 1, (3, 4001)).astype(np.float32)
+    interleaved = pcm.T.astype("<f4").tobytes()
+    split = stream_decoder("pcm_f32le", 16000, 3, split_channels=True)
+    got = np.concatenate([split.feed(interleaved[:1001]), split.feed(interleaved[1001:]), split.end()], axis=1)
+    for c in range(3):
+        mono = stream_decoder("pcm_f32le", 16000)
+        assert np.array_equal(got[c], np.concatenate([mono.feed(pcm[c].tobytes()), mono.end()]))
+
+
+async def test_client_multichannel_words_equal_each_channel_alone(served, reference, sounds):
+    left, right = sounds(1.6, 401), np.concatenate([np.zeros(4000, np.float32), sounds(1.6, 402)[:-4000]])
+    neighbour = sounds(2.0, 403)
+    client = Client(served.ws, api_key=KEY)
+
+    async def collect(audio):
+        return [event async for event in client.stream(audio, chunk_samples=1000)]
+
+    stereo, alone = await asyncio.gather(collect(np.stack([left, right])), collect(neighbour))
+    assert isinstance(stereo[-1], End) and stereo[-1].duration == pytest.approx(len(left) / SAMPLE_RATE)
+    for channel, pcm in enumerate((left, right)):
+        tagged = [e for e in stereo if isinstance(e, (Word, WordEnd)) and e.channel == channel]
+        want = ref_words(reference, pcm)
+        assert want and words_of(tagged) == want
+    assert {e.channel for e in stereo if isinstance(e, (Word, WordEnd))} == {0, 1}
+    assert words_of(alone) == ref_words(reference, neighbour)  # the neighbour keeps its exact words
+    assert all(getattr(e, "channel", None) is None for e in alone)  # mono events carry no channel
+
+
+async def test_multichannel_query_is_checked(served):
+    base = served.ws + f"/v1/stream?api_key={KEY}"
+    for query, reason in (("&format=opus&multichannel=true", "multichannel needs raw PCM"),
+                          ("&format=pcm_f32le&channels=3", "needs multichannel=true"),
+                          ("&format=pcm_f32le&channels=5&multichannel=true", "5 channels need 5 streams"),
+                          ("&diarize=true", "diarize=true needs a server started with a diarizer")):
+        async with websockets.connect(base + query) as ws:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+        assert closed.value.rcvd.code == 1008 and reason in closed.value.rcvd.reason
+
+
+async def test_deepgram_diarize_without_a_diarizer_is_refused_at_the_handshake(served):
+    from deepgram.core.api_error import ApiError
+
+    with pytest.raises(ApiError) as refused:
+        async with deepgram_client(served).listen.v1.connect(model="nova-3", diarize="true"):
+            pass
+    assert refused.value.status_code == 400  # the SDK keeps no body: the reason is in the server's 400 body
+
+
+def deepgram_client(server) -> AsyncDeepgramClient:
+    env = DeepgramClientEnvironment(base=server.http, production=server.ws, agent=server.ws, agent_rest=server.http)
+    return AsyncDeepgramClient(api_key=KEY, environment=env)
+
+
+async def deepgram_stream(server, data: bytes, channels: int, **options) -> list:
+    messages = []
+    async with deepgram_client(server).listen.v1.connect(
+            model="nova-3", encoding="linear16", sample_rate=24000, channels=channels, punctuate="true",
+            **options) as socket:
+        for i in range(0, len(data), 3840 * channels):
+            await socket.send_media(data[i:i + 3840 * channels])
+        await socket.send_close_stream()
+        async for message in socket:
+            messages.append(message)
+    return messages
+
+
+def final_words(messages, channel: int) -> list[tuple[str, float, float]]:
+    return [(w.punctuated_word, round(w.start, 4), round(w.end, 4))
+            for m in messages if isinstance(m, ListenV1Results) and m.is_final and m.channel_index[0] == channel
+            for w in m.channel.alternatives[0].words]
+
+
+async def test_deepgram_sdk_multichannel_results_per_channel(served, sounds):
+    left, right = int16(sounds(1.6, 411)), int16(sounds(1.6, 412))
+    stereo = np.stack([left, right], axis=1).reshape(-1).tobytes()
+    both, alone_left, alone_right = await asyncio.gather(
+        deepgram_stream(served, stereo, 2, multichannel="true", interim_results="true"),
+        deepgram_stream(served, left.tobytes(), 1), deepgram_stream(served, right.tobytes(), 1))
+    results = [m for m in both if isinstance(m, ListenV1Results)]
+    assert {tuple(m.channel_index) for m in results} == {(0, 2), (1, 2)}
+    assert final_words(both, 0) == final_words(alone_left, 0) and final_words(both, 0)
+    assert final_words(both, 1) == final_words(alone_right, 0) and final_words(both, 1)
+    assert isinstance(both[-1], ListenV1Metadata) and both[-1].channels == 2
