@@ -6,9 +6,10 @@ chunks, as a voice agent does, and finalizes (``stream.flush.flush_now``, what D
 Realtime's ``commit`` call) every ``--turn`` seconds; the sample is the time from the finalize to its ``Marker``
 (every word of the audio so far out and closed). No server, no network: the engine, sessions and one asyncio loop,
 so what is measured is the engine's side of TTFS (the steps a finalize needs, and the waiting behind other
-streams' steps). Also printed: the engine's mean step time, the steps per second, and the finalize's frames.
+streams' steps), with the finalize lane (``Engine.expedite``) on and off. Also printed: the engine's mean step time,
+the steps per second, and the finalize's frames.
 
-    uv run python scripts/flush_latency.py --model /work/ckpt/tiny --slots 4 --clients 1,3,4
+    uv run python scripts/flush_latency.py --model /work/ckpt/tiny --slots 4 --clients 1,4 --lane on,off
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def one_stream(engine, pcm: np.ndarray, turn: float, seconds: float, start_delay: float) -> list[float]:
+async def one_stream(engine, pcm: np.ndarray, turn: float, seconds: float, start_delay: float,
+                     pace: float) -> list[float]:
     from kyutai_stt.audio.constants import SAMPLE_RATE
     from kyutai_stt.messages.events import End, Marker
     from kyutai_stt.stream.flush import Timeline, flush_now
@@ -63,7 +65,7 @@ async def one_stream(engine, pcm: np.ndarray, turn: float, seconds: float, start
             flush_now(session, marker, timeline)
             marker += 1
             next_turn += turn
-        await asyncio.sleep(max(0.0, start + sent / SAMPLE_RATE - time.perf_counter()))  # real-time pace
+        await asyncio.sleep(max(0.0, start + sent / SAMPLE_RATE / pace - time.perf_counter()))  # real time x pace
     session.end()
     await reader
     return samples
@@ -74,6 +76,9 @@ def main(model: str = typer.Option(..., help="checkpoint folder or repo"),
          seconds: float = typer.Option(30.0, help="audio per stream"),
          turn: float = typer.Option(2.0, help="seconds of audio between finalizes"),
          frames_per_step: int = typer.Option(0, help="0: the engine's default for the device"),
+         pace: float = typer.Option(1.0, help="audio sent at this x real time (below 1 on a machine too slow or "
+                                    "too busy for real time, so the load stays below the engine's capacity)"),
+         lane: str = typer.Option("on,off", help="the finalize lane (Engine.expedite): on, off or both"),
          device: str = typer.Option("cpu"), out: str = typer.Option("", help="JSON results here")) -> None:
     import torch
 
@@ -85,8 +90,8 @@ def main(model: str = typer.Option(..., help="checkpoint folder or repo"),
     k = frames_per_step or default_frames_per_step(torch.device(device))
     speech = load_audio_file(REAL_SPEECH)
     rows = []
-    for n in [int(c) for c in clients.split(",")]:
-        engine = Engine(stt, slots, frames_per_step=k)
+    for n, use_lane in [(int(c), m == "on") for c in clients.split(",") for m in lane.split(",")]:
+        engine = Engine(stt, slots, frames_per_step=k, finalize_lane=use_lane)
         engine.warmup()
         engine.start()
         steps: list[float] = []
@@ -94,22 +99,23 @@ def main(model: str = typer.Option(..., help="checkpoint folder or repo"),
 
         async def run():
             offsets = [int(i * speech.size / n) for i in range(n)]
-            return await asyncio.gather(*(one_stream(engine, np.roll(speech, -o), turn, seconds, i * turn / n)
+            return await asyncio.gather(*(one_stream(engine, np.roll(speech, -o), turn, seconds, i * turn / n / pace,
+                                                     pace)
                                           for i, o in enumerate(offsets)))
 
         t0 = time.perf_counter()
         samples = [s for stream in asyncio.run(run()) for s in stream]
         wall = time.perf_counter() - t0
         engine.stop()
-        row = dict(clients=n, finalizes=len(samples), median=percentile(samples, 50), p95=percentile(samples, 95),
+        row = dict(clients=n, lane=use_lane, pace=pace, lane_steps=engine.lane_steps, finalizes=len(samples), median=percentile(samples, 50), p95=percentile(samples, 95),
                    p99=percentile(samples, 99), max=max(samples), step_mean=float(np.mean(steps)),
                    steps_per_s=len(steps) / wall, flush_frames=engine.info.flush_frames, frames_per_step=k)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("| clients | finalizes | median s | p95 s | p99 s | max s | step ms | steps/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| clients | lane | finalizes | median s | p95 s | p99 s | max s | step ms | steps/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['clients']} | {r['finalizes']} | {r['median']:.3f} | {r['p95']:.3f} | {r['p99']:.3f} | "
+        print(f"| {r['clients']} | {'on' if r['lane'] else 'off'} | {r['finalizes']} | {r['median']:.3f} | {r['p95']:.3f} | {r['p99']:.3f} | "
               f"{r['max']:.3f} | {1000 * r['step_mean']:.0f} | {r['steps_per_s']:.1f} |")
     if out:
         Path(out).write_text(json.dumps(rows, indent=2))
