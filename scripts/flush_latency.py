@@ -6,10 +6,10 @@ chunks, as a voice agent does, and finalizes (``stream.flush.flush_now``, what D
 Realtime's ``commit`` call) every ``--turn`` seconds; the sample is the time from the finalize to its ``Marker``
 (every word of the audio so far out and closed). No server, no network: the engine, sessions and one asyncio loop,
 so what is measured is the engine's side of TTFS (the steps a finalize needs, and the waiting behind other
-streams' steps), with the finalize lane (``Engine.expedite``) on and off. Also printed: the engine's mean step time,
-the steps per second, and the finalize's frames.
+streams' steps), for each ``--flush-seconds``. Also printed: the engine's mean step time, the steps per second,
+how busy the engine was, and the flush's frames (the engine's; a finalize adds up to a step more).
 
-    uv run python scripts/flush_latency.py --model /work/ckpt/tiny --slots 4 --clients 1,4 --lane on,off
+    uv run python scripts/flush_latency.py --model /work/ckpt/tiny --slots 4 --clients 1,4 --flush-seconds 0.08,0.5
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def main(model: str = typer.Option(..., help="checkpoint folder or repo"),
          frames_per_step: int = typer.Option(0, help="0: the engine's default for the device"),
          pace: float = typer.Option(1.0, help="audio sent at this x real time (below 1 on a machine too slow or "
                                     "too busy for real time, so the load stays below the engine's capacity)"),
-         lane: str = typer.Option("on,off", help="the finalize lane (Engine.expedite): on, off or both"),
+         flush_seconds: str = typer.Option("0.08", help="the engine's flush_seconds, comma separated to compare "
+                                            "(0.08: the minimal flush; 0.5: the flush before it)"),
          device: str = typer.Option("cpu"), out: str = typer.Option("", help="JSON results here")) -> None:
     import torch
 
@@ -90,8 +91,8 @@ def main(model: str = typer.Option(..., help="checkpoint folder or repo"),
     k = frames_per_step or default_frames_per_step(torch.device(device))
     speech = load_audio_file(REAL_SPEECH)
     rows = []
-    for n, use_lane in [(int(c), m == "on") for c in clients.split(",") for m in lane.split(",")]:
-        engine = Engine(stt, slots, frames_per_step=k, finalize_lane=use_lane)
+    for n, flush in [(int(c), float(f)) for c in clients.split(",") for f in flush_seconds.split(",")]:
+        engine = Engine(stt, slots, frames_per_step=k, flush_seconds=flush)
         engine.warmup()
         engine.start()
         steps: list[float] = []
@@ -107,16 +108,16 @@ def main(model: str = typer.Option(..., help="checkpoint folder or repo"),
         samples = [s for stream in asyncio.run(run()) for s in stream]
         wall = time.perf_counter() - t0
         engine.stop()
-        row = dict(clients=n, lane=use_lane, pace=pace, lane_steps=engine.lane_steps, finalizes=len(samples), median=percentile(samples, 50), p95=percentile(samples, 95),
+        row = dict(clients=n, flush_seconds=flush, pace=pace, finalizes=len(samples), median=percentile(samples, 50), p95=percentile(samples, 95),
                    p99=percentile(samples, 99), max=max(samples), step_mean=float(np.mean(steps)),
-                   steps_per_s=len(steps) / wall, flush_frames=engine.info.flush_frames, frames_per_step=k)
+                   steps_per_s=len(steps) / wall, busy=sum(steps) / wall, flush_frames=engine.info.flush_frames, frames_per_step=k)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("| clients | lane | finalizes | median s | p95 s | p99 s | max s | step ms | steps/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| clients | flush frames | finalizes | median s | p95 s | p99 s | max s | step ms | steps/s | engine busy |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['clients']} | {'on' if r['lane'] else 'off'} | {r['finalizes']} | {r['median']:.3f} | {r['p95']:.3f} | {r['p99']:.3f} | "
-              f"{r['max']:.3f} | {1000 * r['step_mean']:.0f} | {r['steps_per_s']:.1f} |")
+        print(f"| {r['clients']} | {r['flush_frames']} | {r['finalizes']} | {r['median']:.3f} | {r['p95']:.3f} | {r['p99']:.3f} | "
+              f"{r['max']:.3f} | {1000 * r['step_mean']:.0f} | {r['steps_per_s']:.1f} | {100 * r['busy']:.0f} % |")
     if out:
         Path(out).write_text(json.dumps(rows, indent=2))
 

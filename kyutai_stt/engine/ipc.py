@@ -10,7 +10,7 @@ for a worker are one message, and a worker's pushes between two wakes are one me
 
 Wire messages are msgspec structs, tagged by their class name, with one encoder and one decoder per direction
 (``WorkerBatch`` in, ``EngineBatch`` out): worker -> engine ``Hello``, ``Open``, ``Push`` (float32 PCM bytes),
-``Close``, ``Abort``, ``Expedite``, ``StatsRequest``, ``Beat``, ``Bye``, and the launcher's ``Gone`` when a worker process died;
+``Close``, ``Abort``, ``StatsRequest``, ``Beat``, ``Bye``, and the launcher's ``Gone`` when a worker process died;
 engine -> worker ``Info`` (the engine's ``ModelInfo`` and slots), ``Opened``, ``Refused``, ``Stats``, ``Events``
 (the stream's ``EngineEvent``s, the same structs the engine delivers), ``Steps`` (the timing of every engine step since
 the last message, sent to every worker, whose step listeners, e.g. the real-time monitor, get them), ``Beat``.
@@ -121,13 +121,6 @@ class Abort(msgspec.Struct, tag=True):
     stream: int
 
 
-class Expedite(msgspec.Struct, tag=True):
-    """Step the stream's buffered audio first (``Engine.expedite``: a finalize)."""
-
-    slot: int
-    stream: int
-
-
 class StatsRequest(msgspec.Struct, tag=True):
     request: int
 
@@ -146,7 +139,7 @@ class Gone(msgspec.Struct, tag=True):
     worker: str
 
 
-Command = Hello | Open | Push | Close | Abort | Expedite | StatsRequest | Beat | Bye | Gone
+Command = Hello | Open | Push | Close | Abort | StatsRequest | Beat | Bye | Gone
 
 
 class WorkerBatch(msgspec.Struct):
@@ -331,10 +324,6 @@ class EngineServer:
                 route = self._routes.get((command.slot, command.stream))
                 if route is not None:
                     self.engine.close(route.handle)
-            elif isinstance(command, Expedite):
-                route = self._routes.get((command.slot, command.stream))
-                if route is not None:
-                    self.engine.expedite(route.handle)
             elif isinstance(command, Abort):
                 route = self._routes.pop((command.slot, command.stream), None)
                 if route is not None:
@@ -479,11 +468,6 @@ class EngineClient:
             raise StreamClosed("stream is closed")
         stream.sent += pcm.size
         self._send(Push(handle.slot, handle.stream_id, pcm.tobytes()))
-
-    def expedite(self, handle: StreamHandle) -> None:
-        stream = self._streams.get((handle.slot, handle.stream_id))
-        if stream is not None and not stream.closing:
-            self._send(Expedite(handle.slot, handle.stream_id))  # after the pushes before it: one ordered socket
 
     def close(self, handle: StreamHandle) -> None:
         stream = self._streams.get((handle.slot, handle.stream_id))

@@ -9,10 +9,6 @@ model is causal, so the tokens up to that point are those of a stream that ends 
 equal (tested). A frame or so of silence more may follow so that the stream's frames fill whole engine steps
 (``frames_per_step``): the engine steps a live stream only in whole steps, and the finalize must not wait for the
 next audio. The silence becomes part of the stream; ``Timeline`` takes it out of the times given to the client.
-
-The flush is expedited (``Engine.expedite``): the engine steps it, and any of the stream's audio still waiting
-before it, ahead of other streams and several frames per Mimi call (the finalize lane), so the time to the final
-words is a few of the model's steps, not a queue of full-batch steps.
 """
 
 from __future__ import annotations
@@ -59,6 +55,5 @@ def flush_now(session: Session, marker_id: int, timeline: Timeline) -> float:
     session.push_pcm(np.zeros(pad + before * FRAME_SIZE, np.float32))
     session.push_marker(marker_id, finalize=True)
     session.push_pcm(np.zeros((frames - before) * FRAME_SIZE, np.float32))
-    session.expedite()  # the finalize lane: these frames go before other streams' steps
     timeline.inserted.append((client_at, session.samples_received / SAMPLE_RATE - at))
     return client_at

@@ -115,7 +115,6 @@ class _Slot:
     closing: bool = False
     flush_frames_left: int = 0
     frames_done: int = 0
-    urgent: int = 0  # samples at the front of the buffer to step first, in the finalize lane (``expedite``)
 
     @property
     def in_use(self) -> bool:
@@ -140,14 +139,6 @@ class _Slot:
         if len(self.buffer) == 0:
             self.flush_frames_left -= 1  # the buffer is empty only once closing: a frame of flush silence
         self.buffer.take_into(out)  # the partial last frame comes zero-padded
-        self.urgent = max(0, self.urgent - out.size)
-
-    def urgent_frames(self, frames_per_step: int) -> int:
-        """Whole engine steps' worth of urgent frames this slot can step in the finalize lane now (0: none)."""
-        if not self.in_use or self.needs_reset or self.needs_init:
-            return 0
-        frames = min(self.urgent, len(self.buffer)) // FRAME_SIZE
-        return frames - frames % frames_per_step
 
     def done(self) -> bool:
         return self.closing and len(self.buffer) == 0 and self.flush_frames_left <= 0
@@ -164,11 +155,6 @@ class _StepPlan:
     deliver: np.ndarray  # int [B]: how many of those frames are the stream's (the rest pads the last step)
     targets: dict  # slot index -> (slot, stream id, sink) for every slot touched
     plan_seconds: float = 0.0  # measured only for timing listeners
-
-    @property
-    def frames(self) -> int:
-        """Frames each stepped slot advances: ``frames_per_step``, or more in a finalize-lane step."""
-        return self.pcm.shape[1] // FRAME_SIZE
 
 
 def default_frames_per_step(device: torch.device) -> int:
@@ -196,9 +182,8 @@ class Engine:
     counts_step_metrics = True  # this process runs the steps: its step listeners feed the metrics
 
     def __init__(self, model: SttModel, slots: int, flush_seconds: float = MIN_FLUSH_SECONDS, frames_per_step: int = 1,
-                 batch_invariant_mode: str | None = None, finalize_lane: bool = True):
-        """``batch_invariant_mode``: auto/on/off, default ``$KYUTAI_STT_BATCH_INVARIANT`` (see ``batch_invariant``).
-        ``finalize_lane``: False makes ``expedite`` a no-op (benchmarks compare the two)."""
+                 batch_invariant_mode: str | None = None):
+        """``batch_invariant_mode``: auto/on/off, default ``$KYUTAI_STT_BATCH_INVARIANT`` (see ``batch_invariant``)."""
         self.model = model
         self.batch_size = slots
         # Frames each stream advances per step. More than 1 amortises Mimi's per-call cost (a big win on CPU)
@@ -215,8 +200,6 @@ class Engine:
         self._worker: threading.Thread | None = None
         self._steps = 0
         self._frames = 0
-        self.lane_steps = 0  # finalize-lane steps so far (``expedite``; tests, benchmarks)
-        self.finalize_lane = finalize_lane
         self._failures = 0
         self._last_step_seconds = 0.0
         self.fault_injector: Callable[[], None] | None = None  # tests: raise inside a step
@@ -230,12 +213,8 @@ class Engine:
         for part in (model.mimi.decoder, model.mimi.decoder_transformer, getattr(model.mimi, "upsample", None)):
             if isinstance(part, StreamingModule):
                 part.set_streaming_detached(True)
-        # The finalize lane (``expedite``) steps a finalizing stream's flush in one Mimi call of up to this many
-        # frames, instead of one engine step per frames_per_step of them.
-        self.lane_frames = frames_per_step * -(-(self.flush_frames + frames_per_step) // frames_per_step)
-        # Mimi encodes frames_per_step (or lane_frames) frames per call; its attention must see the same keys as
-        # frame by frame.
-        fit_encoder_attention(model.mimi, max(frames_per_step, self.lane_frames))
+        # Mimi encodes frames_per_step frames per call; its attention must see the same keys as frame by frame.
+        fit_encoder_attention(model.mimi, frames_per_step)
         # moshi keeps streaming state on the modules; stop() leaves streaming mode so the model can be reused.
         self._streaming = ExitStack()
         self._streaming.enter_context(batch_invariant.enabled_for(device, "on" if self.batch_invariant else "off"))
@@ -243,8 +222,8 @@ class Engine:
         self._streaming.enter_context(self._lm_gen.streaming(slots))
         # On CUDA, audio goes to the device through one reused page-locked buffer (an asynchronous copy); the
         # previous step's copy is complete by then, since each step ends with a device-to-host sync.
-        self._pinned = {frames: torch.empty((slots, frames * FRAME_SIZE), pin_memory=True)
-                        for frames in range(1, self.lane_frames + 1)} if device.type == "cuda" else None
+        self._pinned = (torch.empty((slots, frames_per_step * FRAME_SIZE), pin_memory=True)
+                        if device.type == "cuda" else None)
         self._zero_codes = torch.zeros((slots, model.mimi.num_codebooks, 1), dtype=torch.long, device=device)
 
     # ---------------------------------------------------------------- lifecycle
@@ -319,7 +298,6 @@ class Engine:
             slot.closing = False
             slot.flush_frames_left = self.flush_frames
             slot.frames_done = 0
-            slot.urgent = 0
             self._cond.notify_all()
             return StreamHandle(slot.index, slot.stream_id)
 
@@ -337,17 +315,6 @@ class Engine:
                 raise StreamClosed("stream is closed")
             slot.buffer.push(pcm.copy())  # the caller may reuse its array
             if len(slot.buffer) >= FRAME_SIZE * self.frames_per_step:
-                self._cond.notify_all()
-
-    def expedite(self, handle: StreamHandle) -> None:
-        """Step the audio buffered now (a finalize's flush) before anything else, in the finalize lane: steps of
-        up to ``lane_frames`` frames in one Mimi call, carrying only the expedited slots (every other slot is
-        paused by the exec mask, so nothing changes for it but when it is stepped). Results are the same as in
-        ordinary steps: Mimi's codes do not depend on how frames are grouped into calls (``attention_cache``)."""
-        with self._cond:
-            slot = self._own(handle)
-            if slot is not None and not slot.closing and self.finalize_lane:
-                slot.urgent = len(slot.buffer)
                 self._cond.notify_all()
 
     def close(self, handle: StreamHandle) -> None:
@@ -380,7 +347,6 @@ class Engine:
         slot.sink = None
         slot.buffer = _AudioQueue()
         slot.closing = False
-        slot.urgent = 0
         self._cond.notify_all()  # wakes an open() waiting for a free slot
 
     # ---------------------------------------------------------------- worker
@@ -393,7 +359,7 @@ class Engine:
                     if self._stopping:
                         break
                     t = time.perf_counter() if self._timing_listeners else 0.0
-                    plan = self._plan_lane() or self._plan()
+                    plan = self._plan()
                     if self._timing_listeners:
                         plan.plan_seconds = time.perf_counter() - t
                 self._execute(plan)
@@ -432,27 +398,6 @@ class Engine:
                 plan.deliver[i] += 1
         return plan
 
-    def _plan_lane(self) -> _StepPlan | None:
-        """Under the lock: a finalize-lane step, when some slot has urgent frames (``expedite``): every such slot
-        advances the same number of frames (the fewest any of them has, up to ``lane_frames``), the others sit
-        it out. None when no slot is urgent."""
-        k, n = self.frames_per_step, self.batch_size
-        urgent = {slot.index: slot.urgent_frames(k) for slot in self._slots}
-        frames = min([f for f in urgent.values() if f > 0] + [self.lane_frames])
-        lane = [self._slots[i] for i, f in urgent.items() if f > 0]
-        if not lane:
-            return None
-        plan = _StepPlan(np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
-                         np.zeros((n, frames * FRAME_SIZE), np.float32), np.zeros(n, int), {})
-        self.lane_steps += 1
-        for slot in lane:
-            i = slot.index
-            plan.targets[i] = (slot, slot.stream_id, slot.sink)
-            plan.audio[i] = True
-            slot.take_frame(plan.pcm[i])  # whole frames of audio: the frames follow in order
-            plan.deliver[i] = frames
-        return plan
-
     def _lm_step(self, codes: torch.Tensor, mask: np.ndarray):
         self._lm_gen.set_exec_mask(torch.from_numpy(mask).to(self.model.device))
         result = self._lm_gen.step_with_extra_heads(codes)
@@ -481,14 +426,14 @@ class Engine:
                 self.model.mimi.set_exec_mask(torch.from_numpy(plan.audio).to(device))
                 host = torch.from_numpy(plan.pcm)
                 if self._pinned is not None:
-                    host = self._pinned[plan.frames].copy_(host)
+                    host = self._pinned.copy_(host)
                 batch = host.to(device, non_blocking=True)[:, None, :]
                 if clock:
                     clock.mark("prepare")
                 codes = self.model.mimi.encode(batch)  # [B, K, frames_per_step]
                 if clock:
                     clock.mark("mimi")
-                steps = [self._lm_step(codes[:, :, j:j + 1], plan.audio) for j in range(plan.frames)]
+                steps = [self._lm_step(codes[:, :, j:j + 1], plan.audio) for j in range(self.frames_per_step)]
                 if clock:
                     clock.mark("lm")
                 # one host sync per engine step, not one per slot or per frame
