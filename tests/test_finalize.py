@@ -105,12 +105,28 @@ def cut(clip: np.ndarray, fractions: list[float]) -> list[np.ndarray]:
     return [clip[a:b] for a, b in zip(points, points[1:]) if b > a]
 
 
-@settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.generate], suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.sampled_from(["bria", "espeak"]), offset=st.floats(0, 0.8), seconds=st.floats(1.2, 3.0),
-       cuts=st.lists(st.floats(0.05, 0.95), min_size=1, max_size=3))
+CLIPS = dict(name=st.sampled_from(["bria", "espeak"]), offset=st.floats(0, 0.8), seconds=st.floats(1.2, 3.0),
+             cuts=st.lists(st.floats(0.05, 0.95), min_size=1, max_size=3))
+QUICK = settings(max_examples=2, deadline=None, phases=[Phase.explicit, Phase.generate],
+                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@QUICK
+@given(**CLIPS)
 def test_finalizes_give_the_words_of_a_stream_that_ends_there(engine, model, reference, clips, name, offset,
                                                                seconds, cuts):
-    clip = clips[name]
+    check_finalizes(engine, model, reference, clips[name], offset, seconds, cuts)
+
+
+@pytest.mark.slow  # more clips and cuts: `uv run pytest -m slow` (CI runs it)
+@settings(QUICK, max_examples=25)
+@given(**CLIPS)
+def test_finalizes_give_the_words_of_a_stream_that_ends_there_on_many_cuts(engine, model, reference, clips, name,
+                                                                            offset, seconds, cuts):
+    check_finalizes(engine, model, reference, clips[name], offset, seconds, cuts)
+
+
+def check_finalizes(engine, model, reference, clip, offset, seconds, cuts):
     start = int(offset * (clip.size - 4 * SAMPLE_RATE))
     clip = clip[start:start + int(seconds * SAMPLE_RATE)].copy()
     pieces = cut(clip, cuts)
