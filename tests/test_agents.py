@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 
 import httpx
 import numpy as np
@@ -43,31 +42,28 @@ def deepgram_client(server) -> AsyncDeepgramClient:
 
 def words_after_finalize(reference, first: np.ndarray, second: np.ndarray):
     """What a client must get for `first`, Finalize, `second`, CloseStream: the server hears `first`, the engine's
-    flush silence, then `second`; times are given without that silence, and the words before Finalize end by then."""
+    flush silence (filled up to a whole engine step), then `second`; times are given without that silence. The
+    words before Finalize are those of a stream of `first` alone (the open word closed where the audio ended);
+    after it a fresh word assembler goes on from the end of the flush."""
     model = reference.model
+    flush = flush_frame_count(model, FLUSH_SECONDS)
     pad = -len(first) % FRAME_SIZE
-    silence = pad + (flush_frame_count(model, FLUSH_SECONDS) + 1) * FRAME_SIZE
+    end = (len(first) + pad) // FRAME_SIZE + model.prefix_frames + flush  # the end of the flush, in frames
+    silence = pad + (flush + -end % 2) * FRAME_SIZE  # 2: the server's frames per step on the CPU
     heard = np.concatenate([first, np.zeros(silence, np.float32), second])
     at, length = len(first) / SAMPLE_RATE, silence / SAMPLE_RATE
 
     def shift(t):
         return max(at, t - length) if t > at else t
 
-    before = finalized_words(model, reference.outputs(first))
-    full = expected_words(model, reference.outputs(heard))
-    out = [(w.text, round(shift(w.start), 4), round(max(shift(w.start), min(w.end, at)), 4)) for w in before]
-    out += [(w.text, round(shift(w.start), 4), round(shift(w.end), 4)) for w in full[len(before):]]
-    return out, len(before)
-
-
-def finalized_words(model, outputs):
-    """The words a flush without end makes final: those complete by the end of the flush (a word whose pieces are
-    still coming stays open, as it would at a real Deepgram); the last one ends where the audio ended."""
+    before = [(w.text, round(w.start, 4), round(w.end, 4)) for w in expected_words(model, reference.outputs(first))]
+    outputs = reference.outputs(heard)
     assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
-    events = [e for out in outputs for e in assembler.feed(out.frame, out.token) if isinstance(e, (Word, WordEnd))]
-    if events and isinstance(events[-1], Word):
-        events.append(WordEnd(stop_time=math.inf))  # cut to the end of the audio by the caller
-    return pair_words(events)
+    assembler.audio_end = heard.size / SAMPLE_RATE
+    events = [e for out in outputs[end:] for e in assembler.feed(out.frame, out.token)] + assembler.finish(len(outputs))
+    after = [(w.text, round(shift(w.start), 4), round(shift(w.end), 4))
+             for w in pair_words(e for e in events if isinstance(e, (Word, WordEnd)))]
+    return before + after, len(before)
 
 
 def results_words(messages):
@@ -266,7 +262,7 @@ async def test_pipecat_deepgram_stt_service(keyed, reference, sounds):
     from pipecat.tests.utils import SleepFrame, run_test
 
     data, heard = int16(sounds(1.6, 76))
-    want = [w.text for w in finalized_words(reference.model, reference.outputs(heard))]
+    want = [w.text for w in expected_words(reference.model, reference.outputs(heard))]  # as a stream that ends
     stt = DeepgramSTTService(api_key=KEY, base_url=keyed.http, sample_rate=24000)
     audio = [InputAudioRawFrame(audio=data[i:i + 4800], sample_rate=24000, num_channels=1)
              for i in range(0, len(data), 4800)]

@@ -23,7 +23,7 @@ from kyutai_stt.messages.events import End, Ready, Step, Text, Word, WordEnd
 from kyutai_stt.stream.local import SpeechToText
 from kyutai_stt.stream.words import WordAssembler, pair_words
 
-from .conftest import start_server
+from .conftest import FLUSH_SECONDS, start_server
 from .helpers import expected_events, expected_pieces, expected_words, opus_pages_and_decoded, ref_words, words_of
 
 KEY = "test-key-123"
@@ -265,7 +265,8 @@ async def test_client_library_over_each_protocol(server, reference, sounds):
 
 def test_in_process_transcribe_stream(checkpoint_dir, reference, sounds):
     pcm = sounds(1.9, 71)
-    with SpeechToText.load(str(checkpoint_dir), device="cpu", dtype="float32", slots=2) as stt:
+    with SpeechToText.load(str(checkpoint_dir), device="cpu", dtype="float32", slots=2,
+                           flush_seconds=FLUSH_SECONDS) as stt:  # as the reference's
         with stt.transcribe_stream() as stream:
             for offset in range(0, len(pcm), 1000):
                 stream.add_audio(pcm[offset:offset + 1000])

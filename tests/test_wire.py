@@ -37,13 +37,14 @@ def test_every_mid_stream_flush_is_taken_out_of_client_times():
 
     class FakeSession:
         samples_received = 0
-        engine = SimpleNamespace(info=SimpleNamespace(delay_frames=2, flush_frames=2 + 3))  # 0.24 s of flush: 3 frames
+        engine = SimpleNamespace(info=SimpleNamespace(delay_frames=2, flush_frames=2 + 3, prefix_frames=0,
+                                                      frames_per_step=2))  # 0.24 s of flush: 3 frames
 
         def push_pcm(self, pcm):
             self.samples_received += len(pcm)
 
-        def push_marker(self, marker_id):
-            pass
+        def push_marker(self, marker_id, finalize=False):
+            assert finalize  # the flush's marker closes the word in progress
 
     session, timeline = FakeSession(), Timeline()
     session.push_pcm(np.zeros(FRAME_SIZE * 25))  # 2 s of client audio

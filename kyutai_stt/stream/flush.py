@@ -1,12 +1,14 @@
-"""Flush a live stream without ending it (Deepgram's ``Finalize``, OpenAI Realtime's ``input_audio_buffer.commit``).
+"""Finalize a live stream without ending it (Deepgram's ``Finalize``, OpenAI Realtime's ``input_audio_buffer.commit``,
+the server's own end of turn).
 
-The engine only flushes a stream when it ends, so this feeds the same thing through the session: the audio so far
-is zero-padded to a whole frame and followed by the engine's flush silence (the model's delay plus
-``flush_seconds``: ``ModelInfo.flush_frames``), then one frame more, since the engine steps a stream's last whole
-frame only once the next one is there. A session marker placed inside that silence is echoed exactly when the
-frames of the flush have been transcribed, i.e. when every word of the audio before it has come out, with the same
-outputs as at the end of a stream (the model is causal). The silence becomes part of the stream; ``Timeline``
-takes it out of the times given to the client.
+A finalize must give exactly what the end of a stream gives for the audio so far, so it is the same flush: the
+audio is zero-padded to a whole frame, then ``ModelInfo.flush_frames`` frames of silence follow (the model's delay,
+so the text of the last audio frame comes out, plus one frame by default: see ``engine.kyutai.engine.
+flush_frame_count``), and the word in progress is then closed (``Session.push_marker(..., finalize=True)``). The
+model is causal, so the tokens up to that point are those of a stream that ends there, and the words and times are
+equal (tested). A frame or so of silence more may follow so that the stream's frames fill whole engine steps
+(``frames_per_step``): the engine steps a live stream only in whole steps, and the finalize must not wait for the
+next audio. The silence becomes part of the stream; ``Timeline`` takes it out of the times given to the client.
 """
 
 from __future__ import annotations
@@ -32,21 +34,29 @@ class Timeline:
         return t
 
 
+def flush_frames_after(samples: int, info) -> tuple[int, int]:
+    """For a stream that has ``samples`` samples so far: (zero samples that complete its last frame, silent frames
+    after it). The silent frames are ``info.flush_frames`` plus what fills the last engine step."""
+    pad = -samples % FRAME_SIZE
+    frames = (samples + pad) // FRAME_SIZE + info.prefix_frames + info.flush_frames
+    return pad, info.flush_frames + (-frames % info.frames_per_step)
+
+
 def flush_now(session: Session, marker_id: int, timeline: Timeline) -> float:
-    """Feed the flush and a marker (see the module docstring). Returns the client time where the audio ended."""
+    """Feed the flush and a finalizing marker (see the module docstring): ``Marker(marker_id)`` comes once every
+    word of the audio so far is out and closed. Returns the client time where the audio ended."""
     info = session.engine.info
     at = session.samples_received / SAMPLE_RATE
     client_at = timeline.client_time(at)  # the silences of earlier flushes taken out
-    pad = -session.samples_received % FRAME_SIZE
-    after = info.flush_frames - info.delay_frames
-    # the marker is echoed once frames_done >= ceil(samples / frame) + delay + prefix: placed after `after` frames
-    # of silence, that is when the engine's whole flush (delay + flush_seconds) has been transcribed
-    session.push_pcm(np.zeros(pad + after * FRAME_SIZE, np.float32))
-    session.push_marker(marker_id)
-    # a model with look-ahead past its steps (NeMo's chunks) steps the marker's frame once its whole chunk and the
-    # look-ahead are in: up to a step less one frame, plus the look-ahead
+    pad, frames = flush_frames_after(session.samples_received, info)
+    # a marker is echoed once the frames of the audio before it and the model's delay are transcribed: placed
+    # after (flush - delay) frames of silence, that is exactly the end of the flush
+    before = info.flush_frames - info.delay_frames
+    session.push_pcm(np.zeros(pad + before * FRAME_SIZE, np.float32))
+    session.push_marker(marker_id, finalize=True)
+    # a model with look-ahead past its steps (NeMo's chunks) steps the marker's frame only once the look-ahead
+    # after its chunk is in too
     lookahead = getattr(info, "lookahead_frames", 0)  # 0 for Kyutai (and the tests' stand-in infos)
-    after = info.delay_frames + 1 if not lookahead else info.frames_per_step + lookahead
-    session.push_pcm(np.zeros(after * FRAME_SIZE, np.float32))
+    session.push_pcm(np.zeros((frames - before + lookahead) * FRAME_SIZE, np.float32))
     timeline.inserted.append((client_at, session.samples_received / SAMPLE_RATE - at))
     return client_at

@@ -43,6 +43,12 @@ class OutputReader:
             self._last_pause = pause
         return events
 
+    def finalize(self) -> list[Word | WordEnd]:
+        """A mid-stream flush was transcribed (``flush.flush_now``): the word in progress is complete, closed at
+        the end of the flush (stream time, inside the flush silence: ``flush.Timeline`` maps it to where the
+        client's audio ended), exactly as at the end of a stream."""
+        return self.words.finish(self.frames_done)
+
     def end(self, end: StreamEnd) -> list[Word | WordEnd]:
         """The stream was flushed: the last word, closed at the end of the audio."""
         self.frames_done = end.frames

@@ -4,6 +4,7 @@
     session.start()                 # takes a slot (NoFreeSlot when full); emits Ready
     session.push_pcm(pcm_24k)       # any length, any time
     session.push_marker(7)          # echoed once all audio before it is transcribed
+    session.push_marker(8, finalize=True)  # same, and the word in progress is closed first (flush.flush_now)
     session.end()                   # no more audio: the engine flushes, the last words come, then End
     async for event in session: ... # Ready, Text, Word, WordEnd, Step, EndOfTurn, Marker, End | Error
 
@@ -94,7 +95,7 @@ class Session:
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._handle: StreamHandle | None = None
-        self._markers: deque[tuple[int, int]] = deque()  # (frames needed, marker id)
+        self._markers: deque[tuple[int, int, bool]] = deque()  # (frames needed, marker id, finalize)
         self._max_pending = max_pending_events  # 0: unbounded (in-process consumers)
         self._max_buffered = max_buffered_seconds * SAMPLE_RATE
         self._spool = AudioSpool(int(spool_memory_seconds * SAMPLE_RATE) * 4)
@@ -160,9 +161,13 @@ class Session:
             self._close_pending = False
             self.engine.close(self._handle)
 
-    def push_marker(self, marker_id: int) -> None:
+    def push_marker(self, marker_id: int, finalize: bool = False) -> None:
+        """Echo ``Marker(marker_id)`` once every frame of the audio so far has been transcribed (the model's delay
+        included). ``finalize``: the word in progress is then complete and closed at that point (``Word`` and
+        ``WordEnd`` before the ``Marker``), as at the end of a stream; ``flush.flush_now`` places such a marker at
+        the end of its flush."""
         frames = math.ceil(self.samples_received / FRAME_SIZE) + self._lead_frames
-        self._markers.append((frames, marker_id))
+        self._markers.append((frames, marker_id, finalize))
         self._echo_markers()
 
     def end(self) -> None:
@@ -245,7 +250,7 @@ class Session:
             elif isinstance(item, StreamEnd):
                 for event in self._reader.end(item):
                     self._emit(event)
-                for _, marker_id in self._markers:
+                for _, marker_id, _ in self._markers:
                     self._emit(Marker(id=marker_id))
                 self._markers.clear()
                 self.finished = True
@@ -264,7 +269,11 @@ class Session:
 
     def _echo_markers(self) -> None:
         while self._markers and self._reader.frames_done >= self._markers[0][0]:
-            self._emit(Marker(id=self._markers.popleft()[1]))
+            _, marker_id, finalize = self._markers.popleft()
+            if finalize:
+                for event in self._reader.finalize():
+                    self._emit(event)
+            self._emit(Marker(id=marker_id))
 
     def _record(self, pcm: np.ndarray) -> None:
         """Debug: append the decoded audio to ``<record_dir>/<session id>.wav.part`` as it comes (hours of audio

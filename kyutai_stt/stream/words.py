@@ -13,8 +13,8 @@ boundary, with that boundary's time, and ends every word sent since the previous
 padding are sent as separate words there, and here. (Kyutai's PyTorch example ``stt_from_file_pytorch.py``
 instead groups all pieces between two boundaries and splits them at spaces; the server's rule is the one its
 clients see.) A word starts at its boundary token, or at its first piece when no boundary came before it
-(Kyutai's server then reuses the previous boundary's time). At the end of the stream the open word ends at the
-end of the audio; no time is ever past ``audio_end``, the end of the audio the client sent (the flush silence
+(Kyutai's server then reuses the previous boundary's time). At the end of the stream, and at a finalize (a
+mid-stream flush), the open word ends at the end of the audio; no time is ever past ``audio_end``, the end of the audio the client sent (the flush silence
 after it is not audio).
 """
 
@@ -149,11 +149,14 @@ class WordAssembler:
         return [Word(text=text, start_time=start)]
 
     def finish(self, frame: int) -> list[Word | WordEnd]:
-        """End of the audio: complete the last word and close it at the end of the stream."""
+        """End of the audio, or a finalize (a flush that does not end the stream): complete the word in progress
+        and close it at ``frame`` (times never pass ``audio_end``). What follows starts afresh, as a new stream's
+        words would: a finalize gives exactly the words of a stream that ends there."""
         out: list[Word | WordEnd] = list(self._complete())
         if self._open_word:
             out.append(WordEnd(stop_time=self.time(frame)))
             self._open_word = False
+        self._start = None  # a boundary seen in the flush silence does not start the next segment's word
         return out
 
 

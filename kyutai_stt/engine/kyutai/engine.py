@@ -11,8 +11,9 @@ Conventions (equal to ``reference.reference_outputs``, a plain single-stream loo
 - The LM's very first step after a reset replaces its whole input by the initial tokens, so the audio it is
   given is never seen. Like ``moshi.run_inference`` we give that step to the LM once more before the first frame
   (the "init step"); it needs no audio, so it runs as soon as the slot opens and costs the stream no latency.
-- A partial last frame is zero-padded; after it, ``delay + flush_seconds`` of silence is fed so the last word,
-  which lags the audio by the model's delay, comes out. Models with a silence prefix get it before the audio.
+- A partial last frame is zero-padded; after it, the flush (``flush_frame_count``: the model's delay plus one frame
+  by default) is fed as silence so the last word, which lags the audio by the model's delay, comes out. A mid-stream
+  finalize (``stream.flush``) feeds the same flush. Models with a silence prefix get it before the audio.
 - Mimi's encoder attention always sees its full 10 s context, whether it is given one frame per call or several
   (``attention_cache``); moshi's default cache drops a few of the oldest keys for multi-step calls.
 
@@ -161,8 +162,17 @@ def default_frames_per_step(device: torch.device) -> int:
     return 1 if device.type == "cuda" else 2
 
 
-def flush_frame_count(model: SttModel, flush_seconds: float) -> int:
-    """Silent frames fed after the audio: the model's delay plus ``flush_seconds`` (at least one frame)."""
+MIN_FLUSH_SECONDS = 1 / FRAME_RATE  # one frame: the default and least ``flush_seconds``
+
+
+def flush_frame_count(model: SttModel, flush_seconds: float = MIN_FLUSH_SECONDS) -> int:
+    """Silent frames fed after the audio, at the end of a stream and at a mid-stream finalize alike: the model's
+    delay plus ``flush_seconds`` (at least one frame).
+
+    The minimum is what the words need. The text of the audio at time t comes out by t + delay, so after the last
+    (zero-padded) audio frame, ``delay`` frames bring out the token of that frame; one frame more lets the word
+    rule see the token after it, which closes the last word the model's own way (a padding or a boundary; if it
+    is a piece, the flush closes the word anyway). A larger ``flush_seconds`` only feeds more silence."""
     return model.delay_frames + max(1, math.ceil(flush_seconds * FRAME_RATE - 1e-9))
 
 
@@ -171,7 +181,7 @@ class Engine:
 
     counts_step_metrics = True  # this process runs the steps: its step listeners feed the metrics
 
-    def __init__(self, model: SttModel, slots: int, flush_seconds: float = 0.5, frames_per_step: int = 1,
+    def __init__(self, model: SttModel, slots: int, flush_seconds: float = MIN_FLUSH_SECONDS, frames_per_step: int = 1,
                  batch_invariant_mode: str | None = None):
         """``batch_invariant_mode``: auto/on/off, default ``$KYUTAI_STT_BATCH_INVARIANT`` (see ``batch_invariant``)."""
         self.model = model

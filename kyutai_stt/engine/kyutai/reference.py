@@ -19,10 +19,10 @@ from kyutai_stt.engine import batch_invariant
 from kyutai_stt.engine.kyutai.attention_cache import fit_encoder_attention
 from kyutai_stt.audio.constants import FRAME_SIZE
 from kyutai_stt.engine.kyutai.checkpoint import SttModel
-from kyutai_stt.engine.kyutai.engine import StepOutput, flush_frame_count
+from kyutai_stt.engine.kyutai.engine import MIN_FLUSH_SECONDS, StepOutput, flush_frame_count
 
 
-def padded_stream(model: SttModel, pcm: np.ndarray, flush_seconds: float) -> np.ndarray:
+def padded_stream(model: SttModel, pcm: np.ndarray, flush_seconds: float = MIN_FLUSH_SECONDS) -> np.ndarray:
     """The audio the model actually hears: silence prefix + audio zero-padded to frames + flush silence."""
     pcm = np.asarray(pcm, np.float32).reshape(-1)
     frames = -(-len(pcm) // FRAME_SIZE)
@@ -34,7 +34,7 @@ def padded_stream(model: SttModel, pcm: np.ndarray, flush_seconds: float) -> np.
 
 
 @torch.no_grad()
-def reference_outputs(model: SttModel, pcm: np.ndarray, flush_seconds: float = 0.5,
+def reference_outputs(model: SttModel, pcm: np.ndarray, flush_seconds: float = MIN_FLUSH_SECONDS,
                       mimi_frames_per_call: int = 1, batch_invariant_mode: str | None = None) -> list[StepOutput]:
     """``mimi_frames_per_call`` > 1 encodes several frames per Mimi call: the same codes (Mimi is causal and its
     attention keeps its whole context whatever the call size), much faster for hours of audio.

@@ -1,0 +1,156 @@
+"""The minimal, acknowledged finalize (``stream.flush.flush_now``): a mid-stream finalize at a cut gives exactly the
+words and times of a stream that ends there, however many finalizes came before, and its marker comes only once
+the word in progress is closed.
+
+Random weights do not respect the model's delay, so equality is defined where it is a computation: the model is
+causal, so the tokens up to the end of a finalize's flush are those of a stream that ends at the cut; the words of a
+finalize are those a fresh word assembler makes of the tokens since the previous one, closed at the cut, with the
+flush silences taken out of the times (``Timeline``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+
+from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
+from kyutai_stt.engine.kyutai.checkpoint import load_model
+from kyutai_stt.engine.kyutai.engine import Engine, flush_frame_count
+from kyutai_stt.engine.kyutai.reference import reference_outputs
+from kyutai_stt.messages.events import End, Marker, Word, WordEnd
+from kyutai_stt.stream.flush import Timeline, flush_now
+from kyutai_stt.stream.session import Session
+from kyutai_stt.stream.words import WordAssembler, pair_words
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_dir):
+    return load_model(str(checkpoint_dir), "cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    engine = Engine(model, 4, frames_per_step=2).start()  # the default flush: the minimal one
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def clips(bria, speech):
+    return {"bria": bria, "espeak": speech}
+
+
+def words(events, timeline: Timeline) -> list[tuple[str, float, float]]:
+    """(text, start, end) in client time, rounded to 1 us."""
+    return [(w.text, round(timeline.client_time(w.start), 6), round(timeline.client_time(w.end), 6))
+            for w in pair_words(e for e in events if isinstance(e, (Word, WordEnd)))]
+
+
+async def stream(engine, pieces: list[np.ndarray], finalize: bool) -> tuple[list[list], Timeline]:
+    """Send ``pieces`` with a finalize after each but the last (``finalize``), then end. Returns the events split
+    at each finalize's marker, and the timeline."""
+    session, timeline = Session(engine), Timeline()
+    session.start()
+    for i, piece in enumerate(pieces):
+        session.push_pcm(piece)
+        if finalize and i < len(pieces) - 1:
+            flush_now(session, i, timeline)
+    session.end()
+    segments: list[list] = [[]]
+    async for event in session:
+        if isinstance(event, Marker):
+            assert event.id == len(segments) - 1  # in order, one per finalize
+            segments.append([])
+        elif not isinstance(event, End):
+            segments[-1].append(event)
+    return segments, timeline
+
+
+def heard_audio(pieces: list[np.ndarray], timeline: Timeline) -> np.ndarray:
+    """What the model heard: the pieces with each finalize's silence (its frame padding included) after them."""
+    parts = []
+    for piece, (_, length) in zip(pieces, timeline.inserted + [(0.0, 0.0)]):
+        parts += [piece, np.zeros(round(length * SAMPLE_RATE), np.float32)]
+    return np.concatenate(parts)
+
+
+def expected_segments(model, reference, pieces, timeline: Timeline) -> list[list[tuple[str, float, float]]]:
+    """The words of each finalize from the reference loop: a fresh word assembler over the tokens from the end of
+    the previous flush to the end of this one, closed there; times in client time."""
+    heard = heard_audio(pieces, timeline)
+    outputs = reference_outputs(reference.model, heard)  # the default flush, as the engine's
+    ends, samples = [], 0
+    for piece, (_, length) in zip(pieces, timeline.inserted):
+        samples += piece.size
+        frames = -(-samples // FRAME_SIZE)
+        ends.append(model.prefix_frames + frames + flush_frame_count(model))  # the end of this flush
+        samples += round(length * SAMPLE_RATE)
+    ends.append(len(outputs))
+    out, begin = [], 0
+    for end in ends:
+        assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
+        assembler.audio_end = heard.size / SAMPLE_RATE
+        events = [e for o in outputs[begin:end] for e in assembler.feed(o.frame, o.token)]
+        events += assembler.finish(end)
+        out.append(words(events, timeline))
+        begin = end
+    return out
+
+
+def cut(clip: np.ndarray, fractions: list[float]) -> list[np.ndarray]:
+    points = sorted({int(f * clip.size) for f in fractions} | {0, clip.size})
+    return [clip[a:b] for a, b in zip(points, points[1:]) if b > a]
+
+
+CLIPS = dict(name=st.sampled_from(["bria", "espeak"]), offset=st.floats(0, 0.8), seconds=st.floats(1.2, 3.0),
+             cuts=st.lists(st.floats(0.05, 0.95), min_size=1, max_size=3))
+QUICK = settings(max_examples=2, deadline=None, phases=[Phase.explicit, Phase.generate],
+                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@QUICK
+@given(**CLIPS)
+def test_finalizes_give_the_words_of_a_stream_that_ends_there(engine, model, reference, clips, name, offset,
+                                                               seconds, cuts):
+    check_finalizes(engine, model, reference, clips[name], offset, seconds, cuts)
+
+
+@pytest.mark.slow  # more clips and cuts: `uv run pytest -m slow` (CI runs it)
+@settings(QUICK, max_examples=25)
+@given(**CLIPS)
+def test_finalizes_give_the_words_of_a_stream_that_ends_there_on_many_cuts(engine, model, reference, clips, name,
+                                                                            offset, seconds, cuts):
+    check_finalizes(engine, model, reference, clips[name], offset, seconds, cuts)
+
+
+def check_finalizes(engine, model, reference, clip, offset, seconds, cuts):
+    start = int(offset * (clip.size - 4 * SAMPLE_RATE))
+    clip = clip[start:start + int(seconds * SAMPLE_RATE)].copy()
+    pieces = cut(clip, cuts)
+
+    async def run():
+        # the finalizing stream and, beside it, a stream of the first piece alone that ends there
+        return await asyncio.gather(stream(engine, pieces, True), stream(engine, pieces[:1], False))
+
+    (segments, timeline), (ended, plain) = asyncio.run(run())
+    assert len(segments) == len(pieces)
+    # the first finalize gives exactly what the end of a stream gives, word for word and time for time
+    assert words(segments[0], timeline) == words(ended[0], plain)
+    # every finalize, however many came before, as the reference computes it
+    assert [words(s, timeline) for s in segments] == expected_segments(model, reference, pieces, timeline)
+    # a finalize closes its words: nothing after it starts before the audio it covered
+    at = 0.0
+    for segment, piece in zip(segments, pieces):
+        found = words(segment, timeline)
+        assert all(at - 1e-6 <= start <= end <= at + piece.size / SAMPLE_RATE + 1e-6 for _, start, end in found), \
+            (at, piece.size / SAMPLE_RATE, found)
+        at += piece.size / SAMPLE_RATE
+
+
+def test_the_flush_is_the_delay_plus_one_frame(model, engine):
+    """Frames of silence per finalize: the model's delay plus one (before: delay + 7 + the delay again + 1)."""
+    assert engine.info.flush_frames == flush_frame_count(model) == model.delay_frames + 1
+    assert flush_frame_count(model, 0.5) == model.delay_frames + 7  # a larger flush_seconds still means more
