@@ -13,6 +13,7 @@ imports neither torch nor PyAV (a test checks it): it sends 24 kHz float PCM, an
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import quote
 from typing import AsyncIterable, AsyncIterator, Literal
 
 import numpy as np
@@ -55,12 +56,18 @@ class Client:
                                   max_size=None)
 
     async def stream(self, audio: np.ndarray | AsyncIterable[np.ndarray], *, realtime: bool = False,
-                     chunk_samples: int = FRAME_SIZE, steps: bool = False) -> AsyncIterator[Event]:
+                     chunk_samples: int = FRAME_SIZE, steps: bool = False, temperature: float | None = None,
+                     seed: int | None = None, keyterms: tuple[str, ...] = ()) -> AsyncIterator[Event]:
         """Send 24 kHz mono float PCM (an array, or an async iterable of chunks such as a microphone) and yield
-        events until ``End`` (``ServerError`` on failure)."""
+        events until ``End`` (``ServerError`` on failure). ``temperature``, ``seed``, ``keyterms``: decoding
+        (``/v1/stream`` only; ``Ready.seed`` says the seed a sampling stream got)."""
         chunks = audio_chunks(audio, chunk_samples, realtime)
+        decoding = {"temperature": temperature, "seed": seed, "keyterms": ",".join(keyterms) or None}
+        decoding = {k: v for k, v in decoding.items() if v is not None}
+        if decoding and self.protocol != "events":
+            raise ValueError("temperature, seed and keyterms are parameters of the events protocol (/v1/stream)")
         if self.protocol == "events":
-            stream = self._events(chunks, steps)
+            stream = self._events(chunks, steps, decoding)
         elif self.protocol == "kyutai":
             stream = self._kyutai(chunks, realtime, steps)
         else:
@@ -82,10 +89,11 @@ class Client:
         finally:
             task.cancel()
 
-    async def _events(self, chunks, steps):
-        query = StreamQuery(format="pcm_f32le", sample_rate=SAMPLE_RATE, steps=steps)
+    async def _events(self, chunks, steps, decoding):
+        query = StreamQuery(format="pcm_f32le", sample_rate=SAMPLE_RATE, steps=steps, **decoding)
         async with self._connect(f"?format={query.format}&sample_rate={query.sample_rate}"
-                                 + ("&steps=true" if query.steps else "")) as ws:
+                                 + ("&steps=true" if query.steps else "")
+                                 + "".join(f"&{k}={quote(str(v))}" for k, v in decoding.items())) as ws:
             async def sender():
                 async for chunk in chunks:
                     await ws.send(np.asarray(chunk, "<f4").tobytes())

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import HTTPConnection
 
-from kyutai_stt.engine.contract import Engine, EngineStopped, NoFreeSlot
+from kyutai_stt.engine.contract import DecodingOptions, Engine, EngineStopped, NoFreeSlot
 from kyutai_stt.serve.metrics import Metrics
 from kyutai_stt.serve.pace import RealTimeMonitor
 from kyutai_stt.stream.session import Session
@@ -52,9 +52,21 @@ class Service:
             raise EngineStopped("the engine is not running")
         return self.engine
 
-    def new_session(self) -> Session:
+    def new_session(self, decoding: DecodingOptions | None = None) -> Session:
         """A live stream's session, bounded by the settings (not started: see ``admit``)."""
-        return Session.from_settings(self.running_engine, self.settings)
+        return Session.from_settings(self.running_engine, self.settings, decoding=decoding,
+                                     on_reset=self._count_reset)
+
+    def decoding_options(self, temperature: float | None = None, seed: int | None = None,
+                         keyterms: tuple[str, ...] = ()) -> DecodingOptions:
+        """A stream's decoding from what its protocol could say; ``temperature`` None: the server's default.
+        ``ValueError`` (a message for the client) when out of range."""
+        if temperature is None:
+            temperature = self.settings.default_temperature
+        return DecodingOptions(temperature=float(temperature), seed=seed, keyterms=tuple(keyterms)).check()
+
+    def _count_reset(self, reason: str) -> None:
+        self.metrics.context_resets.labels(reason).inc()
 
     async def admit(self, session: Session) -> None:
         """Give ``session`` a slot now, or let it wait in the bounded queue (``queue_max`` clients, each for up to

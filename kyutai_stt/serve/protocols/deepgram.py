@@ -39,6 +39,7 @@ from fastapi import APIRouter, Depends, Request, WebSocket
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from kyutai_stt.engine.contract import MAX_KEYTERM_CHARS, MAX_KEYTERMS
 from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.audio.errors import AudioFormatError
 from kyutai_stt.audio.decoders import OPUS, StreamDecoder, stream_decoder
@@ -96,7 +97,7 @@ WHY_FIXED = {"filler_words": "the model writes what it hears, filler words inclu
 LABELS = {"model": "the served model answers whatever the name (Metadata.model_info says which)",
           "no_delay": "only matters with smart_format", "mip_opt_out": "nothing is sent anywhere",
           "tag": "no usage reporting", "auth_id": "our API key", "api_key": "our API key"}
-UNSUPPORTED = ("keyterm", "keywords", "search", "replace", "redact", "callback", "callback_method", "extra",
+UNSUPPORTED = ("keywords", "search", "replace", "redact", "callback", "callback_method", "extra",
                "diarize_model", "language_hint", "topics", "intents", "sentiment", "summarize", "paragraphs",
                "utterances", "utt_split", "alternatives", "measurements", "ner")
 
@@ -120,6 +121,7 @@ class ListenOptions(BaseModel):
     utterance_end: bool = False
     vad_events: bool = False
     language: str = "en"
+    keyterms: list[str] = []  # keyterm=..., repeated: terms the engine favours
 
 
 def _flag(name: str, value: str) -> bool:
@@ -133,7 +135,7 @@ def parse_options(params: list[tuple[str, str]], languages: tuple[str, ...], str
     options = ListenOptions()
     seen: set[str] = set()
     for name, value in params:
-        if name in seen and name != "tag":
+        if name in seen and name not in ("tag", "keyterm"):
             raise DeepgramError(f"{name} given twice")
         seen.add(name)
         if name == "encoding":
@@ -145,6 +147,10 @@ def parse_options(params: list[tuple[str, str]], languages: tuple[str, ...], str
             if not re.fullmatch(r"[0-9]{4,6}", value) or not 8000 <= int(value) <= 192000:
                 raise DeepgramError("sample_rate must be an integer from 8000 to 192000")
             options.sample_rate = int(value)
+        elif name == "keyterm":
+            if not value.strip() or len(value) > MAX_KEYTERM_CHARS or len(options.keyterms) >= MAX_KEYTERMS:
+                raise DeepgramError(f"keyterm: at most {MAX_KEYTERMS} terms of 1 to {MAX_KEYTERM_CHARS} characters")
+            options.keyterms.append(value.strip())
         elif name == "channels":
             if value != "1":
                 raise DeepgramError("only mono audio is supported: channels must be 1")
@@ -372,7 +378,8 @@ async def listen_socket(ws: WebSocket) -> None:
             return
         await _deny(ws, _rest_error(400, str(exc), exc.err_code, request_id))
         return
-    session = await open_session(ws, "deepgram")
+    session = await open_session(ws, "deepgram",
+                                 decoding=get_service(ws).decoding_options(keyterms=tuple(options.keyterms)))
     if session is None:
         return
     await runner.run_stream(ws, session, DeepgramTranslator(session, options, request_id, engine.info.name))
@@ -441,7 +448,8 @@ async def listen_file(request: Request, request_id: Annotated[str, Depends(_requ
                       upload: Annotated[Upload, Depends(_listen_upload)]):
     """Deepgram's pre-recorded API: the audio file is the request body (any format we decode; raw audio with
     ``encoding`` and ``sample_rate``). A JSON body with a ``url`` is refused: this server fetches nothing."""
-    words = [_result_word(w.text, w.start, w.end) for w in pair_words(await transcribe(request, upload))]
+    decoding = get_service(request).decoding_options(keyterms=tuple(options.keyterms))
+    words = [_result_word(w.text, w.start, w.end) for w in pair_words(await transcribe(request, upload, decoding))]
     model = get_service(request).running_engine.info
     model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, model.name))
     return PrerecordedResponse(

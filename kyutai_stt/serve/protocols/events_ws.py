@@ -16,9 +16,11 @@ from __future__ import annotations
 from fastapi import APIRouter, WebSocket
 
 from kyutai_stt.audio.decoders import stream_decoder
-from kyutai_stt.messages.events import QUERY_ERROR, EndControl, Error, Event, MarkerControl, Step, StreamQuery, parse_control
+from kyutai_stt.messages.events import (QUERY_ERROR, EndControl, Error, Event, MarkerControl, ResetControl, Step,
+    StreamQuery, parse_control)
 from kyutai_stt.serve.protocols import runner
 from kyutai_stt.serve.protocols.common import open_session, parse_query
+from kyutai_stt.serve.service import get_service
 
 router = APIRouter()
 
@@ -40,6 +42,8 @@ class EventsTranslator(runner.Translator):
                 return [runner.End()]
             case MarkerControl(id=marker_id):
                 return [runner.Marker(marker_id)]
+            case ResetControl():
+                return [runner.ResetContext()]
         return []
 
     def render(self, event: Event) -> list[str]:
@@ -54,7 +58,9 @@ async def events_socket(ws: WebSocket) -> None:
     query = await parse_query(ws, StreamQuery, QUERY_ERROR)
     if query is None:
         return
-    session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()))
+    decoding = get_service(ws).decoding_options(query.temperature, query.seed, query.keyterm_list)
+    session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()),
+                                 decoding=decoding)
     if session is None:
         return
     await runner.run_stream(ws, session, EventsTranslator(query))
