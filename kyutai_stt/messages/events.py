@@ -7,9 +7,11 @@ audio, corrected for the model's delay.
 Query (``StreamQuery``): ``format`` (``opus``: Ogg/Opus pages, the default; ``pcm_f32le`` / ``pcm_s16le``: raw
 little-endian PCM), ``sample_rate`` of raw PCM (8000 to 192000, resampled to 24 kHz), ``channels`` of raw PCM (1,
 the default, or 2: interleaved stereo, mixed down to mono; Ogg/Opus declares its own), ``steps`` (also send a
-``step`` event every 80 ms), and the API key (``api_key`` / ``auth_id``). Any other parameter is refused.
+``step`` event every 80 ms), the decoding controls ``temperature``, ``seed`` and ``keyterms`` (comma-separated), and
+the API key (``api_key`` / ``auth_id``). Any other parameter is refused.
 
-Client controls (text frames, ``Control``): ``{"type": "marker", "id": N}``, ``{"type": "end"}``.
+Client controls (text frames, ``Control``): ``{"type": "marker", "id": N}``, ``{"type": "reset"}`` (reset the
+model's context), ``{"type": "end"}``.
 """
 
 from __future__ import annotations

@@ -290,7 +290,7 @@ class Session:
         for event in self._reader.step(out, out.buffered_samples + len(self._spool)):
             self._emit(event)
         self._echo_markers()
-        if self._watchdog is not None and self._watchdog.step(out) and not self.ended:
+        if self._watchdog is not None and self._watchdog.step(out):  # also after end(): a file is sent at once
             log.warning("session %s: no text for %.1f s of speech, resetting the model context", self.id,
                         self._watchdog.stall_seconds, extra={"session_id": self.id})
             self.reset_context("stall")

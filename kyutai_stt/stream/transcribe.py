@@ -24,10 +24,11 @@ async def start_session(engine: Engine, *, wait_seconds: float = 0.0, **session_
 
 async def session_events(engine: Engine, audio, *, realtime: bool = False,
                          chunk_samples: int = FRAME_SIZE, end_of_turn_threshold: float = 0.5,
-                         wait_seconds: float = 0.0) -> AsyncIterator[Event]:
+                         wait_seconds: float = 0.0, decoding=None) -> AsyncIterator[Event]:
     """Stream ``audio`` (24 kHz mono: an array, or an async iterable of chunks) through a new engine session and
-    yield its events until ``End``/``Error``."""
-    session = await start_session(engine, wait_seconds=wait_seconds, end_of_turn_threshold=end_of_turn_threshold)
+    yield its events until ``End``/``Error``. ``decoding``: the stream's ``DecodingOptions`` (default greedy)."""
+    session = await start_session(engine, wait_seconds=wait_seconds, end_of_turn_threshold=end_of_turn_threshold,
+                                  decoding=decoding)
 
     async def feed() -> None:
         count = 0

@@ -5,9 +5,11 @@ Query parameters choose the audio format: ``format=opus`` (Ogg/Opus pages, the d
 interleaved stereo, mixed down to mono; a stream that declares nothing is mono), ``mulaw``/``alaw`` (raw G.711 at
 ``sample_rate``, 8000 unless given), an audio container pushed in pieces (``webm`` as a browser's MediaRecorder
 records it, ``ogg``, ``mp3``, ``aac``, ``flac``, ``wav``, or ``container`` to let FFmpeg tell; see ``codecs``), and
-``steps=true`` to also receive a ``step`` event every 80 ms. Any other query parameter is refused (1008). The
+``steps=true`` to also receive a ``step`` event every 80 ms; ``temperature``, ``seed``, ``keyterms`` choose the
+stream's decoding (``ready`` carries the seed of a sampling stream). Any other query parameter is refused (1008). The
 messages are declared in ``kyutai_stt.messages.events``. Binary messages carry audio; text messages are JSON controls:
-``{"type": "marker", "id": 1}`` and ``{"type": "end"}`` (end of audio: the server flushes, sends the last words,
+``{"type": "marker", "id": 1}``, ``{"type": "reset"}`` (reset the model's context: a ``reset`` event answers) and
+``{"type": "end"}`` (end of audio: the server flushes, sends the last words,
 then ``{"type": "end"}`` and closes with 1000). Server messages are the events of ``kyutai_stt.messages.events``.
 """
 
