@@ -13,6 +13,7 @@ imports neither torch nor PyAV (a test checks it): it sends 24 kHz float PCM, an
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import quote
 from typing import AsyncIterable, AsyncIterator, Literal
 
 import numpy as np
@@ -55,14 +56,21 @@ class Client:
                                   max_size=None)
 
     async def stream(self, audio: np.ndarray | AsyncIterable[np.ndarray], *, realtime: bool = False,
-                     chunk_samples: int = FRAME_SIZE, steps: bool = False,
-                     diarize: bool = False) -> AsyncIterator[Event]:
+                     chunk_samples: int = FRAME_SIZE, steps: bool = False, diarize: bool = False,
+                     temperature: float | None = None, seed: int | None = None,
+                     keyterms: tuple[str, ...] = ()) -> AsyncIterator[Event]:
         """Send 24 kHz mono float PCM (an array, or an async iterable of chunks such as a microphone) and yield
         events until ``End`` (``ServerError`` on failure).
 
         Multichannel (``events`` only): an array of shape ``[channels, samples]`` is sent interleaved with
         ``multichannel=true``; each channel is transcribed on its own and its events carry ``channel``.
-        ``diarize`` (``events`` only): words carry ``speaker`` (a server started with a diarizer)."""
+        ``diarize`` (``events`` only): words carry ``speaker`` (a server started with a diarizer).
+        ``temperature``, ``seed``, ``keyterms``: decoding (``/v1/stream`` only; ``Ready.seed`` says the seed a
+        sampling stream got)."""
+        decoding = {"temperature": temperature, "seed": seed, "keyterms": ",".join(keyterms) or None}
+        decoding = {k: v for k, v in decoding.items() if v is not None}
+        if decoding and self.protocol != "events":
+            raise ValueError("temperature, seed and keyterms are parameters of the events protocol (/v1/stream)")
         if diarize and self.protocol != "events":
             raise ValueError("speakers need the events protocol")
         if isinstance(audio, np.ndarray) and audio.ndim == 2:
@@ -70,9 +78,9 @@ class Client:
                 raise ValueError("multichannel audio needs the events protocol")
             channels = audio.shape[0]
             chunks = audio_chunks(audio.T.reshape(-1), chunk_samples * channels, realtime, channels)
-            stream = self._events(chunks, steps, channels, diarize)
+            stream = self._events(chunks, steps, decoding, channels, diarize)
         elif self.protocol == "events":
-            stream = self._events(audio_chunks(audio, chunk_samples, realtime), steps, diarize=diarize)
+            stream = self._events(audio_chunks(audio, chunk_samples, realtime), steps, decoding, diarize=diarize)
         elif self.protocol == "kyutai":
             stream = self._kyutai(audio_chunks(audio, chunk_samples, realtime), realtime, steps)
         else:
@@ -94,13 +102,14 @@ class Client:
         finally:
             task.cancel()
 
-    async def _events(self, chunks, steps, channels: int = 1, diarize: bool = False):
+    async def _events(self, chunks, steps, decoding, channels: int = 1, diarize: bool = False):
         query = StreamQuery(format="pcm_f32le", sample_rate=SAMPLE_RATE, steps=steps, channels=channels,
-                            multichannel=channels > 1, diarize=diarize)
+                            multichannel=channels > 1, diarize=diarize, **decoding)
         async with self._connect(f"?format={query.format}&sample_rate={query.sample_rate}"
                                  + ("&steps=true" if query.steps else "")
                                  + (f"&channels={channels}&multichannel=true" if query.multichannel else "")
-                                 + ("&diarize=true" if query.diarize else "")) as ws:
+                                 + ("&diarize=true" if query.diarize else "")
+                                 + "".join(f"&{k}={quote(str(v))}" for k, v in decoding.items())) as ws:
             async def sender():
                 async for chunk in chunks:
                     await ws.send(np.asarray(chunk, "<f4").tobytes())

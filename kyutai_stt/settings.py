@@ -54,6 +54,19 @@ class Settings(BaseSettings):
         0.5, ge=0.0, le=1.0, description="End of turn fires when VAD head 2's pause probability crosses this."
     )
 
+    # --- decoding ------------------------------------------------------------------------------------------
+    default_temperature: float = Field(
+        0.0, ge=0.0, le=2.0, description="Text sampling temperature of streams whose client does not choose one "
+        "(0: greedy). Kyutai's production voice app runs stt-1b at 0.25.",
+    )
+    keyterm_boost: float = Field(
+        5.0, ge=0.0, le=50.0, description="What a stream's keyterms add to the text logits of their pieces.",
+    )
+    stall_seconds: float = Field(
+        6.0, ge=0.0, description="Stall watchdog: reset a stream's model context after this much speech (VAD and "
+        "signal energy) with only padding from the model. 0: off.",
+    )
+
     # --- server -------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the server listens on.")
     port: int = Field(8000, description="Port the server listens on.")

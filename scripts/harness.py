@@ -56,22 +56,26 @@ class Feeder:
 
     def __init__(self, engine, pcm: np.ndarray, seed: int, *, chunks=(960, 1920, 3840, 9600, 24000),
                  pause: tuple[float, float] = (0.25, 0.3), join_within: float = 0.0, delay: float | None = None,
-                 open_now: bool = False):
-        from kyutai_stt.engine.kyutai.engine import StepOutput
+                 open_now: bool = False, options=None):
+        from kyutai_stt.engine.kyutai.engine import ContextReset, StepOutput
 
-        self._step_output = StepOutput
+        self._step_output, self._context_reset = StepOutput, ContextReset
+        self.options = options  # the stream's DecodingOptions (None: greedy)
+        self.resets: list[int] = []  # frames of its context resets
         self.engine, self.pcm, self.rng = engine, pcm, random.Random(seed)
         self.chunks, self.pause, self.join_within, self.delay = chunks, pause, join_within, delay
         self.outputs: list = []
         self.end = None
         self.done = threading.Event()
-        self.handle = engine.open(self.sink) if open_now else None  # open_now: the slot is known at once
+        self.handle = engine.open(self.sink, options=options) if open_now else None  # open_now: the slot is known at once
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def sink(self, events) -> None:
         for event in events:
             if isinstance(event, self._step_output):
                 self.outputs.append(event)
+            elif isinstance(event, self._context_reset):
+                self.resets.append(event.frame)
             else:
                 self.end = event
                 self.done.set()
@@ -79,7 +83,7 @@ class Feeder:
     def run(self) -> None:
         time.sleep(self.rng.uniform(0, self.join_within) if self.delay is None else self.delay)
         if self.handle is None:
-            self.handle = self.engine.open(self.sink, timeout=600)  # joins when another stream leaves
+            self.handle = self.engine.open(self.sink, timeout=600, options=self.options)  # joins when another stream leaves
         chance, longest = self.pause
         position = 0
         while position < len(self.pcm):

@@ -54,16 +54,17 @@ class Reference:
         self.model = model
         self._cache: dict[bytes, list] = {}
 
-    def outputs(self, pcm: np.ndarray):
-        key = np.asarray(pcm, np.float32).tobytes()
+    def outputs(self, pcm: np.ndarray, **decoding):
+        """``decoding``: ``options``, ``keyterm_boost``, ``resets`` of ``reference_outputs``."""
+        key = np.asarray(pcm, np.float32).tobytes() + repr(sorted(decoding.items())).encode()
         if key not in self._cache:
-            outputs = ReferenceOutputs(reference_outputs(self.model, pcm, FLUSH_SECONDS))
+            outputs = ReferenceOutputs(reference_outputs(self.model, pcm, FLUSH_SECONDS, **decoding))
             outputs.audio_seconds = np.asarray(pcm).size / 24000
             self._cache[key] = outputs
         return self._cache[key]
 
-    def tokens(self, pcm: np.ndarray) -> list[int]:
-        return [o.token for o in self.outputs(pcm)]
+    def tokens(self, pcm: np.ndarray, **decoding) -> list[int]:
+        return [o.token for o in self.outputs(pcm, **decoding)]
 
 
 @pytest.fixture(scope="session")

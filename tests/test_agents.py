@@ -195,7 +195,8 @@ def test_openai_file_parameters(keyed, reference, sounds, tmp_path):
                                                 response_format="verbose_json", temperature=0)
     assert french.language == "french"
     assert french.text == " ".join(w.text for w in expected_words(reference.model, reference.outputs(pcm)))
-    refusals = {"language": dict(language="de"), "prompt": dict(prompt="hello"), "temperature": dict(temperature=0.7),
+    # prompt (keyterms) and temperature (sampling) are honoured since issue 20: test_decoding_protocols.py
+    refusals = {"language": dict(language="de"), "temperature": dict(temperature=2.5),
                 "include": dict(include=["logprobs"]), "chunking_strategy": dict(chunking_strategy={"type": "server_vad"})}
     for param, kwargs in refusals.items():
         with pytest.raises(openai.BadRequestError) as refused:

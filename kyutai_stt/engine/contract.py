@@ -84,6 +84,13 @@ class StepOutput(msgspec.Struct, frozen=True, tag=True):
     more_tokens: tuple[int, ...] = ()  # further text tokens of the same frame, in order (RNNT may emit several)
 
 
+class ContextReset(msgspec.Struct, frozen=True, tag=True):
+    """The stream's model context was reset (``Engine.reset``) before the step of this frame; the stream's clock
+    goes on (frames, and so word times, keep counting)."""
+
+    frame: int
+
+
 class StreamEnd(msgspec.Struct, frozen=True, tag=True):
     """The stream was flushed: every output for its audio has been delivered."""
 
@@ -96,7 +103,7 @@ class StreamFailed(msgspec.Struct, frozen=True, tag=True):
     reason: str
 
 
-EngineEvent = StepOutput | StreamEnd | StreamFailed
+EngineEvent = StepOutput | ContextReset | StreamEnd | StreamFailed
 Sink = Callable[[list[EngineEvent]], None]  # called on the engine's own thread, never concurrently for one stream
 
 
@@ -113,6 +120,51 @@ class StreamHandle(msgspec.Struct, frozen=True):
 
     slot: int
     stream_id: int
+    seed: int | None = None  # the sampling seed in use (drawn by the engine when not given); None when greedy
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**32 - 1
+MAX_KEYTERMS = 300
+MAX_KEYTERM_CHARS = 64
+
+
+class DecodingOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """How one stream decodes, given at ``open``. The default (greedy, no keyterms) is bit-identical to an engine
+    without these options, and costs nothing.
+
+    ``temperature`` > 0 samples the text token from ``softmax((logits + bias) / temperature)``; the draws depend
+    only on ``seed`` and the stream's own step, never on its slot, its neighbours or the batch size, so the same
+    audio with the same seed gives the same tokens at any load. ``keyterms`` bias the text head toward the
+    tokenizations of these terms (``keyterm_boost`` of the server)."""
+
+    temperature: float = 0.0
+    seed: int | None = None  # None: the engine draws one (reported in ``StreamHandle.seed``)
+    keyterms: tuple[str, ...] = ()
+
+    @property
+    def is_default(self) -> bool:
+        return self.temperature == 0.0 and not self.keyterms
+
+    def check(self) -> "DecodingOptions":
+        """Raise ``ValueError`` (a message for the client) when out of range; return self."""
+        if not (isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be between 0 and {MAX_TEMPERATURE:g} (0: greedy), "
+                             f"got {self.temperature!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
+        if len(self.keyterms) > MAX_KEYTERMS:
+            raise ValueError(f"at most {MAX_KEYTERMS} keyterms, got {len(self.keyterms)}")
+        for term in self.keyterms:
+            if not term.strip() or len(term) > MAX_KEYTERM_CHARS:
+                raise ValueError(f"a keyterm must be 1 to {MAX_KEYTERM_CHARS} characters, got {term!r}")
+        return self
+
+
+def split_keyterms(text: str) -> tuple[str, ...]:
+    """Terms from one string (OpenAI's ``prompt``, a query parameter): comma- or newline-separated, trimmed."""
+    return tuple(t.strip() for t in text.replace("\n", ",").split(",") if t.strip())
 
 
 class EngineStats(msgspec.Struct):
@@ -175,8 +227,9 @@ class Engine(Protocol):
     @property
     def alive(self) -> bool: ...
 
-    def open(self, sink: Sink, timeout: float = 0.0) -> StreamHandle:
-        """Take a free slot, waiting up to ``timeout`` s for one (blocking): ``NoFreeSlot``, ``EngineStopped``."""
+    def open(self, sink: Sink, timeout: float = 0.0, options: DecodingOptions | None = None) -> StreamHandle:
+        """Take a free slot, waiting up to ``timeout`` s for one (blocking): ``NoFreeSlot``, ``EngineStopped``.
+        ``options``: how the stream decodes (default greedy); ``ValueError`` when out of range."""
 
     def push(self, handle: StreamHandle, pcm: np.ndarray) -> None:
         """Queue float PCM of any length (``StreamClosed`` once the stream is closing or gone)."""
@@ -186,6 +239,10 @@ class Engine(Protocol):
 
     def abort(self, handle: StreamHandle) -> None:
         """Drop the stream now: no more outputs, the slot is free at once."""
+
+    def reset(self, handle: StreamHandle) -> None:
+        """Reset the stream's model context before its next step (a stalled decoder); its clock goes on, and a
+        ``ContextReset`` event says at which frame. Audio and outputs already queued are kept."""
 
     def buffered_samples(self, handle: StreamHandle) -> int:
         """Audio of the stream waiting in the engine (0 once it is gone)."""

@@ -38,8 +38,9 @@ import msgspec
 import numpy as np
 import zmq
 
-from kyutai_stt.engine.contract import (Engine, EngineEvent, EngineStats, EngineStopped, ModelInfo, NoFreeSlot,
-    StepListener, StepOutput, StepTiming, StreamClosed, StreamHandle, StreamFailed, call_sink)
+from kyutai_stt.engine.contract import (DecodingOptions, Engine, EngineEvent, EngineStats, EngineStopped, ModelInfo,
+    NoFreeSlot, StepListener, StepOutput, StepTiming, StreamClosed, StreamEnd, StreamHandle, StreamFailed,
+    call_sink)
 from kyutai_stt.engine.threads import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class Hello(msgspec.Struct, tag=True):
 
 class Open(msgspec.Struct, tag=True):
     request: int
+    options: DecodingOptions | None = None
 
 
 class Push(msgspec.Struct, tag=True):
@@ -117,6 +119,13 @@ class Close(msgspec.Struct, tag=True):
 
 
 class Abort(msgspec.Struct, tag=True):
+    slot: int
+    stream: int
+
+
+class Reset(msgspec.Struct, tag=True):
+    """``Engine.reset``: reset the stream's model context."""
+
     slot: int
     stream: int
 
@@ -139,7 +148,7 @@ class Gone(msgspec.Struct, tag=True):
     worker: str
 
 
-Command = Hello | Open | Push | Close | Abort | StatsRequest | Beat | Bye | Gone
+Command = Hello | Open | Push | Close | Abort | Reset | StatsRequest | Beat | Bye | Gone
 
 
 class WorkerBatch(msgspec.Struct):
@@ -159,6 +168,7 @@ class Opened(msgspec.Struct, tag=True):
     request: int
     slot: int
     stream: int
+    seed: int | None = None
 
 
 class Refused(msgspec.Struct, tag=True):
@@ -319,7 +329,11 @@ class EngineServer:
                     unknown.add(key)
                     replies.append(Events(command.slot, command.stream, 0, [StreamFailed("the stream was dropped")]))
             elif isinstance(command, Open):
-                replies.append(self._open(worker, command.request))
+                replies.append(self._open(worker, command.request, command.options))
+            elif isinstance(command, Reset):
+                route = self._routes.get((command.slot, command.stream))
+                if route is not None:
+                    self.engine.reset(route.handle)
             elif isinstance(command, Close):
                 route = self._routes.get((command.slot, command.stream))
                 if route is not None:
@@ -337,17 +351,19 @@ class EngineServer:
         if replies:
             self._reply(worker, replies)
 
-    def _open(self, worker: str, request: int) -> Opened | Refused:
+    def _open(self, worker: str, request: int, options: DecodingOptions | None) -> Opened | Refused:
         route = _Route(worker)
         try:
-            handle = self.engine.open(self._sink_for(route))
+            handle = self.engine.open(self._sink_for(route), options=options)
         except NoFreeSlot as exc:
             return Refused(request, True, str(exc))
         except EngineStopped as exc:
             return Refused(request, False, str(exc))
+        except ValueError as exc:  # options the engine refuses (checked by the worker first: rare)
+            return Refused(request, False, f"invalid decoding options: {exc}")
         route.handle = handle
         self._routes[(handle.slot, handle.stream_id)] = route
-        return Opened(request, handle.slot, handle.stream_id)
+        return Opened(request, handle.slot, handle.stream_id, handle.seed)
 
     def _send_events(self) -> None:
         """Everything the engine delivered since the last call: one message per worker."""
@@ -358,7 +374,7 @@ class EngineServer:
             if handle is None:
                 continue
             key = (handle.slot, handle.stream_id)
-            if any(not isinstance(e, StepOutput) for e in events):
+            if any(isinstance(e, (StreamEnd, StreamFailed)) for e in events):
                 self._routes.pop(key, None)  # ended or failed: the engine freed the slot
             by_worker.setdefault(route.worker, []).append(
                 Events(handle.slot, handle.stream_id, route.received, events))
@@ -440,7 +456,7 @@ class EngineClient:
     def alive(self) -> bool:
         return self._engine_alive and not self._stopping
 
-    def open(self, sink, timeout: float = 0.0) -> StreamHandle:
+    def open(self, sink, timeout: float = 0.0, options: DecodingOptions | None = None) -> StreamHandle:
         """``Engine.open`` across processes: the engine process allocates the slot (admission stays global).
         With ``timeout``, a full engine is asked again every ``OPEN_RETRY_SECONDS`` until then (the engine
         process never blocks its loop on one worker's wait); the caller is a waiting thread (``slots``)."""
@@ -449,9 +465,9 @@ class EngineClient:
             if not self.alive:
                 raise EngineStopped("the engine is not running")
             request = next(self._requests)
-            reply = self._request(request, Open(request), sink)
+            reply = self._request(request, Open(request, options.check() if options else None), sink)
             if isinstance(reply, Opened):
-                return StreamHandle(reply.slot, reply.stream)
+                return StreamHandle(reply.slot, reply.stream, reply.seed)
             assert isinstance(reply, Refused)
             if not reply.full:
                 raise EngineStopped(reply.message)
@@ -480,6 +496,10 @@ class EngineClient:
             stream = self._streams.pop((handle.slot, handle.stream_id), None)
         if stream is not None:
             self._send(Abort(handle.slot, handle.stream_id))
+
+    def reset(self, handle: StreamHandle) -> None:
+        if (handle.slot, handle.stream_id) in self._streams:
+            self._send(Reset(handle.slot, handle.stream_id))
 
     def buffered_samples(self, handle: StreamHandle) -> int:
         stream = self._streams.get((handle.slot, handle.stream_id))
@@ -594,7 +614,7 @@ class EngineClient:
             events = item.events
             with self._lock:
                 stream = self._streams.get(key)
-                if stream is not None and any(not isinstance(e, StepOutput) for e in events):
+                if stream is not None and any(isinstance(e, (StreamEnd, StreamFailed)) for e in events):
                     del self._streams[key]
             if stream is None:
                 return  # aborted here already

@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from kyutai_stt.engine.contract import Engine, NoFreeSlot, Sink, StreamHandle
+from kyutai_stt.engine.contract import DecodingOptions, Engine, NoFreeSlot, Sink, StreamHandle
 
 
-async def open_when_free(engine: Engine, sink: Sink, timeout: float) -> StreamHandle:
+async def open_when_free(engine: Engine, sink: Sink, timeout: float,
+                         options: DecodingOptions | None = None) -> StreamHandle:
     """``engine.open(sink)``, waiting up to ``timeout`` seconds for a free slot without blocking the event loop.
 
     Raises ``NoFreeSlot`` after the wait, ``EngineStopped`` if the engine stops. If the awaiting task is cancelled,
     a slot the wait takes afterwards is given back at once."""
     try:
-        return engine.open(sink)
+        return engine.open(sink, options=options)
     except NoFreeSlot:
         if timeout <= 0:
             raise
@@ -37,7 +38,7 @@ async def open_when_free(engine: Engine, sink: Sink, timeout: float) -> StreamHa
     def wait() -> None:  # its own thread
         handle, error = None, None
         try:
-            handle = engine.open(sink, timeout=timeout)
+            handle = engine.open(sink, timeout=timeout, options=options)
         except BaseException as exc:  # NoFreeSlot, EngineStopped: handed to the awaiting task
             error = exc
         try:

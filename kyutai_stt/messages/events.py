@@ -10,10 +10,12 @@ the default, or 2: interleaved stereo, mixed down to mono; Ogg/Opus declares its
 ``channels`` 2 to 8 of raw PCM: each channel is transcribed on its own, in a slot of its own, and its events carry
 ``channel``), ``diarize`` (words carry ``speaker``: needs a server started with ``--diarizer``), ``steps`` (also send a
 ``step`` event every 80 ms), the turn layer's thresholds (``eot_threshold``, ``eager_eot_threshold``,
-``eot_timeout_ms``: ``speech_started``, ``eager_end_of_turn``, ``turn_resumed``, ``end_of_turn``), and the API key
-(``api_key`` / ``auth_id``). Any other parameter is refused.
+``eot_timeout_ms``: ``speech_started``, ``eager_end_of_turn``, ``turn_resumed``, ``end_of_turn``), the decoding
+controls ``temperature``, ``seed`` and ``keyterms`` (comma-separated), and the API key (``api_key`` / ``auth_id``).
+Any other parameter is refused.
 
-Client controls (text frames, ``Control``): ``{"type": "marker", "id": N}``, ``{"type": "end"}``.
+Client controls (text frames, ``Control``): ``{"type": "marker", "id": N}``, ``{"type": "reset"}`` (reset the
+model's context), ``{"type": "end"}``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError, model_serializer,
+    model_validator)
 
 from kyutai_stt.audio.constants import CONTAINER_FORMATS as _CONTAINERS
 from kyutai_stt.messages.errors import MessageError, UnknownMessage
@@ -42,6 +45,23 @@ SPEAKER = "who said it (0-based, in order of first appearance), on diarized stre
 
 class Ready(_Event):
     type: Literal["ready"] = "ready"
+    seed: int | None = None  # a sampling stream's seed (give it back as ``seed`` to reproduce the run); else absent
+
+    @model_serializer(mode="wrap")
+    def _seed_only_when_sampling(self, handler):
+        data = handler(self)
+        if data.get("seed") is None:
+            data.pop("seed", None)
+        return data
+
+
+class Reset(_Event):
+    """The model's context was reset from ``time`` on (the stall watchdog, or the client's ``reset`` control):
+    the words before are kept, the times go on."""
+
+    type: Literal["reset"] = "reset"
+    time: float
+    reason: Literal["stall", "client"]
 
 
 class Text(_Event):
@@ -137,7 +157,7 @@ class Error(_Event):
 
 Event = Annotated[
     Union[Ready, Text, Word, WordEnd, Step, SpeechStarted, EagerEndOfTurn, TurnResumed, EndOfTurn, Marker, End,
-          Error], Field(discriminator="type")
+          Error, Reset], Field(discriminator="type")
 ]
 
 
@@ -171,9 +191,38 @@ class StreamQuery(BaseModel):
     eot_timeout_ms: int | None = Field(None, ge=100, le=600_000)
     api_key: str | None = None
     auth_id: str | None = None
+    # decoding: temperature 0 (greedy) to 2, the server's default_temperature when not given; seed 0 to 2**32-1
+    # (random when not given, sent back in ``ready``); keyterms: comma-separated terms to favour
+    temperature: float | None = None
+    seed: int | None = None
+    keyterms: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _decoding_numbers(cls, data):
+        """A temperature or seed that is no number gets its own close reason (not the format list)."""
+        if isinstance(data, dict):
+            for name, kind, message in (("temperature", float, "temperature must be between 0 (greedy) and 2"),
+                                        ("seed", int, "seed must be an integer from 0 to 4294967295")):
+                if data.get(name) is not None:
+                    try:
+                        kind(data[name])
+                    except (TypeError, ValueError):
+                        raise ValueError(message) from None
+        return data
+
+    @property
+    def keyterm_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.keyterms.split(",") if t.strip())
 
     @model_validator(mode="after")
     def _fields_of_raw_audio(self) -> "StreamQuery":
+        if self.temperature is not None and not 0.0 <= self.temperature <= 2.0:
+            raise ValueError("temperature must be between 0 (greedy) and 2")
+        if self.seed is not None and not 0 <= self.seed <= 2**32 - 1:
+            raise ValueError("seed must be an integer from 0 to 4294967295")
+        if len(self.keyterm_list) > 300 or any(len(t) > 64 for t in self.keyterm_list):
+            raise ValueError("keyterms: at most 300 comma-separated terms of at most 64 characters")
         if self.format not in PCM_FORMATS and "channels" in self.model_fields_set and self.channels != 1:
             raise ValueError("channels applies to raw PCM: other formats declare their own (stereo is mixed down)")
         if self.multichannel and (self.format not in PCM_FORMATS or self.channels < 2):
@@ -208,14 +257,20 @@ class EndControl(BaseModel):
     type: Literal["end"] = "end"
 
 
-Control = Annotated[Union[MarkerControl, EndControl], Field(discriminator="type")]
+class ResetControl(BaseModel):
+    """Reset the model's context now (a stalled transcript); answered by a ``reset`` event."""
+
+    type: Literal["reset"] = "reset"
+
+
+Control = Annotated[Union[MarkerControl, EndControl, ResetControl], Field(discriminator="type")]
 _controls: TypeAdapter[Control] = TypeAdapter(Control)
 _events: TypeAdapter[Event] = TypeAdapter(Event)
 
-UNKNOWN_CONTROL = 'unknown control: send {"type": "end"} or {"type": "marker", "id": N}'
+UNKNOWN_CONTROL = 'unknown control: send {"type": "end"}, {"type": "reset"} or {"type": "marker", "id": N}'
 
 
-def parse_control(text: str) -> MarkerControl | EndControl:
+def parse_control(text: str) -> MarkerControl | EndControl | ResetControl:
     """A client's text frame as its control. ``MessageError`` (1007) when it is not JSON, ``UnknownMessage``
     (1008) when it is JSON but no control."""
     try:

@@ -47,6 +47,8 @@ class Metrics:
         self.sessions = Counter("kyutai_stt_sessions", "Streams started, by protocol", ["protocol"], registry=r)
         self.errors = Counter("kyutai_stt_errors", "Streams or requests ended by an error, by kind", ["kind"],
                               registry=r)
+        self.context_resets = Counter("kyutai_stt_context_resets", "Model context resets of a stream, by reason "
+                                      "(stall: the watchdog; client: asked for)", ["reason"], registry=r)
         self._named = False
 
     def on_step(self, frames: int, seconds: float) -> None:  # engine worker thread; prometheus_client is thread-safe

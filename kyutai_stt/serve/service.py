@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import HTTPConnection
 
-from kyutai_stt.engine.contract import Engine, EngineStopped, NoFreeSlot
+from kyutai_stt.engine.contract import DecodingOptions, Engine, EngineStopped, NoFreeSlot
 from kyutai_stt.serve.metrics import Metrics
 from kyutai_stt.serve.pace import RealTimeMonitor
 from kyutai_stt.engine.diarization.contract import Diarizer
@@ -56,14 +56,29 @@ class Service:
             raise EngineStopped("the engine is not running")
         return self.engine
 
-    def new_session(self, channels: int = 1, diarize: bool = False) -> Session | ChannelSession:
+    def new_session(self, channels: int = 1, diarize: bool = False,
+                    decoding: DecodingOptions | None = None) -> Session | ChannelSession:
         """A live stream's session, bounded by the settings (not started: see ``admit``); with ``channels`` > 1 a
-        multichannel one (a slot per channel); with ``diarize`` its words carry speakers (``DiarizedSession``)."""
+        multichannel one (a slot per channel); with ``diarize`` its words carry speakers (``DiarizedSession``);
+        ``decoding``: its sampling and keyterms (``decoding_options``)."""
+        extra = dict(decoding=decoding, on_reset=self._count_reset)
         if channels > 1:
-            return ChannelSession.from_settings(self.running_engine, self.settings, channels)
+            return ChannelSession.from_settings(self.running_engine, self.settings, channels, **extra)
         if diarize:
-            return DiarizedSession.from_settings(self.running_engine, self.settings, diarizer=self.running_diarizer)
-        return Session.from_settings(self.running_engine, self.settings)
+            return DiarizedSession.from_settings(self.running_engine, self.settings, diarizer=self.running_diarizer,
+                                                 **extra)
+        return Session.from_settings(self.running_engine, self.settings, **extra)
+
+    def decoding_options(self, temperature: float | None = None, seed: int | None = None,
+                         keyterms: tuple[str, ...] = ()) -> DecodingOptions:
+        """A stream's decoding from what its protocol could say; ``temperature`` None: the server's default.
+        ``ValueError`` (a message for the client) when out of range."""
+        if temperature is None:
+            temperature = self.settings.default_temperature
+        return DecodingOptions(temperature=float(temperature), seed=seed, keyterms=tuple(keyterms)).check()
+
+    def _count_reset(self, reason: str) -> None:
+        self.metrics.context_resets.labels(reason).inc()
 
     @property
     def running_diarizer(self) -> Diarizer:

@@ -31,6 +31,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.audio.decode import AudioFormatError, AudioTooLong, load_audio_file
+from kyutai_stt.engine.contract import DecodingOptions
 from kyutai_stt.messages.events import Error, Word, WordEnd
 from kyutai_stt.serve.auth import is_authorized
 from kyutai_stt.serve.service import get_service
@@ -218,20 +219,23 @@ async def read_form_file(request: Request, file: UploadFile) -> Upload:
 
 
 # ------------------------------------------------------------------------------------------------ the session
-def upload_events(request: Request, upload: Upload, diarize: bool = False):
+def upload_events(request: Request, upload: Upload, diarize: bool = False, decoding: DecodingOptions | None = None):
     """The events of a session over the upload (async iterator; ``diarize``: words with speakers). Its first step
-    waits up to ``http_slot_wait_s`` for a slot and raises ``NoFreeSlot`` when none comes (the app answers 503)."""
+    waits up to ``http_slot_wait_s`` for a slot and raises ``NoFreeSlot`` when none comes (the app answers 503).
+    ``decoding``: sampling and keyterms (default: the server's, ``service.decoding_options``)."""
     service = get_service(request)
     return session_events(service.running_engine, upload.pcm, wait_seconds=service.settings.http_slot_wait_s,
                           end_of_turn_threshold=service.settings.end_of_turn_threshold,
-                          diarizer=service.running_diarizer if diarize else None)
+                          diarizer=service.running_diarizer if diarize else None,
+                          decoding=decoding or service.decoding_options())
 
 
-async def transcribe(request: Request, upload: Upload, diarize: bool = False) -> list[Word | WordEnd]:
+async def transcribe(request: Request, upload: Upload, diarize: bool = False,
+                     decoding: DecodingOptions | None = None) -> list[Word | WordEnd]:
     """The words of the upload and their ends, in order (``diarize``: words carry ``speaker``); an engine failure
     is a 500."""
     words: list[Word | WordEnd] = []
-    async for event in upload_events(request, upload, diarize):
+    async for event in upload_events(request, upload, diarize, decoding):
         if isinstance(event, Error):
             raise HttpProblem(500, event.message, "failed")
         if isinstance(event, (Word, WordEnd)):

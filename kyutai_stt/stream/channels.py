@@ -60,11 +60,12 @@ class ChannelSession:
         self.finished = False
 
     @classmethod
-    def from_settings(cls, engine: Engine, settings, channels: int) -> "ChannelSession":
-        return cls(engine, channels, end_of_turn_threshold=settings.end_of_turn_threshold,
-                   max_seconds=settings.max_session_s, record_dir=settings.record_dir,
-                   max_pending_events=settings.max_pending_events, max_buffered_seconds=settings.max_buffered_audio_s,
-                   spool_memory_seconds=settings.spool_memory_s)
+    def from_settings(cls, engine: Engine, settings, channels: int, **overrides) -> "ChannelSession":
+        return cls(engine, channels, **{**dict(
+            end_of_turn_threshold=settings.end_of_turn_threshold, max_seconds=settings.max_session_s,
+            record_dir=settings.record_dir, max_pending_events=settings.max_pending_events,
+            max_buffered_seconds=settings.max_buffered_audio_s, spool_memory_seconds=settings.spool_memory_s,
+            stall_seconds=settings.stall_seconds), **overrides})
 
     # ------------------------------------------------------------ the Session interface
     @property

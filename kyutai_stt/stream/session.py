@@ -32,11 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
-from kyutai_stt.engine.contract import (Engine, EngineEvent, StepOutput, StreamClosed, StreamEnd, StreamFailed,
-    StreamHandle)
+from kyutai_stt.engine.contract import (ContextReset, DecodingOptions, Engine, EngineEvent, StepOutput,
+    StreamClosed, StreamEnd, StreamFailed, StreamHandle)
 from kyutai_stt.engine.slots import open_when_free
-from kyutai_stt.messages.events import End, Error, Event, Marker, Ready
+from kyutai_stt.messages.events import End, Error, Event, Marker, Ready, Reset
 from kyutai_stt.stream.reader import OutputReader
+from kyutai_stt.stream.watchdog import StallWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,16 @@ class AudioSpool:
 class Session:
     def __init__(self, engine: Engine, *, end_of_turn_threshold: float = 0.5, max_seconds: float = math.inf,
                  record_dir: str | None = None, session_id: str | None = None, max_pending_events: int = 0,
-                 max_buffered_seconds: float = math.inf, spool_memory_seconds: float = 30.0):
+                 max_buffered_seconds: float = math.inf, spool_memory_seconds: float = 30.0,
+                 decoding: DecodingOptions | None = None, stall_seconds: float = 0.0, on_reset=None):
+        """``decoding``: sampling and keyterms (default greedy); ``stall_seconds`` > 0 runs the stall watchdog
+        (``watchdog``); ``on_reset(reason)`` is told of every context reset (metrics)."""
         self.engine = engine
+        self.decoding = decoding
+        self.seed: int | None = None  # the sampling seed in use, once started
+        self._watchdog = StallWatchdog(engine.info, stall_seconds) if stall_seconds > 0 else None
+        self._on_reset = on_reset
+        self._reset_reasons: deque[str] = deque()  # asked for, not yet done by the engine
         self.id = session_id or uuid.uuid4().hex[:12]
         self.samples_received = 0
         self._max_samples = max_seconds * SAMPLE_RATE
@@ -111,18 +120,32 @@ class Session:
         options = dict(end_of_turn_threshold=settings.end_of_turn_threshold, max_seconds=settings.max_session_s,
                        record_dir=settings.record_dir, max_pending_events=settings.max_pending_events,
                        max_buffered_seconds=settings.max_buffered_audio_s,
-                       spool_memory_seconds=settings.spool_memory_s)
+                       spool_memory_seconds=settings.spool_memory_s, stall_seconds=settings.stall_seconds)
         return cls(engine, **{**options, **overrides})
 
     # ------------------------------------------------------------ input (event-loop thread)
     def start(self) -> None:
-        self._handle = self.engine.open(self._sink)
-        self._emit(Ready())
+        self._started(self.engine.open(self._sink, options=self.decoding))
 
     async def start_waiting(self, timeout: float) -> None:
         """``start()``, but when every slot is busy wait up to ``timeout`` s for one (then ``NoFreeSlot``)."""
-        self._handle = await open_when_free(self.engine, self._sink, timeout)
-        self._emit(Ready())
+        self._started(await open_when_free(self.engine, self._sink, timeout, self.decoding))
+
+    def _started(self, handle: StreamHandle) -> None:
+        self._handle = handle
+        self.seed = handle.seed
+        self._emit(Ready(seed=handle.seed))
+
+    def reset_context(self, reason: str = "client") -> None:
+        """Reset the model's context at the stream's next step (a stall); a ``Reset`` event says where."""
+        if self._handle is None or self.finished:
+            return
+        self._reset_reasons.append(reason)
+        self.engine.reset(self._handle)
+        if self._watchdog is not None:
+            self._watchdog.reset()
+        if self._on_reset is not None:
+            self._on_reset(reason)
 
     def push_pcm(self, pcm: np.ndarray) -> None:
         if self.ended or self.finished or self._handle is None:
@@ -131,6 +154,8 @@ class Session:
         if self.samples_received + pcm.size > self._max_samples:
             raise SessionLimitError(f"stream longer than the {self._max_samples / SAMPLE_RATE:.0f} s limit")
         self.samples_received += pcm.size
+        if self._watchdog is not None:
+            self._watchdog.feed_audio(pcm)
         if self._record_dir:
             self._record(pcm)
         if not pcm.size:
@@ -247,6 +272,10 @@ class Session:
         for item in events:
             if isinstance(item, StepOutput):
                 self._on_step(item)
+            elif isinstance(item, ContextReset):
+                reason = self._reset_reasons.popleft() if self._reset_reasons else "client"
+                info = self.engine.info
+                self._emit(Reset(time=max(0.0, (item.frame - info.prefix_frames) / info.frame_rate), reason=reason))
             elif isinstance(item, StreamEnd):
                 for event in self._reader.end(item):
                     self._emit(event)
@@ -266,6 +295,10 @@ class Session:
         for event in self._reader.step(out, out.buffered_samples + len(self._spool)):
             self._emit(event)
         self._echo_markers()
+        if self._watchdog is not None and self._watchdog.step(out):  # also after end(): a file is sent at once
+            log.warning("session %s: no text for %.1f s of speech, resetting the model context", self.id,
+                        self._watchdog.stall_seconds, extra={"session_id": self.id})
+            self.reset_context("stall")
 
     def _echo_markers(self) -> None:
         while self._markers and self._reader.frames_done >= self._markers[0][0]:

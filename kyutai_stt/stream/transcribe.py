@@ -27,11 +27,12 @@ async def start_session(engine: Engine, *, wait_seconds: float = 0.0, diarizer=N
 
 async def session_events(engine: Engine, audio, *, realtime: bool = False,
                          chunk_samples: int = FRAME_SIZE, end_of_turn_threshold: float = 0.5,
-                         wait_seconds: float = 0.0, diarizer=None) -> AsyncIterator[Event]:
+                         wait_seconds: float = 0.0, diarizer=None, decoding=None) -> AsyncIterator[Event]:
     """Stream ``audio`` (24 kHz mono: an array, or an async iterable of chunks) through a new engine session and
-    yield its events until ``End``/``Error`` (words with speakers when a ``diarizer`` is given)."""
+    yield its events until ``End``/``Error`` (words with speakers when a ``diarizer`` is given). ``decoding``: the
+    stream's ``DecodingOptions`` (default greedy)."""
     session = await start_session(engine, wait_seconds=wait_seconds, end_of_turn_threshold=end_of_turn_threshold,
-                                  diarizer=diarizer)
+                                  diarizer=diarizer, decoding=decoding)
 
     async def feed() -> None:
         count = 0

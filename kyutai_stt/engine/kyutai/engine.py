@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import secrets
 import threading
 import time
 from collections import deque
@@ -44,10 +45,12 @@ from moshi.modules.streaming import StreamingModule
 from kyutai_stt.audio.constants import FRAME_RATE, FRAME_SIZE
 from kyutai_stt.engine import batch_invariant
 # the contract's events and errors, also importable from here (the engine raises and delivers them)
-from kyutai_stt.engine.contract import (EngineEvent, EngineStats, EngineStopped, NoFreeSlot, Sink, StepListener,
-    StepOutput, StepTiming, StreamClosed, StreamEnd, StreamFailed, StreamHandle, call_sink)
+from kyutai_stt.engine.contract import (ContextReset, DecodingOptions, EngineEvent, EngineStats, EngineStopped,
+    NoFreeSlot, Sink, StepListener, StepOutput, StepTiming, StreamClosed, StreamEnd, StreamFailed, StreamHandle,
+    call_sink)
 from kyutai_stt.engine.kyutai.attention_cache import fit_encoder_attention
 from kyutai_stt.engine.kyutai.checkpoint import SttModel
+from kyutai_stt.engine.kyutai.decoding import SlotDecoding, keyterm_trie
 from kyutai_stt.engine.kyutai.info import describe
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,9 @@ class _Slot:
     closing: bool = False
     flush_frames_left: int = 0
     frames_done: int = 0
+    # how the stream decodes: (options, seed, keyterm trie edges), given to the device state at its reset
+    decoding: tuple = (DecodingOptions(), None, [])
+    needs_context_reset: bool = False  # Engine.reset: reset the LM context before the next audio step
 
     @property
     def in_use(self) -> bool:
@@ -153,7 +159,9 @@ class _StepPlan:
     audio: np.ndarray  # bool [B]: the slot steps `frames_per_step` frames of pcm
     pcm: np.ndarray  # float32 [B, frames_per_step * FRAME_SIZE]
     deliver: np.ndarray  # int [B]: how many of those frames are the stream's (the rest pads the last step)
+    context_reset: np.ndarray  # bool [B]: reset the LM context (not Mimi's), then an init step, then the audio
     targets: dict  # slot index -> (slot, stream id, sink) for every slot touched
+    configure: dict = field(default_factory=dict)  # slot index -> its new stream's decoding (at its reset)
     plan_seconds: float = 0.0  # measured only for timing listeners
 
 
@@ -182,8 +190,9 @@ class Engine:
     counts_step_metrics = True  # this process runs the steps: its step listeners feed the metrics
 
     def __init__(self, model: SttModel, slots: int, flush_seconds: float = MIN_FLUSH_SECONDS, frames_per_step: int = 1,
-                 batch_invariant_mode: str | None = None):
-        """``batch_invariant_mode``: auto/on/off, default ``$KYUTAI_STT_BATCH_INVARIANT`` (see ``batch_invariant``)."""
+                 batch_invariant_mode: str | None = None, keyterm_boost: float = 5.0):
+        """``batch_invariant_mode``: auto/on/off, default ``$KYUTAI_STT_BATCH_INVARIANT`` (see ``batch_invariant``).
+        ``keyterm_boost``: what a stream's keyterms add to their pieces' text logits (``decoding``)."""
         self.model = model
         self.batch_size = slots
         # Frames each stream advances per step. More than 1 amortises Mimi's per-call cost (a big win on CPU)
@@ -207,7 +216,10 @@ class Engine:
         if device.type == "cpu" and batch_invariant.enable_strict_cnr() is False:
             log.warning("MKL is not in strict reproducible mode: a stream's VAD probabilities may depend on its slot")
         self.batch_invariant = batch_invariant.resolve_mode(device, batch_invariant_mode)
-        self._lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
+        # greedy; streams that sample or boost keyterms do it in LMGen's text hooks (``decoding``)
+        self._decoding = SlotDecoding(slots, model.lm.text_card, self.info.first_piece_token, device, keyterm_boost)
+        self._lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0, on_text_logits_hook=self._decoding.on_text_logits,
+                             on_text_hook=self._decoding.on_text_token)
         # STT only encodes: keep Mimi's decoder side out of streaming mode, so no decoder state (its transformer's
         # KV cache is 7.8 MiB per slot) is allocated for any slot.
         for part in (model.mimi.decoder, model.mimi.decoder_transformer, getattr(model.mimi, "upsample", None)):
@@ -274,11 +286,17 @@ class Engine:
             self._lm_gen.reset_streaming(all_on)
 
     # ---------------------------------------------------------------- stream API (any thread)
-    def open(self, sink: Sink, timeout: float = 0.0) -> StreamHandle:
+    def open(self, sink: Sink, timeout: float = 0.0, options: DecodingOptions | None = None) -> StreamHandle:
         """Take a free slot for a new stream; when all are in use, wait up to ``timeout`` seconds for one.
 
         Raises ``NoFreeSlot`` once the wait is over, ``EngineStopped`` when the engine is not (or no longer)
-        running. The wait blocks the calling thread (asyncio callers: ``service.open_stream``)."""
+        running, ``ValueError`` for ``options`` out of range. The wait blocks the calling thread (asyncio
+        callers: ``service.open_stream``). A sampling stream without a seed gets a random one (in the handle)."""
+        options = (options or DecodingOptions()).check()
+        seed = None
+        if options.temperature > 0:
+            seed = options.seed if options.seed is not None else secrets.randbits(32)
+        edges = keyterm_trie(self.model.tokenizer, options.keyterms) if options.keyterms else []
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -298,8 +316,10 @@ class Engine:
             slot.closing = False
             slot.flush_frames_left = self.flush_frames
             slot.frames_done = 0
+            slot.decoding = (options, seed, edges)
+            slot.needs_context_reset = False
             self._cond.notify_all()
-            return StreamHandle(slot.index, slot.stream_id)
+            return StreamHandle(slot.index, slot.stream_id, seed)
 
     def _own(self, handle: StreamHandle) -> _Slot | None:
         slot = self._slots[handle.slot]
@@ -331,6 +351,13 @@ class Engine:
             slot = self._own(handle)
             if slot is not None:
                 self._release(slot)
+
+    def reset(self, handle: StreamHandle) -> None:
+        """Reset the stream's LM context before its next audio step (``ContextReset`` tells which frame)."""
+        with self._cond:
+            slot = self._own(handle)
+            if slot is not None:
+                slot.needs_context_reset = True
 
     def buffered_samples(self, handle: StreamHandle) -> int:
         with self._cond:
@@ -377,7 +404,9 @@ class Engine:
         """Under the lock: decide what each slot does this step."""
         k, n = self.frames_per_step, self.batch_size
         plan = _StepPlan(np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
-                         np.zeros((n, k * FRAME_SIZE), np.float32), np.zeros(n, int), {})
+                         np.zeros((n, k * FRAME_SIZE), np.float32), np.zeros(n, int), np.zeros(n, bool), {})
+        self._decoding.set_active([(s.decoding[0].temperature > 0, bool(s.decoding[2]))
+                                   for s in self._slots if s.in_use])
         for slot in self._slots:
             if not slot.ready(k):
                 continue
@@ -385,12 +414,16 @@ class Engine:
             plan.targets[i] = (slot, slot.stream_id, slot.sink)
             if slot.needs_reset:
                 plan.reset[i] = True
+                plan.configure[i] = slot.decoding
                 slot.needs_reset = False
             if slot.needs_init:
                 plan.init[i] = True
                 slot.needs_init = False
                 continue
             plan.audio[i] = True
+            if slot.needs_context_reset:
+                plan.context_reset[i] = True
+                slot.needs_context_reset = False
             for j in range(k):
                 if slot.frames_available() == 0:
                     break  # the end of a closing stream: the rest of this step is padding, never delivered
@@ -399,7 +432,9 @@ class Engine:
         return plan
 
     def _lm_step(self, codes: torch.Tensor, mask: np.ndarray):
-        self._lm_gen.set_exec_mask(torch.from_numpy(mask).to(self.model.device))
+        exec_mask = torch.from_numpy(mask).to(self.model.device)
+        self._lm_gen.set_exec_mask(exec_mask)
+        self._decoding.exec_mask = exec_mask
         result = self._lm_gen.step_with_extra_heads(codes)
         assert result is not None  # no audio delays in STT models, so every step returns tokens
         tokens, heads = result
@@ -418,9 +453,17 @@ class Engine:
                 mask = torch.from_numpy(plan.reset).to(device)
                 self.model.mimi.reset_streaming(mask)
                 self._lm_gen.reset_streaming(mask)
-            if plan.init.any():
+                for i, decoding in plan.configure.items():
+                    self._decoding.configure(i, *decoding)
+            init = plan.init
+            if plan.context_reset.any():  # the LM forgets, Mimi and the stream's clock go on
+                mask = torch.from_numpy(plan.context_reset).to(device)
+                self._lm_gen.reset_streaming(mask)
+                self._decoding.reset_terms(mask)
+                init = plan.init | plan.context_reset
+            if init.any():
                 # the LM's first step after a reset ignores its input: no audio needed, outputs dropped
-                self._lm_step(self._zero_codes, plan.init)
+                self._lm_step(self._zero_codes, init)
             tokens = pauses = None
             if plan.audio.any():
                 self.model.mimi.set_exec_mask(torch.from_numpy(plan.audio).to(device))
@@ -469,6 +512,8 @@ class Engine:
                 if not plan.audio[index] or slot.stream_id != stream_id or not slot.in_use:
                     continue  # init steps produce nothing; aborted streams get nothing
                 events: list[EngineEvent] = []
+                if plan.context_reset[index]:
+                    events.append(ContextReset(slot.frames_done))
                 for j in range(plan.deliver[index]):
                     events.append(StepOutput(
                         frame=slot.frames_done,

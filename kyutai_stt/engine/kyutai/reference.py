@@ -1,4 +1,4 @@
-"""The single-stream reference: a plain moshi loop at batch 1, greedy, no masks, no engine.
+"""The single-stream reference: a plain moshi loop at batch 1, no masks, no engine (greedy unless given options).
 
 Every stream the engine serves must get exactly these outputs for the same audio; tests and the soak check it.
 It follows the engine's documented conventions (see ``engine``): the first frame is stepped twice (as
@@ -6,6 +6,7 @@ It follows the engine's documented conventions (see ``engine``): the first frame
 encoder attention keeps its whole context (``attention_cache``), so its codes do not depend on call sizes.
 It needs its own model instance: moshi keeps streaming state on the modules themselves. It runs in the same
 batch-invariant mode as the engine (``batch_invariant``), so "exact" means the same thing on every device.
+Sampling and keyterms go through the same LMGen hooks as in the engine (``decoding``), with one row.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from moshi.models import LMGen
 from kyutai_stt.engine import batch_invariant
 from kyutai_stt.engine.kyutai.attention_cache import fit_encoder_attention
 from kyutai_stt.audio.constants import FRAME_SIZE
+from kyutai_stt.engine.contract import DecodingOptions
 from kyutai_stt.engine.kyutai.checkpoint import SttModel
+from kyutai_stt.engine.kyutai.decoding import SlotDecoding, keyterm_trie
+from kyutai_stt.engine.kyutai.info import FIRST_PIECE_TOKEN
 from kyutai_stt.engine.kyutai.engine import MIN_FLUSH_SECONDS, StepOutput, flush_frame_count
 
 
@@ -35,15 +39,27 @@ def padded_stream(model: SttModel, pcm: np.ndarray, flush_seconds: float = MIN_F
 
 @torch.no_grad()
 def reference_outputs(model: SttModel, pcm: np.ndarray, flush_seconds: float = MIN_FLUSH_SECONDS,
-                      mimi_frames_per_call: int = 1, batch_invariant_mode: str | None = None) -> list[StepOutput]:
+                      mimi_frames_per_call: int = 1, batch_invariant_mode: str | None = None,
+                      options: DecodingOptions | None = None, keyterm_boost: float = 5.0,
+                      resets: tuple[int, ...] = ()) -> list[StepOutput]:
     """``mimi_frames_per_call`` > 1 encodes several frames per Mimi call: the same codes (Mimi is causal and its
     attention keeps its whole context whatever the call size), much faster for hours of audio.
-    ``batch_invariant_mode``: auto/on/off as for ``Engine`` (default ``$KYUTAI_STT_BATCH_INVARIANT``)."""
+    ``batch_invariant_mode``: auto/on/off as for ``Engine`` (default ``$KYUTAI_STT_BATCH_INVARIANT``).
+    ``options``: the stream's decoding (a sampling stream needs its ``seed``); ``resets``: frames before whose
+    step the LM context is reset, as ``Engine.reset`` does (the LM only, then an init step)."""
+    options = (options or DecodingOptions()).check()
+    if options.temperature > 0 and options.seed is None:
+        raise ValueError("the reference needs the seed of a sampling stream")
     audio = torch.from_numpy(padded_stream(model, pcm, flush_seconds)).to(model.device)
     frames = audio.numel() // FRAME_SIZE
     per_call = mimi_frames_per_call
     audio = torch.nn.functional.pad(audio, (0, (-frames % per_call) * FRAME_SIZE))  # causal: changes nothing before
-    lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0)
+    decoding = SlotDecoding(1, model.lm.text_card, FIRST_PIECE_TOKEN, model.device, keyterm_boost)
+    decoding.configure(0, options, options.seed, keyterm_trie(model.tokenizer, options.keyterms))
+    decoding.set_active([(options.temperature > 0, bool(options.keyterms))])
+    decoding.exec_mask = torch.ones(1, dtype=torch.bool, device=model.device)
+    lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0, on_text_logits_hook=decoding.on_text_logits,
+                   on_text_hook=decoding.on_text_token)
     fit_encoder_attention(model.mimi, per_call)
     outputs: list[StepOutput] = []
     with batch_invariant.enabled_for(model.device, batch_invariant_mode), model.mimi.streaming(1), \
@@ -54,7 +70,10 @@ def reference_outputs(model: SttModel, pcm: np.ndarray, flush_seconds: float = M
                 index = len(outputs)
                 if index == frames:
                     break
-                if index == 0:
+                if index in resets and index > 0:
+                    lm_gen.reset_streaming(decoding.exec_mask)
+                    decoding.reset_terms(decoding.exec_mask)
+                if index == 0 or index in resets:
                     lm_gen.step(codes[:, :, :1])  # the init step: its input is replaced by the initial tokens
                 tokens, heads = lm_gen.step_with_extra_heads(codes[:, :, j:j + 1])
                 pauses = tuple(float(h[0, 0, 0]) for h in heads) if heads else None

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from moshi.models import LMGen, loaders
 
-from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
+from kyutai_stt.audio.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -339,3 +339,60 @@ def make_checkpoint(folder: str | Path, size: str = "tiny", seed: int = 0,
         "It has the real layout, architecture and delay, for tests and benchmarks.\n"
     )
     return folder
+
+
+# ---------------------------------------------------------------------------------------------- a stalling model
+STALL_COORDINATE = -1  # the residual coordinate that carries the rut
+_STALL_MAGNITUDE = 1e4
+
+
+def make_stall_checkpoint(source: str | Path, folder: str | Path, audio: np.ndarray,
+                          after_seconds: float = 4.0) -> tuple[Path, int]:
+    """A copy of the checkpoint in ``source`` whose decoder falls into a "blank rut" (issue 20's stall): once it
+    emits a trigger piece, it emits only padding for as long as its context remembers, whatever the audio; a
+    context reset (``Engine.reset``) gets it out. Returns the folder and the trigger token: the first piece the
+    piece whose first emission on ``audio`` is nearest ``after_seconds``: on that audio the stall starts there.
+
+    How, with the real moshi classes: one residual coordinate ``k`` is kept at exactly 0 in normal operation (that
+    column of every embedding and that row of every layer's output projections are zeroed); the trigger's and
+    padding's text embeddings carry a huge value there. After the final RMS norm the hidden state is then almost
+    exactly the unit vector ``k``, and the text head's padding row reads only ``k``: padding wins by far, is fed
+    back, and wins again (the rut). In normal operation the padding logit is exactly 0 and some piece always
+    beats it, so words are delimited by boundaries only. VAD head 0 says "voice" at every step (uniform output),
+    so the watchdog's VAD condition holds and signal energy decides."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from kyutai_stt.engine.kyutai.checkpoint import load_model
+    from kyutai_stt.engine.kyutai.reference import reference_outputs
+
+    source, folder = Path(source), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name != LM_FILE and item.is_file():
+            shutil.copy(item, folder / item.name)
+    state = load_file(str(source / LM_FILE))
+    k = STALL_COORDINATE
+    for name, tensor in state.items():
+        if name.startswith("emb.") or name == "text_emb.weight":
+            tensor[:, k] = 0
+        elif name.endswith(("out_projs.0.weight", "linear_out.weight")):
+            tensor[k, :] = 0
+    state["text_linear.weight"][3] = 0
+    state["text_linear.weight"][3, k] = 100.0
+    state["extra_heads.0.weight"].zero_()
+    state["text_emb.weight"][3, k] = _STALL_MAGNITUDE
+    save_file(state, str(folder / LM_FILE))
+    model = load_model(str(folder), "cpu", "float32")
+    outputs = reference_outputs(model, audio, mimi_frames_per_call=8)
+    start = round(after_seconds * FRAME_RATE) + model.delay_frames + model.prefix_frames
+    first_seen: dict[int, int] = {}
+    for o in outputs:
+        if o.token >= 4:
+            first_seen.setdefault(o.token, o.frame)
+    # the piece whose first emission is nearest ``after_seconds``: the stall starts there
+    trigger = min(first_seen, key=lambda token: abs(first_seen[token] - start))
+    state["text_emb.weight"][trigger, k] = _STALL_MAGNITUDE
+    save_file(state, str(folder / LM_FILE))
+    return folder, trigger

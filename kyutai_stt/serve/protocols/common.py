@@ -16,7 +16,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from kyutai_stt.audio.constants import FRAME_SIZE
 from kyutai_stt.serve.auth import is_authorized
-from kyutai_stt.engine.contract import EngineStopped, NoFreeSlot
+from kyutai_stt.engine.contract import DecodingOptions, EngineStopped, NoFreeSlot
 from kyutai_stt.serve.service import get_service
 from kyutai_stt.stream.session import Session
 from kyutai_stt.serve.protocols.errors import (POLICY_VIOLATION, SERVICE_RESTART, TRY_AGAIN_LATER,
@@ -109,9 +109,10 @@ async def parse_query(ws: WebSocket, model: type[Q], value_error: str | None = N
 
 async def open_session(ws: WebSocket, protocol: str,
                        on_full: Callable[[str], Awaitable[None]] | None = None, channels: int = 1,
-                       diarize: bool = False) -> Session | None:
+                       diarize: bool = False, decoding: DecodingOptions | None = None) -> Session | None:
     """Admit a client: key, origin, a free slot (or a bounded wait for one; ``channels`` slots for a multichannel
-    stream; ``diarize``: speakers on its words). None when refused (already closed)."""
+    stream; ``diarize``: speakers on its words). None when refused (already closed). ``decoding``: the stream's
+    sampling and keyterms (``service.decoding_options``; default the server's)."""
     service = get_service(ws)
     if await deny_unauthorized(ws):
         return None
@@ -137,7 +138,7 @@ async def open_session(ws: WebSocket, protocol: str,
         return None
     session: Session | None = None
     try:
-        session = service.new_session(channels, diarize)
+        session = service.new_session(channels, diarize, decoding)
         await service.admit(session)
     except NoFreeSlot:
         if session is not None:
@@ -149,6 +150,12 @@ async def open_session(ws: WebSocket, protocol: str,
             with contextlib.suppress(Exception):
                 await on_full(reason)
         await close(ws, TRY_AGAIN_LATER, reason)
+        return None
+    except ValueError as exc:  # decoding options the engine refuses (keyterms too long in pieces)
+        if session is not None:
+            session.abort()
+        service.metrics.errors.labels("policy").inc()
+        await close(ws, POLICY_VIOLATION, str(exc)[:120])
         return None
     except EngineStopped as exc:
         if session is not None:

@@ -46,6 +46,7 @@ from fastapi import APIRouter, Depends, Request, WebSocket
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from kyutai_stt.engine.contract import MAX_KEYTERM_CHARS, MAX_KEYTERMS
 from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.audio.errors import AudioFormatError
 from kyutai_stt.audio.decoders import OPUS, StreamDecoder, stream_decoder
@@ -104,7 +105,7 @@ WHY_FIXED = {"filler_words": "the model writes what it hears, filler words inclu
 LABELS = {"model": "the served model answers whatever the name (Metadata.model_info says which)",
           "no_delay": "only matters with smart_format", "mip_opt_out": "nothing is sent anywhere",
           "tag": "no usage reporting", "auth_id": "our API key", "api_key": "our API key"}
-UNSUPPORTED = ("keyterm", "keywords", "search", "replace", "redact", "callback", "callback_method", "extra",
+UNSUPPORTED = ("keywords", "search", "replace", "redact", "callback", "callback_method", "extra",
                "diarize_model", "language_hint", "topics", "intents", "sentiment", "summarize", "paragraphs",
                "utterances", "utt_split", "alternatives", "measurements", "ner")
 
@@ -131,6 +132,7 @@ class ListenOptions(BaseModel):
     channels: int = 1  # of raw audio, interleaved
     multichannel: bool = False  # each channel transcribed on its own (else mixed down)
     diarize: bool = False  # words carry ``speaker`` (a server with a diarizer)
+    keyterms: list[str] = []  # keyterm=..., repeated: terms the engine favours
 
 
 def _flag(name: str, value: str) -> bool:
@@ -144,7 +146,7 @@ def parse_options(params: list[tuple[str, str]], languages: tuple[str, ...], str
     options = ListenOptions()
     seen: set[str] = set()
     for name, value in params:
-        if name in seen and name != "tag":
+        if name in seen and name not in ("tag", "keyterm"):
             raise DeepgramError(f"{name} given twice")
         seen.add(name)
         if name == "encoding":
@@ -156,6 +158,10 @@ def parse_options(params: list[tuple[str, str]], languages: tuple[str, ...], str
             if not re.fullmatch(r"[0-9]{4,6}", value) or not 8000 <= int(value) <= 192000:
                 raise DeepgramError("sample_rate must be an integer from 8000 to 192000")
             options.sample_rate = int(value)
+        elif name == "keyterm":
+            if not value.strip() or len(value) > MAX_KEYTERM_CHARS or len(options.keyterms) >= MAX_KEYTERMS:
+                raise DeepgramError(f"keyterm: at most {MAX_KEYTERMS} terms of 1 to {MAX_KEYTERM_CHARS} characters")
+            options.keyterms.append(value.strip())
         elif name == "channels":
             if not re.fullmatch(r"[1-8]", value):
                 raise DeepgramError(f"channels must be an integer from 1 to {MAX_CHANNELS}")
@@ -413,7 +419,8 @@ async def listen_socket(ws: WebSocket) -> None:
         await _deny(ws, _rest_error(400, str(exc), exc.err_code, request_id))
         return
     session = await open_session(ws, "deepgram", channels=options.channels if options.multichannel else 1,
-                                 diarize=options.diarize)
+                                 diarize=options.diarize,
+                                 decoding=get_service(ws).decoding_options(keyterms=tuple(options.keyterms)))
     if session is None:
         return
     await runner.run_stream(ws, session, DeepgramTranslator(session, options, request_id, engine.info.name))
@@ -485,7 +492,8 @@ async def listen_file(request: Request, request_id: Annotated[str, Depends(_requ
     if options.diarize and get_service(request).diarizer is None:
         raise HttpProblem(400, "diarize=true needs a server started with a diarizer (--diarizer)",
                           code="INVALID_QUERY_PARAMETER")
-    events = await transcribe(request, upload, options.diarize)
+    decoding = get_service(request).decoding_options(keyterms=tuple(options.keyterms))
+    events = await transcribe(request, upload, options.diarize, decoding)
     speakers = [e.speaker for e in events if isinstance(e, Word)]  # one per paired word, in order
     words = [_result_word(w.text, w.start, w.end, speaker)
              for w, speaker in zip(pair_words(events), speakers)]

@@ -7,12 +7,14 @@ interleaved stereo, mixed down to mono; a stream that declares nothing is mono; 
 ``word_end``, ``step`` and ``end_of_turn`` event carries its ``channel``), ``mulaw``/``alaw`` (raw G.711 at
 ``sample_rate``, 8000 unless given), an audio container pushed in pieces (``webm`` as a browser's MediaRecorder
 records it, ``ogg``, ``mp3``, ``aac``, ``flac``, ``wav``, or ``container`` to let FFmpeg tell; see ``codecs``), and
-``steps=true`` to also receive a ``step`` event every 80 ms, and the turn layer's ``eot_threshold``,
+``steps=true`` to also receive a ``step`` event every 80 ms, the turn layer's ``eot_threshold``,
 ``eager_eot_threshold``, ``eot_timeout_ms`` (``stream.turns``: ``speech_started``, ``eager_end_of_turn``,
-``turn_resumed``, ``end_of_turn``, each end after the turn's last word). Any other query parameter is refused
+``turn_resumed``, ``end_of_turn``, each end after the turn's last word); ``temperature``, ``seed``, ``keyterms``
+choose the stream's decoding (``ready`` carries the seed of a sampling stream). Any other query parameter is refused
 (1008). The
 messages are declared in ``kyutai_stt.messages.events``. Binary messages carry audio; text messages are JSON controls:
-``{"type": "marker", "id": 1}`` and ``{"type": "end"}`` (end of audio: the server flushes, sends the last words,
+``{"type": "marker", "id": 1}``, ``{"type": "reset"}`` (reset the model's context: a ``reset`` event answers) and
+``{"type": "end"}`` (end of audio: the server flushes, sends the last words,
 then ``{"type": "end"}`` and closes with 1000). Server messages are the events of ``kyutai_stt.messages.events``.
 """
 
@@ -23,7 +25,8 @@ import math
 from fastapi import APIRouter, WebSocket
 
 from kyutai_stt.audio.decoders import stream_decoder
-from kyutai_stt.messages.events import QUERY_ERROR, EndControl, Error, Event, MarkerControl, Step, StreamQuery, parse_control
+from kyutai_stt.messages.events import (QUERY_ERROR, EndControl, Error, Event, MarkerControl, ResetControl, Step,
+    StreamQuery, parse_control)
 from kyutai_stt.serve.protocols import runner
 from kyutai_stt.serve.protocols.common import open_session, parse_query
 from kyutai_stt.serve.service import get_service
@@ -52,6 +55,8 @@ class EventsTranslator(runner.Translator):
                 return [runner.End()]
             case MarkerControl(id=marker_id):
                 return [runner.Marker(marker_id)]
+            case ResetControl():
+                return [runner.ResetContext()]
         return []
 
     def render(self, event: Event) -> list[str]:
@@ -66,8 +71,10 @@ async def events_socket(ws: WebSocket) -> None:
     query = await parse_query(ws, StreamQuery, QUERY_ERROR)
     if query is None:
         return
+    decoding = get_service(ws).decoding_options(query.temperature, query.seed, query.keyterm_list)
     session = await open_session(ws, "events", on_full=lambda reason: ws.send_text(Error(message=reason).model_dump_json()),
-                                 channels=query.channels if query.multichannel else 1, diarize=query.diarize)
+                                 channels=query.channels if query.multichannel else 1, diarize=query.diarize,
+                                 decoding=decoding)
     if session is None:
         return
     service = get_service(ws)

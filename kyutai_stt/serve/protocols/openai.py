@@ -9,8 +9,9 @@ verbose_json (segments; words when ``timestamp_granularities[]=word``), diarized
 
 Optional parameters (``_check_parameters``): ``language`` is checked against the served model's languages
 (``kyutai_stt.languages``) and reported in ``verbose_json`` as OpenAI does ("english", "french");
-``temperature`` 0 only (greedy decoding); ``chunking_strategy`` ``auto`` only; ``prompt`` and ``include[]``
-(log probabilities) are refused. Every refusal is a 400 in OpenAI's shape (``{"error": {"message", "type",
+``temperature`` 0 (greedy) to 2 (sampling; the server's ``default_temperature`` when not given); ``prompt`` is
+read as a list of keyterms to favour (comma- or newline-separated terms, not a free-text prompt: the model takes no
+text context); ``chunking_strategy`` ``auto`` only; ``include[]`` (log probabilities) is refused. Every refusal is a 400 in OpenAI's shape (``{"error": {"message", "type",
 "param", "code"}}``); ``/v1/audio/translations`` answers 400 (the models do not translate).
 """
 
@@ -23,6 +24,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from kyutai_stt.engine.contract import DecodingOptions, split_keyterms
 from kyutai_stt.messages.languages import NAMES, base_language
 from kyutai_stt.messages.events import Error, Text, Word
 from kyutai_stt.messages.openai import (ErrorBody, ErrorDetail, Model, ModelList, Transcription,
@@ -56,24 +58,26 @@ def _refuse(message: str, param: str | None = None, code: str | None = None) -> 
 
 
 def _check_parameters(supported: tuple[str, ...], language: str | None, prompt: str | None, temperature: str | None,
-                      include: list[str] | None, chunking_strategy: str | None) -> None:
-    """OpenAI's optional parameters: honoured (``language``, ``temperature=0``, ``chunking_strategy=auto``) or
-    refused with a 400 that says why."""
+                      include: list[str] | None, chunking_strategy: str | None,
+                      service=None) -> DecodingOptions | None:
+    """OpenAI's optional parameters: honoured (``language``, ``temperature``, ``prompt`` as keyterms,
+    ``chunking_strategy=auto``) or refused with a 400 that says why. Returns the stream's decoding."""
     if language:
         if base_language(language) not in supported or len(language) > 35:
             raise _refuse(f"language {language!r} is not supported by the served model, which transcribes "
                           f"{', '.join(supported)} (ISO 639-1)", param="language", code="unsupported_language")
-    if prompt:
-        raise _refuse("prompt is not supported: the model takes no text prompt", param="prompt",
-                      code="unsupported_parameter")
+    value = None
     if temperature not in (None, ""):
         try:
             value = float(temperature)
         except ValueError:
             raise _refuse("temperature must be a number", param="temperature") from None
-        if value != 0:
-            raise _refuse("only temperature 0 is supported: decoding is greedy (argmax)", param="temperature",
-                          code="unsupported_parameter")
+    decoding = None
+    if service is not None:
+        try:
+            decoding = service.decoding_options(value, None, split_keyterms(prompt or ""))
+        except ValueError as exc:
+            raise _refuse(str(exc), param="temperature" if "temperature" in str(exc) else "prompt") from None
     if include:
         raise _refuse(f"include {include} is not supported: the engine does not report token log "
                       "probabilities", param="include", code="unsupported_parameter")
@@ -81,6 +85,7 @@ def _check_parameters(supported: tuple[str, ...], language: str | None, prompt: 
         raise _refuse("only chunking_strategy=auto is supported: the whole file is one stream, transcribed "
                       "with the model's own timing (no server-side VAD chunking)", param="chunking_strategy",
                       code="unsupported_parameter")
+    return decoding
 
 
 def _language_name(supported: tuple[str, ...], language: str | None) -> str:
@@ -128,7 +133,8 @@ async def transcriptions(
     if any(key.startswith("chunking_strategy[") for key in await request.form()):
         chunking_strategy = "server_vad"  # the SDK sends an object as chunking_strategy[type]=...: not "auto"
     supported = get_service(request).running_engine.info.languages
-    _check_parameters(supported, language, prompt, temperature, include, chunking_strategy)
+    decoding = _check_parameters(supported, language, prompt, temperature, include, chunking_strategy,
+                                 get_service(request))
     diarize = response_format == "diarized_json" or model == DIARIZE_MODEL
     if diarize and get_service(request).diarizer is None:
         raise _refuse(f"speakers (response_format=diarized_json, model={DIARIZE_MODEL}) need a server started with "
@@ -138,7 +144,7 @@ async def transcriptions(
     upload = await read_form_file(request, file)
 
     if stream.lower() == "true":
-        events = upload_events(request, upload)
+        events = upload_events(request, upload, decoding)
         first = await anext(events)  # take the slot now, so a full server answers 503 rather than a broken stream
 
         async def sse():
@@ -155,7 +161,7 @@ async def transcriptions(
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    events = await transcribe(request, upload, diarize)
+    events = await transcribe(request, upload, diarize, decoding)
     words = pair_words(events)
     speakers = [e.speaker for e in events if isinstance(e, Word)] if diarize else None  # one per paired word
     text = to_text(words)

@@ -91,7 +91,12 @@ class Reply:
     messages: list
 
 
-Input = Union[Audio, Samples, Marker, Flush, End, Configure, Reply]
+@dataclass(frozen=True)
+class ResetContext:
+    """Reset the model's context now (a client's request); the session answers with a ``Reset`` event."""
+
+
+Input = Union[Audio, Samples, Marker, Flush, End, Configure, Reply, ResetContext]
 Outgoing = Union[str, bytes]  # a text or binary WebSocket message
 
 
@@ -173,6 +178,8 @@ async def feed_inputs(receive: Receive, send: Send, session: Session, translator
                 translator.decoder = new
             case Reply(messages=messages):
                 await send(messages)
+            case ResetContext():
+                session.reset_context("client")
             case End():
                 if decoder is not None:  # a container's or a whole file's rest takes a while: off the event loop
                     session.push_pcm(await asyncio.to_thread(decoder.end))
