@@ -13,8 +13,8 @@ import websockets
 from kyutai_stt.engine.contract import ModelInfo, StreamEnd
 from kyutai_stt.engine.kyutai.engine import flush_frame_count
 from kyutai_stt.engine.kyutai.info import describe
-from kyutai_stt.messages.events import (EagerEndOfTurn, End, EndOfTurn, Marker, SpeechStarted, Step, Text,
-    TurnResumed, Word, WordEnd)
+from kyutai_stt.messages.events import (EagerEndOfTurn, EndOfTurn, Marker, SpeechStarted, Step, Text,
+    TurnResumed, Word)
 from kyutai_stt.stream.reader import OutputReader
 from kyutai_stt.stream.turns import TurnThresholds, TurnTracker
 
