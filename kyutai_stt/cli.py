@@ -98,7 +98,8 @@ def make_checkpoint(
     size: str = typer.Option("tiny", help="tiny (about a minute to build on 2 cores; tests), small, or 1b (stt-1b-en_fr architecture)."),
     seed: int = typer.Option(0, help="Random seed."),
     family: str = typer.Option("kyutai", help="kyutai, or nemo (NVIDIA's cache-aware streaming FastConformer: "
-                               "--size tiny or 0.6b; needs the nemo extra)."),
+                               "--size tiny or 0.6b; needs the nemo extra), or sortformer (the streaming "
+                               "diarizer for --diarizer: --size tiny or full)."),
     head: str = typer.Option("ctc", help="--family nemo: the decoder head, ctc or rnnt."),
 ) -> None:
     """Write a RANDOM-WEIGHT checkpoint in the real layout. It produces meaningless text: tests and benchmarks only."""
@@ -122,8 +123,21 @@ def make_checkpoint(
         err.print(f"wrote a random-weight NeMo {size} checkpoint to {folder} in {time.monotonic() - start:.0f} s "
                   "(it produces MEANINGLESS text)", highlight=False)
         return
+    if family == "sortformer":  # the streaming diarizer (--diarizer DIR)
+        from kyutai_stt.engine.diarization.sortformer import SIZES as SORTFORMER_SIZES, make_checkpoint as build_diar
+
+        if size not in SORTFORMER_SIZES:
+            err.print(f"[red]error:[/red] --size must be one of {', '.join(SORTFORMER_SIZES)} with --family sortformer")
+            raise typer.Exit(2)
+        _logging(False)
+        start = time.monotonic()
+        with err.status(f"building a random-weight {size} Sortformer diarizer"):
+            build_diar(folder, size, seed)
+        err.print(f"wrote a random-weight Sortformer {size} diarizer to {folder} in {time.monotonic() - start:.0f} s "
+                  "(serve it with --diarizer; its speakers are MEANINGLESS)", highlight=False)
+        return
     if family != "kyutai":
-        err.print("[red]error:[/red] --family must be kyutai or nemo")
+        err.print("[red]error:[/red] --family must be kyutai, nemo or sortformer")
         raise typer.Exit(2)
     from kyutai_stt.engine.kyutai.testing_checkpoint import SIZES, make_checkpoint as build, progress_steps
 

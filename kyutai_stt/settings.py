@@ -47,8 +47,8 @@ class Settings(BaseSettings):
     )
     diarizer: str | None = Field(
         None, description="Streaming speaker diarization for streams that ask for it (diarize=true): "
-        "'nvidia/diar_streaming_sortformer_4spk-v2' (a hub id), a .nemo file, or 'random:tiny' (random weights, "
-        "tests). Needs the nemo extra. None: no diarization.",
+        "'nvidia/diar_streaming_sortformer_4spk-v2' (a hub id), a .nemo file or a folder holding one "
+        "(`make-checkpoint --family sortformer`), or 'random:tiny' (random weights, tests). Needs the nemo extra. None: no diarization.",
     )
     end_of_turn_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="End of turn fires when VAD head 2's pause probability crosses this."

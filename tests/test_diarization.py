@@ -194,3 +194,28 @@ async def test_uploads_openai_diarized_json_srt_and_deepgram_prerecorded(served,
         request=wav(pcm), model="nova-3", diarize=True, punctuate=True)
     words = response.results.channels[0].alternatives[0].words
     assert [(w.punctuated_word, round(w.start, 4), round(w.end, 4), w.speaker) for w in words] == want
+
+
+def test_make_checkpoint_sortformer_loads_as_the_in_memory_build(diarizer, sounds, tmp_path):
+    """``make-checkpoint --family sortformer --size tiny`` (the real CLI) writes a folder that ``--diarizer DIR``
+    loads through start-up's real loading path; its activities equal the in-memory ``random:tiny`` build's, bit
+    for bit (same weights, same batch-1 shapes), and it still says its weights are random."""
+    from typer.testing import CliRunner
+
+    from kyutai_stt.cli import app
+    from kyutai_stt.engine.startup import start_diarizer
+    from kyutai_stt.settings import Settings
+
+    folder = tmp_path / "sortformer"
+    result = CliRunner().invoke(app, ["make-checkpoint", str(folder), "--family", "sortformer", "--size", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert (folder / "model.nemo").exists()
+    saved = start_diarizer(Settings(diarizer=str(folder), device="cpu"))
+    try:
+        assert saved.info.random_weights
+        pcm = sounds(2.4, 511)
+        want = diarize(diarizer, [(pcm, 0)])[0]
+        got = diarize(saved, [(pcm, 0)])[0]
+        assert want.shape[0] > 0 and np.array_equal(got, want)
+    finally:
+        saved.stop()

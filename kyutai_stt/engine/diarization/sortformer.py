@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -40,6 +42,7 @@ RATE = 16000  # NeMo's audio
 STREAMING = dict(spkcache_len=188, spkcache_update_period=144, fifo_len=188, chunk_len=6, chunk_left_context=1,
                  chunk_right_context=7)
 RANDOM_OUTPUT_GAIN = 30.0
+RANDOM_MARKER = "RANDOM_WEIGHTS"  # beside a random build's model.nemo (as engine/nemo's test checkpoints)
 LEFT_OFFSET = RIGHT_OFFSET = 8  # feature frames (10 ms) of context around a chunk's features
 
 
@@ -78,7 +81,7 @@ SIZES = {"tiny": {}, "full": dict(d_model=512, layers=17, tf_d_model=192, tf_lay
 
 def load_sortformer(name: str, device: str = "cpu", seed: int = 0):
     """The Sortformer ``name`` names, in eval mode, set up for streaming: ``random:tiny`` / ``random:full`` (random
-    weights from ``tiny_config``), a ``.nemo`` file, or a hub id (downloaded through the Hugging Face hub as NeMo
+    weights from ``tiny_config``), a ``.nemo`` file or a folder holding one (``make_checkpoint``), or a hub id (downloaded through the Hugging Face hub as NeMo
     does, e.g. ``nvidia/diar_streaming_sortformer_4spk-v2``)."""
     import torch
     from nemo.collections.asr.models import SortformerEncLabelModel
@@ -94,8 +97,16 @@ def load_sortformer(name: str, device: str = "cpu", seed: int = 0):
             modules = model.sortformer_modules
             for layer in (modules.first_hidden_to_hidden, modules.hidden_to_spks, modules.single_hidden_to_spks):
                 layer.weight.mul_(RANDOM_OUTPUT_GAIN)
-    elif name.endswith(".nemo"):
-        model = SortformerEncLabelModel.restore_from(name, map_location=device)
+    elif name.endswith(".nemo") or Path(name).is_dir():
+        path = Path(name)
+        if path.is_dir():  # a folder as ``make-checkpoint --family sortformer`` writes it
+            found = sorted(path.glob("*.nemo"))
+            if not found:
+                raise FileNotFoundError(f"no .nemo file in {name}")
+            path = found[0]
+        model = SortformerEncLabelModel.restore_from(str(path), map_location=device)
+        # the marker travels beside the file: a random build must keep warning that its speakers mean nothing
+        model.random_weights = (path.parent / RANDOM_MARKER).exists()
     else:
         model = SortformerEncLabelModel.from_pretrained(name, map_location=device)
     for key, value in STREAMING.items():
@@ -104,6 +115,18 @@ def load_sortformer(name: str, device: str = "cpu", seed: int = 0):
     model.streaming_mode = True
     model.async_streaming = True  # per-row cache lengths: rows of different ages share a batch
     return model.to(device).eval()
+
+
+def make_checkpoint(folder: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
+    """Write the RANDOM-WEIGHT Sortformer ``random:<size>`` builds (same seed, same sharpened output layers) as
+    ``folder/model.nemo``, with a marker file saying its speakers are meaningless (tests and benchmarks only)."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    load_sortformer(f"random:{size}", "cpu", seed).save_to(str(folder / "model.nemo"))
+    (folder / RANDOM_MARKER).write_text("random weights: tests and benchmarks only\n")
+    return folder
 
 
 @dataclass(eq=False)

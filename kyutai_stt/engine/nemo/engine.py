@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from kyutai_stt.engine import batch_invariant
-from kyutai_stt.engine.contract import (EngineEvent, EngineStats, EngineStopped, ModelInfo, NoFreeSlot, Sink,
-    StepListener, StepOutput, StepTiming, StreamClosed, StreamEnd, StreamFailed, StreamHandle, call_sink)
+from kyutai_stt.engine.contract import (ContextReset, DecodingOptions, EngineEvent, EngineStats, EngineStopped,
+    ModelInfo, NoFreeSlot, Sink, StepListener, StepOutput, StepTiming, StreamClosed, StreamEnd, StreamFailed, StreamHandle, call_sink)
 from kyutai_stt.engine.nemo.checkpoint import NemoModel
 from kyutai_stt.engine.nemo.features import FRAME_24K, LOOKAHEAD_24K, FeatureBatch
 
@@ -104,6 +104,8 @@ class _Slot:
     closing: bool = False
     frames_left: int = 0  # once closing: frames of the stream not yet stepped
     frames_done: int = 0
+    reset_asked: bool = False  # Engine.reset: the caches restart at the next step, announced by a ContextReset
+    reset_at: int | None = None  # the frame of the step that restarted them, announced with its outputs
 
     @property
     def in_use(self) -> bool:
@@ -188,7 +190,10 @@ class Engine:
         self._reset(all_on)
 
     # ---------------------------------------------------------------- stream API (any thread)
-    def open(self, sink: Sink, timeout: float = 0.0) -> StreamHandle:
+    def open(self, sink: Sink, timeout: float = 0.0, options: DecodingOptions | None = None) -> StreamHandle:
+        if options is not None and not options.check().is_default:
+            # greedy CTC/RNNT labels only: the sampling and keyterm hooks are the Kyutai engine's text head
+            raise ValueError("the NeMo family decodes greedily: temperature and keyterms are not supported")
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -207,7 +212,15 @@ class Engine:
             slot.needs_reset = True
             slot.closing = False
             slot.frames_done = 0
+            slot.reset_asked, slot.reset_at = False, None
             return StreamHandle(slot.index, slot.stream_id)
+
+    def reset(self, handle: StreamHandle) -> None:
+        """The stream's caches restart at its next step (as a new stream's do); its clock goes on."""
+        with self._cond:
+            slot = self._own(handle)
+            if slot is not None and not slot.closing:
+                slot.needs_reset = slot.reset_asked = True
 
     def _own(self, handle: StreamHandle) -> _Slot | None:
         slot = self._slots[handle.slot]
@@ -291,6 +304,8 @@ class Engine:
             i = slot.index
             targets[i] = (slot, slot.stream_id, slot.sink)
             reset[i], slot.needs_reset = slot.needs_reset, False
+            if slot.reset_asked:
+                slot.reset_asked, slot.reset_at = False, slot.frames_done
             if slot.closing and slot.frames_left <= 0:
                 continue  # nothing left to step: only its StreamEnd
             active[i] = True
@@ -404,6 +419,9 @@ class Engine:
                 if slot.stream_id != stream_id or not slot.in_use:
                     continue
                 events: list[EngineEvent] = []
+                if slot.reset_at is not None:
+                    events.append(ContextReset(slot.reset_at))
+                    slot.reset_at = None
                 for j in range(deliver[index]):
                     emitted = tokens[index][j]
                     events.append(StepOutput(frame=slot.frames_done, token=emitted[0] if emitted else PADDING,

@@ -240,6 +240,12 @@ async def flux_socket(ws: WebSocket) -> None:
     request_id = str(uuid.uuid4())
     try:
         options = parse_options(list(ws.query_params.multi_items()))
+        engine = get_service(ws).engine
+        if engine is not None and not engine.info.vad_horizons:
+            # Flux is turns, and turns end on the model's VAD head: a model without one (the NeMo family) could
+            # only end them on the timeout, which is not what a Flux client asks for
+            raise DeepgramError(f"Flux needs end-of-turn detection, and the served model ({engine.info.family} "
+                                "family) has no VAD head: use /v1/listen (Finalize ends a segment by hand)")
     except DeepgramError as exc:
         if not is_authorized(ws):
             await _deny(ws, _rest_error(401, "Invalid credentials.", "INVALID_AUTH", request_id))

@@ -74,7 +74,7 @@ class _Config:
         self.format = "pcm16"
         self.language: str | None = None
         self.model = "kyutai"
-        self.server_vad = True
+        self.server_vad = bool(horizons)  # a model without a VAD head (the NeMo family): commits only
         self.vad_type = "server_vad"
         self.default_eot = default_eot
         self.eot = default_eot  # pause probability that ends a turn
@@ -128,6 +128,9 @@ class _Config:
         if kind not in TURN_KEYS:
             raise RealtimeError("turn_detection must be server_vad or semantic_vad (the model's VAD head) or null",
                                 param)
+        if not self.horizons:
+            raise RealtimeError(f"turn_detection {kind} needs the model's VAD head, and the served model has none: "
+                                "set turn_detection to null and commit the audio buffer", param)
         unknown = sorted(set(turn) - TURN_KEYS[kind])
         if unknown:
             raise RealtimeError(f"turn_detection.{unknown[0]} is not supported with {kind}", f"{param}.{unknown[0]}")
