@@ -20,7 +20,7 @@ from kyutai_stt.stream.turns import TurnThresholds, TurnTracker
 
 from .conftest import FLUSH_SECONDS, start_server
 from .helpers import expected_words
-from .test_agents import KEY, deepgram_client, finalized_words, int16
+from .test_agents import KEY, deepgram_client, int16
 
 TURN_EVENTS = (SpeechStarted, EagerEndOfTurn, TurnResumed, EndOfTurn)
 
@@ -197,7 +197,7 @@ async def test_flux_sdk_turns(turns_server, reference, sounds):
     data, heard = int16(sounds(6.0, 81))
     # the turn's end (decided while the audio is all in) flushes the stream there: its words are those a flush at
     # the end of the audio makes final, the same as a Finalize
-    want = " ".join(w.text for w in finalized_words(reference.model, reference.outputs(heard)))
+    want = " ".join(w.text for w in expected_words(reference.model, reference.outputs(heard)))
     more, _ = int16(sounds(1.0, 83))
     other = sounds(2.0, 82)
     messages = []
@@ -256,7 +256,7 @@ async def test_realtime_commit_empty(turns_server, reference, sounds):
     short, _ = int16(np.full(1200, 0.01, np.float32))  # 50 ms
     speech, _ = int16(sounds(1.5, 84))
     heard = np.frombuffer(short + speech, "<i2").astype(np.float32) / 32768
-    want = " ".join(w.text for w in finalized_words(reference.model, reference.outputs(heard)))
+    want = " ".join(w.text for w in expected_words(reference.model, reference.outputs(heard)))
     async with realtime_client(turns_server).realtime.connect(extra_query={"intent": "transcription"}) as rt:
         assert (await rt.recv()).type == "session.created"
         await rt.session.update(session=session_update(None))
@@ -360,7 +360,7 @@ async def test_pipecat_flux_stt_service(turns_server, reference, sounds):
     from pipecat.tests.utils import SleepFrame, run_test
 
     data, heard = int16(sounds(6.0, 81))
-    want = " ".join(w.text for w in finalized_words(reference.model, reference.outputs(heard)))
+    want = " ".join(w.text for w in expected_words(reference.model, reference.outputs(heard)))
     stt = DeepgramFluxSTTService(api_key=KEY, url=turns_server.ws + "/v2/listen", sample_rate=24000,
                                  settings=DeepgramFluxSTTService.Settings(eot_threshold=0.53))
     # one frame, so the end of turn is decided once the audio is all in (Pipecat's watchdog waits 2x its length)
