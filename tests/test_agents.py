@@ -13,8 +13,12 @@ from deepgram.environment import DeepgramClientEnvironment
 from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results
 
 from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
+from kyutai_stt.engine.contract import StreamEnd
 from kyutai_stt.engine.kyutai.engine import flush_frame_count
-from kyutai_stt.messages.events import Word, WordEnd
+from kyutai_stt.engine.kyutai.info import describe
+from kyutai_stt.messages.events import EndOfTurn, Word, WordEnd
+from kyutai_stt.stream.reader import OutputReader
+from kyutai_stt.stream.turns import TurnThresholds, TurnTracker
 from kyutai_stt.stream.words import WordAssembler, pair_words
 
 from .conftest import FLUSH_SECONDS, start_server
@@ -64,6 +68,23 @@ def words_after_finalize(reference, first: np.ndarray, second: np.ndarray):
     after = [(w.text, round(shift(w.start), 4), round(shift(w.end), 4))
              for w in pair_words(e for e in events if isinstance(e, (Word, WordEnd)))]
     return before + after, len(before)
+
+
+def turn_word_counts(reference, pcm: np.ndarray, threshold: float) -> list[int]:
+    """For each end of turn of a stream of ``pcm`` (ended by the client), how many words came before it: the
+    single-stream reference outputs read as the session reads them, through the turn layer without flushes."""
+    info = describe(reference.model, 2, flush_frame_count(reference.model, FLUSH_SECONDS))
+    outputs = reference.outputs(pcm)
+    reader, tracker = OutputReader(info, threshold), TurnTracker(info, TurnThresholds(eot=threshold))
+    events = [e for out in outputs for event in reader.step(out, 0) for e in tracker.feed(event)]
+    reader.set_audio_end(len(pcm) / SAMPLE_RATE)
+    events += [e for event in reader.end(StreamEnd(frames=len(outputs))) for e in tracker.feed(event)]
+    counts, words = [], 0
+    for event in events:
+        words += isinstance(event, Word)
+        if isinstance(event, EndOfTurn):
+            counts.append(words)
+    return counts
 
 
 def results_words(messages):
@@ -175,7 +196,9 @@ async def test_livekit_deepgram_plugin(keyed, reference, sounds):
 
         await asyncio.wait_for(read(), 120)
         await stream.aclose()
-    assert finals == want  # one final result per word, in order
+    # a final result per word, in order; the plugin's end_input sends Finalize, so the words not final by then
+    # come together in its from_finalize result
+    assert " ".join(finals) == " ".join(want)
 
 
 def test_openai_file_parameters(keyed, reference, sounds, tmp_path):
@@ -267,10 +290,11 @@ async def test_pipecat_deepgram_stt_service(keyed, reference, sounds):
     stt = DeepgramSTTService(api_key=KEY, base_url=keyed.http, sample_rate=24000)
     audio = [InputAudioRawFrame(audio=data[i:i + 4800], sample_rate=24000, num_channels=1)
              for i in range(0, len(data), 4800)]
-    # the user stops speaking: Pipecat sends Finalize, and every word comes as a final transcription
+    # the user stops speaking: Pipecat sends Finalize, and every word comes as a final transcription (those not
+    # final before the Finalize together, in its from_finalize result)
     down, _ = await run_test(stt, frames_to_send=[*audio, VADUserStoppedSpeakingFrame(), SleepFrame(sleep=20)],
                              pipeline_params=PipelineParams(audio_in_sample_rate=24000), start_timeout=10)
-    assert [f.text for f in down if isinstance(f, TranscriptionFrame)] == want
+    assert " ".join(f.text for f in down if isinstance(f, TranscriptionFrame)) == " ".join(want)
 
 
 async def test_deepgram_mulaw_8k_and_utterance_end(keyed, reference, sounds):
@@ -280,7 +304,6 @@ async def test_deepgram_mulaw_8k_and_utterance_end(keyed, reference, sounds):
 
     from kyutai_stt.audio.resample import StreamResampler
     from kyutai_stt.audio.codecs import g711_decode
-    from kyutai_stt.engine.kyutai.info import END_OF_TURN_HEAD
 
     source = sounds(2.4, 77)
     narrow = StreamResampler(24000, 8000)
@@ -292,16 +315,8 @@ async def test_deepgram_mulaw_8k_and_utterance_end(keyed, reference, sounds):
     heard = np.concatenate([wide.feed(g711_decode(data, "mulaw")), wide.flush()])
     outputs = reference.outputs(heard)
     want = [w.text for w in expected_words(reference.model, outputs)]
-    # the VAD head's ends of turn, as the session finds them (threshold crossed upwards after some words)
-    threshold = keyed.app.state.service.settings.end_of_turn_threshold
-    ends, last, words = 0, 1.0, 0
-    assembler = WordAssembler(reference.model.tokenizer.id_to_piece, reference.model.delay_frames)
-    for out in outputs:
-        words += sum(isinstance(e, Word) for e in assembler.feed(out.frame, out.token))
-        pause = out.pauses[END_OF_TURN_HEAD]
-        if pause >= threshold > last and words:
-            ends, words = ends + 1, 0
-        last = pause
+    # the VAD head's ends of turn, as the turn layer finds them
+    ends = len(turn_word_counts(reference, heard, keyed.app.state.service.settings.end_of_turn_threshold))
     messages = []
     async with deepgram_client(keyed).listen.v1.connect(
             model="nova-3", encoding="mulaw", sample_rate=8000, interim_results="true", utterance_end_ms=1000) as socket:
@@ -310,9 +325,38 @@ async def test_deepgram_mulaw_8k_and_utterance_end(keyed, reference, sounds):
         await socket.send_close_stream()
         async for message in socket:
             messages.append(message)
-    assert [w for m in messages if isinstance(m, ListenV1Results) and m.is_final
-            for w in [m.channel.alternatives[0].words[0].punctuated_word]] == want
+    assert [w.punctuated_word for m in messages if isinstance(m, ListenV1Results) and m.is_final
+            for w in m.channel.alternatives[0].words] == want
     assert ends and sum(getattr(m, "type", "") == "UtteranceEnd" for m in messages) == ends
+
+
+async def test_deepgram_turn_ends_after_the_turns_last_word(keyed, reference, bria):
+    """Real speech through deepgram-sdk with utterance_end_ms and vad_events: each turn's ``speech_final`` is on
+    the final result of its last word and its ``UtteranceEnd`` comes right after, never before that word is final
+    (the turn layer's ends, from the reference); the words and times stay the file's."""
+    data, heard = int16(bria[:SAMPLE_RATE * 6])  # four turns with the tiny random checkpoint
+    counts = turn_word_counts(reference, heard, keyed.app.state.service.settings.end_of_turn_threshold)
+    want = [(w.text, round(w.start, 4), round(w.end, 4))
+            for w in expected_words(reference.model, reference.outputs(heard))]
+    messages = []
+    async with deepgram_client(keyed).listen.v1.connect(
+            model="nova-3", encoding="linear16", sample_rate=24000, interim_results="true", punctuate="true",
+            vad_events="true", utterance_end_ms=1000) as socket:
+        for i in range(0, len(data), 9600):
+            await socket.send_media(data[i:i + 9600])
+        await socket.send_close_stream()
+        async for message in socket:
+            messages.append(message)
+    assert results_words(messages) == want
+    finals, at_speech_final, at_utterance_end = 0, [], []
+    for message in messages:
+        if isinstance(message, ListenV1Results) and message.is_final:
+            finals += len(message.channel.alternatives[0].words)
+            if message.speech_final:
+                at_speech_final.append(finals)
+        elif getattr(message, "type", "") == "UtteranceEnd":
+            at_utterance_end.append(finals)
+    assert counts and at_speech_final == counts and at_utterance_end == counts
 
 
 async def test_deepgram_sdk_prerecorded(keyed, reference, sounds):

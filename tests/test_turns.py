@@ -369,3 +369,39 @@ async def test_pipecat_flux_stt_service(turns_server, reference, sounds):
                              pipeline_params=PipelineParams(audio_in_sample_rate=24000), start_timeout=10)
     finals = [f.text for f in down if isinstance(f, TranscriptionFrame)]
     assert finals and finals[0] == want  # Flux's EndOfTurn is Pipecat's final transcription
+
+
+@pytest.mark.slow  # waits out the turn's end at the engine's pace (~35 s of a loaded 2-core CPU)
+async def test_livekit_flux_stt_v2(turns_server, reference, sounds):
+    """LiveKit's Deepgram ``STTv2`` (Flux), pointed here by ``base_url``: its final transcript is the first
+    ``EndOfTurn``, whose words are every word of the audio so far (the turn's end flushes the stream)."""
+    import aiohttp
+    from livekit import rtc
+    from livekit.agents.stt import SpeechEventType
+    from livekit.plugins.deepgram import STTv2
+
+    data, heard = int16(sounds(6.0, 81))
+    want = " ".join(w.text for w in expected_words(reference.model, reference.outputs(heard)))
+    events = []
+    async with aiohttp.ClientSession() as http:
+        # one 6 s chunk (the plugin repacks audio into chunks of this length), so the end of turn is decided once
+        # the audio is all in, as in the deepgram-sdk and Pipecat tests above
+        stt = STTv2(api_key=KEY, base_url=turns_server.ws + "/v2/listen", sample_rate=24000, eot_threshold=0.53,
+                    audio_chunk_duration_ms=6000, http_session=http)
+        stream = stt.stream()
+        stream.push_frame(rtc.AudioFrame(data=data, sample_rate=24000, num_channels=1,
+                                         samples_per_channel=len(data) // 2))
+
+        async def read():
+            async for event in stream:
+                events.append(event)
+                if event.type == SpeechEventType.END_OF_SPEECH:
+                    return
+
+        await asyncio.wait_for(read(), 120)
+        await stream.aclose()
+    kinds = [e.type for e in events if e.type != SpeechEventType.RECOGNITION_USAGE]
+    assert kinds[0] == SpeechEventType.START_OF_SPEECH and kinds[-2:] == [SpeechEventType.FINAL_TRANSCRIPT,
+                                                                          SpeechEventType.END_OF_SPEECH]
+    final = events[-2].alternatives[0]
+    assert final.text == want and [str(w) for w in final.words] == want.split()

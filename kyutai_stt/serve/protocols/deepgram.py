@@ -9,12 +9,16 @@ Mapping onto our session events:
   word whose end is still unknown plus the pieces of the word being recognised (``Text`` events).
 - ``Results`` with ``is_final: true``: one per final word, sent once its end is known (``Word`` + ``WordEnd``),
   so final words come in order with the same text and times as every other protocol.
-- ``speech_final: true`` on the first final result after the VAD head's end of turn (``EndOfTurn``), unless
-  ``endpointing=false``. ``UtteranceEnd`` (when ``utterance_end_ms`` is given) at that end of turn, with
-  ``last_word_end`` the time the VAD decided. ``SpeechStarted`` (``vad_events=true``) with the first text of a turn.
-- ``Finalize``: the stream is flushed without ending (``flush.flush_now``); once that is transcribed, every word
-  complete by then is sent as final (the last one ending where the audio ended) with ``from_finalize: true``; a
-  word whose pieces are still coming at the end of the flush stays open (it continues with the next audio). The stream stays open; the silence is not counted in later timestamps.
+- Ends of turn come from the turn layer (``stream.turns``, one tracker per channel, no flush: word times stay the
+  file's), which holds an end until the word being spelt is complete. A turn's end never comes before its last
+  word is final: ``speech_final: true`` goes on the final result of the turn's last word (an empty final result
+  when that word was already out), unless ``endpointing=false``; ``UtteranceEnd`` (when ``utterance_end_ms`` is
+  given) right after that result, with ``last_word_end`` the time the VAD decided. ``SpeechStarted``
+  (``vad_events=true``) with the first text of a turn.
+- ``Finalize``: the stream is flushed without ending (``flush.flush_now``, the minimal flush); the words final
+  from then until its marker comes back (every word of the audio so far, the last one closed where the audio
+  ended, exactly as at the end of a stream) go out together in one ``from_finalize: true`` result, as Deepgram
+  sends them (empty when there were none). The stream stays open; the silence is not counted in later timestamps.
 - ``CloseStream`` (or an empty binary message): flush, the last words, ``Metadata``, close 1000. ``KeepAlive``
   resets the idle timer: as at Deepgram, 10 s without any message finishes the stream (its words still come) and
   closes it (1008; a shorter ``idle_timeout_s`` setting wins).
@@ -47,6 +51,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from kyutai_stt.engine.contract import MAX_KEYTERM_CHARS, MAX_KEYTERMS
+from kyutai_stt.engine.contract import ModelInfo as EngineInfo
 from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.audio.errors import AudioFormatError
 from kyutai_stt.audio.decoders import OPUS, StreamDecoder, stream_decoder
@@ -86,6 +91,7 @@ from kyutai_stt.serve.uploads import (
     transcribe,
 )
 from kyutai_stt.stream.session import Session
+from kyutai_stt.stream.turns import TurnThresholds, TurnTracker
 from kyutai_stt.stream.words import TimedWord, WordPairer, pair_words
 
 router = APIRouter()
@@ -241,8 +247,9 @@ class _Transcript:
     """Turns session events into Deepgram messages for one stream (see the module docstring for the rules)."""
 
     def __init__(self, options: ListenOptions, request_id: str, model_name: str, model_uuid: str,
-                 channel_index: tuple[int, int] = (0, 1)):
+                 channel_index: tuple[int, int] = (0, 1), turns: TurnTracker | None = None):
         self.options = options
+        self.turns = turns  # this channel's turn layer (None: the events' own ends of turn are used as they come)
         self.channel_index = list(channel_index)  # [this channel, channels]
         self.metadata = ResultMetadata(request_id=request_id, model_info=ModelInfo(name=model_name),
                                        model_uuid=model_uuid)
@@ -251,7 +258,10 @@ class _Transcript:
         self.speakers: list[int | None] = []  # of the words fed to the pairer, not yet final (diarize=true)
         self.cursor = 0.0  # end of the last final result
         self.in_turn = False
-        self.speech_final_due = False
+        self.speech_final_due = False  # the pending word is the last of a turn that has ended
+        self.utterance_end_due: UtteranceEnd | None = None  # sent right after that word's final result
+        self.finalizing = 0  # Finalize requests whose flush is under way
+        self.held: list[ResultWord] = []  # final words that came during them
         self.shift: Callable[[float], float] = lambda t: t
 
     def _results(self, words: list[ResultWord], is_final: bool, end: float, from_finalize: bool = False) -> Results:
@@ -266,15 +276,30 @@ class _Transcript:
                            transcript=_transcript(words, self.options.punctuate), words=words)]),
                        metadata=self.metadata)
 
-    def _final(self, word: TimedWord, from_finalize: bool = False) -> Results:
+    def _final(self, word: TimedWord) -> list[BaseModel]:
         start = self.shift(word.start)
         end = max(self.shift(word.end), start)
         result = _result_word(word.text, start, end, self.speakers.pop(0) if self.speakers else None)
-        message = self._results([result], True, end, from_finalize)
+        if self.finalizing:  # released by a Finalize under way: they go in its from_finalize result
+            self.held.append(result)
+            return []
+        message = self._results([result], True, end)
         self.cursor = end
-        return message
+        return [message, *self._turn_ended()]
+
+    def _turn_ended(self) -> list[BaseModel]:
+        """The turn's last word has gone out as final: its ``UtteranceEnd`` may follow."""
+        self.speech_final_due = False
+        end, self.utterance_end_due = self.utterance_end_due, None
+        return [end] if end is not None else []
 
     def on_event(self, event) -> list[BaseModel]:
+        out: list[BaseModel] = []
+        for item in self.turns.feed(event) if self.turns is not None else (event,):
+            out += self._on_event(item)
+        return out
+
+    def _on_event(self, event) -> list[BaseModel]:
         out: list[BaseModel] = []
         if isinstance(event, Text):
             if not self.in_turn:
@@ -289,12 +314,18 @@ class _Transcript:
                 self.speakers.append(event.speaker)
             self.words.feed(event)
             final, self.words.words = self.words.words, []  # sent once: the pairer keeps none
-            out += [self._final(word) for word in final]
+            for word in final:
+                out += self._final(word)
         elif isinstance(event, EndOfTurn):
             self.in_turn = False
             self.speech_final_due = True
             if self.options.utterance_end:
-                out.append(UtteranceEnd(channel=self.channel_index, last_word_end=round(self.shift(event.time), 4)))
+                self.utterance_end_due = UtteranceEnd(channel=self.channel_index,
+                                                      last_word_end=round(self.shift(event.time), 4))
+            if self.words.pending is None and not self.finalizing:  # its last word is already out: say so now
+                if self.options.endpointing:
+                    out.append(self._results([], True, self.cursor))
+                out += self._turn_ended()
         return out
 
     def _interim(self) -> list[BaseModel]:
@@ -312,19 +343,34 @@ class _Transcript:
                 words.append(_result_word(text, self.shift(self.pieces[0].time), now))
         return [self._results(words, False, now)] if words else []
 
+    def finalize(self) -> None:
+        """A Finalize's flush was fed: the words it releases are held for its from_finalize result."""
+        self.finalizing += 1
+
     def finalized(self, end: float) -> list[BaseModel]:
-        """Every word heard before Finalize is out: the pending one ends at the end of the flush (``end``: client
-        time already)."""
+        """The Finalize's marker is back: every word heard before it goes out in one ``from_finalize`` result, as
+        Deepgram sends it (the pending word ends at the end of the flush, ``end``: client time already)."""
+        self.finalizing = max(0, self.finalizing - 1)
+        words, self.held = self.held, []
         pending = self.words.pending
-        if pending is None:
-            return [self._results([], True, self.cursor, from_finalize=True)]
-        self.words.pending = None
-        start = self.shift(pending.start_time)
-        end = max(end, start)
-        speaker = self.speakers.pop(0) if self.speakers else None
-        message = self._results([_result_word(pending.text, start, end, speaker)], True, end, from_finalize=True)
+        if pending is not None:
+            self.words.pending = None
+            start = self.shift(pending.start_time)
+            speaker = self.speakers.pop(0) if self.speakers else None
+            words.append(_result_word(pending.text, start, max(end, start), speaker))
+        end = words[-1].end if words else self.cursor
+        message = self._results(words, True, end, from_finalize=True)
         self.cursor = end
-        return [message]
+        return [message, *self._turn_ended()]
+
+    def release(self) -> list[BaseModel]:
+        """The stream ends with a Finalize still under way: its words go out as ordinary finals."""
+        words, self.held, self.finalizing = self.held, [], 0
+        if not words:
+            return []
+        message = self._results(words, True, words[-1].end)
+        self.cursor = words[-1].end
+        return [message, *self._turn_ended()]
 
 
 class DeepgramTranslator(runner.Translator):
@@ -335,14 +381,17 @@ class DeepgramTranslator(runner.Translator):
     close_codes = {AudioFormatError: POLICY_VIOLATION, MessageError: POLICY_VIOLATION}
     fault_reason = "NET-0000"
 
-    def __init__(self, session: Session, options: ListenOptions, request_id: str, model_name: str):
+    def __init__(self, session: Session, options: ListenOptions, request_id: str, info: EngineInfo,
+                 end_of_turn_threshold: float):
         super().__init__(_decoder(options))
         self.session, self.options, self.request_id = session, options, request_id
+        model_name = info.name
         self.model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, model_name))
         # one transcript per channel (multichannel: Results per channel, with its channel_index, as Deepgram sends)
         channels = options.channels if options.multichannel else 1
         self.transcripts = [_Transcript(options, request_id, model_name.rstrip("/").split("/")[-1], self.model_uuid,
-                                        (c, channels)) for c in range(channels)]
+                                        (c, channels), TurnTracker(info, TurnThresholds(eot=end_of_turn_threshold)))
+                            for c in range(channels)]
         for transcript in self.transcripts:
             transcript.shift = self.timeline.client_time
         self.transcript = self.transcripts[0]
@@ -371,6 +420,8 @@ class DeepgramTranslator(runner.Translator):
 
     def flushed(self, marker: int, end: float) -> None:
         self.finalize_ends[marker] = end
+        for transcript in self.transcripts:
+            transcript.finalize()
 
     def idle_timeout(self, settings) -> float:
         """Deepgram closes a stream that sends neither audio nor ``KeepAlive`` for about 10 s (NET-0001)."""
@@ -388,10 +439,12 @@ class DeepgramTranslator(runner.Translator):
 
     def finish(self) -> list[str]:
         duration = self.timeline.client_time(self.session.samples_received / SAMPLE_RATE)
-        return [Metadata(request_id=self.request_id, sha256=self.digest.hexdigest(), created=self.created,
-                         channels=len(self.transcripts),
-                         duration=round(duration, 4), models=[self.model_uuid],
-                         model_info={self.model_uuid: self.transcript.metadata.model_info}).model_dump_json()]
+        released = [item.model_dump_json() for transcript in self.transcripts for item in transcript.release()]
+        return released + [Metadata(request_id=self.request_id, sha256=self.digest.hexdigest(), created=self.created,
+                                    channels=len(self.transcripts), duration=round(duration, 4),
+                                    models=[self.model_uuid],
+                                    model_info={self.model_uuid: self.transcript.metadata.model_info}
+                                    ).model_dump_json()]
 
     def refuse(self, exc: BaseException, code: int, reason: str) -> tuple[list[str], str]:
         message = str(exc)  # whole: the close reason is cut to fit a close frame, the Error message is not
@@ -423,7 +476,8 @@ async def listen_socket(ws: WebSocket) -> None:
                                  decoding=get_service(ws).decoding_options(keyterms=tuple(options.keyterms)))
     if session is None:
         return
-    await runner.run_stream(ws, session, DeepgramTranslator(session, options, request_id, engine.info.name))
+    threshold = get_service(ws).settings.end_of_turn_threshold
+    await runner.run_stream(ws, session, DeepgramTranslator(session, options, request_id, engine.info, threshold))
 
 
 async def _deny(ws: WebSocket, response: JSONResponse) -> None:
