@@ -244,6 +244,13 @@ class Engine(Protocol):
         """Reset the stream's model context before its next step (a stalled decoder); its clock goes on, and a
         ``ContextReset`` event says at which frame. Audio and outputs already queued are kept."""
 
+    def reconfigure(self, handle: StreamHandle, options: DecodingOptions, frame: int) -> None:
+        """Decode the stream with ``options`` from its frame ``frame`` on (silence prefix included; the LM step of
+        that frame is the first with them), so the result depends on the audio and on ``frame`` only, never on
+        when the call came. ``frame`` 0 before any audio frame was stepped: as if opened with ``options``. A
+        sampling stream keeps its seed (a greedy one gets ``options.seed`` or a random one) and its draws
+        restart at step ``frame + 1``. ``options`` must be checked (``DecodingOptions.check``)."""
+
     def buffered_samples(self, handle: StreamHandle) -> int:
         """Audio of the stream waiting in the engine (0 once it is gone)."""
 
