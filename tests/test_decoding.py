@@ -54,13 +54,16 @@ def test_gumbel_noise_is_a_function_of_seed_step_and_token_only():
 
 def test_options_out_of_range_are_refused(model):
     engine = Engine(model, 1, flush_seconds=FLUSH_SECONDS)  # not started: open checks first
-    for bad, words in [(DecodingOptions(temperature=-0.1), "temperature"),
-                       (DecodingOptions(temperature=2.5), "temperature"),
-                       (DecodingOptions(temperature=0.5, seed=-1), "seed"),
-                       (DecodingOptions(keyterms=("x",) * 301), "keyterms"),
-                       (DecodingOptions(keyterms=(" ",)), "keyterm")]:
-        with pytest.raises(ValueError, match=words):
-            engine.open(lambda events: None, options=bad)
+    try:
+        for bad, words in [(DecodingOptions(temperature=-0.1), "temperature"),
+                           (DecodingOptions(temperature=2.5), "temperature"),
+                           (DecodingOptions(temperature=0.5, seed=-1), "seed"),
+                           (DecodingOptions(keyterms=("x",) * 301), "keyterms"),
+                           (DecodingOptions(keyterms=(" ",)), "keyterm")]:
+            with pytest.raises(ValueError, match=words):
+                engine.open(lambda events: None, options=bad)
+    finally:
+        engine.stop()  # leaves streaming mode: the module's later engines resize Mimi's caches first
 
 
 def test_keyterm_trie_shares_prefixes(model):

@@ -131,7 +131,7 @@ MAX_KEYTERM_CHARS = 64
 
 
 class DecodingOptions(msgspec.Struct, frozen=True, kw_only=True):
-    """How one stream decodes, given at ``open``. The default (greedy, no keyterms) is bit-identical to an engine
+    """How one stream decodes, given at ``open`` (and changed mid-stream by ``reconfigure``). The default (greedy, no keyterms) is bit-identical to an engine
     without these options, and costs nothing.
 
     ``temperature`` > 0 samples the text token from ``softmax((logits + bias) / temperature)``; the draws depend
