@@ -54,13 +54,16 @@ def test_gumbel_noise_is_a_function_of_seed_step_and_token_only():
 
 def test_options_out_of_range_are_refused(model):
     engine = Engine(model, 1, flush_seconds=FLUSH_SECONDS)  # not started: open checks first
-    for bad, words in [(DecodingOptions(temperature=-0.1), "temperature"),
-                       (DecodingOptions(temperature=2.5), "temperature"),
-                       (DecodingOptions(temperature=0.5, seed=-1), "seed"),
-                       (DecodingOptions(keyterms=("x",) * 301), "keyterms"),
-                       (DecodingOptions(keyterms=(" ",)), "keyterm")]:
-        with pytest.raises(ValueError, match=words):
-            engine.open(lambda events: None, options=bad)
+    try:
+        for bad, words in [(DecodingOptions(temperature=-0.1), "temperature"),
+                           (DecodingOptions(temperature=2.5), "temperature"),
+                           (DecodingOptions(temperature=0.5, seed=-1), "seed"),
+                           (DecodingOptions(keyterms=("x",) * 301), "keyterms"),
+                           (DecodingOptions(keyterms=(" ",)), "keyterm")]:
+            with pytest.raises(ValueError, match=words):
+                engine.open(lambda events: None, options=bad)
+    finally:
+        engine.stop()  # leaves streaming mode: the module's later engines resize Mimi's caches first
 
 
 def test_keyterm_trie_shares_prefixes(model):
@@ -110,3 +113,56 @@ def test_sampling_keyterms_and_reset_equal_the_reference_whatever_the_neighbours
     assert len(reset.resets) == 1 and 0 < reset.resets[0] < len(reset.outputs)
     assert [o.frame for o in reset.outputs] == list(range(len(greedy)))
     assert reset.tokens == reference.tokens(clip, resets=(reset.resets[0],))
+
+
+class _Sink:
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.done = threading.Event()
+
+    def __call__(self, events) -> None:
+        from kyutai_stt.engine.contract import StepOutput
+
+        for event in events:
+            if isinstance(event, StepOutput):
+                self.tokens.append(event.token)
+            else:
+                self.done.set()
+
+
+def test_reconfigure_at_a_frame_equals_the_reference_with_that_change(model, bria, reference):
+    """``Engine.reconfigure`` (Realtime's session.update): before any audio it is as if opened with the options;
+    mid-stream the options start at the given frame however late the call comes, as in the reference's
+    ``changes``; a greedy neighbour keeps its exact tokens."""
+    import time
+
+    from kyutai_stt.audio.constants import FRAME_SIZE
+
+    clip, third = bria[24000 * 3: 24000 * 5].copy(), bria[24000 * 15: 24000 * 17].copy()
+    term, term_token = keyterm_for(model, reference.tokens(third))
+    boosted = DecodingOptions(keyterms=(term,))
+    half = FRAME_SIZE * 12 + 500  # mid-frame: the change starts at the next frame
+    frame = -(-half // FRAME_SIZE)
+
+    engine = Engine(model, 3, flush_seconds=FLUSH_SECONDS, frames_per_step=2).start()
+    sinks = [_Sink() for _ in range(3)]
+    try:
+        early, late, plain = (engine.open(sink) for sink in sinks)
+        engine.reconfigure(early, boosted, 0)  # before any audio: from the start
+        engine.push(early, third)
+        engine.push(late, clip[:half])
+        engine.push(plain, clip)
+        time.sleep(1.0)  # the engine has stepped all the whole frames it has: the change still starts at `frame`
+        engine.reconfigure(late, SAMPLING, frame)
+        engine.push(late, clip[half:])
+        for handle in (early, late, plain):
+            engine.close(handle)
+        assert all(sink.done.wait(60) for sink in sinks)
+    finally:
+        engine.stop()
+    assert sinks[0].tokens == reference.tokens(third, options=boosted)
+    assert term_token in sinks[0].tokens and term_token not in reference.tokens(third)
+    want = reference.tokens(clip, changes=((frame, SAMPLING),))
+    assert sinks[1].tokens == want
+    assert want[:frame] == reference.tokens(clip)[:frame] and want != reference.tokens(clip)
+    assert sinks[2].tokens == reference.tokens(clip)

@@ -134,3 +134,62 @@ async def test_deepgram_keyterm_and_openai_prompt_and_temperature(server, refere
     with pytest.raises(openai.BadRequestError) as refused:
         await client.audio.transcriptions.create(model="m", file=path.open("rb"), temperature=3)
     assert refused.value.body["param"] == "temperature"
+
+
+# ------------------------------------------------------------------------------ OpenAI Realtime
+async def realtime_transcript(server, data: bytes, updates: dict[int, dict]) -> tuple[str, list]:
+    """One Realtime transcription session (the ``openai`` client), committed by hand (``updates`` must have offset
+    0); ``updates``: byte offset in ``data`` -> a ``session.update`` there with ``turn_detection`` null and these
+    ``transcription`` fields. The committed item's transcript, and the error events."""
+    import base64
+
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=server.http + "/v1", api_key="x")
+    errors = []
+    async with client.realtime.connect(extra_query={"intent": "transcription"}) as rt:
+        assert (await rt.recv()).type == "session.created"
+        cuts = sorted({0, len(data), *updates})
+        for start, stop in zip(cuts, cuts[1:]):
+            if start in updates:
+                await rt.session.update(session={"type": "transcription", "audio": {"input": {
+                    "turn_detection": None, "transcription": updates[start]}}})
+            for i in range(start, stop, 4800):
+                await rt.input_audio_buffer.append(audio=base64.b64encode(data[i:min(i + 4800, stop)]).decode())
+        await rt.input_audio_buffer.commit()
+        async for event in rt:
+            if event.type == "error":
+                errors.append(event.error)
+            elif event.type == "conversation.item.input_audio_transcription.completed":
+                return event.transcript, errors
+    raise AssertionError("no transcript")
+
+
+async def test_realtime_prompt_is_keyterms_from_where_it_came(server, reference, bria):
+    """Keyterms by session.update (``transcription.keywords``, ``prompt`` as a list): before the audio, the words
+    are the reference's with those keyterms; mid-stream, the reference's with the keyterms from the next frame on;
+    a greedy neighbour keeps its words; too long a term is an ``error`` event and the session goes on."""
+    from kyutai_stt.audio.constants import FRAME_SIZE
+
+    samples = np.clip(np.round(bria[24000 * 15: 24000 * 18] * 32768), -32768, 32767).astype("<i2")
+    pcm = samples.astype(np.float32) / 32768  # what the server decodes
+    data = samples.tobytes()
+    term, _ = keyterm_for(reference.model, reference.tokens(pcm))
+    keyed = DecodingOptions(keyterms=(term, "another"))
+    half = FRAME_SIZE * 15 + 700  # samples before the mid-stream update: it applies from the next frame on
+    frame = reference.model.prefix_frames - (-half // FRAME_SIZE)
+
+    def text(**decoding) -> str:
+        return " ".join(w[0] for w in ref(reference, pcm, **decoding))
+
+    early, late, plain, refused = await asyncio.gather(
+        realtime_transcript(server, data, {0: {"keywords": [term], "prompt": "another"}}),
+        realtime_transcript(server, data, {0: {}, 2 * half: {"prompt": f"{term}\nanother"}}),
+        realtime_transcript(server, data, {0: {"model": "kyutai"}}),
+        realtime_transcript(server, data, {0: {}, 2 * half: {"prompt": "x" * 65}}))
+    assert early == (text(options=keyed), []) and term in early[0].split()
+    assert plain == (text(), []) and term not in plain[0].split()
+    assert refused[0] == text() and [e.param for e in refused[1]] == ["session.audio.input.transcription.prompt"]
+    assert "keyterm" in refused[1][0].message
+    assert late == (text(changes=((frame, keyed),)), [])
+    assert late[0] not in (text(), early[0])  # the change counts, and so does where it came

@@ -131,7 +131,7 @@ MAX_KEYTERM_CHARS = 64
 
 
 class DecodingOptions(msgspec.Struct, frozen=True, kw_only=True):
-    """How one stream decodes, given at ``open``. The default (greedy, no keyterms) is bit-identical to an engine
+    """How one stream decodes, given at ``open`` (and changed mid-stream by ``reconfigure``). The default (greedy, no keyterms) is bit-identical to an engine
     without these options, and costs nothing.
 
     ``temperature`` > 0 samples the text token from ``softmax((logits + bias) / temperature)``; the draws depend
@@ -243,6 +243,13 @@ class Engine(Protocol):
     def reset(self, handle: StreamHandle) -> None:
         """Reset the stream's model context before its next step (a stalled decoder); its clock goes on, and a
         ``ContextReset`` event says at which frame. Audio and outputs already queued are kept."""
+
+    def reconfigure(self, handle: StreamHandle, options: DecodingOptions, frame: int) -> None:
+        """Decode the stream with ``options`` from its frame ``frame`` on (silence prefix included; the LM step of
+        that frame is the first with them), so the result depends on the audio and on ``frame`` only, never on
+        when the call came. ``frame`` 0 before any audio frame was stepped: as if opened with ``options``. A
+        sampling stream keeps its seed (a greedy one gets ``options.seed`` or a random one) and its draws
+        restart at step ``frame + 1``. ``options`` must be checked (``DecodingOptions.check``)."""
 
     def buffered_samples(self, handle: StreamHandle) -> int:
         """Audio of the stream waiting in the engine (0 once it is gone)."""

@@ -130,6 +130,15 @@ class Reset(msgspec.Struct, tag=True):
     stream: int
 
 
+class Reconfigure(msgspec.Struct, tag=True):
+    """``Engine.reconfigure``: new decoding options from the stream's frame ``frame`` on."""
+
+    slot: int
+    stream: int
+    options: DecodingOptions
+    frame: int
+
+
 class StatsRequest(msgspec.Struct, tag=True):
     request: int
 
@@ -148,7 +157,7 @@ class Gone(msgspec.Struct, tag=True):
     worker: str
 
 
-Command = Hello | Open | Push | Close | Abort | Reset | StatsRequest | Beat | Bye | Gone
+Command = Hello | Open | Push | Close | Abort | Reset | Reconfigure | StatsRequest | Beat | Bye | Gone
 
 
 class WorkerBatch(msgspec.Struct):
@@ -334,6 +343,13 @@ class EngineServer:
                 route = self._routes.get((command.slot, command.stream))
                 if route is not None:
                     self.engine.reset(route.handle)
+            elif isinstance(command, Reconfigure):
+                route = self._routes.get((command.slot, command.stream))
+                if route is not None:
+                    try:
+                        self.engine.reconfigure(route.handle, command.options, command.frame)
+                    except ValueError:  # the worker checked the options; only a keyterm trie too big is left
+                        log.warning("stream %d: new decoding options refused", command.stream, exc_info=True)
             elif isinstance(command, Close):
                 route = self._routes.get((command.slot, command.stream))
                 if route is not None:
@@ -500,6 +516,10 @@ class EngineClient:
     def reset(self, handle: StreamHandle) -> None:
         if (handle.slot, handle.stream_id) in self._streams:
             self._send(Reset(handle.slot, handle.stream_id))
+
+    def reconfigure(self, handle: StreamHandle, options: DecodingOptions, frame: int) -> None:
+        if (handle.slot, handle.stream_id) in self._streams:
+            self._send(Reconfigure(handle.slot, handle.stream_id, options, frame))
 
     def buffered_samples(self, handle: StreamHandle) -> int:
         stream = self._streams.get((handle.slot, handle.stream_id))

@@ -59,6 +59,7 @@ class Transcription(BaseModel):
     model: str
     language: str | None = None
     prompt: str = ""
+    keywords: list[str] | None = None
 
 
 class TurnDetection(BaseModel):

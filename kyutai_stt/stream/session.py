@@ -147,6 +147,22 @@ class Session:
         if self._on_reset is not None:
             self._on_reset(reason)
 
+    def reconfigure(self, options: DecodingOptions) -> None:
+        """Decode with ``options`` from the end of the audio received so far (a frame boundary: the frame after
+        the last one begun), so the words depend on the audio and on where in it this came, never on timing.
+        Before any audio (and with a model without a silence prefix): as if the stream had been opened with them.
+        ``ValueError`` when out of range."""
+        options = options.check()
+        if not hasattr(self.engine, "reconfigure"):
+            raise ValueError("the served model takes no decoding options")
+        if self._handle is None or self.finished or self.ended:
+            return
+        self.decoding = options
+        # frames the engine may step before this point: the silence prefix and every frame begun; with no prefix
+        # and no audio that is 0, which the engine takes as "from the start"
+        frame = self.engine.info.prefix_frames + math.ceil(self.samples_received / FRAME_SIZE)
+        self.engine.reconfigure(self._handle, options, frame)
+
     def push_pcm(self, pcm: np.ndarray) -> None:
         if self.ended or self.finished or self._handle is None:
             return

@@ -85,14 +85,15 @@ class SlotDecoding:
         self._edges: torch.Tensor | None = None  # [3, slots, MAX_EDGES] parent/token/child, made at first use
         self._any_sampling = self._any_boosting = False
 
-    def configure(self, slot: int, options: DecodingOptions, seed: int | None, edges) -> None:
-        """A new stream in ``slot`` (called at its reset): its temperature, seed and keyterm trie, step 0."""
+    def configure(self, slot: int, options: DecodingOptions, seed: int | None, edges, step: int = 0) -> None:
+        """A new stream in ``slot`` (called at its reset): its temperature, seed and keyterm trie, step 0; or new
+        options mid-stream (``Engine.reconfigure``): from ``step`` on, outside any term (a new trie)."""
         sampling, boosting = options.temperature > 0, bool(edges)
         self._sampling[slot] = sampling
         self._boosting[slot] = boosting
         self._temperature[slot] = options.temperature if sampling else 1.0
         self._seed[slot] = seed or 0
-        self._step[slot] = 0
+        self._step[slot] = step
         self._node[slot] = 0
         if boosting or self._edges is not None:
             if self._edges is None:

@@ -121,6 +121,8 @@ class _Slot:
     # how the stream decodes: (options, seed, keyterm trie edges), given to the device state at its reset
     decoding: tuple = (DecodingOptions(), None, [])
     needs_context_reset: bool = False  # Engine.reset: reset the LM context before the next audio step
+    frames_taken: int = 0  # frames planned so far (frames_done lags it while a step runs)
+    changes: list = field(default_factory=list)  # Engine.reconfigure: (frame, decoding) in frame order
 
     @property
     def in_use(self) -> bool:
@@ -162,6 +164,7 @@ class _StepPlan:
     context_reset: np.ndarray  # bool [B]: reset the LM context (not Mimi's), then an init step, then the audio
     targets: dict  # slot index -> (slot, stream id, sink) for every slot touched
     configure: dict = field(default_factory=dict)  # slot index -> its new stream's decoding (at its reset)
+    reconfigure: dict = field(default_factory=dict)  # frame j of the step -> [(slot index, decoding, LM step)]
     plan_seconds: float = 0.0  # measured only for timing listeners
 
 
@@ -318,6 +321,8 @@ class Engine:
             slot.frames_done = 0
             slot.decoding = (options, seed, edges)
             slot.needs_context_reset = False
+            slot.frames_taken = 0
+            slot.changes = []
             self._cond.notify_all()
             return StreamHandle(slot.index, slot.stream_id, seed)
 
@@ -358,6 +363,24 @@ class Engine:
             slot = self._own(handle)
             if slot is not None:
                 slot.needs_context_reset = True
+
+    def reconfigure(self, handle: StreamHandle, options: DecodingOptions, frame: int) -> None:
+        """New decoding from the stream's frame ``frame`` on (``contract.Engine.reconfigure``); ``ValueError``
+        when its keyterms come to too many pieces."""
+        edges = keyterm_trie(self.model.tokenizer, options.keyterms) if options.keyterms else []
+        with self._cond:
+            slot = self._own(handle)
+            if slot is None:
+                return
+            seed = slot.decoding[1]
+            if seed is None and options.temperature > 0:
+                seed = options.seed if options.seed is not None else secrets.randbits(32)
+            if frame <= 0 and slot.frames_taken == 0:
+                # no frame taken yet (its audio all still queued): start over as if opened with these options
+                slot.needs_reset = slot.needs_init = True
+                slot.decoding = (options, seed, edges)
+                return
+            slot.changes.append((max(frame, slot.frames_taken), (options, seed, edges)))
 
     def buffered_samples(self, handle: StreamHandle) -> int:
         with self._cond:
@@ -405,8 +428,8 @@ class Engine:
         k, n = self.frames_per_step, self.batch_size
         plan = _StepPlan(np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
                          np.zeros((n, k * FRAME_SIZE), np.float32), np.zeros(n, int), np.zeros(n, bool), {})
-        self._decoding.set_active([(s.decoding[0].temperature > 0, bool(s.decoding[2]))
-                                   for s in self._slots if s.in_use])
+        used = [d for s in self._slots if s.in_use for d in (s.decoding, *(c for _, c in s.changes))]
+        self._decoding.set_active([(options.temperature > 0, bool(edges)) for options, _, edges in used])
         for slot in self._slots:
             if not slot.ready(k):
                 continue
@@ -427,8 +450,15 @@ class Engine:
             for j in range(k):
                 if slot.frames_available() == 0:
                     break  # the end of a closing stream: the rest of this step is padding, never delivered
+                if slot.changes and slot.changes[0][0] <= slot.frames_taken:
+                    # new options from this frame's LM step on (the last of several for one frame); its step
+                    # number is the reference's (frame + 1)
+                    while slot.changes and slot.changes[0][0] <= slot.frames_taken:
+                        _, slot.decoding = slot.changes.pop(0)
+                    plan.reconfigure.setdefault(j, []).append((i, slot.decoding, slot.frames_taken + 1))
                 slot.take_frame(plan.pcm[i, j * FRAME_SIZE:(j + 1) * FRAME_SIZE])
                 plan.deliver[i] += 1
+                slot.frames_taken += 1
         return plan
 
     def _lm_step(self, codes: torch.Tensor, mask: np.ndarray):
@@ -476,7 +506,11 @@ class Engine:
                 codes = self.model.mimi.encode(batch)  # [B, K, frames_per_step]
                 if clock:
                     clock.mark("mimi")
-                steps = [self._lm_step(codes[:, :, j:j + 1], plan.audio) for j in range(self.frames_per_step)]
+                steps = []
+                for j in range(self.frames_per_step):
+                    for i, (options, seed, edges), step in plan.reconfigure.get(j, ()):
+                        self._decoding.configure(i, options, seed, edges, step)
+                    steps.append(self._lm_step(codes[:, :, j:j + 1], plan.audio))
                 if clock:
                     clock.mark("lm")
                 # one host sync per engine step, not one per slot or per frame

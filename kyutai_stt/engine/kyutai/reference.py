@@ -41,22 +41,35 @@ def padded_stream(model: SttModel, pcm: np.ndarray, flush_seconds: float = MIN_F
 def reference_outputs(model: SttModel, pcm: np.ndarray, flush_seconds: float = MIN_FLUSH_SECONDS,
                       mimi_frames_per_call: int = 1, batch_invariant_mode: str | None = None,
                       options: DecodingOptions | None = None, keyterm_boost: float = 5.0,
-                      resets: tuple[int, ...] = ()) -> list[StepOutput]:
+                      resets: tuple[int, ...] = (),
+                      changes: tuple[tuple[int, DecodingOptions], ...] = ()) -> list[StepOutput]:
     """``mimi_frames_per_call`` > 1 encodes several frames per Mimi call: the same codes (Mimi is causal and its
     attention keeps its whole context whatever the call size), much faster for hours of audio.
     ``batch_invariant_mode``: auto/on/off as for ``Engine`` (default ``$KYUTAI_STT_BATCH_INVARIANT``).
     ``options``: the stream's decoding (a sampling stream needs its ``seed``); ``resets``: frames before whose
-    step the LM context is reset, as ``Engine.reset`` does (the LM only, then an init step)."""
+    step the LM context is reset, as ``Engine.reset`` does (the LM only, then an init step); ``changes``:
+    (frame, options) from whose step on the stream decodes with those options, as ``Engine.reconfigure`` does
+    (a change at frame 0 is the same as ``options``)."""
     options = (options or DecodingOptions()).check()
-    if options.temperature > 0 and options.seed is None:
-        raise ValueError("the reference needs the seed of a sampling stream")
     audio = torch.from_numpy(padded_stream(model, pcm, flush_seconds)).to(model.device)
     frames = audio.numel() // FRAME_SIZE
     per_call = mimi_frames_per_call
     audio = torch.nn.functional.pad(audio, (0, (-frames % per_call) * FRAME_SIZE))  # causal: changes nothing before
+    pending = dict(changes)
+    if 0 in pending:
+        options = pending.pop(0).check()
+    # as the engine: a stream's seed is the one of the first options that sample, kept through later changes
+    sampling = [o for _, o in sorted(((0, options), *pending.items()), key=lambda c: c[0]) if o.temperature > 0]
+    seed = sampling[0].seed if sampling else None
+    if sampling and seed is None:
+        raise ValueError("the reference needs the seed of a sampling stream")
     decoding = SlotDecoding(1, model.lm.text_card, FIRST_PIECE_TOKEN, model.device, keyterm_boost)
-    decoding.configure(0, options, options.seed, keyterm_trie(model.tokenizer, options.keyterms))
-    decoding.set_active([(options.temperature > 0, bool(options.keyterms))])
+
+    def configure(new: DecodingOptions, step: int = 0) -> None:
+        decoding.configure(0, new, seed, keyterm_trie(model.tokenizer, new.keyterms), step)
+        decoding.set_active([(new.temperature > 0, bool(new.keyterms))])
+
+    configure(options)
     decoding.exec_mask = torch.ones(1, dtype=torch.bool, device=model.device)
     lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0, on_text_logits_hook=decoding.on_text_logits,
                    on_text_hook=decoding.on_text_token)
@@ -75,6 +88,8 @@ def reference_outputs(model: SttModel, pcm: np.ndarray, flush_seconds: float = M
                     decoding.reset_terms(decoding.exec_mask)
                 if index == 0 or index in resets:
                     lm_gen.step(codes[:, :, :1])  # the init step: its input is replaced by the initial tokens
+                if index in pending:
+                    configure(pending[index], index + 1)
                 tokens, heads = lm_gen.step_with_extra_heads(codes[:, :, j:j + 1])
                 pauses = tuple(float(h[0, 0, 0]) for h in heads) if heads else None
                 outputs.append(StepOutput(index, int(tokens[0, 0, 0]), pauses, 0))

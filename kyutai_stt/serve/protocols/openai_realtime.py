@@ -5,8 +5,13 @@ Client events (the GA names, and the beta ``transcription_session.update``):
 - ``session.update`` / ``transcription_session.update``: input format ``audio/pcm`` at 24 kHz (beta ``pcm16``),
   ``audio/pcmu`` / ``audio/pcma`` (beta ``g711_ulaw`` / ``g711_alaw``, 8 kHz); ``transcription.language`` checked
   against the model's languages; ``transcription.model`` is a label; ``turn_detection`` ``server_vad`` (our VAD
-  head; its threshold and durations are not used) or null (commit by hand). A ``prompt``, ``semantic_vad``,
-  ``noise_reduction`` or ``include`` (log probabilities) is refused with an ``error`` event.
+  head; its threshold and durations are not used) or null (commit by hand). ``transcription.prompt`` is read as a
+  list of keyterms, comma- or newline-separated, as on the file endpoint (the model takes no text prompt), and
+  ``transcription.keywords`` (the SDK's list of words or phrases) adds its own: they
+  take effect at the end of the audio appended so far (before any audio: from the start), so the words depend on
+  the audio and the events only; too many or too long terms get an ``error`` event. OpenAI's transcription session
+  has no temperature: the server's default sampling applies. ``noise_reduction`` or ``include`` (log
+  probabilities) is refused with an ``error`` event.
 - ``input_audio_buffer.append`` (base64 audio), ``.commit`` (flush now: ``flush.flush_now``; every word of the
   audio so far ends the current item), ``.clear`` (the audio not yet transcribed is flushed and its words dropped).
 
@@ -25,13 +30,14 @@ import base64
 import binascii
 import itertools
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 
 from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.audio.decoders import StreamDecoder, stream_decoder
+from kyutai_stt.engine.contract import DecodingOptions, split_keyterms
 from kyutai_stt.messages import openai_realtime as rt
 from kyutai_stt.messages.events import EndOfTurn, Error, Event, Marker, Text, Word
 from kyutai_stt.messages.languages import base_language
@@ -81,6 +87,9 @@ class _Config:
         self.head: int | None = None  # the VAD head read (None: the model's)
         self.eagerness = "auto"
         self.prefix_padding_ms = 0
+        self.prompt: tuple[str, ...] = ()  # transcription.prompt, read as keyterms
+        self.keywords: tuple[str, ...] = ()  # transcription.keywords
+        self.keyterms: tuple[str, ...] = ()  # both: the stream's
 
     def update(self, session: dict[str, Any]) -> None:
         if session.get("type") not in (None, "transcription"):
@@ -104,9 +113,8 @@ class _Config:
             if isinstance(fmt, dict) and fmt.get("rate") not in (None, 24000):
                 raise RealtimeError("audio/pcm is 24000 Hz", "session.audio.input.format.rate")
             self.format = FORMATS[name]
-        if transcription.get("prompt"):
-            raise RealtimeError("prompt is not supported: the model takes no text prompt",
-                                "session.audio.input.transcription.prompt")
+        if "prompt" in transcription or "keywords" in transcription:
+            self._keyterms(transcription)
         if transcription.get("language"):
             if base_language(transcription["language"]) not in self.languages:
                 raise RealtimeError(f"language {transcription['language']!r} is not supported by the served model, "
@@ -116,6 +124,26 @@ class _Config:
         self.model = transcription.get("model") or self.model
         if turn != "unset":
             self._turn_detection(turn)
+
+    def _keyterms(self, transcription: dict) -> None:
+        """``prompt`` (a comma/newline-separated list, as on the file endpoint) and ``keywords`` (the SDK's list of
+        words or phrases), each kept until the client sets it again: the stream's keyterms are both."""
+        param = "session.audio.input.transcription"
+        prompt, keywords = self.prompt, self.keywords
+        if "prompt" in transcription:
+            prompt = split_keyterms(transcription["prompt"] or "")
+        if "keywords" in transcription:
+            keywords = transcription["keywords"] or []
+            if not isinstance(keywords, list) or not all(isinstance(k, str) for k in keywords):
+                raise RealtimeError("keywords must be a list of strings", f"{param}.keywords")
+            keywords = tuple(k.strip() for k in keywords)
+        keyterms = tuple(dict.fromkeys(keywords + prompt))
+        try:
+            DecodingOptions(keyterms=keyterms).check()
+        except ValueError as exc:
+            which = "prompt" if "prompt" in transcription else "keywords"
+            raise RealtimeError(f"{which} (keyterms): {exc}", f"{param}.{which}") from None
+        self.prompt, self.keywords, self.keyterms = prompt, keywords, keyterms
 
     def _turn_detection(self, turn) -> None:
         """server_vad and semantic_vad both read the model's VAD head (its pause probability); null: commits only.
@@ -165,7 +193,9 @@ class _Config:
         fmt = rt.PcmFormat() if self.format == "pcm16" else \
             rt.G711Format(type="audio/pcmu" if self.format == "g711_ulaw" else "audio/pcma")
         return rt.TranscriptionSession(id=session_id, audio=rt.SessionAudio(input=rt.AudioInput(
-            format=fmt, transcription=rt.Transcription(model=self.model, language=self.language),
+            format=fmt, transcription=rt.Transcription(model=self.model, language=self.language,
+                                                       prompt=", ".join(self.prompt),
+                                                       keywords=list(self.keywords) or None),
             turn_detection=self._describe_turns() if self.server_vad else None)))
 
     def _describe_turns(self) -> rt.TurnDetection | rt.SemanticTurnDetection:
@@ -189,7 +219,10 @@ class RealtimeTranslator(runner.Translator):
 
     protocol = "openai_realtime"
 
-    def __init__(self, session: Session, info, default_eot: float):
+    def __init__(self, session: Session, info, default_eot: float,
+                 decoding_options: Callable[..., DecodingOptions] = DecodingOptions):
+        """``decoding_options(keyterms=...)``: a stream's decoding with the server's defaults
+        (``Service.decoding_options``)."""
         self.config = _Config(info.languages, info.vad_horizons, default_eot)
         super().__init__(self.config.decoder())
         # the turn layer without flushes: an automatic commit comes once the turn's last word is final, and the
@@ -210,6 +243,8 @@ class RealtimeTranslator(runner.Translator):
         self.spelling = ""  # deltas of the word being spelt (its Word not come yet)
         self.carried = 0  # words whose deltas went out with an item that is over: their Word is not added again
         self.client_event_id: str | None = None  # of the client event being handled
+        self.decoding_options = decoding_options
+        self.keyterms: tuple[str, ...] = ()  # the stream's, as last sent to the session
 
     def emit(self, event: rt.ServerEvent) -> str:
         event.event_id = f"event_{next(self.event_ids)}"
@@ -247,6 +282,9 @@ class RealtimeTranslator(runner.Translator):
             inputs: list[runner.Input] = []
             if self.config.format != before:
                 inputs.append(runner.Configure(self.config.decoder()))
+            if self.config.keyterms != self.keyterms:  # also those of an earlier update refused for another field
+                self.keyterms = self.config.keyterms
+                inputs.append(runner.Decode(self.decoding_options(keyterms=self.keyterms)))
             self.turns.thresholds = self.config.thresholds()
             beta = event.type.startswith("transcription_session")
             updated = rt.SessionUpdated(type="transcription_session.updated" if beta else "session.updated",
@@ -342,11 +380,12 @@ class RealtimeTranslator(runner.Translator):
 @router.websocket("/v1/realtime")
 async def realtime_socket(ws: WebSocket) -> None:
     intent = ws.query_params.get("intent")
-    session = await open_session(ws, "openai_realtime")
+    service = get_service(ws)
+    session = await open_session(ws, "openai_realtime", decoding=service.decoding_options())
     if session is None:
         return
-    service = get_service(ws)
-    translator = RealtimeTranslator(session, service.running_engine.info, service.settings.end_of_turn_threshold)
+    translator = RealtimeTranslator(session, service.running_engine.info, service.settings.end_of_turn_threshold,
+                                    service.decoding_options)
     if intent != "transcription":
         await ws.send_text(translator.error("only transcription sessions are served here: connect with "
                                             "?intent=transcription", "intent", "unsupported_intent"))

@@ -29,6 +29,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.audio.decoders import StreamDecoder
+from kyutai_stt.engine.contract import DecodingOptions
 from kyutai_stt.messages.events import Error, Event
 from kyutai_stt.serve.protocols.common import close, receive_message
 from kyutai_stt.serve.protocols.errors import (ERROR_KINDS, INTERNAL_ERROR, NORMAL, CloseSocket, FinishThenClose,
@@ -96,7 +97,14 @@ class ResetContext:
     """Reset the model's context now (a client's request); the session answers with a ``Reset`` event."""
 
 
-Input = Union[Audio, Samples, Marker, Flush, End, Configure, Reply, ResetContext]
+@dataclass(frozen=True)
+class Decode:
+    """Decode with ``options`` from the end of the audio so far (``Session.reconfigure``; a setting mid-stream)."""
+
+    options: DecodingOptions
+
+
+Input = Union[Audio, Samples, Marker, Flush, End, Configure, Reply, ResetContext, Decode]
 Outgoing = Union[str, bytes]  # a text or binary WebSocket message
 
 
@@ -180,6 +188,10 @@ async def feed_inputs(receive: Receive, send: Send, session: Session, translator
                 await send(messages)
             case ResetContext():
                 session.reset_context("client")
+            case Decode(options=options):
+                # not flushing the decoder: a resampler's held samples count as after the change, and its audio
+                # stays as without the change
+                session.reconfigure(options)
             case End():
                 if decoder is not None:  # a container's or a whole file's rest takes a while: off the event loop
                     session.push_pcm(await asyncio.to_thread(decoder.end))
