@@ -222,6 +222,11 @@ class Engine:
             if slot is not None and not slot.closing:
                 slot.needs_reset = slot.reset_asked = True
 
+    def reconfigure(self, handle: StreamHandle, options: DecodingOptions, frame: int) -> None:
+        """Greedy labels only (see ``open``): the default options are the only ones, anything else is refused."""
+        if not options.check().is_default:
+            raise ValueError("the NeMo family decodes greedily: temperature and keyterms are not supported")
+
     def _own(self, handle: StreamHandle) -> _Slot | None:
         slot = self._slots[handle.slot]
         return slot if slot.in_use and slot.stream_id == handle.stream_id else None
