@@ -29,6 +29,7 @@ import torch
 
 from kyutai_stt.audio.decode import load_audio_file
 from kyutai_stt.audio.constants import FRAME_SIZE
+from kyutai_stt.engine.contract import DecodingOptions
 from kyutai_stt.engine.kyutai.checkpoint import load_model
 from kyutai_stt.engine.kyutai.engine import Engine, StreamEnd
 from kyutai_stt.engine.kyutai.reference import reference_outputs
@@ -87,13 +88,14 @@ class Deadline:
 
 
 def run_parity(model, reference_model, name: str, dtype: str, slots: int, mode: str, clips, references,
-               pace: float, deadline: Deadline, seed: int) -> Parity:
+               pace: float, deadline: Deadline, seed: int, options=None) -> Parity:
     result = Parity(name, dtype, slots, mode, len(clips))
     start = time.perf_counter()
     engine = Engine(model, slots, flush_seconds=FLUSH_SECONDS, frames_per_step=1, batch_invariant_mode=mode)
     engine.start()
     try:
-        feeders = [Feeder(engine, clip, seed + i, pause=(0.25, 0.3 * pace), join_within=2.0 * pace)
+        feeders = [Feeder(engine, clip, seed + i, pause=(0.25, 0.3 * pace), join_within=2.0 * pace,
+                          options=options[i] if options else None)
                    for i, clip in enumerate(clips)]
         run_feeders(feeders, timeout=max(1.0, deadline.left()))
     finally:
@@ -119,8 +121,9 @@ def run_capacity(model, name: str, dtype: str, slots: int, mode: str, steps: int
     try:
         engine.warmup(3)
         n = slots
-        plan = _StepPlan(np.zeros(n, bool), np.zeros(n, bool), np.ones(n, bool),
-                         np.zeros((n, FRAME_SIZE), np.float32), np.zeros(n, int), {})
+        plan = _StepPlan(reset=np.zeros(n, bool), init=np.zeros(n, bool), audio=np.ones(n, bool),
+                         pcm=np.zeros((n, FRAME_SIZE), np.float32), deliver=np.zeros(n, int),
+                         context_reset=np.zeros(n, bool), targets={})
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -181,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
                         help="reuse a checkpoint folder (tiny=DIR, 1b=DIR); missing ones are made in --out")
     parser.add_argument("--quick", action="store_true", help="small sizes (CPU smoke test)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="parity with sampling: stream i samples at this temperature with seed 1000 + i, its "
+                             "reference too (0: greedy, the default)")
     parser.add_argument("--deadline-s", type=float, default=480, help="global deadline; phases past it are skipped")
     args = parser.parse_args(argv)
 
@@ -196,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
             ["tiny", "1b"], ["bfloat16", "float32"], [1, 64, 256], 16, (3.0, 6.0), [256, 512], 60, 1.0)
     report = Report(args.device, torch.__version__)
     clips = speech_cuts([audio], streams, seconds, random.Random(13))
+    # with sampling, a stream's draws depend on its seed and step only: the reference with the same seed is exact
+    options = ([DecodingOptions(temperature=args.temperature, seed=1000 + i).check() for i in range(len(clips))]
+               if args.temperature > 0 else None)
 
     for name in names:
         if deadline.left() < 30:
@@ -207,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             reference_model = load_model(str(folder), args.device, dtype)
             modes = ["on"] + (["off"] if dtype == dtypes[0] else [])
             for mode in modes:
-                references = [reference_outputs(reference_model, clip, FLUSH_SECONDS, batch_invariant_mode=mode)
-                              for clip in clips]
+                references = [reference_outputs(reference_model, clip, FLUSH_SECONDS, batch_invariant_mode=mode,
+                                                options=options[i] if options else None)
+                              for i, clip in enumerate(clips)]
                 slots_here = slot_counts if mode == "on" else [s for s in slot_counts if s > 1][:1]
                 for slots in slots_here:
                     if deadline.left() < 20:
@@ -216,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     try:
                         result = run_parity(model, reference_model, name, dtype, slots, mode, clips, references,
-                                            pace if slots > 1 else pace * 0.3, deadline, seed=100 + slots)
+                                            pace if slots > 1 else pace * 0.3, deadline, seed=100 + slots,
+                                            options=options)
                     except Exception as exc:  # keep going: the table says what failed
                         result = Parity(name, dtype, slots, mode, len(clips), error=f"{type(exc).__name__}: {exc}")
                     report.parity.append(result)
