@@ -24,11 +24,15 @@ import soundfile
 from kyutai_stt.stream import formats
 from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.engine.kyutai.checkpoint import load_model
-from kyutai_stt.messages.events import Word
-from kyutai_stt.engine.kyutai.info import END_OF_TURN_HEAD
+from kyutai_stt.engine.contract import StreamEnd
+from kyutai_stt.engine.kyutai.engine import flush_frame_count
+from kyutai_stt.engine.kyutai.info import describe
+from kyutai_stt.messages.events import EndOfTurn, Word
+from kyutai_stt.stream.reader import OutputReader
+from kyutai_stt.stream.turns import TurnThresholds, TurnTracker
 from kyutai_stt.settings import Settings
 from kyutai_stt.serve.ui import STATIC_DIR
-from kyutai_stt.stream.words import WordAssembler, pair_words
+from kyutai_stt.stream.words import pair_words
 
 from .conftest import FLUSH_SECONDS, RunningServer, free_port, start_server
 
@@ -188,28 +192,21 @@ def check_ogg_opus_messages(messages: list[bytes]) -> None:
 
 
 def expected_transcript(reference, pcm: np.ndarray, threshold: float = 0.5) -> list[tuple[str, float, float, int]]:
-    """(text, start, end, turn) per word, from the single-stream reference, assembled as session.py does."""
+    """(text, start, end, turn) per word, from the single-stream reference read as the session reads it (the
+    reader, then the turn layer: a turn ends after the word being spelt, ``stream.turns``)."""
     model = reference.model
+    info = describe(model, 2, flush_frame_count(model, FLUSH_SECONDS))
     outputs = reference.outputs(pcm)
-    assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
-    assembler.audio_end = len(pcm) / SAMPLE_RATE  # no time past the audio, as the session does
-    events, turns = [], []
-    turn, words_in_turn, last_pause = 0, 0, 1.0
-    for out in outputs:
-        for event in assembler.feed(out.frame, out.token):
-            events.append(event)
-            if isinstance(event, Word):
-                turns.append(turn)
-                words_in_turn += 1
-        if out.pauses is not None:
-            pause = out.pauses[END_OF_TURN_HEAD]
-            if pause >= threshold > last_pause and words_in_turn:
-                turn, words_in_turn = turn + 1, 0
-            last_pause = pause
-    for event in assembler.finish(len(outputs)):
-        events.append(event)
+    reader, tracker = OutputReader(info, threshold), TurnTracker(info, TurnThresholds(eot=threshold))
+    events = [e for out in outputs for event in reader.step(out, 0) for e in tracker.feed(event)]
+    reader.set_audio_end(len(pcm) / SAMPLE_RATE)  # no time past the audio, as the session does
+    events += [e for event in reader.end(StreamEnd(frames=len(outputs))) for e in tracker.feed(event)]
+    turn, turns = 0, []
+    for event in events:
         if isinstance(event, Word):
             turns.append(turn)
+        elif isinstance(event, EndOfTurn):
+            turn += 1
     return [(w.text, w.start, w.end, t) for w, t in zip(pair_words(events), turns)]
 
 

@@ -73,6 +73,7 @@ def test_keyterm_trie_shares_prefixes(model):
     assert len(edges) == 3
 
 
+@pytest.mark.slow  # engine parity with neighbours over real speech: minutes on 2 cores (CI runs -m slow)
 def test_sampling_keyterms_and_reset_equal_the_reference_whatever_the_neighbours(model, bria, reference):
     clip, other, third = (bria[24000 * a: 24000 * (a + 2)].copy() for a in (3, 9, 15))
     greedy = reference.tokens(clip)
@@ -130,6 +131,7 @@ class _Sink:
                 self.done.set()
 
 
+@pytest.mark.slow  # engine parity with neighbours over real speech: minutes on 2 cores (CI runs -m slow)
 def test_reconfigure_at_a_frame_equals_the_reference_with_that_change(model, bria, reference):
     """``Engine.reconfigure`` (Realtime's session.update): before any audio it is as if opened with the options;
     mid-stream the options start at the given frame however late the call comes, as in the reference's
