@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,11 +11,15 @@ import soundfile
 
 from kyutai_stt.audio.decode import load_audio_file
 
+from .conftest import FLUSH_SECONDS
 from .helpers import expected_words
 
 
 def kyutai_stt(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kyutai_stt.cli", *args], capture_output=True, text=True, timeout=600)
+    # the flush the tests' servers and reference use (the default is now the minimal one: the delay + one frame)
+    env = {**os.environ, "KYUTAI_STT_FLUSH_SECONDS": str(FLUSH_SECONDS)}
+    return subprocess.run([sys.executable, "-m", "kyutai_stt.cli", *args], capture_output=True, text=True,
+                          timeout=600, env=env)
 
 
 def test_transcribe_in_process_and_via_url_agree_with_reference(tmp_path, checkpoint_dir, server, reference, sounds):
