@@ -279,44 +279,5 @@ async def test_server_serves_the_nemo_family(nemo_server, nemo_model, bria):
     assert frames and float(frames[0].split()[-1]) >= 4 * 50  # four streams of 50 frames were transcribed
 
 
-async def test_deepgram_sdk_live_finalize(nemo_server, nemo_model, bria):
-    """Deepgram's SDK over /v1/listen: a Finalize is answered (the flush feeds the chunk's look-ahead) and the final
-    words are the reference's for the audio the engine heard (the client's, with the flush silence inside)."""
-    from deepgram.listen.v1.types import ListenV1Results
-
-    from kyutai_stt.stream.flush import Timeline  # noqa: F401  (the silence below is what flush_now feeds)
-
-    from .test_agents import deepgram_client
-
-    first, second = bria[24000 * 2: 24000 * 2 + 37000], bria[24000 * 5: 24000 * 7]
-    info = nemo_server.engine.info
-    silence = -len(first) % 1920 + (info.frames_per_step + info.lookahead_frames) * 1920
-    heard = np.concatenate([first, np.zeros(silence, np.float32), second])
-    assembler = WordAssembler.for_model(info)
-    events = []
-    for frame, token in enumerate(expected_tokens(nemo_model, heard)):
-        events += assembler.feed(frame, token)
-    events += assembler.finish(-(-len(heard) // 1920))
-    want = [w.text for w in pair_words(e for e in events if isinstance(e, (Word, WordEnd)))]
-    assert len(want) > 2
-    messages = []
-    pcm16 = lambda pcm: (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()  # noqa: E731
-    async with deepgram_client(nemo_server).listen.v1.connect(
-            model="nova-3", encoding="linear16", sample_rate=24000, channels=1, interim_results="true") as socket:
-        data = pcm16(first)
-        for i in range(0, len(data), 3840):
-            await socket.send_media(data[i:i + 3840])
-        await socket.send_finalize()
-        async for message in socket:
-            messages.append(message)
-            if isinstance(message, ListenV1Results) and message.from_finalize:
-                break
-        data = pcm16(second)
-        for i in range(0, len(data), 3840):
-            await socket.send_media(data[i:i + 3840])
-        await socket.send_close_stream()
-        async for message in socket:
-            messages.append(message)
-    got = [w.word for m in messages if isinstance(m, ListenV1Results) and m.is_final
-           for w in m.channel.alternatives[0].words]
-    assert got == want
+# Deepgram live + Finalize on the NeMo family: tests/test_protocol_families.py::test_deepgram_live_finalize[nemo]
+# (the finalize closes the word in progress; its expectation reads the audio as two streams, as the server does)
