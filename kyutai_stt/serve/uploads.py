@@ -219,7 +219,7 @@ async def read_form_file(request: Request, file: UploadFile) -> Upload:
 
 
 # ------------------------------------------------------------------------------------------------ the session
-def upload_events(request: Request, upload: Upload, diarize: bool = False, decoding: DecodingOptions | None = None):
+def upload_events(request: Request, upload: Upload, *, diarize: bool = False, decoding: DecodingOptions | None = None):
     """The events of a session over the upload (async iterator; ``diarize``: words with speakers). Its first step
     waits up to ``http_slot_wait_s`` for a slot and raises ``NoFreeSlot`` when none comes (the app answers 503).
     ``decoding``: sampling and keyterms (default: the server's, ``service.decoding_options``)."""
@@ -230,12 +230,12 @@ def upload_events(request: Request, upload: Upload, diarize: bool = False, decod
                           decoding=decoding or service.decoding_options())
 
 
-async def transcribe(request: Request, upload: Upload, diarize: bool = False,
+async def transcribe(request: Request, upload: Upload, *, diarize: bool = False,
                      decoding: DecodingOptions | None = None) -> list[Word | WordEnd]:
     """The words of the upload and their ends, in order (``diarize``: words carry ``speaker``); an engine failure
     is a 500."""
     words: list[Word | WordEnd] = []
-    async for event in upload_events(request, upload, diarize, decoding):
+    async for event in upload_events(request, upload, diarize=diarize, decoding=decoding):
         if isinstance(event, Error):
             raise HttpProblem(500, event.message, "failed")
         if isinstance(event, (Word, WordEnd)):

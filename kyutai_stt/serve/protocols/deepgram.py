@@ -547,7 +547,7 @@ async def listen_file(request: Request, request_id: Annotated[str, Depends(_requ
         raise HttpProblem(400, "diarize=true needs a server started with a diarizer (--diarizer)",
                           code="INVALID_QUERY_PARAMETER")
     decoding = get_service(request).decoding_options(keyterms=tuple(options.keyterms))
-    events = await transcribe(request, upload, options.diarize, decoding)
+    events = await transcribe(request, upload, diarize=options.diarize, decoding=decoding)
     speakers = [e.speaker for e in events if isinstance(e, Word)]  # one per paired word, in order
     words = [_result_word(w.text, w.start, w.end, speaker)
              for w, speaker in zip(pair_words(events), speakers)]

@@ -144,7 +144,7 @@ async def transcriptions(
     upload = await read_form_file(request, file)
 
     if stream.lower() == "true":
-        events = upload_events(request, upload, decoding)
+        events = upload_events(request, upload, decoding=decoding)
         first = await anext(events)  # take the slot now, so a full server answers 503 rather than a broken stream
 
         async def sse():
@@ -161,7 +161,7 @@ async def transcriptions(
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    events = await transcribe(request, upload, diarize, decoding)
+    events = await transcribe(request, upload, diarize=diarize, decoding=decoding)
     words = pair_words(events)
     speakers = [e.speaker for e in events if isinstance(e, Word)] if diarize else None  # one per paired word
     text = to_text(words)
