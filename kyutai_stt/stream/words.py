@@ -88,17 +88,7 @@ class WordAssembler:
         if self.piece_starts_word:
             return self._feed_piece_word(frame, token, now)
         if token >= self.first_piece_token:
-            data = piece_bytes(self.piece(token))
-            if self._start is None:
-                self._start = now
-            self._bytes += data
-            text = self._text.decode(data)  # "" while a character's bytes are incomplete
-            if text:
-                if not self._texted and not text.startswith(" "):
-                    text = " " + text
-                self._texted = True
-                out.append(Text(text=text, time=now))
-            return out
+            return self._add_piece(self.piece(token), now)
         if token not in (self.padding_token, self.boundary_token):
             return out  # bos/eos/unk-like ids carry no text
         out.extend(self._complete())
@@ -121,18 +111,22 @@ class WordAssembler:
             if self._open_word:
                 out.append(WordEnd(stop_time=min(now, self._last_piece + 1 / self.frame_rate)))
                 self._open_word = False
+        self._last_piece = now
+        return out + self._add_piece(piece, now)
+
+    def _add_piece(self, piece: str, now: float) -> list[Text]:
+        """One piece into the word being assembled; its text, once whole characters, as a ``Text``."""
         data = piece_bytes(piece)
         if self._start is None:
             self._start = now
-        self._last_piece = now
         self._bytes += data
-        text = self._text.decode(data)
-        if text:
-            if not self._texted and not text.startswith(" "):
-                text = " " + text
-            self._texted = True
-            out.append(Text(text=text, time=now))
-        return out
+        text = self._text.decode(data)  # "" while a character's bytes are incomplete
+        if not text:
+            return []
+        if not self._texted and not text.startswith(" "):
+            text = " " + text
+        self._texted = True
+        return [Text(text=text, time=now)]
 
     def _complete(self) -> list[Word]:
         if not self._bytes:
