@@ -66,14 +66,15 @@ async def run(args) -> dict:
         want = [tuple(w) for w in json.loads(cache.read_text())]
         want_pauses = np.load(cache_pauses)
     else:
-        outputs = reference_outputs(model, audio, args.flush_seconds, 25)
+        outputs = reference_outputs(model, audio, args.flush_seconds, args.frames_per_step or None)  # the server's
         want = word_tuples(expected_from_outputs(model, outputs, len(audio) / SAMPLE_RATE))
         want_pauses = np.array([o.pauses or () for o in outputs], np.float32)
         cache.write_text(json.dumps(want))
         np.save(cache_pauses, want_pauses)
         del outputs
     want_neighbour = word_tuples(expected_from_outputs(model, reference_outputs(model, neighbour_clip,
-                                                                                args.flush_seconds),
+                                                                                args.flush_seconds,
+                                                                                args.frames_per_step or None),
                                                        len(neighbour_clip) / SAMPLE_RATE))
     reference_s = time.monotonic() - t
     del model

@@ -55,7 +55,8 @@ class Reference:
         self._cache: dict[bytes, list] = {}
 
     def outputs(self, pcm: np.ndarray, **decoding):
-        """``decoding``: ``options``, ``keyterm_boost``, ``resets`` of ``reference_outputs``."""
+        """``decoding``: ``options``, ``keyterm_boost``, ``resets``, ``mimi_frames_per_call`` of ``reference_outputs``
+        (frames per Mimi call: by default 2, the servers' ``frames_per_step`` on CPU, so the arithmetic is theirs)."""
         key = np.asarray(pcm, np.float32).tobytes() + repr(sorted(decoding.items())).encode()
         if key not in self._cache:
             outputs = ReferenceOutputs(reference_outputs(self.model, pcm, FLUSH_SECONDS, **decoding))

@@ -21,9 +21,8 @@ from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
 from kyutai_stt.messages.events import Word
 from kyutai_stt.stream.words import WordAssembler, pair_words
 
-from kyutai_stt.engine.kyutai.reference import reference_outputs
 
-from .conftest import FLUSH_SECONDS, start_server
+from .conftest import start_server
 from .helpers import expected_events
 
 PING_S = 1.0  # uvicorn closes a connection whose pong is 2 s late
@@ -46,8 +45,7 @@ def words_before_marker(reference, pcm: np.ndarray) -> list[tuple[str, float]]:
     model = reference.model
     lead = model.delay_frames + model.prefix_frames
     needed = math.ceil(len(pcm) / FRAME_SIZE) + lead
-    # several Mimi frames per call: the same codes (see reference_outputs), many times faster on long audio
-    outputs = reference_outputs(model, pcm, FLUSH_SECONDS, mimi_frames_per_call=25)
+    outputs = reference.outputs(pcm)  # 2 frames per Mimi call, as the server (see reference_outputs)
     assert len(outputs) >= needed
     assembler = WordAssembler(model.tokenizer.id_to_piece, lead)
     words = [e for out in outputs[:needed] for e in assembler.feed(out.frame, out.token) if isinstance(e, Word)]

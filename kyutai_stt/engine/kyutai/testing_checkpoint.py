@@ -385,7 +385,7 @@ def make_stall_checkpoint(source: str | Path, folder: str | Path, audio: np.ndar
     state["text_emb.weight"][3, k] = _STALL_MAGNITUDE
     save_file(state, str(folder / LM_FILE))
     model = load_model(str(folder), "cpu", "float32")
-    outputs = reference_outputs(model, audio, mimi_frames_per_call=8)
+    outputs = reference_outputs(model, audio)
     start = round(after_seconds * FRAME_RATE) + model.delay_frames + model.prefix_frames
     first_seen: dict[int, int] = {}
     for o in outputs:
