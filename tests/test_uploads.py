@@ -92,8 +92,8 @@ async def test_a_declared_oversized_upload_is_refused_before_its_body(capped, pa
 
 @pytest.mark.parametrize("path,content_type", ENDPOINTS)
 async def test_an_undeclared_oversized_upload_is_cut_off_at_the_cap(capped, path, content_type):
-    """A chunked body of no declared length is read up to the cap, then refused: the client, which has 4 times the
-    cap to send, is answered long before it has sent it all."""
+    """A chunked body of no declared length is read up to the cap, then refused and the connection closed: the
+    client, which has 4 times the cap to send, is answered long before it has sent it all."""
     reader, writer = await asyncio.open_connection("127.0.0.1", capped.port)
     writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
                  "Transfer-Encoding: chunked\r\n\r\n".encode())
@@ -107,16 +107,23 @@ async def test_an_undeclared_oversized_upload_is_cut_off_at_the_cap(capped, path
             writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             await writer.drain()
             sent += len(chunk)
+            await asyncio.sleep(0)  # drain() need not yield: let the reader see the answer as soon as it comes
 
     sender = asyncio.create_task(send())
     try:
         status, body = await asyncio.wait_for(read_response(reader), timeout=60)
+        sent_when_answered = sent
+        try:  # the server closed the connection: an end of file, or a reset (it closed with our bytes unread)
+            closed = await asyncio.wait_for(reader.read(), timeout=30) == b""
+        except ConnectionResetError:
+            closed = True
     finally:
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
         writer.close()
     assert status == 413 and f"larger than {CAP} bytes" in error_message(body), body
-    assert CAP <= sent < 2 * CAP, sent
+    assert CAP <= sent_when_answered < 2 * CAP, sent_when_answered
+    assert closed
 
 
 async def test_a_big_upload_leaves_the_event_loop_free(capped, sounds, monkeypatch):

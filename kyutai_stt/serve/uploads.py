@@ -71,7 +71,9 @@ def server_busy() -> HttpProblem:
 
 
 def too_large(limit: int) -> HttpProblem:
-    return HttpProblem(413, f"file larger than {limit} bytes", "too_large")
+    # "Connection: close": uvicorn would otherwise keep the connection and read (and drop) the rest of the body,
+    # however large, to reuse it for another request
+    return HttpProblem(413, f"file larger than {limit} bytes", "too_large", headers={"Connection": "close"})
 
 
 ProblemRenderer = Callable[[Request, HttpProblem], Response]
