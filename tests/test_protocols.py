@@ -276,11 +276,13 @@ def test_in_process_transcribe_stream(checkpoint_dir, reference, sounds):
 
 # ----------------------------------------------------------------------------- auth and session bounds
 async def test_auth_on_every_endpoint(secured, sounds):
-    for path in ("/api/asr-streaming", "/v1/stream", "/ws"):
+    for path in ("/api/asr-streaming", "/v1/stream", "/ws", "/v1/realtime", "/v1/listen", "/v2/listen"):
         with pytest.raises(websockets.InvalidStatus) as denied:
             async with websockets.connect(secured.ws + path):
                 pass
-        assert denied.value.response.status_code == 401
+        assert denied.value.response.status_code == 401, path
+        if path.startswith(("/v1/listen", "/v2/listen")):  # Deepgram's REST error body
+            assert json.loads(denied.value.response.body)["err_code"] == "INVALID_AUTH"
     with pytest.raises(websockets.InvalidStatus):
         async with websockets.connect(secured.ws + "/api/asr-streaming", additional_headers={"kyutai-api-key": "wrong"}):
             pass

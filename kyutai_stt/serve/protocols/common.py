@@ -33,12 +33,22 @@ async def close(ws: WebSocket, code: int, reason: str = "") -> None:
             await asyncio.wait_for(ws.close(code, reason), timeout=5)
 
 
-async def _deny(ws: WebSocket, status: int, message: str) -> None:
-    """Refuse the upgrade with an HTTP status (servers without the denial extension: close, i.e. HTTP 403)."""
+async def deny(ws: WebSocket, response: JSONResponse, message: str) -> None:
+    """Refuse the upgrade with ``response``: an HTTP status and the protocol's error body. On a server without the
+    denial extension: accept, then close with ``message`` (policy violation), so the client still reads why."""
     try:
-        await ws.send_denial_response(JSONResponse({"detail": message}, status_code=status))
+        await ws.send_denial_response(response)
     except RuntimeError:
-        await ws.close(POLICY_VIOLATION, message)
+        await ws.accept()
+        await close(ws, POLICY_VIOLATION, message)
+
+
+Refusal = Callable[[int, str], JSONResponse]  # (HTTP status, message) -> a refused upgrade's body, in the protocol's shape
+
+
+def detail_refusal(status: int, message: str) -> JSONResponse:
+    """The default shape of a refused upgrade's body (FastAPI's)."""
+    return JSONResponse({"detail": message}, status_code=status)
 
 
 def _origin_allowed(ws: WebSocket) -> bool:
@@ -50,12 +60,13 @@ def _origin_allowed(ws: WebSocket) -> bool:
     return urlsplit(origin).netloc == ws.headers.get("host")  # same origin is always fine
 
 
-async def deny_unauthorized(ws: WebSocket) -> bool:
+async def deny_unauthorized(ws: WebSocket, refusal: Refusal = detail_refusal) -> bool:
     """Refuse the upgrade with HTTP 401 when API keys are configured and none matches. True when refused."""
     if is_authorized(ws):
         return False
     get_service(ws).metrics.errors.labels("unauthorized").inc()
-    await _deny(ws, 401, "missing or invalid API key")
+    message = "missing or invalid API key"
+    await deny(ws, refusal(401, message), message)
     return True
 
 
@@ -109,16 +120,18 @@ async def parse_query(ws: WebSocket, model: type[Q], value_error: str | None = N
 
 async def open_session(ws: WebSocket, protocol: str,
                        on_full: Callable[[str], Awaitable[None]] | None = None, channels: int = 1,
-                       diarize: bool = False, decoding: DecodingOptions | None = None) -> Session | None:
+                       diarize: bool = False, decoding: DecodingOptions | None = None,
+                       refusal: Refusal = detail_refusal) -> Session | None:
     """Admit a client: key, origin, a free slot (or a bounded wait for one; ``channels`` slots for a multichannel
     stream; ``diarize``: speakers on its words). None when refused (already closed). ``decoding``: the stream's
-    sampling and keyterms (``service.decoding_options``; default the server's)."""
+    sampling and keyterms (``service.decoding_options``; default the server's). ``refusal``: the protocol's body
+    for a refused upgrade (401, 403)."""
     service = get_service(ws)
-    if await deny_unauthorized(ws):
+    if await deny_unauthorized(ws, refusal):
         return None
     if not _origin_allowed(ws):
         service.metrics.errors.labels("forbidden_origin").inc()
-        await _deny(ws, 403, "origin not allowed")
+        await deny(ws, refusal(403, "origin not allowed"), "origin not allowed")
         return None
     await ws.accept()
     client = ws.client.host if ws.client else "?"

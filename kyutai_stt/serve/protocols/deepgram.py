@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import re
 import uuid
 from datetime import datetime, timezone
@@ -78,9 +77,8 @@ from kyutai_stt.messages.deepgram import (
 )
 from kyutai_stt.messages.errors import MessageError, UnknownMessage
 from kyutai_stt.messages.events import MAX_CHANNELS, EndOfTurn, Error, Marker, Text, Word, WordEnd
-from kyutai_stt.serve.auth import is_authorized
 from kyutai_stt.serve.protocols import runner
-from kyutai_stt.serve.protocols.common import POLICY_VIOLATION, close, open_session
+from kyutai_stt.serve.protocols.common import POLICY_VIOLATION, deny, deny_unauthorized, open_session
 from kyutai_stt.serve.service import get_service
 from kyutai_stt.serve.uploads import (
     HttpProblem,
@@ -212,7 +210,7 @@ def parse_options(params: list[tuple[str, str]], languages: tuple[str, ...], str
     return options
 
 
-def _rest_error(status: int, message: str, err_code: str, request_id: str) -> JSONResponse:
+def rest_error(status: int, message: str, err_code: str, request_id: str) -> JSONResponse:
     body = RestError(err_code=err_code, err_msg=message, request_id=request_id)
     return JSONResponse(body.model_dump(), status_code=status)
 
@@ -466,13 +464,10 @@ async def listen_socket(ws: WebSocket) -> None:
         if options.diarize and get_service(ws).diarizer is None:
             raise DeepgramError("diarize=true needs a server started with a diarizer (--diarizer)")
     except DeepgramError as exc:
-        if not is_authorized(ws):
-            await _deny(ws, _rest_error(401, "Invalid credentials.", "INVALID_AUTH", request_id))
-            return
-        await _deny(ws, _rest_error(400, str(exc), exc.err_code, request_id))
+        await refuse_query(ws, exc, request_id)
         return
     session = await open_session(ws, "deepgram", channels=options.channels if options.multichannel else 1,
-                                 diarize=options.diarize,
+                                 diarize=options.diarize, refusal=refusal(request_id),
                                  decoding=get_service(ws).decoding_options(keyterms=tuple(options.keyterms)))
     if session is None:
         return
@@ -480,12 +475,19 @@ async def listen_socket(ws: WebSocket) -> None:
     await runner.run_stream(ws, session, DeepgramTranslator(session, options, request_id, engine.info, threshold))
 
 
-async def _deny(ws: WebSocket, response: JSONResponse) -> None:
-    try:
-        await ws.send_denial_response(response)
-    except RuntimeError:  # a server without the denial extension
-        await ws.accept()
-        await close(ws, POLICY_VIOLATION, json.loads(response.body)["err_msg"])
+def refusal(request_id: str):
+    """A refused /v1/listen or /v2/listen upgrade in Deepgram's REST error shape (``common.Refusal``)."""
+    def render(status: int, message: str) -> JSONResponse:
+        if status == 401:
+            return rest_error(401, "Invalid credentials.", "INVALID_AUTH", request_id)
+        return rest_error(status, message, "FORBIDDEN" if status == 403 else "Bad Request", request_id)
+    return render
+
+
+async def refuse_query(ws: WebSocket, exc: DeepgramError, request_id: str) -> None:
+    """A refused query: 401 first for a client without a key, else 400 with Deepgram's error code."""
+    if not await deny_unauthorized(ws, refusal(request_id)):
+        await deny(ws, rest_error(400, str(exc), exc.err_code, request_id), str(exc))
 
 
 # ----------------------------------------------------------------------------- pre-recorded

@@ -40,10 +40,9 @@ from kyutai_stt.messages.events import (EagerEndOfTurn, End, EndOfTurn, Error, E
     TurnResumed, Word)
 from kyutai_stt.messages.flux import (CloseStream, Configure, ConfiguredThresholds, ConfigureFailure,
     ConfigureSuccess, Connected, Control, FatalError, ForceEndTurn, Thresholds, TurnInfo, TurnWord)
-from kyutai_stt.serve.auth import is_authorized
 from kyutai_stt.serve.protocols import runner
 from kyutai_stt.serve.protocols.common import POLICY_VIOLATION, open_session
-from kyutai_stt.serve.protocols.deepgram import RAW_FORMATS, DeepgramError, _deny, _rest_error
+from kyutai_stt.serve.protocols.deepgram import RAW_FORMATS, DeepgramError, refusal, refuse_query
 from kyutai_stt.serve.service import get_service
 from kyutai_stt.stream.turns import TurnThresholds, TurnTracker, runner_flush
 
@@ -247,12 +246,9 @@ async def flux_socket(ws: WebSocket) -> None:
             raise DeepgramError(f"Flux needs end-of-turn detection, and the served model ({engine.info.family} "
                                 "family) has no VAD head: use /v1/listen (Finalize ends a segment by hand)")
     except DeepgramError as exc:
-        if not is_authorized(ws):
-            await _deny(ws, _rest_error(401, "Invalid credentials.", "INVALID_AUTH", request_id))
-            return
-        await _deny(ws, _rest_error(400, str(exc), exc.err_code, request_id))
+        await refuse_query(ws, exc, request_id)
         return
-    session = await open_session(ws, "flux")
+    session = await open_session(ws, "flux", refusal=refusal(request_id))
     if session is None:
         return
     translator = FluxTranslator(options, request_id, get_service(ws).running_engine.info)
