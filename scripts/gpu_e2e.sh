@@ -8,25 +8,14 @@
 #   bash scripts/gpu_e2e.sh                       # from the repository root
 #   CKPT=/tmp/ck_1b WORKERS=10 bash scripts/gpu_e2e.sh
 #
-# The GPU machine's python3 lacks some server dependencies (see shared/specs/gpu-notes.md): put their wheels in
-# $WHEELS (default shared/wheels) and they are installed to a private folder first.
+# Set-up (the wheels the GPU machine lacks, from $WHEELS): scripts/gpu_env.sh.
 set -uo pipefail
 DEADLINE_S=${DEADLINE_S:-470}
 CKPT=${CKPT:-/tmp/ck_1b}
-OUT=${OUT:-${OUT_DIR:-$PWD/gpu-out}}
-WHEELS=${WHEELS:-shared/wheels}
 CORES=$(nproc)
 LOADGEN=${LOADGEN:-4}
 WORKERS=${WORKERS:-$(( CORES - LOADGEN - 2 > 1 ? CORES - LOADGEN - 2 : 2 ))}  # cores left after engine and clients
-mkdir -p "$OUT"
-start=$(date +%s)
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
-  python3 -m pip install --quiet --no-index --no-deps --target /tmp/kyutai-deps "$WHEELS"/*.whl || exit 1
-  export PYTHONPATH=/tmp/kyutai-deps:$PWD${PYTHONPATH:+:$PYTHONPATH}
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh"  # $OUT, the wheels, PYTHONPATH, $OUT/gpu.txt
 left=$(( DEADLINE_S - ($(date +%s) - start) ))
 # 1152 slots x 101.6 MiB of stt-1b state per stream fits an H200 (about 1300 would); 1024+ is the target.
 timeout --signal=INT --kill-after=20 "$left" python3 scripts/bench_frontend.py \

@@ -10,28 +10,17 @@
 #   bash scripts/gpu_ttfs.sh                       # from the repository root
 #   CKPT=/tmp/ck_1b CLIENTS=1,64 bash scripts/gpu_ttfs.sh
 #
-# The GPU machine's python3 lacks some server dependencies (see scripts/gpu_wheels.sh): put their wheels in
-# $WHEELS (default shared/wheels) and they are installed to a private folder first.
+# Set-up (the wheels the GPU machine lacks, from $WHEELS): scripts/gpu_env.sh.
 set -uo pipefail
 DEADLINE_S=${DEADLINE_S:-420}
 CKPT=${CKPT:-/tmp/ck_1b}
-OUT=${OUT:-${OUT_DIR:-$PWD/gpu-out}}
-WHEELS=${WHEELS:-shared/wheels}
 SLOTS=${SLOTS:-512}
 CLIENTS=${CLIENTS:-1,64,256,512}
 PROTOCOLS=${PROTOCOLS:-deepgram,realtime}
 TURNS=${TURNS:-5}
 PROCS=${PROCS:-6}
 WORKERS=${WORKERS:-6}
-mkdir -p "$OUT"
-start=$(date +%s)
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
-  python3 -m pip install --quiet --no-index --no-deps --target /tmp/kyutai-deps "$WHEELS"/*.whl || exit 1
-  export PYTHONPATH=/tmp/kyutai-deps:$PWD${PYTHONPATH:+:$PYTHONPATH}
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh"  # $OUT, the wheels, PYTHONPATH, $OUT/gpu.txt
 left=$(( DEADLINE_S - ($(date +%s) - start) ))
 TTFS_LOG_DIR="$OUT" timeout --signal=INT --kill-after=20 "$left" python3 scripts/ttfs_bench.py run \
   --model "$CKPT" --make-checkpoint 1b --device cuda --dtype bfloat16 --slots "$SLOTS" --workers "$WORKERS" \
