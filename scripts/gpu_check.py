@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             reference_model = load_model(str(folder), args.device, dtype)
             modes = ["on"] + (["off"] if dtype == dtypes[0] else [])
             for mode in modes:
-                references = [reference_outputs(reference_model, clip, FLUSH_SECONDS, batch_invariant_mode=mode,
-                                                options=options[i] if options else None)
+                references = [reference_outputs(reference_model, clip, FLUSH_SECONDS, 1, batch_invariant_mode=mode,
+                                                options=options[i] if options else None)  # 1 frame/step
                               for i, clip in enumerate(clips)]
                 slots_here = slot_counts if mode == "on" else [s for s in slot_counts if s > 1][:1]
                 for slots in slots_here:
