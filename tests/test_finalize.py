@@ -273,3 +273,24 @@ async def test_flush_on_an_empty_stream_and_twice_in_a_row(server, reference, so
     assert all(start == end == at for (_, start, end), at in
                [(w, 0.0) for w in segments[0]] + [(w, round(first.size / SAMPLE_RATE, 4)) for w in segments[2]])
     assert received[-1]["duration"] == pytest.approx((first.size + second.size) / SAMPLE_RATE, abs=1e-6)
+
+
+@pytest.mark.slow  # two more slots' worth of compute; the mono tests above cover the control by default
+async def test_flush_on_a_multichannel_stream_closes_each_channel_word(server, reference, sounds):
+    """``multichannel=true``: a flush finalizes every channel (each its own words, as that channel flushed alone)."""
+    left, right = sounds(1.5, 96), sounds(1.5, 97)
+    cut = 21_000
+    received = []
+    async with websockets.connect(server.ws + "/v1/stream?format=pcm_f32le&sample_rate=24000&channels=2"
+                                  "&multichannel=true") as ws:
+        await ws.send(np.stack([left[:cut], right[:cut]]).T.astype("<f4").tobytes())
+        await ws.send(json.dumps({"type": "flush", "id": 3}))
+        await ws.send(np.stack([left[cut:], right[cut:]]).T.astype("<f4").tobytes())
+        await ws.send(json.dumps({"type": "end"}))
+        async for message in ws:
+            received.append(parse_event(message))
+    assert [(e.id, e.audio_seconds) for e in received if isinstance(e, Flushed)] == [(3, cut / SAMPLE_RATE)]
+    for channel, pcm in enumerate((left, right)):
+        mine = [e for e in received if isinstance(e, Flushed) or getattr(e, "channel", None) == channel]
+        want, _ = flushed_stream_words(reference, [pcm[:cut], pcm[cut:]])
+        assert split_at_flushes(mine)[0] == want and want[0] == ref_words(reference, pcm[:cut])
