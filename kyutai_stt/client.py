@@ -6,6 +6,10 @@
     async for event in client.stream(pcm_24k, realtime=True):
         if isinstance(event, Word): print(event.start_time, event.text)
 
+    async with Client("ws://127.0.0.1:8000").open() as live:     # /v1/stream driven by hand (a voice agent)
+        await live.send(pcm_24k)
+        turn = await live.flush()                                # the events up to ``Flushed``: every word so far
+
 Every protocol yields the same typed events (``kyutai_stt.messages.events``) and ends with ``End``. The client
 imports neither torch nor PyAV (a test checks it): it sends 24 kHz float PCM, and reads files nowhere.
 """
@@ -13,6 +17,7 @@ imports neither torch nor PyAV (a test checks it): it sends 24 kHz float PCM, an
 from __future__ import annotations
 
 import asyncio
+import itertools
 from urllib.parse import quote
 from typing import AsyncIterable, AsyncIterator, Literal
 
@@ -22,7 +27,7 @@ import websockets
 
 from kyutai_stt.audio.chunks import audio_chunks
 from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
-from kyutai_stt.messages.events import End, Error, Event, Marker, Ready, Step, Word, WordEnd
+from kyutai_stt.messages.events import End, Error, Event, Flushed, FlushControl, Marker, Ready, Step, Word, WordEnd
 from kyutai_stt.messages import kyutai as kyutai_wire
 from kyutai_stt.messages import seed as seed_wire
 from kyutai_stt.messages.queue import AUDIO, TRANSCRIPTION, queue_call
@@ -102,14 +107,17 @@ class Client:
         finally:
             task.cancel()
 
+    def open(self, *, steps: bool = False, temperature: float | None = None, seed: int | None = None,
+             keyterms: tuple[str, ...] = ()) -> "LiveStream":
+        """A ``/v1/stream`` connection driven by hand (``async with client.open() as live``): ``send`` audio,
+        ``flush`` (every word so far, the stream goes on), ``end``. For the events protocol only."""
+        if self.protocol != "events":
+            raise ValueError("open() speaks the events protocol (/v1/stream)")
+        decoding = {"temperature": temperature, "seed": seed, "keyterms": ",".join(keyterms) or None}
+        return LiveStream(self._connect(_events_query(steps, {k: v for k, v in decoding.items() if v is not None})))
+
     async def _events(self, chunks, steps, decoding, channels: int = 1, diarize: bool = False):
-        query = StreamQuery(format="pcm_f32le", sample_rate=SAMPLE_RATE, steps=steps, channels=channels,
-                            multichannel=channels > 1, diarize=diarize, **decoding)
-        async with self._connect(f"?format={query.format}&sample_rate={query.sample_rate}"
-                                 + ("&steps=true" if query.steps else "")
-                                 + (f"&channels={channels}&multichannel=true" if query.multichannel else "")
-                                 + ("&diarize=true" if query.diarize else "")
-                                 + "".join(f"&{k}={quote(str(v))}" for k, v in decoding.items())) as ws:
+        async with self._connect(_events_query(steps, decoding, channels, diarize)) as ws:
             async def sender():
                 async for chunk in chunks:
                     await ws.send(np.asarray(chunk, "<f4").tobytes())
@@ -182,6 +190,79 @@ class Client:
             yield Ready()
             async for event in self._run(ws, sender, handle):
                 yield event
+
+
+def _events_query(steps: bool, decoding: dict, channels: int = 1, diarize: bool = False) -> str:
+    """The ``/v1/stream`` query of our client: 24 kHz float PCM (checked as the server checks it)."""
+    query = StreamQuery(format="pcm_f32le", sample_rate=SAMPLE_RATE, steps=steps, channels=channels,
+                        multichannel=channels > 1, diarize=diarize, **decoding)
+    return (f"?format={query.format}&sample_rate={query.sample_rate}"
+            + ("&steps=true" if query.steps else "")
+            + (f"&channels={channels}&multichannel=true" if query.multichannel else "")
+            + ("&diarize=true" if query.diarize else "")
+            + "".join(f"&{k}={quote(str(v))}" for k, v in decoding.items()))
+
+
+class LiveStream:
+    """One ``/v1/stream`` connection driven by hand (``Client.open``). The server's events are read as they come
+    (the socket is always read); ``flush`` and ``end`` return the events received until their answer."""
+
+    def __init__(self, connect):
+        self._connect = connect
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()  # None: the connection closed
+        self._ids = itertools.count(1)  # ids of flushes the caller does not name
+
+    async def __aenter__(self) -> "LiveStream":
+        self._ws = await self._connect
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        await self._ws.close()
+
+    async def _read(self) -> None:
+        try:
+            async for message in self._ws:
+                self._queue.put_nowait(parse_event(message))
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self._queue.put_nowait(None)
+
+    async def send(self, pcm: np.ndarray) -> None:
+        """24 kHz mono float PCM, any length."""
+        await self._ws.send(np.asarray(pcm, "<f4").tobytes())
+
+    async def next_event(self) -> Event:
+        """The next event (``ServerError`` on an ``Error`` event, or when the connection closed first)."""
+        event = await self._queue.get()
+        if event is None:
+            self._queue.put_nowait(None)  # every later call fails too
+            raise ServerError(f"connection closed ({self._ws.close_code} {self._ws.close_reason})")
+        if isinstance(event, Error):
+            raise ServerError(event.message)
+        return event
+
+    async def flush(self, id: int | None = None) -> list[Event]:
+        """Finalize the audio sent so far without ending the stream: wait for the server's ``Flushed`` and return
+        the events received until then, ``Flushed`` last (every word of that audio is among them or came before;
+        ``Flushed.audio_seconds`` says how much audio it covers)."""
+        flush_id = next(self._ids) if id is None else id
+        await self._ws.send(FlushControl(id=flush_id).model_dump_json())
+        return await self._until(lambda event: isinstance(event, Flushed) and event.id == flush_id)
+
+    async def end(self) -> list[Event]:
+        """No more audio: the events until the stream's ``End`` (the last words), ``End`` last."""
+        await self._ws.send(EndControl().model_dump_json())
+        return await self._until(lambda event: isinstance(event, End))
+
+    async def _until(self, done) -> list[Event]:
+        events: list[Event] = []
+        while not events or not done(events[-1]):
+            events.append(await self.next_event())
+        return events
 
 
 async def stream_events(url: str, pcm: np.ndarray, *, realtime: bool = False, chunk_samples: int = FRAME_SIZE,

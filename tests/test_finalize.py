@@ -11,19 +11,25 @@ flush silences taken out of the times (``Timeline``).
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
+import websockets
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
+from kyutai_stt.client import Client
 from kyutai_stt.engine.kyutai.checkpoint import load_model
 from kyutai_stt.engine.kyutai.engine import Engine, flush_frame_count
 from kyutai_stt.engine.kyutai.reference import reference_outputs
-from kyutai_stt.messages.events import End, Marker, Word, WordEnd
+from kyutai_stt.messages.events import End, Flushed, Marker, Word, WordEnd, parse_event
 from kyutai_stt.stream.flush import Timeline, flush_now
 from kyutai_stt.stream.session import Session
 from kyutai_stt.stream.words import WordAssembler, pair_words
+
+from .conftest import FLUSH_SECONDS
+from .helpers import ref_words, words_of
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +160,137 @@ def test_the_flush_is_the_delay_plus_one_frame(model, engine):
     """Frames of silence per finalize: the model's delay plus one (before: delay + 7 + the delay again + 1)."""
     assert engine.info.flush_frames == flush_frame_count(model) == model.delay_frames + 1
     assert flush_frame_count(model, 0.5) == model.delay_frames + 7  # a larger flush_seconds still means more
+
+
+# ----------------------------------------------------------------------------- the `flush` control of /v1/stream
+def flushed_stream_words(reference, pieces: list[np.ndarray]):
+    """What ``/v1/stream`` must send for ``pieces`` with a ``flush`` after each but the last, then ``end``: the
+    server hears each piece, the audio so far zero-padded to a frame, the flush's silence (the delay +
+    ``flush_seconds``, filled to a whole step of 2 frames, the CPU's), and the next piece. Returns the words of each
+    flush (a fresh word assembler over the reference's tokens from the end of the previous flush to the end of this
+    one, closed there) and of the rest, in client time, and the client's audio time at each flush."""
+    model = reference.model
+    flush = flush_frame_count(model, FLUSH_SECONDS)
+    parts, inserted, ends, samples, client = [], [], [], 0, 0
+    for piece in pieces[:-1]:
+        parts.append(piece)
+        samples, client = samples + piece.size, client + piece.size
+        pad = -samples % FRAME_SIZE
+        end = (samples + pad) // FRAME_SIZE + model.prefix_frames + flush  # the end of this flush, in frames
+        silence = pad + (flush + -end % 2) * FRAME_SIZE
+        parts.append(np.zeros(silence, np.float32))
+        inserted.append((client / SAMPLE_RATE, silence / SAMPLE_RATE))
+        ends.append(end + -end % 2)
+        samples += silence
+    heard = np.concatenate(parts + [pieces[-1]])
+    timeline = Timeline(inserted)
+    outputs = reference.outputs(heard)
+    segments, begin = [], 0
+    for end in ends + [len(outputs)]:
+        assembler = WordAssembler(model.tokenizer.id_to_piece, model.delay_frames + model.prefix_frames)
+        assembler.audio_end = heard.size / SAMPLE_RATE
+        events = [e for o in outputs[begin:end] for e in assembler.feed(o.frame, o.token)] + assembler.finish(end)
+        segments.append([(t, round(s, 4), round(e, 4)) for t, s, e in words(events, timeline)])
+        begin = end
+    return segments, [at for at, _ in inserted]
+
+
+def split_at_flushes(events) -> tuple[list[list[tuple[str, float, float]]], list]:
+    """The words received before each ``Flushed`` and after the last, and the ``Flushed`` events."""
+    segments, flushed, current = [], [], []
+    for event in events:
+        if isinstance(event, Flushed):
+            segments.append(words_of(current))
+            flushed.append(event)
+            current = []
+        else:
+            current.append(event)
+    return segments + [words_of(current)], flushed
+
+
+async def test_flush_control_gives_every_word_so_far_and_the_stream_goes_on(server, reference, bria, sounds):
+    """Our client's ``flush()`` at two cuts of real speech: the words up to the first ``flushed`` are the file
+    mode's for the audio so far; every later word is the reference's for the stream with those flushes in it,
+    in the client's time; a neighbour stream keeps its exact words."""
+    clip = bria[int(3.1 * SAMPLE_RATE):int(5.7 * SAMPLE_RATE)].copy()
+    pieces = [clip[:27_000], clip[27_000:46_777], clip[46_777:]]
+    neighbour = sounds(1.8, 93)
+
+    async def flushing() -> list:
+        events = []
+        async with Client(server.ws).open() as live:
+            for piece in pieces[:-1]:
+                for chunk in range(0, piece.size, 5000):
+                    await live.send(piece[chunk:chunk + 5000])
+                events += await live.flush()
+            await live.send(pieces[-1])
+            events += await live.end()
+        return events
+
+    events, beside = await asyncio.gather(flushing(), collect(Client(server.ws).stream(neighbour, realtime=True)))
+    segments, flushed = split_at_flushes(events)
+    want, ats = flushed_stream_words(reference, pieces)
+    assert segments[0] == ref_words(reference, pieces[0])  # the first flush: the file mode of the audio so far
+    assert segments == want
+    assert [f.id for f in flushed] == [1, 2] and [f.audio_seconds for f in flushed] == pytest.approx(ats, abs=1e-6)
+    assert events[-1].duration == pytest.approx(clip.size / SAMPLE_RATE, abs=1e-6)  # flush silence not counted
+    assert words_of(beside) == ref_words(reference, neighbour)
+
+
+async def collect(stream) -> list:
+    return [event async for event in stream]
+
+
+async def test_flush_on_an_empty_stream_and_twice_in_a_row(server, reference, sounds):
+    """Over the raw ``websockets`` package: a flush before any audio is answered at 0 s; two flushes with nothing
+    between them, the second without an id (``id`` null); the words as the reference gives them."""
+    first, second = sounds(1.3, 94), sounds(1.1, 95)
+    pieces = [np.zeros(0, np.float32), first, np.zeros(0, np.float32), second]
+    received = []
+    async with websockets.connect(server.ws + "/v1/stream?format=pcm_f32le&sample_rate=24000") as ws:
+        async def read_until(kind: str) -> None:
+            async for message in ws:
+                received.append(json.loads(message))
+                if received[-1]["type"] == kind:
+                    return
+
+        await ws.send(json.dumps({"type": "flush", "id": 7}))
+        await read_until("flushed")
+        await ws.send(first.tobytes())
+        await ws.send(json.dumps({"type": "flush", "id": 8}))
+        await ws.send(json.dumps({"type": "flush"}))
+        await ws.send(second.tobytes())
+        await ws.send(json.dumps({"type": "end"}))
+        await read_until("end")
+    flushes = [e for e in received if e["type"] == "flushed"]
+    assert [(e["id"], e.keys()) for e in flushes] == [(i, {"type", "id", "audio_seconds"}) for i in (7, 8, None)]
+    assert [e["audio_seconds"] for e in flushes] == pytest.approx([0.0, first.size / SAMPLE_RATE] + [
+        first.size / SAMPLE_RATE], abs=1e-6)
+    segments, _ = split_at_flushes([parse_event(json.dumps(e)) for e in received])
+    want, _ = flushed_stream_words(reference, pieces)
+    assert segments == want  # (not `first`'s file mode: the model heard the first flush's silence before it)
+    # random weights spell words even in silence: those of a flush with no new audio lie where the audio ended
+    assert all(start == end == at for (_, start, end), at in
+               [(w, 0.0) for w in segments[0]] + [(w, round(first.size / SAMPLE_RATE, 4)) for w in segments[2]])
+    assert received[-1]["duration"] == pytest.approx((first.size + second.size) / SAMPLE_RATE, abs=1e-6)
+
+
+@pytest.mark.slow  # two more slots' worth of compute; the mono tests above cover the control by default
+async def test_flush_on_a_multichannel_stream_closes_each_channel_word(server, reference, sounds):
+    """``multichannel=true``: a flush finalizes every channel (each its own words, as that channel flushed alone)."""
+    left, right = sounds(1.5, 96), sounds(1.5, 97)
+    cut = 21_000
+    received = []
+    async with websockets.connect(server.ws + "/v1/stream?format=pcm_f32le&sample_rate=24000&channels=2"
+                                  "&multichannel=true") as ws:
+        await ws.send(np.stack([left[:cut], right[:cut]]).T.astype("<f4").tobytes())
+        await ws.send(json.dumps({"type": "flush", "id": 3}))
+        await ws.send(np.stack([left[cut:], right[cut:]]).T.astype("<f4").tobytes())
+        await ws.send(json.dumps({"type": "end"}))
+        async for message in ws:
+            received.append(parse_event(message))
+    assert [(e.id, e.audio_seconds) for e in received if isinstance(e, Flushed)] == [(3, cut / SAMPLE_RATE)]
+    for channel, pcm in enumerate((left, right)):
+        mine = [e for e in received if isinstance(e, Flushed) or getattr(e, "channel", None) == channel]
+        want, _ = flushed_stream_words(reference, [pcm[:cut], pcm[cut:]])
+        assert split_at_flushes(mine)[0] == want and want[0] == ref_words(reference, pcm[:cut])

@@ -90,13 +90,19 @@ def deepgram_client(server) -> AsyncDeepgramClient:
     return AsyncDeepgramClient(api_key=KEY, environment=env)
 
 
-async def deepgram_stream(server, data: bytes, channels: int, **options) -> list:
+async def deepgram_stream(server, data: bytes, channels: int, finalize_at: int | None = None, **options) -> list:
+    """``finalize_at``: a Finalize after that many samples of each channel."""
     messages = []
     async with deepgram_client(server).listen.v1.connect(
             model="nova-3", encoding="linear16", sample_rate=24000, channels=channels, punctuate="true",
             **options) as socket:
-        for i in range(0, len(data), 3840 * channels):
-            await socket.send_media(data[i:i + 3840 * channels])
+        cut = len(data) if finalize_at is None else finalize_at * 2 * channels  # int16 bytes
+        parts = [data] if finalize_at is None else [data[:cut], data[cut:]]
+        for k, part in enumerate(parts):
+            for i in range(0, len(part), 3840 * channels):
+                await socket.send_media(part[i:i + 3840 * channels])
+            if k < len(parts) - 1:
+                await socket.send_finalize()
         await socket.send_close_stream()
         async for message in socket:
             messages.append(message)
@@ -120,3 +126,21 @@ async def test_deepgram_sdk_multichannel_results_per_channel(served, sounds):
     assert final_words(both, 0) == final_words(alone_left, 0) and final_words(both, 0)
     assert final_words(both, 1) == final_words(alone_right, 0) and final_words(both, 1)
     assert isinstance(both[-1], ListenV1Metadata) and both[-1].channels == 2
+
+
+@pytest.mark.slow  # (3 streams at once; the mono Finalize is checked against the reference in test_agents)
+async def test_deepgram_sdk_multichannel_finalize(served, sounds):
+    """A Finalize on a multichannel stream closes each channel's word in progress: each channel's finals equal that
+    channel sent alone with the same Finalize, with a from_finalize result per channel (it closed the stream with
+    1011 before: the channels' session took no finalizing marker)."""
+    left, right = int16(sounds(1.5, 413)), int16(sounds(1.5, 414))
+    stereo = np.stack([left, right], axis=1).reshape(-1).tobytes()
+    cut = 21_000
+    both, alone_left, alone_right = await asyncio.gather(
+        deepgram_stream(served, stereo, 2, cut, multichannel="true"),
+        deepgram_stream(served, left.tobytes(), 1, cut), deepgram_stream(served, right.tobytes(), 1, cut))
+    finalized = [tuple(m.channel_index) for m in both if isinstance(m, ListenV1Results) and m.from_finalize]
+    assert sorted(finalized) == [(0, 2), (1, 2)]
+    assert final_words(both, 0) == final_words(alone_left, 0) and final_words(both, 0)
+    assert final_words(both, 1) == final_words(alone_right, 0) and final_words(both, 1)
+    assert isinstance(both[-1], ListenV1Metadata) and both[-1].duration == pytest.approx(len(left) / SAMPLE_RATE)

@@ -18,7 +18,7 @@ from kyutai_stt.engine.kyutai.checkpoint import load_model
 from kyutai_stt.engine.kyutai.engine import Engine, EngineStopped, NoFreeSlot
 from kyutai_stt.messages import kyutai as kyutai_wire
 from kyutai_stt.messages.errors import MessageError, UnknownMessage
-from kyutai_stt.messages.events import EndControl, MarkerControl, StreamQuery, parse_control
+from kyutai_stt.messages.events import EndControl, FlushControl, MarkerControl, StreamQuery, parse_control
 from kyutai_stt.serve.protocols.errors import InvalidPayload, PolicyViolation, close_for
 from kyutai_stt.stream.session import SessionLimitError
 
@@ -112,8 +112,11 @@ def test_kyutai_messages_round_trip_and_refuse_with_a_reason():
 def test_events_controls_and_query():
     assert parse_control('{"type": "end"}') == EndControl()
     assert parse_control('{"type": "marker", "id": 3}') == MarkerControl(id=3)
-    with pytest.raises(UnknownMessage):
-        parse_control('{"type": "marker", "id": 1.0}')
+    assert parse_control('{"type": "flush"}') == FlushControl(id=None)
+    assert parse_control('{"type": "flush", "id": 9}') == FlushControl(id=9)
+    for bad in ('{"type": "marker", "id": 1.0}', '{"type": "flush", "id": "9"}'):
+        with pytest.raises(UnknownMessage):
+            parse_control(bad)
     with pytest.raises(MessageError) as bad_json:
         parse_control("{")
     assert not isinstance(bad_json.value, UnknownMessage)

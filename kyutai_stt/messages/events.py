@@ -14,8 +14,9 @@ the default, or 2: interleaved stereo, mixed down to mono; Ogg/Opus declares its
 controls ``temperature``, ``seed`` and ``keyterms`` (comma-separated), and the API key (``api_key`` / ``auth_id``).
 Any other parameter is refused.
 
-Client controls (text frames, ``Control``): ``{"type": "marker", "id": N}``, ``{"type": "reset"}`` (reset the
-model's context), ``{"type": "end"}``.
+Client controls (text frames, ``Control``): ``{"type": "marker", "id": N}``, ``{"type": "flush"}`` (optional ``id``:
+every word of the audio so far, then ``flushed``; the stream goes on), ``{"type": "reset"}`` (reset the model's
+context), ``{"type": "end"}``.
 """
 
 from __future__ import annotations
@@ -143,6 +144,16 @@ class Marker(_Event):
     id: int
 
 
+class Flushed(_Event):
+    """Answer to a ``flush`` control (its ``id``, null when it had none): every word of the client's first
+    ``audio_seconds`` of audio came before it, the word in progress closed there (``stream.flush``). The stream
+    goes on."""
+
+    type: Literal["flushed"] = "flushed"
+    id: int | None = None
+    audio_seconds: float
+
+
 class End(_Event):
     """The stream is finished: every word has been sent."""
 
@@ -156,8 +167,8 @@ class Error(_Event):
 
 
 Event = Annotated[
-    Union[Ready, Text, Word, WordEnd, Step, SpeechStarted, EagerEndOfTurn, TurnResumed, EndOfTurn, Marker, End,
-          Error, Reset], Field(discriminator="type")
+    Union[Ready, Text, Word, WordEnd, Step, SpeechStarted, EagerEndOfTurn, TurnResumed, EndOfTurn, Marker,
+          Flushed, End, Error, Reset], Field(discriminator="type")
 ]
 
 
@@ -257,20 +268,29 @@ class EndControl(BaseModel):
     type: Literal["end"] = "end"
 
 
+class FlushControl(BaseModel):
+    """Transcribe the audio so far now without ending the stream: its words, the last one closed, then
+    ``flushed`` (with this ``id``)."""
+
+    type: Literal["flush"] = "flush"
+    id: StrictInt | None = None
+
+
 class ResetControl(BaseModel):
     """Reset the model's context now (a stalled transcript); answered by a ``reset`` event."""
 
     type: Literal["reset"] = "reset"
 
 
-Control = Annotated[Union[MarkerControl, EndControl, ResetControl], Field(discriminator="type")]
+Control = Annotated[Union[MarkerControl, FlushControl, EndControl, ResetControl], Field(discriminator="type")]
 _controls: TypeAdapter[Control] = TypeAdapter(Control)
 _events: TypeAdapter[Event] = TypeAdapter(Event)
 
-UNKNOWN_CONTROL = 'unknown control: send {"type": "end"}, {"type": "reset"} or {"type": "marker", "id": N}'
+UNKNOWN_CONTROL = ('unknown control: send {"type": "end"}, {"type": "flush"}, {"type": "reset"} or '
+                   '{"type": "marker", "id": N}')
 
 
-def parse_control(text: str) -> MarkerControl | EndControl | ResetControl:
+def parse_control(text: str) -> MarkerControl | FlushControl | EndControl | ResetControl:
     """A client's text frame as its control. ``MessageError`` (1007) when it is not JSON, ``UnknownMessage``
     (1008) when it is JSON but no control."""
     try:

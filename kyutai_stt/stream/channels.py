@@ -120,9 +120,9 @@ class ChannelSession:
         for channel, row in zip(self.channels, pcm):
             channel.push_pcm(row)
 
-    def push_marker(self, marker_id: int) -> None:
-        for channel in self.channels:
-            channel.push_marker(marker_id)
+    def push_marker(self, marker_id: int, finalize: bool = False) -> None:
+        for channel in self.channels:  # a finalize closes each channel's word in progress (``stream.flush``)
+            channel.push_marker(marker_id, finalize)
 
     def end(self) -> None:
         for channel in self.channels:

@@ -13,26 +13,38 @@ records it, ``ogg``, ``mp3``, ``aac``, ``flac``, ``wav``, or ``container`` to le
 choose the stream's decoding (``ready`` carries the seed of a sampling stream). Any other query parameter is refused
 (1008). The
 messages are declared in ``kyutai_stt.messages.events``. Binary messages carry audio; text messages are JSON controls:
-``{"type": "marker", "id": 1}``, ``{"type": "reset"}`` (reset the model's context: a ``reset`` event answers) and
-``{"type": "end"}`` (end of audio: the server flushes, sends the last words,
-then ``{"type": "end"}`` and closes with 1000). Server messages are the events of ``kyutai_stt.messages.events``.
+``{"type": "marker", "id": 1}``, ``{"type": "flush", "id": 2}`` (the minimal finalize of ``stream.flush``, as
+Deepgram's ``Finalize``: every word of the audio so far, the word in progress closed, then ``flushed`` with the
+client's audio time it covers; the stream goes on), ``{"type": "reset"}`` (reset the model's context: a ``reset``
+event answers) and ``{"type": "end"}`` (end of audio: the server flushes, sends the last words,
+then ``{"type": "end"}`` and closes with 1000). Server messages are the events of ``kyutai_stt.messages.events``;
+their times are the client's audio time (the silences of flushes taken out).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from fastapi import APIRouter, WebSocket
 
 from kyutai_stt.audio.decoders import stream_decoder
-from kyutai_stt.messages.events import (QUERY_ERROR, EndControl, Error, Event, MarkerControl, ResetControl, Step,
-    StreamQuery, parse_control)
+from kyutai_stt.messages.events import (QUERY_ERROR, EagerEndOfTurn, End, EndControl, EndOfTurn, Error, Event,
+    FlushControl, Flushed, Marker, MarkerControl, Reset, ResetControl, SpeechStarted, Step, StreamQuery, Text,
+    TurnResumed, Word, WordEnd, parse_control)
 from kyutai_stt.serve.protocols import runner
 from kyutai_stt.serve.protocols.common import open_session, parse_query
 from kyutai_stt.serve.service import get_service
 from kyutai_stt.stream.turns import TurnThresholds, TurnTracker
 
 router = APIRouter()
+
+# Markers of the ``flush`` control's flushes: beyond any int64 a client's marker id is (clients' markers are echoed
+# as they are, these become ``flushed``).
+_FLUSH_MARKERS = 1 << 64
+# The time fields of each event, in stream seconds from the session, sent in client seconds.
+_TIMES = {Text: "time", Word: "start_time", WordEnd: "stop_time", SpeechStarted: "time", EagerEndOfTurn: "time",
+          TurnResumed: "time", EndOfTurn: "time", Reset: "time", End: "duration"}
 
 
 class EventsTranslator(runner.Translator):
@@ -46,6 +58,8 @@ class EventsTranslator(runner.Translator):
         # no flush: the words stay the file's; a multichannel stream's channels are separate speakers, each with its
         # own end of turn from the reader (one tracker would mix their words)
         self.turns = None if query.multichannel else TurnTracker(info, thresholds(query, default_eot))
+        self.markers = itertools.count(_FLUSH_MARKERS)
+        self.flushes: dict[int, tuple[int | None, float]] = {}  # marker -> (the control's id, client seconds)
 
     def parse(self, message: dict) -> list[runner.Input]:
         if message.get("bytes") is not None:
@@ -55,13 +69,28 @@ class EventsTranslator(runner.Translator):
                 return [runner.End()]
             case MarkerControl(id=marker_id):
                 return [runner.Marker(marker_id)]
+            case FlushControl(id=flush_id):
+                marker = next(self.markers)
+                self.flushes[marker] = (flush_id, math.nan)  # where it ends: ``flushed``, once it is fed
+                return [runner.Flush(marker)]
             case ResetControl():
                 return [runner.ResetContext()]
         return []
 
+    def flushed(self, marker: int, end: float) -> None:
+        self.flushes[marker] = (self.flushes[marker][0], end)
+
     def render(self, event: Event) -> list[str]:
         if isinstance(event, Step) and not self.steps:
             return []
+        if isinstance(event, Marker) and event.id in self.flushes:
+            flush_id, end = self.flushes.pop(event.id)
+            # to the microsecond (the mapping's float noise off: a sample is 42 us)
+            return [Flushed(id=flush_id, audio_seconds=round(end, 6)).model_dump_json()]
+        field = _TIMES.get(type(event))
+        if field is not None and self.timeline.inserted:
+            t = self.timeline.client_time(getattr(event, field))
+            event = event.model_copy(update={field: round(t, 6) if isinstance(event, End) else t})
         return [event.model_dump_json()]
 
 
