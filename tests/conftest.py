@@ -19,6 +19,10 @@ from kyutai_stt.settings import Settings
 from kyutai_stt.engine.kyutai.testing_checkpoint import make_checkpoint, synthetic_sounds
 
 FLUSH_SECONDS = 0.5
+# The tests compare every engine (batch of `slots` rows) with the batch-1 reference loop, bit for bit. On the CPU
+# that needs the batch-invariant mode (oneDNN's convolutions are chosen by batch size: see engine.batch_invariant);
+# set here, before any engine or server starts, so servers started as subprocesses inherit it too.
+os.environ.setdefault("KYUTAI_STT_BATCH_INVARIANT", "on")
 # the scripts' shared harness (scripts/harness.py): the tests drive engines and scripts with it too
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 CASES = Path(__file__).resolve().parent / "cases"  # small real-world inputs that once showed a fault (README there)

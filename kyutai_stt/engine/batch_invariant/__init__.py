@@ -7,12 +7,17 @@ LM use are served by the Triton kernels of ``kernels`` (matrix products with fix
 with a fixed key split, per-row mean and softmax, convolutions as im2col + that matrix product), registered with
 ``torch.library`` as batch_invariant_ops does, so moshi is never patched. TF32 is off in the mode.
 
-On the CPU the same promise needs no kernels of ours: PyTorch's CPU kernels reduce per row in a fixed order once
-MKL runs in strict reproducible mode (``mkl``), which the package turns on at import.
+On the CPU, at a fixed batch shape (the engine always steps all its slots), a row's results do not depend on the
+other rows once MKL runs in strict reproducible mode (``mkl``), which the package turns on at import. Across batch
+sizes they can: oneDNN (mkldnn) picks its convolution algorithm by the batch size, so Mimi's latents for a stream at
+batch 1 and at batch 4 differ in the last bits, and now and then a code on a near-tie flips (seen: a token at frame
+5 of a 3 s espeak-ng clip). On the CPU the mode therefore turns oneDNN off while it is active: PyTorch's native
+convolution computes each sample alone, so the engine equals the batch-1 reference bit for bit. It costs Mimi
+time (measured once, loaded 2-core machine: +40 % for a batch of 4), so ``auto`` leaves it off on the CPU.
 
 The setting ``KYUTAI_STT_BATCH_INVARIANT`` is ``auto`` (default), ``on`` or ``off``. ``auto`` turns the mode on on
 CUDA: the issue asks for it by default when it costs at most 10 % of capacity, which only a GPU can measure
-(``scripts/gpu_check.py`` does); until measured, auto means on.
+(``scripts/gpu_check.py`` does); until measured, auto means on. On the CPU ``on`` is what the tests run with.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 
 from kyutai_stt.engine.batch_invariant.mkl import enable_strict_cnr, strict_cnr_active
 
-__all__ = ["batch_invariant_mode", "enabled_for", "resolve_mode", "is_active", "enable_strict_cnr",
+__all__ = ["batch_invariant_mode", "cpu_mode", "enabled_for", "resolve_mode", "is_active", "enable_strict_cnr",
            "strict_cnr_active", "OPERATORS"]
 
 MODES = ("auto", "on", "off")
@@ -150,8 +155,29 @@ def batch_invariant_mode(dispatch_key: str = "CUDA"):
         _disable(dispatch_key)
 
 
+_saved_mkldnn: list[bool] = []
+
+
+@contextlib.contextmanager
+def cpu_mode():
+    """The CPU's mode: oneDNN off (native convolutions, per sample) while any user holds it (process-wide,
+    nestable; counted, so users that end in another order than they began leave the flag right)."""
+    with _lock:
+        _users["CPU-native"] = _users.get("CPU-native", 0) + 1
+        if _users["CPU-native"] == 1:
+            _saved_mkldnn.append(torch.backends.mkldnn.enabled)
+            torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        with _lock:
+            _users["CPU-native"] -= 1
+            if _users["CPU-native"] == 0:
+                torch.backends.mkldnn.enabled = _saved_mkldnn.pop()
+
+
 def enabled_for(device: torch.device | str, setting: str | None = None) -> contextlib.AbstractContextManager:
     """The mode for ``device`` when ``resolve_mode`` says so, else a no-op context."""
-    if resolve_mode(device, setting):
-        return batch_invariant_mode("CUDA")
-    return contextlib.nullcontext()
+    if not resolve_mode(device, setting):
+        return contextlib.nullcontext()
+    return batch_invariant_mode("CUDA") if torch.device(device).type == "cuda" else cpu_mode()
