@@ -9,6 +9,7 @@
 #
 #   bash scripts/gpu_ttfs.sh                       # from the repository root
 #   CKPT=/tmp/ck_1b CLIENTS=1,64 bash scripts/gpu_ttfs.sh
+#   LANE_SLOTS=0 bash scripts/gpu_ttfs.sh          # without the finalize lane (KYUTAI_STT_LANE_SLOTS), to compare
 #
 # The GPU machine's python3 lacks some server dependencies (see scripts/gpu_wheels.sh): put their wheels in
 # $WHEELS (default shared/wheels) and they are installed to a private folder first.
@@ -23,6 +24,9 @@ PROTOCOLS=${PROTOCOLS:-deepgram,realtime}
 TURNS=${TURNS:-5}
 PROCS=${PROCS:-6}
 WORKERS=${WORKERS:-6}
+# the finalize lane's rows (the server's KYUTAI_STT_LANE_SLOTS; the server inherits this environment)
+export KYUTAI_STT_LANE_SLOTS=${LANE_SLOTS:-${KYUTAI_STT_LANE_SLOTS:-4}}
+echo "finalize lane: $KYUTAI_STT_LANE_SLOTS rows"
 mkdir -p "$OUT"
 start=$(date +%s)
 if compgen -G "$WHEELS/*.whl" > /dev/null; then

@@ -234,6 +234,10 @@ class Engine(Protocol):
     def push(self, handle: StreamHandle, pcm: np.ndarray) -> None:
         """Queue float PCM of any length (``StreamClosed`` once the stream is closing or gone)."""
 
+    def expedite(self, handle: StreamHandle) -> None:
+        """Step the stream's audio buffered now before other work (a mid-stream finalize's flush: its words are
+        awaited). Only when the outputs come changes, never what they are; an engine may treat it as a hint."""
+
     def close(self, handle: StreamHandle) -> None:
         """No more audio: flush, deliver the last outputs and ``StreamEnd``, then free the slot."""
 
