@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         description="Kyutai models: rows of the finalize lane, a small batch in which a finalizing stream's flush "
         "(Deepgram Finalize, Realtime commit, an end of turn) is stepped ahead of the full batch of slots, so the "
         "final words wait for small steps, not full ones. Results are identical. 0: no lane. Default: 4 on GPU, "
-        "0 on CPU (where the lane halves the median time to a finalize's words but lengthens its tail at high load).",
+        "1 on CPU.",
     )
     nemo_lookahead: int | None = Field(
         None, ge=0, le=64,

@@ -97,6 +97,9 @@ def run_finalizers(model, clip, other, lane_slots: int, options: list):
     """Three streams finalizing twice (greedy with a context reset, sampling, keyterms) and a greedy neighbour
     that never finalizes, through 4 slots with a lane of ``lane_slots`` rows."""
     engine = Engine(model, 4, frames_per_step=FRAMES_PER_STEP, lane_slots=lane_slots)  # the minimal flush
+    # lane steps ahead of the busy neighbours' main steps, not only when they have nothing to step: lane and main
+    # steps interleave, the hard case for the state moves (the default policy is a subset of these schedules)
+    engine.lane_ahead = True
     engine.start()
     try:
         barrier = threading.Barrier(len(options))

@@ -20,7 +20,8 @@ Conventions (equal to ``reference.reference_outputs``, a plain single-stream loo
   frames (its codes are not bitwise independent of the frames per call on CPU, while they are of the batch size).
 
 The finalize lane (``expedite``, ``lane``): a finalizing stream's buffered frames (its flush) are stepped in steps
-of ``lane_slots`` rows, ahead of the main batch's steps, its state moved into the lane's small batch and back.
+of ``lane_slots`` rows instead of full-batch steps while no other stream has frames waiting, its state moved into
+the lane's small batch and back.
 
 Neighbour invariance: every step runs the full batch of ``slots`` rows, so shapes never change with the load, and a
 row's result must not depend on its slot or on the other rows. On the CPU that holds bit for bit once MKL runs in
@@ -145,8 +146,8 @@ class _Slot:
         return -(-len(self.buffer) // FRAME_SIZE) + max(0, self.flush_frames_left)
 
     def ready(self, frames_per_step: int) -> bool:
-        """Ready for a main-batch step (a slot in the finalize lane is stepped only there)."""
-        if not self.in_use or self.lane_row >= 0:
+        """Ready for a main-batch step (a slot in the finalize lane comes back for it)."""
+        if not self.in_use:
             return False
         available = self.frames_available()
         return self.needs_init or available >= frames_per_step or (self.closing and available > 0)
@@ -185,7 +186,7 @@ class _StepPlan:
     # a finalize-lane step: the arrays above are per lane row; slots moved into the lane before it and out after it
     lane: bool = False
     enter: list = field(default_factory=list)  # (slot index, lane row)
-    leave: list = field(default_factory=list)  # (lane row, slot index)
+    leave: list = field(default_factory=list)  # (lane row, slot index); in a main step: back before it
 
 
 def default_frames_per_step(device: torch.device) -> int:
@@ -194,10 +195,9 @@ def default_frames_per_step(device: torch.device) -> int:
 
 
 def default_lane_slots(device: torch.device) -> int:
-    """4 on GPU, where a step of a few rows should cost a fraction of a full batch's (not measured yet); 0 (no
-    lane) on CPU, where a 1-row step costs about 60 % of a 4-row one, so at high load the lane's extra steps
-    lengthen the tail of the time to a finalize's words more than they shorten its median (BENCHMARKS.md)."""
-    return 4 if device.type == "cuda" else 0
+    """4 on GPU, where a step of a few rows should cost a fraction of a full batch's (not measured yet); 1 on
+    CPU, where a 1-row step costs about 55-60 % of a 4-row one and a 2-row one about 75 % (BENCHMARKS.md)."""
+    return 4 if device.type == "cuda" else 1
 
 
 MIN_FLUSH_SECONDS = 1 / FRAME_RATE  # one frame: the default and least ``flush_seconds``
@@ -242,6 +242,9 @@ class Engine:
         self._steps = 0
         self._frames = 0
         self.lane_steps = 0  # finalize-lane steps so far (tests, benchmarks)
+        # True: lane steps go ahead of the main batch even while other streams have frames waiting (tests use it
+        # to interleave lane and main steps; on the CPU it lengthened the loaded tail, BENCHMARKS.md)
+        self.lane_ahead = False
         self._failures = 0
         self._last_step_seconds = 0.0
         self.fault_injector: Callable[[], None] | None = None  # tests: raise inside a step
@@ -391,8 +394,9 @@ class Engine:
 
     def expedite(self, handle: StreamHandle) -> None:
         """Step the stream's whole frames buffered now (a finalize's flush, and any of its audio before it) in
-        the finalize lane, ahead of the main batch. Outputs and their order are the same; only when they come
-        changes. With the lane full, the frames go on in the main batch (nothing waits for the lane).
+        the finalize lane, in small steps instead of full-batch ones while no other stream has frames waiting (a
+        main step, when one has, carries them too). Outputs and their order are the same; only when they come
+        changes. With the lane full, the frames go on in the main batch.
 
         Only a flush with at most ``lane_backlog`` frames in all goes to the lane: a stream further behind (an
         engine over its capacity) cannot be finalized fast anyway, and carrying its backlog in extra small steps
@@ -480,7 +484,13 @@ class Engine:
                     if self._stopping:
                         break
                     t = time.perf_counter() if self._timing_listeners else 0.0
-                    plan = self._plan_lane() or self._plan()  # the finalize lane first
+                    # the finalize lane steps instead of the main batch, never beside it: only while no other
+                    # stream has frames to step (a main step then carries the expedited streams too), so the lane
+                    # never adds steps to a busy engine, and replaces full-batch steps by small ones otherwise
+                    plan = None
+                    if self.lane_ahead or not any(s.ready(k) and not s.lane_ready(k) for s in self._slots):
+                        plan = self._plan_lane()
+                    plan = plan or self._plan()
                     if self._timing_listeners:
                         plan.plan_seconds = time.perf_counter() - t
                 self._execute(plan)
@@ -500,6 +510,10 @@ class Engine:
         plan = _StepPlan(np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
                          np.zeros((n, k * FRAME_SIZE), np.float32), np.zeros(n, int), np.zeros(n, bool), {})
         self._set_decoding_active(self._decoding)
+        # streams in the finalize lane come back first (their state scattered back before the step)
+        plan.leave = [(s.lane_row, s.index) for s in self._slots if s.lane_row >= 0]
+        for slot in self._slots:
+            slot.lane_row = -1
         for slot in self._slots:
             if not slot.ready(k):
                 continue
@@ -605,6 +619,8 @@ class Engine:
                 for row, i in plan.leave:
                     self._lane.scatter(row, i, self._decoding)
             else:
+                for row, i in plan.leave:
+                    self._lane.scatter(row, i, self._decoding)
                 tokens, pauses = self._compute(plan, rows, self._decoding, clock)
             if clock:
                 clock.mark("prepare" if tokens is None else "d2h")
