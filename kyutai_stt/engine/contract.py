@@ -235,8 +235,8 @@ class Engine(Protocol):
         """Queue float PCM of any length (``StreamClosed`` once the stream is closing or gone)."""
 
     def expedite(self, handle: StreamHandle) -> None:
-        """Step the stream's audio buffered now before other work (a mid-stream finalize's flush: its words are
-        awaited). Only when the outputs come changes, never what they are; an engine may treat it as a hint."""
+        """The stream's audio buffered now is a finalize's flush, whose words are awaited: step it fast (the Kyutai
+        engine's finalize lane). Only when the outputs come changes, never what they are; an engine may ignore it."""
 
     def close(self, handle: StreamHandle) -> None:
         """No more audio: flush, deliver the last outputs and ``StreamEnd``, then free the slot."""
