@@ -40,6 +40,13 @@ class Settings(BaseSettings):
         description="80 ms frames each stream advances per engine step. 0: auto (1 on GPU; 2 on CPU, where "
         "Mimi's per-call cost dominates: more streams keep real time, for 80 ms more latency). Results are identical.",
     )
+    lane_slots: int | None = Field(
+        None, ge=0, le=64,
+        description="Kyutai models: rows of the finalize lane, a small batch in which a finalizing stream's flush "
+        "(Deepgram Finalize, Realtime commit, an end of turn) is stepped ahead of the full batch of slots, so the "
+        "final words wait for small steps, not full ones. Results are identical. 0: no lane. Default: 4 on GPU, "
+        "1 on CPU.",
+    )
     nemo_lookahead: int | None = Field(
         None, ge=0, le=64,
         description="NVIDIA (NeMo) models only: encoder frames (80 ms) of right context per chunk, one of the "

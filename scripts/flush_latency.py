@@ -6,10 +6,12 @@ chunks, as a voice agent does, and finalizes (``stream.flush.flush_now``, what D
 Realtime's ``commit`` call) every ``--turn`` seconds; the sample is the time from the finalize to its ``Marker``
 (every word of the audio so far out and closed). No server, no network: the engine, sessions and one asyncio loop,
 so what is measured is the engine's side of TTFS (the steps a finalize needs, and the waiting behind other
-streams' steps), for each ``--flush-seconds``. Also printed: the engine's mean step time, the steps per second,
-how busy the engine was, and the flush's frames (the engine's; a finalize adds up to a step more).
+streams' steps), for each ``--flush-seconds`` and each ``--lane-slots`` (the finalize lane's rows; 0: no lane,
+every flush frame in full-batch steps, as before the lane). Also printed: the engine's mean step time (main batch
+and lane apart), the steps per second, how busy the engine was, and the flush's frames (the engine's; a finalize
+adds up to a step more).
 
-    uv run python scripts/flush_latency.py --model /work/ckpt/tiny --slots 4 --clients 1,4 --flush-seconds 0.08,0.5
+    uv run python scripts/flush_latency.py --model /work/ckpt/tiny --slots 4 --clients 1,4 --lane-slots 0,2
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def main(model: str = typer.Option(..., help="checkpoint folder or repo"),
                                     "too busy for real time, so the load stays below the engine's capacity)"),
          flush_seconds: str = typer.Option("0.08", help="the engine's flush_seconds, comma separated to compare "
                                             "(0.08: the minimal flush; 0.5: the flush before it)"),
+         lane_slots: str = typer.Option("0,2", help="rows of the finalize lane, comma separated to compare (0: none)"),
          device: str = typer.Option("cpu"), out: str = typer.Option("", help="JSON results here")) -> None:
     import torch
 
@@ -91,12 +94,22 @@ def main(model: str = typer.Option(..., help="checkpoint folder or repo"),
     k = frames_per_step or default_frames_per_step(torch.device(device))
     speech = load_audio_file(REAL_SPEECH)
     rows = []
-    for n, flush in [(int(c), float(f)) for c in clients.split(",") for f in flush_seconds.split(",")]:
-        engine = Engine(stt, slots, frames_per_step=k, flush_seconds=flush)
+    runs = [(int(c), float(f), int(lane)) for c in clients.split(",") for f in flush_seconds.split(",")
+            for lane in lane_slots.split(",")]
+    for n, flush, lane in runs:
+        engine = Engine(stt, slots, frames_per_step=k, flush_seconds=flush, lane_slots=lane)
         engine.warmup()
         engine.start()
         steps: list[float] = []
-        engine.add_step_listener(lambda frames, s: steps.append(s))
+        lane_steps: list[float] = []
+        counted = [0]
+
+        def on_step(frames: int, seconds: float) -> None:
+            # a lane step was planned (and counted) just before it ran; the next plan comes after this call
+            (lane_steps if engine.lane_steps != counted[0] else steps).append(seconds)
+            counted[0] = engine.lane_steps
+
+        engine.add_step_listener(on_step)
 
         async def run():
             offsets = [int(i * speech.size / n) for i in range(n)]
@@ -108,16 +121,22 @@ def main(model: str = typer.Option(..., help="checkpoint folder or repo"),
         samples = [s for stream in asyncio.run(run()) for s in stream]
         wall = time.perf_counter() - t0
         engine.stop()
-        row = dict(clients=n, flush_seconds=flush, pace=pace, finalizes=len(samples), median=percentile(samples, 50), p95=percentile(samples, 95),
-                   p99=percentile(samples, 99), max=max(samples), step_mean=float(np.mean(steps)),
-                   steps_per_s=len(steps) / wall, busy=sum(steps) / wall, flush_frames=engine.info.flush_frames, frames_per_step=k)
+        row = dict(clients=n, flush_seconds=flush, lane_slots=lane, pace=pace, finalizes=len(samples),
+                   median=percentile(samples, 50), p95=percentile(samples, 95), p99=percentile(samples, 99),
+                   max=max(samples), step_mean=float(np.mean(steps)) if steps else float("nan"),
+                   lane_step_mean=float(np.mean(lane_steps)) if lane_steps else float("nan"),
+                   lane_steps=len(lane_steps), steps_per_s=(len(steps) + len(lane_steps)) / wall,
+                   busy=(sum(steps) + sum(lane_steps)) / wall, flush_frames=engine.info.flush_frames,
+                   frames_per_step=k)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("| clients | flush frames | finalizes | median s | p95 s | p99 s | max s | step ms | steps/s | engine busy |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| clients | lane rows | flush frames | finalizes | median s | p95 s | p99 s | max s | step ms | lane step ms "
+          "| lane steps | steps/s | engine busy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['clients']} | {r['flush_frames']} | {r['finalizes']} | {r['median']:.3f} | {r['p95']:.3f} | {r['p99']:.3f} | "
-              f"{r['max']:.3f} | {1000 * r['step_mean']:.0f} | {r['steps_per_s']:.1f} | {100 * r['busy']:.0f} % |")
+        print(f"| {r['clients']} | {r['lane_slots']} | {r['flush_frames']} | {r['finalizes']} | {r['median']:.3f} | "
+              f"{r['p95']:.3f} | {r['p99']:.3f} | {r['max']:.3f} | {1000 * r['step_mean']:.0f} | "
+              f"{1000 * r['lane_step_mean']:.0f} | {r['lane_steps']} | {r['steps_per_s']:.1f} | {100 * r['busy']:.0f} % |")
     if out:
         Path(out).write_text(json.dumps(rows, indent=2))
 

@@ -22,7 +22,7 @@ from .conftest import FLUSH_SECONDS
 @pytest.fixture(scope="module")
 def served(checkpoint_dir, tmp_path_factory):
     model = load_model(str(checkpoint_dir), "cpu", "float32")
-    engine = Engine(model, 2, flush_seconds=FLUSH_SECONDS, frames_per_step=2).start()
+    engine = Engine(model, 2, flush_seconds=FLUSH_SECONDS, frames_per_step=2, lane_slots=1).start()
     endpoints = Endpoints.in_folder(str(tmp_path_factory.mktemp("ipc")))
     server = EngineServer(engine, endpoints)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -65,6 +65,21 @@ def test_tokens_exact_through_the_client(served, reference, sounds):
     assert [e.token for e in events if isinstance(e, StepOutput)] == reference.tokens(pcm)
     assert client.buffered_samples(handle) == 0
     assert client.stats().slots_in_use == 0
+
+
+def test_expedite_reaches_the_engines_finalize_lane(served, reference, sounds):
+    """``Engine.expedite`` crosses the wire after the pushes before it: the frames go through the lane, exactly."""
+    engine, _, client = served
+    pcm = sounds(2.0, 5)[:16 * 1920]  # 16 frames: whole steps, within the lane's backlog
+    events, done, sink = collect()
+    handle = client.open(sink)
+    lane_steps = engine.lane_steps
+    client.push(handle, pcm)
+    client.expedite(handle)
+    client.close(handle)
+    assert done.wait(120)
+    assert engine.lane_steps > lane_steps
+    assert [e.token for e in events if isinstance(e, StepOutput)] == reference.tokens(pcm, mimi_frames_per_call=2)
 
 
 def test_step_timings_reach_the_clients_listeners(served, sounds):

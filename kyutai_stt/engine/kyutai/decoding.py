@@ -103,6 +103,20 @@ class SlotDecoding:
                 row[:, :len(edges)] = torch.tensor(edges, dtype=torch.long).T
             self._edges[:, slot] = row.to(self.device)
 
+    _ROWS = ("_sampling", "_boosting", "_temperature", "_seed", "_step", "_node")
+
+    def copy_row(self, src: "SlotDecoding", src_row: int, row: int) -> None:
+        """Row ``row`` becomes ``src``'s row ``src_row`` (a slot moving into or out of the finalize lane)."""
+        for name in self._ROWS:
+            getattr(self, name)[row] = getattr(src, name)[src_row]
+        if src._edges is not None or self._edges is not None:
+            if self._edges is None:
+                self._edges = torch.full((3, self.slots, MAX_EDGES), -1, dtype=torch.long, device=self.device)
+            if src._edges is None:
+                self._edges[:, row] = -1
+            else:
+                self._edges[:, row] = src._edges[:, src_row]
+
     def set_active(self, used: list[tuple[bool, bool]]) -> None:
         """Before a step: (samples, boosts) of every stream in the engine (free slots' stale rows cost nothing)."""
         self._any_sampling = any(s for s, _ in used)

@@ -16,6 +16,12 @@ Conventions (equal to ``reference.reference_outputs``, a plain single-stream loo
   finalize (``stream.flush``) feeds the same flush. Models with a silence prefix get it before the audio.
 - Mimi's encoder attention always sees its full 10 s context, whether it is given one frame per call or several
   (``attention_cache``); moshi's default cache drops a few of the oldest keys for multi-step calls.
+- Mimi is always called with ``frames_per_step`` frames of a stream, from a multiple of ``frames_per_step`` of its
+  frames (its codes are not bitwise independent of the frames per call on CPU, while they are of the batch size).
+
+The finalize lane (``expedite``, ``lane``): a finalizing stream's buffered frames (its flush) are stepped in steps
+of ``lane_slots`` rows instead of full-batch steps while no other stream has frames waiting, its state moved into
+the lane's small batch and back.
 
 Neighbour invariance: every step runs the full batch of ``slots`` rows, so shapes never change with the load, and a
 row's result must not depend on its slot or on the other rows. On the CPU that holds bit for bit once MKL runs in
@@ -52,6 +58,7 @@ from kyutai_stt.engine.kyutai.attention_cache import fit_encoder_attention
 from kyutai_stt.engine.kyutai.checkpoint import SttModel
 from kyutai_stt.engine.kyutai.decoding import SlotDecoding, keyterm_trie
 from kyutai_stt.engine.kyutai.info import describe
+from kyutai_stt.engine.kyutai.lane import Lane
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +130,8 @@ class _Slot:
     needs_context_reset: bool = False  # Engine.reset: reset the LM context before the next audio step
     frames_taken: int = 0  # frames planned so far (frames_done lags it while a step runs)
     changes: list = field(default_factory=list)  # Engine.reconfigure: (frame, decoding) in frame order
+    urgent: int = 0  # frames to step in the finalize lane (``Engine.expedite``); 0: none
+    lane_row: int = -1  # the slot's row of the finalize lane while its state is there (-1: in the main batch)
 
     @property
     def in_use(self) -> bool:
@@ -137,6 +146,7 @@ class _Slot:
         return -(-len(self.buffer) // FRAME_SIZE) + max(0, self.flush_frames_left)
 
     def ready(self, frames_per_step: int) -> bool:
+        """Ready for a main-batch step (a slot in the finalize lane comes back for it)."""
         if not self.in_use:
             return False
         available = self.frames_available()
@@ -147,6 +157,13 @@ class _Slot:
         if len(self.buffer) == 0:
             self.flush_frames_left -= 1  # the buffer is empty only once closing: a frame of flush silence
         self.buffer.take_into(out)  # the partial last frame comes zero-padded
+        self.urgent = max(0, self.urgent - 1)  # in the lane or not, an expedited frame is a frame taken
+
+    def lane_ready(self, frames_per_step: int) -> bool:
+        """Can step ``frames_per_step`` expedited frames in the finalize lane now: whole frames of audio (a
+        lane step never pads), and no reset or init step pending (those run in the main batch)."""
+        return (self.in_use and not self.needs_reset and not self.needs_init and self.urgent >= frames_per_step
+                and len(self.buffer) >= frames_per_step * FRAME_SIZE)
 
     def done(self) -> bool:
         return self.closing and len(self.buffer) == 0 and self.flush_frames_left <= 0
@@ -166,11 +183,21 @@ class _StepPlan:
     configure: dict = field(default_factory=dict)  # slot index -> its new stream's decoding (at its reset)
     reconfigure: dict = field(default_factory=dict)  # frame j of the step -> [(slot index, decoding, LM step)]
     plan_seconds: float = 0.0  # measured only for timing listeners
+    # a finalize-lane step: the arrays above are per lane row; slots moved into the lane before it and out after it
+    lane: bool = False
+    enter: list = field(default_factory=list)  # (slot index, lane row)
+    leave: list = field(default_factory=list)  # (lane row, slot index); in a main step: back before it
 
 
 def default_frames_per_step(device: torch.device) -> int:
     """1 on GPU; 2 on CPU, where Mimi's fixed per-call cost dominates (same results, 80 ms more latency)."""
     return 1 if device.type == "cuda" else 2
+
+
+def default_lane_slots(device: torch.device) -> int:
+    """4 on GPU, where a step of a few rows should cost a fraction of a full batch's (not measured yet); 1 on
+    CPU, where a 1-row step costs about 55-60 % of a 4-row one and a 2-row one about 75 % (BENCHMARKS.md)."""
+    return 4 if device.type == "cuda" else 1
 
 
 MIN_FLUSH_SECONDS = 1 / FRAME_RATE  # one frame: the default and least ``flush_seconds``
@@ -193,9 +220,11 @@ class Engine:
     counts_step_metrics = True  # this process runs the steps: its step listeners feed the metrics
 
     def __init__(self, model: SttModel, slots: int, flush_seconds: float = MIN_FLUSH_SECONDS, frames_per_step: int = 1,
-                 batch_invariant_mode: str | None = None, keyterm_boost: float = 5.0):
+                 batch_invariant_mode: str | None = None, keyterm_boost: float = 5.0, lane_slots: int | None = None):
         """``batch_invariant_mode``: auto/on/off, default ``$KYUTAI_STT_BATCH_INVARIANT`` (see ``batch_invariant``).
-        ``keyterm_boost``: what a stream's keyterms add to their pieces' text logits (``decoding``)."""
+        ``keyterm_boost``: what a stream's keyterms add to their pieces' text logits (``decoding``).
+        ``lane_slots``: rows of the finalize lane (``expedite``); 0: no lane, ``expedite`` does nothing; None:
+        ``default_lane_slots`` for the device."""
         self.model = model
         self.batch_size = slots
         # Frames each stream advances per step. More than 1 amortises Mimi's per-call cost (a big win on CPU)
@@ -212,6 +241,10 @@ class Engine:
         self._worker: threading.Thread | None = None
         self._steps = 0
         self._frames = 0
+        self.lane_steps = 0  # finalize-lane steps so far (tests, benchmarks)
+        # True: lane steps go ahead of the main batch even while other streams have frames waiting (tests use it
+        # to interleave lane and main steps; on the CPU it lengthened the loaded tail, BENCHMARKS.md)
+        self.lane_ahead = False
         self._failures = 0
         self._last_step_seconds = 0.0
         self.fault_injector: Callable[[], None] | None = None  # tests: raise inside a step
@@ -235,11 +268,21 @@ class Engine:
         self._streaming.enter_context(batch_invariant.enabled_for(device, "on" if self.batch_invariant else "off"))
         self._streaming.enter_context(model.mimi.streaming(slots))
         self._streaming.enter_context(self._lm_gen.streaming(slots))
-        # On CUDA, audio goes to the device through one reused page-locked buffer (an asynchronous copy); the
-        # previous step's copy is complete by then, since each step ends with a device-to-host sync.
-        self._pinned = (torch.empty((slots, frames_per_step * FRAME_SIZE), pin_memory=True)
+        self._lane = None
+        lane_slots = default_lane_slots(device) if lane_slots is None else lane_slots
+        # the most frames a finalize may bring to the lane: its flush (padded to whole steps) and a step of audio
+        self.lane_backlog = self.flush_frames + 2 * frames_per_step
+        if lane_slots > 0:
+            lane_decoding = SlotDecoding(lane_slots, model.lm.text_card, self.info.first_piece_token, device,
+                                         keyterm_boost)
+            self._lane = Lane(model.mimi, self._lm_gen, lane_slots, lane_decoding, self._streaming)
+        sizes = (slots, lane_slots) if lane_slots > 0 else (slots,)
+        # On CUDA, audio goes to the device through one reused page-locked buffer per batch size (an asynchronous
+        # copy); the previous step's copy is complete by then, since each step ends with a device-to-host sync.
+        self._pinned = ({n: torch.empty((n, frames_per_step * FRAME_SIZE), pin_memory=True) for n in sizes}
                         if device.type == "cuda" else None)
-        self._zero_codes = torch.zeros((slots, model.mimi.num_codebooks, 1), dtype=torch.long, device=device)
+        self._zero_codes = {n: torch.zeros((n, model.mimi.num_codebooks, 1), dtype=torch.long, device=device)
+                            for n in sizes}
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> "Engine":
@@ -272,12 +315,19 @@ class Engine:
         return self._worker is not None and self._worker.is_alive() and not self._stopping
 
     def warmup(self, steps: int = 3) -> None:
-        """Run full-batch steps on silence (compiles CUDA graphs) before any stream arrives."""
+        """Run full-batch steps on silence (compiles CUDA graphs) before any stream arrives, in the main batch
+        and in the finalize lane."""
         with self._cond:
             if any(s.in_use for s in self._slots):
                 raise RuntimeError("warm up before serving streams")
-        all_on = torch.ones(self.batch_size, dtype=torch.bool, device=self.model.device)
-        pcm = torch.zeros((self.batch_size, 1, FRAME_SIZE * self.frames_per_step), device=self.model.device)
+        self._warm(self.batch_size, steps)
+        if self._lane is not None:
+            with self._lane.active():
+                self._warm(self._lane.size, steps)
+
+    def _warm(self, rows: int, steps: int) -> None:
+        all_on = torch.ones(rows, dtype=torch.bool, device=self.model.device)
+        pcm = torch.zeros((rows, 1, FRAME_SIZE * self.frames_per_step), device=self.model.device)
         with torch.no_grad():
             for _ in range(steps):
                 self.model.mimi.set_exec_mask(all_on)
@@ -342,6 +392,27 @@ class Engine:
             if len(slot.buffer) >= FRAME_SIZE * self.frames_per_step:
                 self._cond.notify_all()
 
+    def expedite(self, handle: StreamHandle) -> None:
+        """Step the stream's whole frames buffered now (a finalize's flush, and any of its audio before it) in
+        the finalize lane, in small steps instead of full-batch ones while no other stream has frames waiting (a
+        main step, when one has, carries them too). Outputs and their order are the same; only when they come
+        changes. With the lane full, the frames go on in the main batch.
+
+        Only a flush with at most ``lane_backlog`` frames in all goes to the lane: a stream further behind (an
+        engine over its capacity) cannot be finalized fast anyway, and carrying its backlog in extra small steps
+        only adds work to an engine that has too much (measured: BENCHMARKS.md, "Finalize lane")."""
+        with self._cond:
+            slot = self._own(handle)
+            if slot is None or slot.closing or self._lane is None:
+                return
+            # a live stream's frames so far fill whole steps (``stream.flush`` pads the flush to them), so lane
+            # steps stay aligned to the stream's frame count: Mimi calls of the same frames as without the lane
+            frames = len(slot.buffer) // FRAME_SIZE
+            if frames > self.lane_backlog:
+                return
+            slot.urgent = frames - frames % self.frames_per_step
+            self._cond.notify_all()
+
     def close(self, handle: StreamHandle) -> None:
         """No more audio: flush, deliver the last outputs and StreamEnd, then free the slot."""
         with self._cond:
@@ -397,6 +468,8 @@ class Engine:
         slot.sink = None
         slot.buffer = _AudioQueue()
         slot.closing = False
+        slot.urgent = 0
+        slot.lane_row = -1  # its lane row (if any) is free; the slot's next stream is reset in the main batch
         self._cond.notify_all()  # wakes an open() waiting for a free slot
 
     # ---------------------------------------------------------------- worker
@@ -404,12 +477,20 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and not any(s.ready(self.frames_per_step) for s in self._slots):
+                    k = self.frames_per_step
+                    while not self._stopping and not any(s.ready(k) or s.lane_ready(k) or s.lane_row >= 0
+                                                         for s in self._slots):
                         self._cond.wait()
                     if self._stopping:
                         break
                     t = time.perf_counter() if self._timing_listeners else 0.0
-                    plan = self._plan()
+                    # the finalize lane steps instead of the main batch, never beside it: only while no other
+                    # stream has frames to step (a main step then carries the expedited streams too), so the lane
+                    # never adds steps to a busy engine, and replaces full-batch steps by small ones otherwise
+                    plan = None
+                    if self.lane_ahead or not any(s.ready(k) and not s.lane_ready(k) for s in self._slots):
+                        plan = self._plan_lane()
+                    plan = plan or self._plan()
                     if self._timing_listeners:
                         plan.plan_seconds = time.perf_counter() - t
                 self._execute(plan)
@@ -428,8 +509,11 @@ class Engine:
         k, n = self.frames_per_step, self.batch_size
         plan = _StepPlan(np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
                          np.zeros((n, k * FRAME_SIZE), np.float32), np.zeros(n, int), np.zeros(n, bool), {})
-        used = [d for s in self._slots if s.in_use for d in (s.decoding, *(c for _, c in s.changes))]
-        self._decoding.set_active([(options.temperature > 0, bool(edges)) for options, _, edges in used])
+        self._set_decoding_active(self._decoding)
+        # streams in the finalize lane come back first (their state scattered back before the step)
+        plan.leave = [(s.lane_row, s.index) for s in self._slots if s.lane_row >= 0]
+        for slot in self._slots:
+            slot.lane_row = -1
         for slot in self._slots:
             if not slot.ready(k):
                 continue
@@ -443,28 +527,75 @@ class Engine:
                 plan.init[i] = True
                 slot.needs_init = False
                 continue
-            plan.audio[i] = True
-            if slot.needs_context_reset:
-                plan.context_reset[i] = True
-                slot.needs_context_reset = False
-            for j in range(k):
-                if slot.frames_available() == 0:
-                    break  # the end of a closing stream: the rest of this step is padding, never delivered
-                if slot.changes and slot.changes[0][0] <= slot.frames_taken:
-                    # new options from this frame's LM step on (the last of several for one frame); its step
-                    # number is the reference's (frame + 1)
-                    while slot.changes and slot.changes[0][0] <= slot.frames_taken:
-                        _, slot.decoding = slot.changes.pop(0)
-                    plan.reconfigure.setdefault(j, []).append((i, slot.decoding, slot.frames_taken + 1))
-                slot.take_frame(plan.pcm[i, j * FRAME_SIZE:(j + 1) * FRAME_SIZE])
-                plan.deliver[i] += 1
-                slot.frames_taken += 1
+            self._take_frames(plan, slot, i)
         return plan
 
-    def _lm_step(self, codes: torch.Tensor, mask: np.ndarray):
+    def _set_decoding_active(self, decoding: SlotDecoding, slots: list[_Slot] | None = None) -> None:
+        """Whether the hooks have work in the next step: some stream of ``slots`` (default: all) samples or boosts."""
+        slots = self._slots if slots is None else slots
+        used = [d for s in slots if s.in_use for d in (s.decoding, *(c for _, c in s.changes))]
+        decoding.set_active([(options.temperature > 0, bool(edges)) for options, _, edges in used])
+
+    def _plan_lane(self) -> _StepPlan | None:
+        """Under the lock: a finalize-lane step when some slot has expedited frames to step (None otherwise).
+        Slots enter the lane while it has a free row, step ``frames_per_step`` frames per lane step, and leave
+        with their last expedited frames."""
+        if self._lane is None:
+            return None
+        k, n = self.frames_per_step, self._lane.size
+        stepping = [s for s in self._slots if s.lane_row >= 0 and s.lane_ready(k)]
+        # a slot in the lane always has expedited frames left (it leaves with its last ones); should one ever not,
+        # it goes back now rather than wait in the lane
+        leave = [(s.lane_row, s.index) for s in self._slots if s.lane_row >= 0 and not s.lane_ready(k)]
+        for _, i in leave:
+            self._slots[i].lane_row = -1
+        enter = []
+        free = sorted(set(range(n)) - {s.lane_row for s in self._slots if s.lane_row >= 0})
+        for slot in self._slots:
+            if free and slot.lane_row < 0 and slot.lane_ready(k):
+                slot.lane_row = free.pop(0)
+                enter.append((slot.index, slot.lane_row))
+                stepping.append(slot)
+        if not stepping and not leave:
+            return None
+        plan = _StepPlan(np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
+                         np.zeros((n, k * FRAME_SIZE), np.float32), np.zeros(n, int), np.zeros(n, bool), {},
+                         lane=True, enter=enter, leave=leave)
+        self._set_decoding_active(self._lane.decoding, stepping)  # the lane's rows only
+        for slot in stepping:
+            row = slot.lane_row
+            plan.targets[row] = (slot, slot.stream_id, slot.sink)
+            self._take_frames(plan, slot, row)
+            if not slot.lane_ready(k):  # its expedited frames are done: back to the main batch after this step
+                plan.leave.append((row, slot.index))
+                slot.lane_row = -1
+        self.lane_steps += 1
+        return plan
+
+    def _take_frames(self, plan: _StepPlan, slot: _Slot, i: int) -> None:
+        """Under the lock: the slot's next ``frames_per_step`` frames into row ``i`` of the step."""
+        k = self.frames_per_step
+        plan.audio[i] = True
+        if slot.needs_context_reset:
+            plan.context_reset[i] = True
+            slot.needs_context_reset = False
+        for j in range(k):
+            if slot.frames_available() == 0:
+                break  # the end of a closing stream: the rest of this step is padding, never delivered
+            if slot.changes and slot.changes[0][0] <= slot.frames_taken:
+                # new options from this frame's LM step on (the last of several for one frame); its step
+                # number is the reference's (frame + 1)
+                while slot.changes and slot.changes[0][0] <= slot.frames_taken:
+                    _, slot.decoding = slot.changes.pop(0)
+                plan.reconfigure.setdefault(j, []).append((i, slot.decoding, slot.frames_taken + 1))
+            slot.take_frame(plan.pcm[i, j * FRAME_SIZE:(j + 1) * FRAME_SIZE])
+            plan.deliver[i] += 1
+            slot.frames_taken += 1
+
+    def _lm_step(self, codes: torch.Tensor, mask: np.ndarray, decoding: SlotDecoding):
         exec_mask = torch.from_numpy(mask).to(self.model.device)
         self._lm_gen.set_exec_mask(exec_mask)
-        self._decoding.exec_mask = exec_mask
+        decoding.exec_mask = exec_mask
         result = self._lm_gen.step_with_extra_heads(codes)
         assert result is not None  # no audio delays in STT models, so every step returns tokens
         tokens, heads = result
@@ -476,47 +607,21 @@ class Engine:
         start = time.perf_counter()
         device = self.model.device
         clock = _PartClock(device, start) if self._timing_listeners else None
+        rows = plan.audio.size
         try:
             if self.fault_injector is not None:
                 self.fault_injector()
-            if plan.reset.any():
-                mask = torch.from_numpy(plan.reset).to(device)
-                self.model.mimi.reset_streaming(mask)
-                self._lm_gen.reset_streaming(mask)
-                for i, decoding in plan.configure.items():
-                    self._decoding.configure(i, *decoding)
-            init = plan.init
-            if plan.context_reset.any():  # the LM forgets, Mimi and the stream's clock go on
-                mask = torch.from_numpy(plan.context_reset).to(device)
-                self._lm_gen.reset_streaming(mask)
-                self._decoding.reset_terms(mask)
-                init = plan.init | plan.context_reset
-            if init.any():
-                # the LM's first step after a reset ignores its input: no audio needed, outputs dropped
-                self._lm_step(self._zero_codes, init)
-            tokens = pauses = None
-            if plan.audio.any():
-                self.model.mimi.set_exec_mask(torch.from_numpy(plan.audio).to(device))
-                host = torch.from_numpy(plan.pcm)
-                if self._pinned is not None:
-                    host = self._pinned.copy_(host)
-                batch = host.to(device, non_blocking=True)[:, None, :]
-                if clock:
-                    clock.mark("prepare")
-                codes = self.model.mimi.encode(batch)  # [B, K, frames_per_step]
-                if clock:
-                    clock.mark("mimi")
-                steps = []
-                for j in range(self.frames_per_step):
-                    for i, (options, seed, edges), step in plan.reconfigure.get(j, ()):
-                        self._decoding.configure(i, options, seed, edges, step)
-                    steps.append(self._lm_step(codes[:, :, j:j + 1], plan.audio))
-                if clock:
-                    clock.mark("lm")
-                # one host sync per engine step, not one per slot or per frame
-                tokens = torch.stack([t for t, _ in steps], dim=1).cpu().numpy()
-                if steps[0][1] is not None:
-                    pauses = torch.stack([p for _, p in steps], dim=1).float().cpu().numpy()
+            if plan.lane:
+                for i, row in plan.enter:
+                    self._lane.gather(i, row, self._decoding)
+                with self._lane.active():
+                    tokens, pauses = self._compute(plan, rows, self._lane.decoding, clock)
+                for row, i in plan.leave:
+                    self._lane.scatter(row, i, self._decoding)
+            else:
+                for row, i in plan.leave:
+                    self._lane.scatter(row, i, self._decoding)
+                tokens, pauses = self._compute(plan, rows, self._decoding, clock)
             if clock:
                 clock.mark("prepare" if tokens is None else "d2h")
         except Exception as exc:
@@ -538,6 +643,53 @@ class Engine:
                                 parts.get("lm", 0.0), parts.get("d2h", 0.0), time.perf_counter() - deliver_start)
             for listener in self._timing_listeners:
                 listener(timing)
+
+    def _compute(self, plan: _StepPlan, rows: int, decoding: SlotDecoding, clock: _PartClock | None):
+        """The step on the streaming states attached to the modules now (the main batch's or the lane's, ``rows``
+        rows): resets, init steps, Mimi, the LM. Returns (tokens, pauses) on the host, or (None, None)."""
+        device = self.model.device
+        # LMGen's decoding hooks see the rows being stepped: the main batch's or the lane's
+        self._lm_gen.on_text_logits_hook = decoding.on_text_logits
+        self._lm_gen.on_text_hook = decoding.on_text_token
+        if plan.reset.any():
+            mask = torch.from_numpy(plan.reset).to(device)
+            self.model.mimi.reset_streaming(mask)
+            self._lm_gen.reset_streaming(mask)
+            for i, options in plan.configure.items():
+                decoding.configure(i, *options)
+        init = plan.init
+        if plan.context_reset.any():  # the LM forgets, Mimi and the stream's clock go on
+            mask = torch.from_numpy(plan.context_reset).to(device)
+            self._lm_gen.reset_streaming(mask)
+            decoding.reset_terms(mask)
+            init = plan.init | plan.context_reset
+        if init.any():
+            # the LM's first step after a reset ignores its input: no audio needed, outputs dropped
+            self._lm_step(self._zero_codes[rows], init, decoding)
+        tokens = pauses = None
+        if plan.audio.any():
+            self.model.mimi.set_exec_mask(torch.from_numpy(plan.audio).to(device))
+            host = torch.from_numpy(plan.pcm)
+            if self._pinned is not None:
+                host = self._pinned[rows].copy_(host)
+            batch = host.to(device, non_blocking=True)[:, None, :]
+            if clock:
+                clock.mark("prepare")
+            codes = self.model.mimi.encode(batch)  # [B, K, frames_per_step]
+            if clock:
+                clock.mark("mimi")
+            steps = []
+            for j in range(self.frames_per_step):
+                for i, (options, seed, edges), step in plan.reconfigure.get(j, ()):
+                    decoding.configure(i, options, seed, edges, step)
+                steps.append(self._lm_step(codes[:, :, j:j + 1], plan.audio, decoding))
+            if clock:
+                clock.mark("lm")
+            # one host sync per engine step, not one per slot or per frame
+            tokens = torch.stack([t for t, _ in steps], dim=1).cpu().numpy()
+            if steps[0][1] is not None:
+                pauses = torch.stack([p for _, p in steps], dim=1).float().cpu().numpy()
+        return tokens, pauses
 
     def _deliver_outputs(self, plan: _StepPlan, tokens: np.ndarray, pauses: np.ndarray | None) -> None:
         deliveries = []

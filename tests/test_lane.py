@@ -1,0 +1,154 @@
+"""The finalize lane (``engine.kyutai.lane``, ``Engine.expedite``): streams that finalize mid-stream have their
+flush stepped in the lane's small batch, beside neighbours in the main batch, and every stream still gets exactly
+the single-stream reference's outputs, with Mimi called ``frames_per_step`` frames at a time as the engine does."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from kyutai_stt.audio.constants import FRAME_SIZE
+from kyutai_stt.engine.contract import ContextReset, DecodingOptions, StepOutput, StreamEnd
+from kyutai_stt.engine.kyutai.checkpoint import load_model
+from kyutai_stt.engine.kyutai.engine import Engine
+from kyutai_stt.engine.kyutai.reference import reference_outputs
+from kyutai_stt.engine.kyutai.lane import Lane
+from kyutai_stt.stream.flush import flush_frames_after
+
+from .test_decoding import keyterm_for
+
+FRAMES_PER_STEP = 2
+SAMPLING = DecodingOptions(temperature=0.5, seed=11)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_dir):
+    return load_model(str(checkpoint_dir), "cpu", "float32")
+
+
+class Finalizer:
+    """One stream from its own thread: each piece in chunks, then (but after the last) the flush silence a finalize
+    feeds (``stream.flush``) and ``expedite``, waiting for the flush's last output before the next piece; then
+    close. ``sent`` is all the audio the engine got, flush silences included (what the reference hears)."""
+
+    def __init__(self, engine: Engine, pieces: list[np.ndarray], options=None, barrier=None, reset_at: int = -1):
+        self.engine, self.pieces, self.barrier, self.reset_at = engine, pieces, barrier, reset_at
+        self.outputs: list[StepOutput] = []
+        self.resets: list[int] = []
+        self.end = None
+        self.sent: list[np.ndarray] = []
+        self._cond = threading.Condition()
+        self.handle = engine.open(self.sink, options=options)
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def sink(self, events) -> None:
+        with self._cond:
+            for event in events:
+                if isinstance(event, StepOutput):
+                    self.outputs.append(event)
+                elif isinstance(event, ContextReset):
+                    self.resets.append(event.frame)
+                else:
+                    self.end = event
+            self._cond.notify_all()
+
+    def push(self, pcm: np.ndarray) -> None:
+        self.sent.append(pcm)
+        for start in range(0, pcm.size, 7000):
+            self.engine.push(self.handle, pcm[start:start + 7000])
+
+    def run(self) -> None:
+        samples = 0
+        for i, piece in enumerate(self.pieces):
+            self.push(piece)
+            samples += piece.size
+            if i == len(self.pieces) - 1:
+                break
+            # a live client: its audio is stepped as it comes, so a finalize finds only its flush waiting (a
+            # longer backlog stays in the main batch: ``Engine.lane_backlog``)
+            k = self.engine.frames_per_step
+            self.wait_for_frames((self.engine.info.prefix_frames + samples // FRAME_SIZE) // k * k)
+            pad, frames = flush_frames_after(samples, self.engine.info)
+            silence = np.zeros(pad + frames * FRAME_SIZE, np.float32)
+            if self.barrier is not None and i == 0:
+                self.barrier.wait(timeout=60)  # the first finalizes of every stream at once: more than the lane
+            self.push(silence)
+            samples += silence.size
+            if i == self.reset_at:
+                self.engine.reset(self.handle)  # a context reset, taken by the lane's first step
+            self.engine.expedite(self.handle)
+            self.wait_for_frames(self.engine.info.prefix_frames + samples // FRAME_SIZE)
+        self.engine.close(self.handle)
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.end is not None, timeout=120)
+
+    def wait_for_frames(self, frames: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.outputs) >= frames or self.end is not None, timeout=120)
+
+    @property
+    def audio(self) -> np.ndarray:
+        return np.concatenate(self.sent)
+
+
+def run_finalizers(model, clip, other, lane_slots: int, options: list):
+    """Three streams finalizing twice (greedy with a context reset, sampling, keyterms) and a greedy neighbour
+    that never finalizes, through 4 slots with a lane of ``lane_slots`` rows."""
+    engine = Engine(model, 4, frames_per_step=FRAMES_PER_STEP, lane_slots=lane_slots)  # the minimal flush
+    # lane steps ahead of the busy neighbours' main steps, not only when they have nothing to step: lane and main
+    # steps interleave, the hard case for the state moves (the default policy is a subset of these schedules)
+    engine.lane_ahead = True
+    engine.start()
+    try:
+        barrier = threading.Barrier(len(options))
+        cuts = [(0, 10000), (10000, 21000), (21000, clip.size)]  # not frame-aligned: the flush pads them
+        finalizers = [Finalizer(engine, [np.roll(clip, 7000 * n)[a:b] for a, b in cuts], options=o, barrier=barrier,
+                                reset_at=1 if n == 0 else -1)
+                      for n, o in enumerate(options)]
+        neighbour = Finalizer(engine, [other])
+        for stream in (*finalizers, neighbour):
+            stream.thread.start()
+        for stream in (*finalizers, neighbour):
+            stream.thread.join(timeout=300)
+        return finalizers + [neighbour], engine.lane_steps
+    finally:
+        engine.stop()
+
+
+def check_against_reference(reference_model, streams, options):
+    for stream, opts in zip(streams, options + [None]):
+        assert isinstance(stream.end, StreamEnd)
+        kwargs = dict(mimi_frames_per_call=FRAMES_PER_STEP, resets=tuple(stream.resets))
+        if opts is not None:
+            kwargs["options"] = opts
+        expected = reference_outputs(reference_model, stream.audio, **kwargs)
+        assert [o.frame for o in stream.outputs] == list(range(len(expected)))
+        assert [o.token for o in stream.outputs] == [o.token for o in expected]
+        np.testing.assert_allclose([o.pauses for o in stream.outputs], [o.pauses for o in expected], atol=1e-4)
+
+
+def test_finalizes_through_the_lane_equal_the_reference(model, reference_model, speech, sounds):
+    clip = speech[:30000]
+    other = sounds(1.0, 7)
+    term, _ = keyterm_for(model, [])  # a one-piece word: its trie state moves with the row
+    options = [None, SAMPLING, DecodingOptions(keyterms=(term,))]
+    streams, lane_steps = run_finalizers(model, clip, other, lane_slots=2, options=options)
+    # 6 finalizes of 8+ flush frames each went through the lane (the first three at once: one waited, or was
+    # stepped in the main batch, while the lane's 2 rows were taken)
+    assert lane_steps >= 6
+    assert len(streams[0].resets) == 1  # the context reset ran in the lane
+    check_against_reference(reference_model, streams, options)
+
+
+@pytest.mark.slow  # the check's own check (CI runs -m slow)
+def test_the_check_fails_when_the_lane_loses_its_rows(model, reference_model, speech, sounds, monkeypatch):
+    """The parity check above can fail: a lane that never copies its rows back to the main batch (a broken
+    scatter) gives other tokens."""
+    monkeypatch.setattr(Lane, "scatter", lambda self, row, slot, decoding: None)
+    options = [None]
+    streams, lane_steps = run_finalizers(model, speech[:30000], sounds(0.5, 8), lane_slots=1, options=options)
+    assert lane_steps >= 2
+    with pytest.raises(AssertionError):
+        check_against_reference(reference_model, streams[:1], options)
