@@ -44,8 +44,8 @@ class Settings(BaseSettings):
         None, ge=0, le=64,
         description="Kyutai models: rows of the finalize lane, a small batch in which a finalizing stream's flush "
         "(Deepgram Finalize, Realtime commit, an end of turn) is stepped ahead of the full batch of slots, so the "
-        "final words wait for small steps, not full ones. Results are identical. 0: no lane. Default: 4 on GPU, "
-        "1 on CPU.",
+        "final words wait for small steps, not full ones. Results are identical (it needs the batch-invariant mode, "
+        "KYUTAI_STT_BATCH_INVARIANT). 0: no lane. Default: 4 on GPU, 1 on CPU, 0 where the mode is off (auto on CPU).",
     )
     nemo_lookahead: int | None = Field(
         None, ge=0, le=64,

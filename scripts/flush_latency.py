@@ -97,7 +97,8 @@ def main(model: str = typer.Option(..., help="checkpoint folder or repo"),
     runs = [(int(c), float(f), int(lane)) for c in clients.split(",") for f in flush_seconds.split(",")
             for lane in lane_slots.split(",")]
     for n, flush, lane in runs:
-        engine = Engine(stt, slots, frames_per_step=k, flush_seconds=flush, lane_slots=lane)
+        # batch-invariant mode in every run (the lane needs it; the same mode keeps lane and no-lane comparable)
+        engine = Engine(stt, slots, frames_per_step=k, flush_seconds=flush, lane_slots=lane, batch_invariant_mode="on")
         engine.warmup()
         engine.start()
         steps: list[float] = []

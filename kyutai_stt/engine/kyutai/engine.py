@@ -194,9 +194,13 @@ def default_frames_per_step(device: torch.device) -> int:
     return 1 if device.type == "cuda" else 2
 
 
-def default_lane_slots(device: torch.device) -> int:
+def default_lane_slots(device: torch.device, batch_invariant: bool) -> int:
     """4 on GPU, where a step of a few rows should cost a fraction of a full batch's (not measured yet); 1 on
-    CPU, where a 1-row step costs about 55-60 % of a 4-row one and a 2-row one about 75 % (BENCHMARKS.md)."""
+    CPU, where a 1-row step costs about 55-60 % of a 4-row one and a 2-row one about 75 % (BENCHMARKS.md).
+    0 (no lane) outside batch-invariant mode: the lane steps a stream at another batch size than the main batch,
+    which gives the same results only when a row's results do not depend on the batch size."""
+    if not batch_invariant:
+        return 0
     return 4 if device.type == "cuda" else 1
 
 
@@ -269,7 +273,11 @@ class Engine:
         self._streaming.enter_context(model.mimi.streaming(slots))
         self._streaming.enter_context(self._lm_gen.streaming(slots))
         self._lane = None
-        lane_slots = default_lane_slots(device) if lane_slots is None else lane_slots
+        lane_slots = default_lane_slots(device, self.batch_invariant) if lane_slots is None else lane_slots
+        if lane_slots > 0 and not self.batch_invariant:
+            raise ValueError("the finalize lane (lane_slots > 0) steps a stream at another batch size, which gives "
+                             "the same words only in batch-invariant mode: set KYUTAI_STT_BATCH_INVARIANT=on or "
+                             "KYUTAI_STT_LANE_SLOTS=0")
         # the most frames a finalize may bring to the lane: its flush (padded to whole steps) and a step of audio
         self.lane_backlog = self.flush_frames + 2 * frames_per_step
         if lane_slots > 0:
