@@ -38,12 +38,14 @@ def test_mkl_runs_in_strict_reproducible_mode():
     assert strict_cnr_active() in (True, None)  # None: a torch build without MKL (nothing to fix)
 
 
-def test_clip_alone_in_slot_0_equals_clip_in_slot_2_with_neighbours_bitwise(model, bria, reference):
-    """The issue's case: 8 s of speech, 4 slots, float32, 2 frames per step."""
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_clip_alone_in_slot_0_equals_clip_in_slot_2_with_neighbours_bitwise(model, bria, reference, mode):
+    """The issue's case: 8 s of speech, 4 slots, float32, 2 frames per step. With the batch-invariant mode off (the
+    CPU's default) too: at the engine's fixed batch shape a stream never depends on its neighbours either way."""
     clip = bria[24000 * 3: 24000 * 11].copy()
     neighbours = [bria[24000 * 20: 24000 * 26].copy(), bria[24000 * 13: 24000 * 20].copy()]
 
-    engine = Engine(model, 4, flush_seconds=FLUSH_SECONDS, frames_per_step=2).start()
+    engine = Engine(model, 4, flush_seconds=FLUSH_SECONDS, frames_per_step=2, batch_invariant_mode=mode).start()
     try:
         alone = feeder(engine, clip, seed=1)
         assert alone.handle.slot == 0
@@ -63,5 +65,7 @@ def test_clip_alone_in_slot_0_equals_clip_in_slot_2_with_neighbours_bitwise(mode
     assert pauses_alone.shape == pauses_together.shape and pauses_alone.size > 0
     differing = int((pauses_alone != pauses_together).any(axis=1).sum())
     assert differing == 0, f"{differing}/{len(pauses_alone)} steps' pause probabilities differ"
-    # and both equal the single-stream reference's tokens (batch 1, another process layout)
-    assert [o.token for o in alone.outputs] == reference.tokens(clip)
+    # and, in the mode, both equal the single-stream reference's tokens (batch 1); without it a near-tie Mimi code
+    # may differ from batch 1's (oneDNN picks its convolutions by batch size: engine.batch_invariant)
+    if mode == "on":
+        assert [o.token for o in alone.outputs] == reference.tokens(clip)
