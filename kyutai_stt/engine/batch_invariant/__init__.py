@@ -13,8 +13,8 @@ sizes they can: oneDNN (mkldnn) picks its convolution algorithm by the batch siz
 batch 1 and at batch 4 differ in the last bits, and now and then a code on a near-tie flips (seen: a token at frame
 5 of a 3 s espeak-ng clip). On the CPU the mode therefore turns oneDNN off while it is active: PyTorch's native
 convolution computes each sample alone, so the engine equals the batch-1 reference bit for bit (encoding as many
-frames per Mimi call as the engine: the call size is another matter, ``reference``). It costs Mimi
-time (measured once, loaded 2-core machine: +40 % for a batch of 4), so ``auto`` leaves it off on the CPU.
+frames per Mimi call as the engine: the call size is another matter, ``reference``). Its cost is
+not measured reliably (README, "What 'exact' means"), so ``auto`` leaves it off on the CPU.
 
 The setting ``KYUTAI_STT_BATCH_INVARIANT`` is ``auto`` (default), ``on`` or ``off``. ``auto`` turns the mode on on
 CUDA: the issue asks for it by default when it costs at most 10 % of capacity, which only a GPU can measure
