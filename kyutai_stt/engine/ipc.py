@@ -107,41 +107,36 @@ class Open(msgspec.Struct, tag=True):
     options: DecodingOptions | None = None
 
 
-class Push(msgspec.Struct, tag=True):
+class StreamCommand(msgspec.Struct):
+    """A command about one stream: its slot and the stream's id there (a slot is reused by later streams)."""
+
     slot: int
     stream: int
+
+
+class Push(StreamCommand, tag=True):
     pcm: bytes  # float32, native order
 
 
-class Close(msgspec.Struct, tag=True):
-    slot: int
-    stream: int
+class Close(StreamCommand, tag=True):
+    """``Engine.close``: no more audio."""
 
 
-class Abort(msgspec.Struct, tag=True):
-    slot: int
-    stream: int
+class Abort(StreamCommand, tag=True):
+    """``Engine.abort``: drop the stream."""
 
 
-class Reset(msgspec.Struct, tag=True):
+class Reset(StreamCommand, tag=True):
     """``Engine.reset``: reset the stream's model context."""
 
-    slot: int
-    stream: int
 
-
-class Expedite(msgspec.Struct, tag=True):
+class Expedite(StreamCommand, tag=True):
     """``Engine.expedite``: step the stream's buffered frames in the finalize lane (a finalize)."""
 
-    slot: int
-    stream: int
 
-
-class Reconfigure(msgspec.Struct, tag=True):
+class Reconfigure(StreamCommand, tag=True):
     """``Engine.reconfigure``: new decoding options from the stream's frame ``frame`` on."""
 
-    slot: int
-    stream: int
     options: DecodingOptions
     frame: int
 
@@ -164,6 +159,8 @@ class Gone(msgspec.Struct, tag=True):
     worker: str
 
 
+# stream commands that call one engine method with the stream's handle, nothing else
+_ROUTED: dict[type, str] = {Close: "close", Reset: "reset", Expedite: "expedite"}
 Command = Hello | Open | Push | Close | Abort | Reset | Reconfigure | Expedite | StatsRequest | Beat | Bye | Gone
 
 
@@ -346,14 +343,10 @@ class EngineServer:
                     replies.append(Events(command.slot, command.stream, 0, [StreamFailed("the stream was dropped")]))
             elif isinstance(command, Open):
                 replies.append(self._open(worker, command.request, command.options))
-            elif isinstance(command, Reset):
+            elif type(command) in _ROUTED:
                 route = self._routes.get((command.slot, command.stream))
                 if route is not None:
-                    self.engine.reset(route.handle)
-            elif isinstance(command, Expedite):
-                route = self._routes.get((command.slot, command.stream))
-                if route is not None:
-                    self.engine.expedite(route.handle)
+                    getattr(self.engine, _ROUTED[type(command)])(route.handle)
             elif isinstance(command, Reconfigure):
                 route = self._routes.get((command.slot, command.stream))
                 if route is not None:
@@ -361,10 +354,6 @@ class EngineServer:
                         self.engine.reconfigure(route.handle, command.options, command.frame)
                     except ValueError:  # the worker checked the options; only a keyterm trie too big is left
                         log.warning("stream %d: new decoding options refused", command.stream, exc_info=True)
-            elif isinstance(command, Close):
-                route = self._routes.get((command.slot, command.stream))
-                if route is not None:
-                    self.engine.close(route.handle)
             elif isinstance(command, Abort):
                 route = self._routes.pop((command.slot, command.stream), None)
                 if route is not None:
