@@ -188,6 +188,13 @@ class _StepPlan:
     enter: list = field(default_factory=list)  # (slot index, lane row)
     leave: list = field(default_factory=list)  # (lane row, slot index); in a main step: back before it
 
+    @classmethod
+    def empty(cls, rows: int, frames_per_step: int, **fields) -> "_StepPlan":
+        """A step of ``rows`` rows (the main batch's or the lane's) where no row does anything yet."""
+        return cls(np.zeros(rows, bool), np.zeros(rows, bool), np.zeros(rows, bool),
+                   np.zeros((rows, frames_per_step * FRAME_SIZE), np.float32), np.zeros(rows, int),
+                   np.zeros(rows, bool), {}, **fields)
+
 
 def default_frames_per_step(device: torch.device) -> int:
     """1 on GPU; 2 on CPU, where Mimi's fixed per-call cost dominates (same results, 80 ms more latency)."""
@@ -515,8 +522,7 @@ class Engine:
     def _plan(self) -> _StepPlan:
         """Under the lock: decide what each slot does this step."""
         k, n = self.frames_per_step, self.batch_size
-        plan = _StepPlan(np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
-                         np.zeros((n, k * FRAME_SIZE), np.float32), np.zeros(n, int), np.zeros(n, bool), {})
+        plan = _StepPlan.empty(n, k)
         self._set_decoding_active(self._decoding)
         # streams in the finalize lane come back first (their state scattered back before the step)
         plan.leave = [(s.lane_row, s.index) for s in self._slots if s.lane_row >= 0]
@@ -566,9 +572,7 @@ class Engine:
                 stepping.append(slot)
         if not stepping and not leave:
             return None
-        plan = _StepPlan(np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
-                         np.zeros((n, k * FRAME_SIZE), np.float32), np.zeros(n, int), np.zeros(n, bool), {},
-                         lane=True, enter=enter, leave=leave)
+        plan = _StepPlan.empty(n, k, lane=True, enter=enter, leave=leave)
         self._set_decoding_active(self._lane.decoding, stepping)  # the lane's rows only
         for slot in stepping:
             row = slot.lane_row
