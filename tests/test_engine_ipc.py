@@ -67,15 +67,15 @@ def test_tokens_exact_through_the_client(served, reference, sounds):
     assert client.stats().slots_in_use == 0
 
 
-def test_expedite_reaches_the_engines_finalize_lane(served, reference, sounds):
-    """``Engine.expedite`` crosses the wire after the pushes before it: the frames go through the lane, exactly."""
+def test_a_lone_stream_steps_in_the_lane_exactly(served, reference, sounds):
+    """Through the wire, a stream alone on a lane engine is stepped in the lane's small batch (but for its first
+    step, a reset, and its padded last one) and gets exactly the reference's tokens."""
     engine, _, client = served
-    pcm = sounds(2.0, 5)[:16 * 1920]  # 16 frames: whole steps, within the lane's backlog
+    pcm = sounds(2.0, 5)[:16 * 1920]  # 16 frames: whole steps
     events, done, sink = collect()
     handle = client.open(sink)
     lane_steps = engine.lane_steps
     client.push(handle, pcm)
-    client.expedite(handle)
     client.close(handle)
     assert done.wait(120)
     assert engine.lane_steps > lane_steps

@@ -1,6 +1,7 @@
-"""The finalize lane (``engine.kyutai.lane``, ``Engine.expedite``): streams that finalize mid-stream have their
-flush stepped in the lane's small batch, beside neighbours in the main batch, and every stream still gets exactly
-the single-stream reference's outputs, with Mimi called ``frames_per_step`` frames at a time as the engine does."""
+"""The lane (``engine.kyutai.lane``): whenever the streams with frames to step fit in it, they are stepped in the
+lane's small batch instead of the main one, moving in and out as the others come and go (finalizes, resets,
+sampling, keyterms, neighbours), and every stream still gets exactly the single-stream reference's outputs, with
+Mimi called ``frames_per_step`` frames at a time as the engine does."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def model(checkpoint_dir):
 
 class Finalizer:
     """One stream from its own thread: each piece in chunks, then (but after the last) the flush silence a finalize
-    feeds (``stream.flush``) and ``expedite``, waiting for the flush's last output before the next piece; then
+    feeds (``stream.flush``), waiting for the flush's last output before the next piece; then
     close. ``sent`` is all the audio the engine got, flush silences included (what the reference hears)."""
 
     def __init__(self, engine: Engine, pieces: list[np.ndarray], options=None, barrier=None, reset_at: int = -1):
@@ -66,8 +67,7 @@ class Finalizer:
             samples += piece.size
             if i == len(self.pieces) - 1:
                 break
-            # a live client: its audio is stepped as it comes, so a finalize finds only its flush waiting (a
-            # longer backlog stays in the main batch: ``Engine.lane_backlog``)
+            # a live client: its audio is stepped as it comes, so a finalize finds only its flush waiting
             k = self.engine.frames_per_step
             self.wait_for_frames((self.engine.info.prefix_frames + samples // FRAME_SIZE) // k * k)
             pad, frames = flush_frames_after(samples, self.engine.info)
@@ -78,7 +78,6 @@ class Finalizer:
             samples += silence.size
             if i == self.reset_at:
                 self.engine.reset(self.handle)  # a context reset, taken by the lane's first step
-            self.engine.expedite(self.handle)
             self.wait_for_frames(self.engine.info.prefix_frames + samples // FRAME_SIZE)
         self.engine.close(self.handle)
         with self._cond:
@@ -95,11 +94,9 @@ class Finalizer:
 
 def run_finalizers(model, clip, other, lane_slots: int, options: list):
     """Three streams finalizing twice (greedy with a context reset, sampling, keyterms) and a greedy neighbour
-    that never finalizes, through 4 slots with a lane of ``lane_slots`` rows."""
+    that never finalizes, through 4 slots with a lane of ``lane_slots`` rows: lane and main steps interleave as
+    the streams' frames come (more streams than lane rows), the hard case for the state moves."""
     engine = Engine(model, 4, frames_per_step=FRAMES_PER_STEP, lane_slots=lane_slots)  # the minimal flush
-    # lane steps ahead of the busy neighbours' main steps, not only when they have nothing to step: lane and main
-    # steps interleave, the hard case for the state moves (the default policy is a subset of these schedules)
-    engine.lane_ahead = True
     engine.start()
     try:
         barrier = threading.Barrier(len(options))
@@ -112,7 +109,7 @@ def run_finalizers(model, clip, other, lane_slots: int, options: list):
             stream.thread.start()
         for stream in (*finalizers, neighbour):
             stream.thread.join(timeout=300)
-        return finalizers + [neighbour], engine.lane_steps
+        return finalizers + [neighbour], (engine.lane_steps, engine.stats().steps)
     finally:
         engine.stop()
 
@@ -129,17 +126,51 @@ def check_against_reference(reference_model, streams, options):
         np.testing.assert_allclose([o.pauses for o in stream.outputs], [o.pauses for o in expected], atol=1e-4)
 
 
-def test_finalizes_through_the_lane_equal_the_reference(model, reference_model, speech, sounds):
+class MoveCounter:
+    """Counts the lane's state moves (the real ``gather``/``scatter`` still run)."""
+
+    def __init__(self, monkeypatch):
+        self.gathers = self.scatters = 0
+        gather, scatter = Lane.gather, Lane.scatter
+
+        def counted_gather(lane, *args):
+            self.gathers += 1
+            gather(lane, *args)
+
+        def counted_scatter(lane, *args):
+            self.scatters += 1
+            scatter(lane, *args)
+        monkeypatch.setattr(Lane, "gather", counted_gather)
+        monkeypatch.setattr(Lane, "scatter", counted_scatter)
+
+
+def test_streams_through_the_lane_equal_the_reference(model, reference_model, speech, sounds, monkeypatch):
     clip = speech[:30000]
     other = sounds(1.0, 7)
     term, _ = keyterm_for(model, [])  # a one-piece word: its trie state moves with the row
     options = [None, SAMPLING, DecodingOptions(keyterms=(term,))]
-    streams, lane_steps = run_finalizers(model, clip, other, lane_slots=2, options=options)
-    # 6 finalizes of 8+ flush frames each went through the lane (the first three at once: one waited, or was
-    # stepped in the main batch, while the lane's 2 rows were taken)
-    assert lane_steps >= 6
-    assert len(streams[0].resets) == 1  # the context reset ran in the lane
+    moves = MoveCounter(monkeypatch)
+    streams, (lane_steps, steps) = run_finalizers(model, clip, other, lane_slots=2, options=options)
+    # both kinds of step ran, and streams went in and out of the lane's 2 rows more than once each
+    assert 0 < lane_steps < steps
+    assert moves.gathers > len(streams) and moves.scatters > 0
+    assert len(streams[0].resets) == 1
     check_against_reference(reference_model, streams, options)
+
+
+def test_a_lone_stream_steps_in_the_lane(model, reference_model, speech):
+    """One client on a 4-slot engine: every step but its first (reset and init, in the main batch) and its padded
+    last one computes the lane's single row, and the outputs are the reference's."""
+    engine = Engine(model, 4, frames_per_step=FRAMES_PER_STEP, lane_slots=1).start()
+    try:
+        stream = Finalizer(engine, [speech[:30000], speech[30000:50000]])
+        stream.thread.start()
+        stream.thread.join(timeout=300)
+        lane_steps, steps = engine.lane_steps, engine.stats().steps
+    finally:
+        engine.stop()
+    assert steps - lane_steps <= 2 and lane_steps > 10
+    check_against_reference(reference_model, [stream], [])
 
 
 @pytest.mark.slow  # the check's own check (CI runs -m slow)
@@ -148,7 +179,7 @@ def test_the_check_fails_when_the_lane_loses_its_rows(model, reference_model, sp
     scatter) gives other tokens."""
     monkeypatch.setattr(Lane, "scatter", lambda self, row, slot, decoding: None)
     options = [None]
-    streams, lane_steps = run_finalizers(model, speech[:30000], sounds(0.5, 8), lane_slots=1, options=options)
+    streams, (lane_steps, _) = run_finalizers(model, speech[:30000], sounds(0.5, 8), lane_slots=1, options=options)
     assert lane_steps >= 2
     with pytest.raises(AssertionError):
-        check_against_reference(reference_model, streams[:1], options)
+        check_against_reference(reference_model, streams, options)

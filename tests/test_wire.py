@@ -46,9 +46,6 @@ def test_every_mid_stream_flush_is_taken_out_of_client_times():
         def push_marker(self, marker_id, finalize=False):
             assert finalize  # the flush's marker closes the word in progress
 
-        def expedite(self):
-            pass  # the engine's finalize lane: when, not what
-
     session, timeline = FakeSession(), Timeline()
     session.push_pcm(np.zeros(FRAME_SIZE * 25))  # 2 s of client audio
     assert flush_now(session, 1, timeline) == 2.0

@@ -234,10 +234,6 @@ class Engine(Protocol):
     def push(self, handle: StreamHandle, pcm: np.ndarray) -> None:
         """Queue float PCM of any length (``StreamClosed`` once the stream is closing or gone)."""
 
-    def expedite(self, handle: StreamHandle) -> None:
-        """The stream's audio buffered now is a finalize's flush, whose words are awaited: step it fast (the Kyutai
-        engine's finalize lane). Only when the outputs come changes, never what they are; an engine may ignore it."""
-
     def close(self, handle: StreamHandle) -> None:
         """No more audio: flush, deliver the last outputs and ``StreamEnd``, then free the slot."""
 

@@ -10,7 +10,7 @@ for a worker are one message, and a worker's pushes between two wakes are one me
 
 Wire messages are msgspec structs, tagged by their class name, with one encoder and one decoder per direction
 (``WorkerBatch`` in, ``EngineBatch`` out): worker -> engine ``Hello``, ``Open``, ``Push`` (float32 PCM bytes),
-``Close``, ``Abort``, ``Reset``, ``Reconfigure``, ``Expedite``, ``StatsRequest``, ``Beat``, ``Bye``, and the launcher's ``Gone`` when a worker process died;
+``Close``, ``Abort``, ``Reset``, ``Reconfigure``, ``StatsRequest``, ``Beat``, ``Bye``, and the launcher's ``Gone`` when a worker process died;
 engine -> worker ``Info`` (the engine's ``ModelInfo`` and slots), ``Opened``, ``Refused``, ``Stats``, ``Events``
 (the stream's ``EngineEvent``s, the same structs the engine delivers), ``Steps`` (the timing of every engine step since
 the last message, sent to every worker, whose step listeners, e.g. the real-time monitor, get them), ``Beat``.
@@ -130,10 +130,6 @@ class Reset(StreamCommand, tag=True):
     """``Engine.reset``: reset the stream's model context."""
 
 
-class Expedite(StreamCommand, tag=True):
-    """``Engine.expedite``: step the stream's buffered frames in the finalize lane (a finalize)."""
-
-
 class Reconfigure(StreamCommand, tag=True):
     """``Engine.reconfigure``: new decoding options from the stream's frame ``frame`` on."""
 
@@ -160,8 +156,8 @@ class Gone(msgspec.Struct, tag=True):
 
 
 # stream commands that call one engine method with the stream's handle, nothing else
-_ROUTED: dict[type, str] = {Close: "close", Reset: "reset", Expedite: "expedite"}
-Command = Hello | Open | Push | Close | Abort | Reset | Reconfigure | Expedite | StatsRequest | Beat | Bye | Gone
+_ROUTED: dict[type, str] = {Close: "close", Reset: "reset"}
+Command = Hello | Open | Push | Close | Abort | Reset | Reconfigure | StatsRequest | Beat | Bye | Gone
 
 
 class WorkerBatch(msgspec.Struct):
@@ -516,11 +512,6 @@ class EngineClient:
     def reset(self, handle: StreamHandle) -> None:
         if (handle.slot, handle.stream_id) in self._streams:
             self._send(Reset(handle.slot, handle.stream_id))
-
-    def expedite(self, handle: StreamHandle) -> None:
-        stream = self._streams.get((handle.slot, handle.stream_id))
-        if stream is not None and not stream.closing:
-            self._send(Expedite(handle.slot, handle.stream_id))  # after the pushes before it: one ordered socket
 
     def reconfigure(self, handle: StreamHandle, options: DecodingOptions, frame: int) -> None:
         if (handle.slot, handle.stream_id) in self._streams:

@@ -124,10 +124,6 @@ class ChannelSession:
         for channel in self.channels:  # a finalize closes each channel's word in progress (``stream.flush``)
             channel.push_marker(marker_id, finalize)
 
-    def expedite(self) -> None:
-        for channel in self.channels:  # a finalize's flush, in every channel (``Session.expedite``)
-            channel.expedite()
-
     def end(self) -> None:
         for channel in self.channels:
             channel.end()

@@ -10,9 +10,8 @@ equal (tested). A frame or so of silence more may follow so that the stream's fr
 (``frames_per_step``): the engine steps a live stream only in whole steps, and the finalize must not wait for the
 next audio. The silence becomes part of the stream; ``Timeline`` takes it out of the times given to the client.
 
-The flush is expedited (``Engine.expedite``): the Kyutai engine steps it, and the stream's audio still waiting
-before it, in its finalize lane (a small batch of its own, stepped instead of the full batch while no other stream
-has frames waiting), so the final words wait for a few small steps, not full-batch ones (``engine.kyutai.lane``).
+When the other streams are waiting for audio, the Kyutai engine steps the flush in its lane (a small batch stepped
+instead of the full one: ``engine.kyutai.lane``), so the final words wait for a few small steps, not full-batch ones.
 """
 
 from __future__ import annotations
@@ -62,6 +61,5 @@ def flush_now(session: Session, marker_id: int, timeline: Timeline) -> float:
     # after its chunk is in too
     lookahead = getattr(info, "lookahead_frames", 0)  # 0 for Kyutai (and the tests' stand-in infos)
     session.push_pcm(np.zeros((frames - before + lookahead) * FRAME_SIZE, np.float32))
-    session.expedite()  # the finalize lane: these frames in small steps where the engine has nothing else to step
     timeline.inserted.append((client_at, session.samples_received / SAMPLE_RATE - at))
     return client_at

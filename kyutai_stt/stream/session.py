@@ -211,12 +211,6 @@ class Session:
         self._markers.append((frames, marker_id, finalize))
         self._echo_markers()
 
-    def expedite(self) -> None:
-        """Have the engine step the audio it holds for this stream first (a finalize's flush: its words are
-        awaited). Audio still in the spool follows at the engine's pace."""
-        if self._handle is not None and not self.ended and not self.finished:
-            self.engine.expedite(self._handle)
-
     def end(self) -> None:
         if self.ended or self._handle is None:
             return

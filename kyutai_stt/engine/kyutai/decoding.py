@@ -106,7 +106,7 @@ class SlotDecoding:
     _ROWS = ("_sampling", "_boosting", "_temperature", "_seed", "_step", "_node")
 
     def copy_row(self, src: "SlotDecoding", src_row: int, row: int) -> None:
-        """Row ``row`` becomes ``src``'s row ``src_row`` (a slot moving into or out of the finalize lane)."""
+        """Row ``row`` becomes ``src``'s row ``src_row`` (a slot moving into or out of the lane)."""
         for name in self._ROWS:
             getattr(self, name)[row] = getattr(src, name)[src_row]
         if src._edges is not None or self._edges is not None:

@@ -19,9 +19,11 @@ Conventions (equal to ``reference.reference_outputs``, a plain single-stream loo
 - Mimi is always called with ``frames_per_step`` frames of a stream, from a multiple of ``frames_per_step`` of its
   frames (its codes are not bitwise independent of the frames per call on CPU, while they are of the batch size).
 
-The finalize lane (``expedite``, ``lane``): a finalizing stream's buffered frames (its flush) are stepped in steps
-of ``lane_slots`` rows instead of full-batch steps while no other stream has frames waiting, its state moved into
-the lane's small batch and back.
+The lane (``lane``): a small batch of ``lane_slots`` rows beside the main batch. When every stream with frames to
+step fits in it, the step computes those rows only, not all ``slots``: one client on a 4-slot CPU server steps in
+about 45 % of the time, and a finalize's flush, when the other streams are waiting for audio, goes through in small
+steps. A stream's state moves into a lane row (and stays there while it keeps fitting) and back to its slot's row
+before any main step.
 
 Neighbour invariance: every step runs the full batch of ``slots`` rows, so shapes never change with the load, and a
 row's result must not depend on its slot or on the other rows. On the CPU that holds bit for bit once MKL runs in
@@ -130,8 +132,7 @@ class _Slot:
     needs_context_reset: bool = False  # Engine.reset: reset the LM context before the next audio step
     frames_taken: int = 0  # frames planned so far (frames_done lags it while a step runs)
     changes: list = field(default_factory=list)  # Engine.reconfigure: (frame, decoding) in frame order
-    urgent: int = 0  # frames to step in the finalize lane (``Engine.expedite``); 0: none
-    lane_row: int = -1  # the slot's row of the finalize lane while its state is there (-1: in the main batch)
+    lane_row: int = -1  # the slot's row of the lane while its state is there (-1: in the main batch)
 
     @property
     def in_use(self) -> bool:
@@ -146,7 +147,7 @@ class _Slot:
         return -(-len(self.buffer) // FRAME_SIZE) + max(0, self.flush_frames_left)
 
     def ready(self, frames_per_step: int) -> bool:
-        """Ready for a main-batch step (a slot in the finalize lane comes back for it)."""
+        """Has frames to step now (in the lane or the main batch)."""
         if not self.in_use:
             return False
         available = self.frames_available()
@@ -157,13 +158,12 @@ class _Slot:
         if len(self.buffer) == 0:
             self.flush_frames_left -= 1  # the buffer is empty only once closing: a frame of flush silence
         self.buffer.take_into(out)  # the partial last frame comes zero-padded
-        self.urgent = max(0, self.urgent - 1)  # in the lane or not, an expedited frame is a frame taken
 
     def lane_ready(self, frames_per_step: int) -> bool:
-        """Can step ``frames_per_step`` expedited frames in the finalize lane now: whole frames of audio (a
-        lane step never pads), and no reset or init step pending (those run in the main batch)."""
-        return (self.in_use and not self.needs_reset and not self.needs_init and self.urgent >= frames_per_step
-                and len(self.buffer) >= frames_per_step * FRAME_SIZE)
+        """Can step in the lane now: a whole step of frames (a closing stream's shorter last step, padded, runs in
+        the main batch, as do reset and init steps), so a stream's Mimi calls are the same in either batch."""
+        return (self.in_use and not self.needs_reset and not self.needs_init
+                and self.frames_available() >= frames_per_step)
 
     def done(self) -> bool:
         return self.closing and len(self.buffer) == 0 and self.flush_frames_left <= 0
@@ -183,10 +183,11 @@ class _StepPlan:
     configure: dict = field(default_factory=dict)  # slot index -> its new stream's decoding (at its reset)
     reconfigure: dict = field(default_factory=dict)  # frame j of the step -> [(slot index, decoding, LM step)]
     plan_seconds: float = 0.0  # measured only for timing listeners
-    # a finalize-lane step: the arrays above are per lane row; slots moved into the lane before it and out after it
+    # a lane step: the arrays above are per lane row. Before the step, ``leave`` rows go back to their slots'
+    # rows of the main batch, then ``enter`` slots are copied into their lane rows
     lane: bool = False
     enter: list = field(default_factory=list)  # (slot index, lane row)
-    leave: list = field(default_factory=list)  # (lane row, slot index); in a main step: back before it
+    leave: list = field(default_factory=list)  # (lane row, slot index)
 
     @classmethod
     def empty(cls, rows: int, frames_per_step: int, **fields) -> "_StepPlan":
@@ -201,14 +202,15 @@ def default_frames_per_step(device: torch.device) -> int:
     return 1 if device.type == "cuda" else 2
 
 
-def default_lane_slots(device: torch.device, batch_invariant: bool) -> int:
-    """4 on GPU, where a step of a few rows should cost a fraction of a full batch's (not measured yet); 1 on
-    CPU, where a 1-row step costs about 55-60 % of a 4-row one and a 2-row one about 75 % (BENCHMARKS.md).
-    0 (no lane) outside batch-invariant mode: the lane steps a stream at another batch size than the main batch,
-    which gives the same results only when a row's results do not depend on the batch size."""
+def default_lane_slots(device: torch.device, batch_invariant: bool, slots: int) -> int:
+    """4 on GPU, where a step of a few rows should cost a fraction of a full batch's (not measured yet); on CPU,
+    where a step's cost grows with its rows (2 frames, tiny model: 67 ms for 1 row, 96 for 2, 158 for 4;
+    BENCHMARKS.md), half the slots. Never more than ``slots - 1``; 0 (no lane) outside batch-invariant mode: the
+    lane steps a stream at another batch size than the main batch, which gives the same results only when a row's
+    results do not depend on the batch size."""
     if not batch_invariant:
         return 0
-    return 4 if device.type == "cuda" else 1
+    return min(slots - 1, 4 if device.type == "cuda" else max(1, slots // 2))
 
 
 MIN_FLUSH_SECONDS = 1 / FRAME_RATE  # one frame: the default and least ``flush_seconds``
@@ -234,8 +236,7 @@ class Engine:
                  batch_invariant_mode: str | None = None, keyterm_boost: float = 5.0, lane_slots: int | None = None):
         """``batch_invariant_mode``: auto/on/off, default ``$KYUTAI_STT_BATCH_INVARIANT`` (see ``batch_invariant``).
         ``keyterm_boost``: what a stream's keyterms add to their pieces' text logits (``decoding``).
-        ``lane_slots``: rows of the finalize lane (``expedite``); 0: no lane, ``expedite`` does nothing; None:
-        ``default_lane_slots`` for the device."""
+        ``lane_slots``: rows of the lane (the small batch); 0: none; None: ``default_lane_slots``."""
         self.model = model
         self.batch_size = slots
         # Frames each stream advances per step. More than 1 amortises Mimi's per-call cost (a big win on CPU)
@@ -252,10 +253,7 @@ class Engine:
         self._worker: threading.Thread | None = None
         self._steps = 0
         self._frames = 0
-        self.lane_steps = 0  # finalize-lane steps so far (tests, benchmarks)
-        # True: lane steps go ahead of the main batch even while other streams have frames waiting (tests use it
-        # to interleave lane and main steps; on the CPU it lengthened the loaded tail, BENCHMARKS.md)
-        self.lane_ahead = False
+        self.lane_steps = 0  # lane steps so far (tests, benchmarks)
         self._failures = 0
         self._last_step_seconds = 0.0
         self.fault_injector: Callable[[], None] | None = None  # tests: raise inside a step
@@ -280,13 +278,13 @@ class Engine:
         self._streaming.enter_context(model.mimi.streaming(slots))
         self._streaming.enter_context(self._lm_gen.streaming(slots))
         self._lane = None
-        lane_slots = default_lane_slots(device, self.batch_invariant) if lane_slots is None else lane_slots
+        lane_slots = default_lane_slots(device, self.batch_invariant, slots) if lane_slots is None else lane_slots
         if lane_slots > 0 and not self.batch_invariant:
-            raise ValueError("the finalize lane (lane_slots > 0) steps a stream at another batch size, which gives "
+            raise ValueError("the lane (lane_slots > 0) steps a stream at another batch size, which gives "
                              "the same words only in batch-invariant mode: set KYUTAI_STT_BATCH_INVARIANT=on or "
                              "KYUTAI_STT_LANE_SLOTS=0")
-        # the most frames a finalize may bring to the lane: its flush (padded to whole steps) and a step of audio
-        self.lane_backlog = self.flush_frames + 2 * frames_per_step
+        if lane_slots >= slots:
+            raise ValueError(f"the lane must be smaller than the main batch (lane_slots {lane_slots}, slots {slots})")
         if lane_slots > 0:
             lane_decoding = SlotDecoding(lane_slots, model.lm.text_card, self.info.first_piece_token, device,
                                          keyterm_boost)
@@ -331,7 +329,7 @@ class Engine:
 
     def warmup(self, steps: int = 3) -> None:
         """Run full-batch steps on silence (compiles CUDA graphs) before any stream arrives, in the main batch
-        and in the finalize lane."""
+        and in the lane."""
         with self._cond:
             if any(s.in_use for s in self._slots):
                 raise RuntimeError("warm up before serving streams")
@@ -407,27 +405,6 @@ class Engine:
             if len(slot.buffer) >= FRAME_SIZE * self.frames_per_step:
                 self._cond.notify_all()
 
-    def expedite(self, handle: StreamHandle) -> None:
-        """Step the stream's whole frames buffered now (a finalize's flush, and any of its audio before it) in
-        the finalize lane, in small steps instead of full-batch ones while no other stream has frames waiting (a
-        main step, when one has, carries them too). Outputs and their order are the same; only when they come
-        changes. With the lane full, the frames go on in the main batch.
-
-        Only a flush with at most ``lane_backlog`` frames in all goes to the lane: a stream further behind (an
-        engine over its capacity) cannot be finalized fast anyway, and carrying its backlog in extra small steps
-        only adds work to an engine that has too much (measured: BENCHMARKS.md, "Finalize lane")."""
-        with self._cond:
-            slot = self._own(handle)
-            if slot is None or slot.closing or self._lane is None:
-                return
-            # a live stream's frames so far fill whole steps (``stream.flush`` pads the flush to them), so lane
-            # steps stay aligned to the stream's frame count: Mimi calls of the same frames as without the lane
-            frames = len(slot.buffer) // FRAME_SIZE
-            if frames > self.lane_backlog:
-                return
-            slot.urgent = frames - frames % self.frames_per_step
-            self._cond.notify_all()
-
     def close(self, handle: StreamHandle) -> None:
         """No more audio: flush, deliver the last outputs and StreamEnd, then free the slot."""
         with self._cond:
@@ -483,7 +460,6 @@ class Engine:
         slot.sink = None
         slot.buffer = _AudioQueue()
         slot.closing = False
-        slot.urgent = 0
         slot.lane_row = -1  # its lane row (if any) is free; the slot's next stream is reset in the main batch
         self._cond.notify_all()  # wakes an open() waiting for a free slot
 
@@ -493,19 +469,12 @@ class Engine:
             while True:
                 with self._cond:
                     k = self.frames_per_step
-                    while not self._stopping and not any(s.ready(k) or s.lane_ready(k) or s.lane_row >= 0
-                                                         for s in self._slots):
+                    while not self._stopping and not any(s.ready(k) for s in self._slots):
                         self._cond.wait()
                     if self._stopping:
                         break
                     t = time.perf_counter() if self._timing_listeners else 0.0
-                    # the finalize lane steps instead of the main batch, never beside it: only while no other
-                    # stream has frames to step (a main step then carries the expedited streams too), so the lane
-                    # never adds steps to a busy engine, and replaces full-batch steps by small ones otherwise
-                    plan = None
-                    if self.lane_ahead or not any(s.ready(k) and not s.lane_ready(k) for s in self._slots):
-                        plan = self._plan_lane()
-                    plan = plan or self._plan()
+                    plan = self._plan_lane() or self._plan()
                     if self._timing_listeners:
                         plan.plan_seconds = time.perf_counter() - t
                 self._execute(plan)
@@ -524,7 +493,7 @@ class Engine:
         k, n = self.frames_per_step, self.batch_size
         plan = _StepPlan.empty(n, k)
         self._set_decoding_active(self._decoding)
-        # streams in the finalize lane come back first (their state scattered back before the step)
+        # streams in the lane come back first (their state scattered back before the step)
         plan.leave = [(s.lane_row, s.index) for s in self._slots if s.lane_row >= 0]
         for slot in self._slots:
             slot.lane_row = -1
@@ -551,36 +520,34 @@ class Engine:
         decoding.set_active([(options.temperature > 0, bool(edges)) for options, _, edges in used])
 
     def _plan_lane(self) -> _StepPlan | None:
-        """Under the lock: a finalize-lane step when some slot has expedited frames to step (None otherwise).
-        Slots enter the lane while it has a free row, step ``frames_per_step`` frames per lane step, and leave
-        with their last expedited frames."""
+        """Under the lock: a lane step when every stream with frames to step can step there and they fit in the lane
+        (None otherwise: a main step). The lane steps *instead of* the main batch, never beside it, so it never adds
+        a step; it replaces a full-batch step by a smaller one. Streams stay in their lane rows from step to step;
+        one that is not stepping gives its row up when a stepping stream needs it."""
         if self._lane is None:
             return None
         k, n = self.frames_per_step, self._lane.size
-        stepping = [s for s in self._slots if s.lane_row >= 0 and s.lane_ready(k)]
-        # a slot in the lane always has expedited frames left (it leaves with its last ones); should one ever not,
-        # it goes back now rather than wait in the lane
-        leave = [(s.lane_row, s.index) for s in self._slots if s.lane_row >= 0 and not s.lane_ready(k)]
-        for _, i in leave:
-            self._slots[i].lane_row = -1
-        enter = []
-        free = sorted(set(range(n)) - {s.lane_row for s in self._slots if s.lane_row >= 0})
-        for slot in self._slots:
-            if free and slot.lane_row < 0 and slot.lane_ready(k):
-                slot.lane_row = free.pop(0)
-                enter.append((slot.index, slot.lane_row))
-                stepping.append(slot)
-        if not stepping and not leave:
+        stepping = [s for s in self._slots if s.ready(k)]
+        if len(stepping) > n or not all(s.lane_ready(k) for s in stepping):
             return None
-        plan = _StepPlan.empty(n, k, lane=True, enter=enter, leave=leave)
+        held = {s.lane_row: s for s in self._slots if s.lane_row >= 0}
+        free = [row for row in range(n) if row not in held]
+        # rows held by streams with nothing to step this time, for the stepping streams still in the main batch
+        spare = [row for row, s in held.items() if not s.ready(k)]
+        plan = _StepPlan.empty(n, k, lane=True)
+        for slot in stepping:
+            if slot.lane_row < 0:
+                if not free:
+                    row = spare.pop()
+                    plan.leave.append((row, held[row].index))
+                    held[row].lane_row = -1
+                    free.append(row)
+                slot.lane_row = free.pop()
+                plan.enter.append((slot.index, slot.lane_row))
         self._set_decoding_active(self._lane.decoding, stepping)  # the lane's rows only
         for slot in stepping:
-            row = slot.lane_row
-            plan.targets[row] = (slot, slot.stream_id, slot.sink)
-            self._take_frames(plan, slot, row)
-            if not slot.lane_ready(k):  # its expedited frames are done: back to the main batch after this step
-                plan.leave.append((row, slot.index))
-                slot.lane_row = -1
+            plan.targets[slot.lane_row] = (slot, slot.stream_id, slot.sink)
+            self._take_frames(plan, slot, slot.lane_row)
         self.lane_steps += 1
         return plan
 
@@ -623,16 +590,14 @@ class Engine:
         try:
             if self.fault_injector is not None:
                 self.fault_injector()
+            for row, i in plan.leave:  # back to the main batch first: an entering slot may take the row
+                self._lane.scatter(row, i, self._decoding)
             if plan.lane:
                 for i, row in plan.enter:
                     self._lane.gather(i, row, self._decoding)
                 with self._lane.active():
                     tokens, pauses = self._compute(plan, rows, self._lane.decoding, clock)
-                for row, i in plan.leave:
-                    self._lane.scatter(row, i, self._decoding)
             else:
-                for row, i in plan.leave:
-                    self._lane.scatter(row, i, self._decoding)
                 tokens, pauses = self._compute(plan, rows, self._decoding, clock)
             if clock:
                 clock.mark("prepare" if tokens is None else "d2h")

@@ -1,5 +1,6 @@
-"""The finalize lane: a second, small batch of moshi streaming states, so a finalizing stream's frames are stepped
-in steps that compute only ``lane_slots`` rows instead of the engine's ``slots`` rows (issue 19).
+"""The lane: a second, small batch of moshi streaming states, so that when few streams have frames to step (one
+client; a finalize's flush while the others wait for audio) the step computes only ``lane_slots`` rows instead of
+the engine's ``slots`` rows (issue 19).
 
 moshi keeps streaming state on its modules (``_streaming_state``), one object per module, each holding tensors
 with the batch on some dimension. The lane does not copy any module: it makes a second set of states, of batch
@@ -55,7 +56,7 @@ def _row_tensors(state) -> list[tuple[torch.Tensor, int]]:
     some, e.g. ``LMGen``'s offsets, at every step)."""
     fields = _ROW_FIELDS.get(type(state).__name__)
     if fields is None:
-        raise TypeError(f"the finalize lane does not know moshi's {type(state).__name__}: which rows to move")
+        raise TypeError(f"the lane does not know moshi's {type(state).__name__}: which rows to move")
     out = []
     for name, dim in fields.items():
         value = getattr(state, name)
@@ -81,7 +82,7 @@ class Lane:
 
     def __init__(self, mimi: MimiModel, lm_gen: LMGen, size: int, decoding: SlotDecoding, stack: ExitStack):
         if lm_gen.lm_model.depformer is not None:
-            raise ValueError("the finalize lane needs a model without a depformer (weights_per_step state is shared)")
+            raise ValueError("the lane needs a model without a depformer (weights_per_step state is shared)")
         self.size = size
         self.decoding = decoding
         self._modules: tuple[StreamingModule, ...] = (mimi, lm_gen, lm_gen.lm_model)

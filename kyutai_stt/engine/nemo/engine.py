@@ -222,9 +222,6 @@ class Engine:
             if slot is not None and not slot.closing:
                 slot.needs_reset = slot.reset_asked = True
 
-    def expedite(self, handle: StreamHandle) -> None:
-        """No finalize lane in this family: a finalize's chunks are stepped in the full batch, as any other."""
-
     def reconfigure(self, handle: StreamHandle, options: DecodingOptions, frame: int) -> None:
         """Greedy labels only (see ``open``): the default options are the only ones, anything else is refused."""
         if not options.check().is_default:
