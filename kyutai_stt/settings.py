@@ -42,11 +42,11 @@ class Settings(BaseSettings):
     )
     lane_slots: int | None = Field(
         None, ge=0, le=64,
-        description="Kyutai models: rows of the lane, a small batch stepped instead of the full batch of slots "
-        "whenever every stream with frames to step fits in it (few clients; a finalize's flush while the others "
-        "wait for audio), so such steps compute only those rows. Results are identical (it needs the "
-        "batch-invariant mode, KYUTAI_STT_BATCH_INVARIANT). 0: no lane. Default: 4 on GPU, half the slots on CPU, "
-        "never more than slots - 1; 0 where the mode is off.",
+        description="Kyutai models: rows of the largest lane. Lanes are small batches (1, 2, 4, ... rows and this "
+        "many) stepped instead of the full batch of slots whenever every stream with frames to step fits in one "
+        "(few clients; a finalize's flush while the others wait for audio), so such steps compute only the "
+        "smallest lane's rows that hold them. Results are identical (they need the batch-invariant mode, "
+        "KYUTAI_STT_BATCH_INVARIANT). 0: no lanes. Default: 4 on GPU, slots - 1 on CPU; 0 where the mode is off.",
     )
     nemo_lookahead: int | None = Field(
         None, ge=0, le=64,

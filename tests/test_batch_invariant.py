@@ -87,7 +87,7 @@ def test_the_mode_routes_torch_operators_to_the_kernels():
 
 
 def test_setting():
-    assert resolve_mode("cuda", "auto") and not resolve_mode("cpu", "auto")
+    assert resolve_mode("cuda", "auto") and resolve_mode("cpu", "auto") and not resolve_mode("cpu", "off")
     assert not resolve_mode("cuda", "off") and resolve_mode("cuda", "on")
     with pytest.raises(ValueError):
         resolve_mode("cuda", "sometimes")

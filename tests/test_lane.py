@@ -144,14 +144,16 @@ class MoveCounter:
         monkeypatch.setattr(Lane, "scatter", counted_scatter)
 
 
-def test_streams_through_the_lane_equal_the_reference(model, reference_model, speech, sounds, monkeypatch):
+@pytest.mark.parametrize("lane_slots", [2, 3])  # lanes of 1 and 2 rows; of 1, 2 and 3
+def test_streams_through_the_lanes_equal_the_reference(model, reference_model, speech, sounds, monkeypatch,
+                                                       lane_slots):
     clip = speech[:30000]
     other = sounds(1.0, 7)
     term, _ = keyterm_for(model, [])  # a one-piece word: its trie state moves with the row
     options = [None, SAMPLING, DecodingOptions(keyterms=(term,))]
     moves = MoveCounter(monkeypatch)
-    streams, (lane_steps, steps) = run_finalizers(model, clip, other, lane_slots=2, options=options)
-    # both kinds of step ran, and streams went in and out of the lane's 2 rows more than once each
+    streams, (lane_steps, steps) = run_finalizers(model, clip, other, lane_slots=lane_slots, options=options)
+    # both kinds of step ran, and streams went in and out of the lanes more than once each
     assert 0 < lane_steps < steps
     assert moves.gathers > len(streams) and moves.scatters > 0
     assert len(streams[0].resets) == 1
@@ -178,8 +180,9 @@ def test_the_check_fails_when_the_lane_loses_its_rows(model, reference_model, sp
     """The parity check above can fail: a lane that never copies its rows back to the main batch (a broken
     scatter) gives other tokens."""
     monkeypatch.setattr(Lane, "scatter", lambda self, row, slot, decoding: None)
-    options = [None]
-    streams, (lane_steps, _) = run_finalizers(model, speech[:30000], sounds(0.5, 8), lane_slots=1, options=options)
-    assert lane_steps >= 2
+    options = [None, None, None]
+    moves = MoveCounter(monkeypatch)  # counts the broken scatter's calls
+    streams, (lane_steps, _) = run_finalizers(model, speech[:30000], sounds(1.0, 8), lane_slots=2, options=options)
+    assert lane_steps >= 2 and moves.scatters > 0
     with pytest.raises(AssertionError):
         check_against_reference(reference_model, streams, options)

@@ -13,12 +13,14 @@ sizes they can: oneDNN (mkldnn) picks its convolution algorithm by the batch siz
 batch 1 and at batch 4 differ in the last bits, and now and then a code on a near-tie flips (seen: a token at frame
 5 of a 3 s espeak-ng clip). On the CPU the mode therefore turns oneDNN off while it is active: PyTorch's native
 convolution computes each sample alone, so the engine equals the batch-1 reference bit for bit (encoding as many
-frames per Mimi call as the engine: the call size is another matter, ``reference``). Its cost is
-not measured reliably (README, "What 'exact' means"), so ``auto`` leaves it off on the CPU.
+frames per Mimi call as the engine: the call size is another matter, ``reference``). It costs about 10-20 % of a
+full 4-row step and nothing at 1 row (tiny model, 2 cores: BENCHMARKS.md), and it is what lets the engine step a
+few streams in a lane of their own size (``engine.kyutai.lane``), which halves the step with one client: ``auto``
+turns it on on the CPU too.
 
-The setting ``KYUTAI_STT_BATCH_INVARIANT`` is ``auto`` (default), ``on`` or ``off``. ``auto`` turns the mode on on
-CUDA: the issue asks for it by default when it costs at most 10 % of capacity, which only a GPU can measure
-(``scripts/gpu_check.py`` does); until measured, auto means on. On the CPU ``on`` is what the tests run with.
+The setting ``KYUTAI_STT_BATCH_INVARIANT`` is ``auto`` (default), ``on`` or ``off``; ``auto`` is on everywhere. On
+CUDA the issue asks for it by default when it costs at most 10 % of capacity, which only a GPU can measure
+(``scripts/gpu_check.py`` does); until measured, auto means on.
 """
 
 from __future__ import annotations
@@ -46,10 +48,7 @@ def resolve_mode(device: torch.device | str, setting: str | None = None) -> bool
     setting = (setting or os.environ.get("KYUTAI_STT_BATCH_INVARIANT", "auto")).lower()
     if setting not in MODES:
         raise ValueError(f"KYUTAI_STT_BATCH_INVARIANT must be one of {', '.join(MODES)}, got {setting!r}")
-    kind = torch.device(device).type
-    if setting == "off" or kind != "cuda" and setting == "auto":
-        return False
-    return True
+    return setting != "off"
 
 
 _lock = threading.Lock()

@@ -19,11 +19,11 @@ Conventions (equal to ``reference.reference_outputs``, a plain single-stream loo
 - Mimi is always called with ``frames_per_step`` frames of a stream, from a multiple of ``frames_per_step`` of its
   frames (its codes are not bitwise independent of the frames per call on CPU, while they are of the batch size).
 
-The lane (``lane``): a small batch of ``lane_slots`` rows beside the main batch. When every stream with frames to
-step fits in it, the step computes those rows only, not all ``slots``: one client on a 4-slot CPU server steps in
-about 45 % of the time, and a finalize's flush, when the other streams are waiting for audio, goes through in small
-steps. A stream's state moves into a lane row (and stays there while it keeps fitting) and back to its slot's row
-before any main step.
+The lanes (``lane``): small batches of 1, 2, 4, ... up to ``lane_slots`` rows beside the main batch. When every
+stream with frames to step fits in one, the step runs in the smallest that fits and computes only its rows, not all
+``slots``: one client on a 4-slot CPU server steps in about 45 % of the time, and a finalize's flush, when the other
+streams are waiting for audio, goes through in small steps. A stream's state moves into a lane row (and stays there
+while it keeps fitting) and back to its slot's row before any main step or a step in another lane.
 
 Neighbour invariance: every step runs the full batch of ``slots`` rows, so shapes never change with the load, and a
 row's result must not depend on its slot or on the other rows. On the CPU that holds bit for bit once MKL runs in
@@ -132,7 +132,8 @@ class _Slot:
     needs_context_reset: bool = False  # Engine.reset: reset the LM context before the next audio step
     frames_taken: int = 0  # frames planned so far (frames_done lags it while a step runs)
     changes: list = field(default_factory=list)  # Engine.reconfigure: (frame, decoding) in frame order
-    lane_row: int = -1  # the slot's row of the lane while its state is there (-1: in the main batch)
+    lane: int = -1  # the lane holding the slot's state (-1: the main batch)
+    lane_row: int = -1  # its row there
 
     @property
     def in_use(self) -> bool:
@@ -183,11 +184,11 @@ class _StepPlan:
     configure: dict = field(default_factory=dict)  # slot index -> its new stream's decoding (at its reset)
     reconfigure: dict = field(default_factory=dict)  # frame j of the step -> [(slot index, decoding, LM step)]
     plan_seconds: float = 0.0  # measured only for timing listeners
-    # a lane step: the arrays above are per lane row. Before the step, ``leave`` rows go back to their slots'
-    # rows of the main batch, then ``enter`` slots are copied into their lane rows
-    lane: bool = False
+    # a step in lane ``lane`` (-1: the main batch): the arrays above are per lane row. Before the step, ``leave``
+    # rows go back to their slots' rows of the main batch, then ``enter`` slots are copied into their lane rows
+    lane: int = -1
     enter: list = field(default_factory=list)  # (slot index, lane row)
-    leave: list = field(default_factory=list)  # (lane row, slot index)
+    leave: list = field(default_factory=list)  # (lane, lane row, slot index)
 
     @classmethod
     def empty(cls, rows: int, frames_per_step: int, **fields) -> "_StepPlan":
@@ -203,14 +204,21 @@ def default_frames_per_step(device: torch.device) -> int:
 
 
 def default_lane_slots(device: torch.device, batch_invariant: bool, slots: int) -> int:
-    """4 on GPU, where a step of a few rows should cost a fraction of a full batch's (not measured yet); on CPU,
-    where a step's cost grows with its rows (2 frames, tiny model: 67 ms for 1 row, 96 for 2, 158 for 4;
-    BENCHMARKS.md), half the slots. Never more than ``slots - 1``; 0 (no lane) outside batch-invariant mode: the
-    lane steps a stream at another batch size than the main batch, which gives the same results only when a row's
-    results do not depend on the batch size."""
+    """The largest lane's rows: 4 on GPU, where a step of a few rows should cost a fraction of a full batch's (not
+    measured yet); ``slots - 1`` on CPU, where a step's cost grows with its rows (2 frames, tiny model: 67 ms for
+    1 row, 96 for 2, 128 for 3, 158 for 4; BENCHMARKS.md). 0 (no lane) outside batch-invariant mode: a lane steps
+    a stream at another batch size than the main batch, which gives the same results only when a row's results do
+    not depend on the batch size."""
     if not batch_invariant:
         return 0
-    return min(slots - 1, 4 if device.type == "cuda" else max(1, slots // 2))
+    return min(slots - 1, 4) if device.type == "cuda" else slots - 1
+
+
+def lane_sizes(lane_slots: int) -> list[int]:
+    """The lanes' rows: the powers of two below ``lane_slots``, and ``lane_slots`` (so k streams step in a batch
+    of fewer than 2k rows; the extra state is less than twice the largest lane's)."""
+    sizes = [1 << i for i in range(lane_slots.bit_length()) if 1 << i < lane_slots]
+    return sizes + [lane_slots] if lane_slots > 0 else []
 
 
 MIN_FLUSH_SECONDS = 1 / FRAME_RATE  # one frame: the default and least ``flush_seconds``
@@ -236,7 +244,7 @@ class Engine:
                  batch_invariant_mode: str | None = None, keyterm_boost: float = 5.0, lane_slots: int | None = None):
         """``batch_invariant_mode``: auto/on/off, default ``$KYUTAI_STT_BATCH_INVARIANT`` (see ``batch_invariant``).
         ``keyterm_boost``: what a stream's keyterms add to their pieces' text logits (``decoding``).
-        ``lane_slots``: rows of the lane (the small batch); 0: none; None: ``default_lane_slots``."""
+        ``lane_slots``: rows of the largest lane (``lane_sizes``); 0: none; None: ``default_lane_slots``."""
         self.model = model
         self.batch_size = slots
         # Frames each stream advances per step. More than 1 amortises Mimi's per-call cost (a big win on CPU)
@@ -277,7 +285,6 @@ class Engine:
         self._streaming.enter_context(batch_invariant.enabled_for(device, "on" if self.batch_invariant else "off"))
         self._streaming.enter_context(model.mimi.streaming(slots))
         self._streaming.enter_context(self._lm_gen.streaming(slots))
-        self._lane = None
         lane_slots = default_lane_slots(device, self.batch_invariant, slots) if lane_slots is None else lane_slots
         if lane_slots > 0 and not self.batch_invariant:
             raise ValueError("the lane (lane_slots > 0) steps a stream at another batch size, which gives "
@@ -285,11 +292,10 @@ class Engine:
                              "KYUTAI_STT_LANE_SLOTS=0")
         if lane_slots >= slots:
             raise ValueError(f"the lane must be smaller than the main batch (lane_slots {lane_slots}, slots {slots})")
-        if lane_slots > 0:
-            lane_decoding = SlotDecoding(lane_slots, model.lm.text_card, self.info.first_piece_token, device,
-                                         keyterm_boost)
-            self._lane = Lane(model.mimi, self._lm_gen, lane_slots, lane_decoding, self._streaming)
-        sizes = (slots, lane_slots) if lane_slots > 0 else (slots,)
+        self._lanes = [Lane(model.mimi, self._lm_gen, size, SlotDecoding(size, model.lm.text_card,
+                            self.info.first_piece_token, device, keyterm_boost), self._streaming)
+                       for size in lane_sizes(lane_slots)]
+        sizes = (slots, *(lane.size for lane in self._lanes))
         # On CUDA, audio goes to the device through one reused page-locked buffer per batch size (an asynchronous
         # copy); the previous step's copy is complete by then, since each step ends with a device-to-host sync.
         self._pinned = ({n: torch.empty((n, frames_per_step * FRAME_SIZE), pin_memory=True) for n in sizes}
@@ -334,9 +340,9 @@ class Engine:
             if any(s.in_use for s in self._slots):
                 raise RuntimeError("warm up before serving streams")
         self._warm(self.batch_size, steps)
-        if self._lane is not None:
-            with self._lane.active():
-                self._warm(self._lane.size, steps)
+        for lane in self._lanes:
+            with lane.active():
+                self._warm(lane.size, steps)
 
     def _warm(self, rows: int, steps: int) -> None:
         all_on = torch.ones(rows, dtype=torch.bool, device=self.model.device)
@@ -460,7 +466,7 @@ class Engine:
         slot.sink = None
         slot.buffer = _AudioQueue()
         slot.closing = False
-        slot.lane_row = -1  # its lane row (if any) is free; the slot's next stream is reset in the main batch
+        slot.lane = slot.lane_row = -1  # its lane row (if any) is free; its next stream is reset in the main batch
         self._cond.notify_all()  # wakes an open() waiting for a free slot
 
     # ---------------------------------------------------------------- worker
@@ -494,9 +500,9 @@ class Engine:
         plan = _StepPlan.empty(n, k)
         self._set_decoding_active(self._decoding)
         # streams in the lane come back first (their state scattered back before the step)
-        plan.leave = [(s.lane_row, s.index) for s in self._slots if s.lane_row >= 0]
+        plan.leave = [(s.lane, s.lane_row, s.index) for s in self._slots if s.lane >= 0]
         for slot in self._slots:
-            slot.lane_row = -1
+            slot.lane = slot.lane_row = -1
         for slot in self._slots:
             if not slot.ready(k):
                 continue
@@ -520,31 +526,37 @@ class Engine:
         decoding.set_active([(options.temperature > 0, bool(edges)) for options, _, edges in used])
 
     def _plan_lane(self) -> _StepPlan | None:
-        """Under the lock: a lane step when every stream with frames to step can step there and they fit in the lane
-        (None otherwise: a main step). The lane steps *instead of* the main batch, never beside it, so it never adds
-        a step; it replaces a full-batch step by a smaller one. Streams stay in their lane rows from step to step;
-        one that is not stepping gives its row up when a stepping stream needs it."""
-        if self._lane is None:
-            return None
-        k, n = self.frames_per_step, self._lane.size
+        """Under the lock: a step in the smallest lane that holds every stream with frames to step, when they can all
+        step in a lane (None otherwise: a main step). A lane steps *instead of* the main batch, never beside it, so
+        it never adds a step; it replaces a full-batch step by a smaller one. Streams stay in their lane rows from
+        step to step; one with nothing to step gives its row up when a stepping stream needs it."""
+        k = self.frames_per_step
         stepping = [s for s in self._slots if s.ready(k)]
-        if len(stepping) > n or not all(s.lane_ready(k) for s in stepping):
+        if not all(s.lane_ready(k) for s in stepping):
             return None
-        held = {s.lane_row: s for s in self._slots if s.lane_row >= 0}
-        free = [row for row in range(n) if row not in held]
-        # rows held by streams with nothing to step this time, for the stepping streams still in the main batch
-        spare = [row for row, s in held.items() if not s.ready(k)]
-        plan = _StepPlan.empty(n, k, lane=True)
+        fits = [i for i, lane in enumerate(self._lanes) if lane.size >= len(stepping)]
+        if not fits:
+            return None
+        index, n = fits[0], self._lanes[fits[0]].size
+        plan = _StepPlan.empty(n, k, lane=index)
         for slot in stepping:
-            if slot.lane_row < 0:
+            if slot.lane >= 0 and slot.lane != index:  # in another lane: back to the main batch, then here
+                plan.leave.append((slot.lane, slot.lane_row, slot.index))
+                slot.lane = slot.lane_row = -1
+        held = {s.lane_row: s for s in self._slots if s.lane == index}
+        free = [row for row in range(n) if row not in held]
+        # rows held by streams with nothing to step this time, for the stepping streams not in this lane yet
+        spare = [row for row, s in held.items() if not s.ready(k)]
+        for slot in stepping:
+            if slot.lane < 0:
                 if not free:
                     row = spare.pop()
-                    plan.leave.append((row, held[row].index))
-                    held[row].lane_row = -1
+                    plan.leave.append((index, row, held[row].index))
+                    held[row].lane = held[row].lane_row = -1
                     free.append(row)
-                slot.lane_row = free.pop()
+                slot.lane, slot.lane_row = index, free.pop()
                 plan.enter.append((slot.index, slot.lane_row))
-        self._set_decoding_active(self._lane.decoding, stepping)  # the lane's rows only
+        self._set_decoding_active(self._lanes[index].decoding, stepping)  # the lane's rows only
         for slot in stepping:
             plan.targets[slot.lane_row] = (slot, slot.stream_id, slot.sink)
             self._take_frames(plan, slot, slot.lane_row)
@@ -590,13 +602,14 @@ class Engine:
         try:
             if self.fault_injector is not None:
                 self.fault_injector()
-            for row, i in plan.leave:  # back to the main batch first: an entering slot may take the row
-                self._lane.scatter(row, i, self._decoding)
-            if plan.lane:
+            for lane, row, i in plan.leave:  # back to the main batch first: an entering slot may take the row
+                self._lanes[lane].scatter(row, i, self._decoding)
+            if plan.lane >= 0:
+                lane = self._lanes[plan.lane]
                 for i, row in plan.enter:
-                    self._lane.gather(i, row, self._decoding)
-                with self._lane.active():
-                    tokens, pauses = self._compute(plan, rows, self._lane.decoding, clock)
+                    lane.gather(i, row, self._decoding)
+                with lane.active():
+                    tokens, pauses = self._compute(plan, rows, lane.decoding, clock)
             else:
                 tokens, pauses = self._compute(plan, rows, self._decoding, clock)
             if clock:
