@@ -82,7 +82,7 @@ def main(model: str = typer.Option(..., help="checkpoint folder or repo"),
                                     "too busy for real time, so the load stays below the engine's capacity)"),
          flush_seconds: str = typer.Option("0.08", help="the engine's flush_seconds, comma separated to compare "
                                             "(0.08: the minimal flush; 0.5: the flush before it)"),
-         lane_slots: str = typer.Option("0,2", help="rows of the finalize lane, comma separated to compare (0: none)"),
+         lane_slots: str = typer.Option("0,2", help="rows of the largest lane, comma separated to compare (0: none)"),
          device: str = typer.Option("cpu"), out: str = typer.Option("", help="JSON results here")) -> None:
     import torch
 

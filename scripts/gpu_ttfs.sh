@@ -9,7 +9,7 @@
 #
 #   bash scripts/gpu_ttfs.sh                       # from the repository root
 #   CKPT=/tmp/ck_1b CLIENTS=1,64 bash scripts/gpu_ttfs.sh
-#   LANE_SLOTS=0 bash scripts/gpu_ttfs.sh          # without the finalize lane (KYUTAI_STT_LANE_SLOTS), to compare
+#   LANE_SLOTS=0 bash scripts/gpu_ttfs.sh          # without the lanes (KYUTAI_STT_LANE_SLOTS), to compare
 #
 # Set-up (the wheels the GPU machine lacks, from $WHEELS): scripts/gpu_env.sh.
 set -uo pipefail
@@ -21,9 +21,9 @@ PROTOCOLS=${PROTOCOLS:-deepgram,realtime}
 TURNS=${TURNS:-5}
 PROCS=${PROCS:-6}
 WORKERS=${WORKERS:-6}
-# the finalize lane's rows (the server's KYUTAI_STT_LANE_SLOTS; the server inherits this environment)
+# the largest lane's rows (lanes of 1, 2, 4: the server's KYUTAI_STT_LANE_SLOTS; the server inherits this environment)
 export KYUTAI_STT_LANE_SLOTS=${LANE_SLOTS:-${KYUTAI_STT_LANE_SLOTS:-4}}
-echo "finalize lane: $KYUTAI_STT_LANE_SLOTS rows"
+echo "lanes up to $KYUTAI_STT_LANE_SLOTS rows"
 source "$(dirname "$0")/gpu_env.sh"  # $OUT, the wheels, PYTHONPATH, $OUT/gpu.txt
 left=$(( DEADLINE_S - ($(date +%s) - start) ))
 TTFS_LOG_DIR="$OUT" timeout --signal=INT --kill-after=20 "$left" python3 scripts/ttfs_bench.py run \

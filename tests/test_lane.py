@@ -32,10 +32,14 @@ def model(checkpoint_dir):
 class Finalizer:
     """One stream from its own thread: each piece in chunks, then (but after the last) the flush silence a finalize
     feeds (``stream.flush``), waiting for the flush's last output before the next piece; then
-    close. ``sent`` is all the audio the engine got, flush silences included (what the reference hears)."""
+    close. ``sent`` is all the audio the engine got, flush silences included (what the reference hears).
+    ``lockstep``: push a step's frames at a time and wait for their outputs, so that streams are ready at varied
+    moments and the engine steps varied sets of them (lanes of every size, streams moving between them)."""
 
-    def __init__(self, engine: Engine, pieces: list[np.ndarray], options=None, barrier=None, reset_at: int = -1):
+    def __init__(self, engine: Engine, pieces: list[np.ndarray], options=None, barrier=None, reset_at: int = -1,
+                 lockstep: bool = False):
         self.engine, self.pieces, self.barrier, self.reset_at = engine, pieces, barrier, reset_at
+        self.lockstep = lockstep
         self.outputs: list[StepOutput] = []
         self.resets: list[int] = []
         self.end = None
@@ -56,9 +60,15 @@ class Finalizer:
             self._cond.notify_all()
 
     def push(self, pcm: np.ndarray) -> None:
+        before = sum(p.size for p in self.sent)
         self.sent.append(pcm)
-        for start in range(0, pcm.size, 7000):
-            self.engine.push(self.handle, pcm[start:start + 7000])
+        chunk = self.engine.frames_per_step * FRAME_SIZE if self.lockstep else 7000
+        for start in range(0, pcm.size, chunk):
+            self.engine.push(self.handle, pcm[start:start + chunk])
+            if self.lockstep:
+                k = self.engine.frames_per_step
+                pushed = before + min(start + chunk, pcm.size)
+                self.wait_for_frames(self.engine.info.prefix_frames + pushed // FRAME_SIZE // k * k)
 
     def run(self) -> None:
         samples = 0
@@ -102,9 +112,9 @@ def run_finalizers(model, clip, other, lane_slots: int, options: list):
         barrier = threading.Barrier(len(options))
         cuts = [(0, 10000), (10000, 21000), (21000, clip.size)]  # not frame-aligned: the flush pads them
         finalizers = [Finalizer(engine, [np.roll(clip, 7000 * n)[a:b] for a, b in cuts], options=o, barrier=barrier,
-                                reset_at=1 if n == 0 else -1)
+                                reset_at=1 if n == 0 else -1, lockstep=True)
                       for n, o in enumerate(options)]
-        neighbour = Finalizer(engine, [other])
+        neighbour = Finalizer(engine, [other], lockstep=True)
         for stream in (*finalizers, neighbour):
             stream.thread.start()
         for stream in (*finalizers, neighbour):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 
 import torch
 
@@ -156,17 +157,50 @@ def batch_invariant_mode(dispatch_key: str = "CUDA"):
 
 
 _saved_mkldnn: list[bool] = []
+# MKL's sgemm computes a row of the product with one kernel for 1 row (a gemv), another for 2-3 rows and another
+# for 4 and more (measured: a row's bits are the same for every M >= 4 up to 1100, for the shapes of Mimi and the
+# LM, 1 or 2 threads), so the CPU mode computes every matrix product with at least this many rows
+CPU_MIN_ROWS = 4
+
+
+def _cpu_impls():
+    """aten::mm and aten::addmm on the CPU with the rows padded to ``CPU_MIN_ROWS``: the LM steps its batch with one
+    row per stream, so without this a stream alone (or in a lane of 1-3 rows) gets other bits than in a batch of 4.
+    Computed through bmm/baddbmm (not overridden: no recursion), whose rows are as invariant."""
+
+    def rows(a):
+        m = a.shape[0]
+        return a if m >= CPU_MIN_ROWS else torch.cat([a, a.new_zeros(CPU_MIN_ROWS - m, *a.shape[1:])])
+
+    def mm(a, b):
+        return torch.bmm(rows(a)[None], b[None])[0, :a.shape[0]]
+
+    def addmm(bias, a, b, *, beta=1, alpha=1):
+        m = a.shape[0]
+        padded = rows(a)
+        out = torch.baddbmm(bias.expand(padded.shape[0], b.shape[1])[None], padded[None], b[None], beta=beta,
+                            alpha=alpha)
+        return out[0, :m]
+
+    return {"mm": mm, "addmm": addmm}
 
 
 @contextlib.contextmanager
 def cpu_mode():
-    """The CPU's mode: oneDNN off (native convolutions, per sample) while any user holds it (process-wide,
-    nestable; counted, so users that end in another order than they began leave the flag right)."""
+    """The CPU's mode while any user holds it (process-wide, nestable; counted, so users that end in another order
+    than they began leave it right): oneDNN off (native convolutions, per sample) and matrix products of at least
+    ``CPU_MIN_ROWS`` rows (``_cpu_impls``)."""
     with _lock:
         _users["CPU-native"] = _users.get("CPU-native", 0) + 1
         if _users["CPU-native"] == 1:
             _saved_mkldnn.append(torch.backends.mkldnn.enabled)
             torch.backends.mkldnn.enabled = False
+            library = torch.library.Library("aten", "IMPL")
+            with warnings.catch_warnings():  # "Overriding a previously registered kernel": that is the point
+                warnings.simplefilter("ignore", UserWarning)
+                for name, fn in _cpu_impls().items():
+                    library.impl(name, fn, "CPU")
+            _libraries["CPU-native"] = library
     try:
         yield
     finally:
@@ -174,6 +208,7 @@ def cpu_mode():
             _users["CPU-native"] -= 1
             if _users["CPU-native"] == 0:
                 torch.backends.mkldnn.enabled = _saved_mkldnn.pop()
+                _libraries.pop("CPU-native")._destroy()
 
 
 def enabled_for(device: torch.device | str, setting: str | None = None) -> contextlib.AbstractContextManager:
