@@ -25,10 +25,12 @@ stream with frames to step fits in one, the step runs in the smallest that fits 
 streams are waiting for audio, goes through in small steps. A stream's state moves into a lane row (and stays there
 while it keeps fitting) and back to its slot's row before any main step or a step in another lane.
 
-Neighbour invariance: every step runs the full batch of ``slots`` rows, so shapes never change with the load, and a
-row's result must not depend on its slot or on the other rows. On the CPU that holds bit for bit once MKL runs in
-strict reproducible mode (``batch_invariant.mkl``); on CUDA it needs the batch-invariant kernels
-(``batch_invariant``, setting ``KYUTAI_STT_BATCH_INVARIANT``), which the reference loop uses too.
+Neighbour invariance: a row's result must not depend on its slot, on the other rows, or on the batch it is stepped
+in (the main batch or a lane). Without lanes every step runs the full batch of ``slots`` rows, so shapes never
+change with the load, and on the CPU that holds bit for bit once MKL runs in strict reproducible mode
+(``batch_invariant.mkl``). Lanes change a stream's batch size with the load, so they need the batch-invariant mode
+(``batch_invariant``, setting ``KYUTAI_STT_BATCH_INVARIANT``, on by default): on CUDA its kernels; on the CPU
+oneDNN's convolutions off and matrix products of at least 4 rows. The reference loop uses the same mode.
 """
 
 from __future__ import annotations
