@@ -7,12 +7,14 @@ LM use are served by the Triton kernels of ``kernels`` (matrix products with fix
 with a fixed key split, per-row mean and softmax, convolutions as im2col + that matrix product), registered with
 ``torch.library`` as batch_invariant_ops does, so moshi is never patched. TF32 is off in the mode.
 
-On the CPU, at a fixed batch shape (the engine always steps all its slots), a row's results do not depend on the
+On the CPU, at a fixed batch shape (the engine without lanes steps all its slots), a row's results do not depend on the
 other rows once MKL runs in strict reproducible mode (``mkl``), which the package turns on at import. Across batch
 sizes they can: oneDNN (mkldnn) picks its convolution algorithm by the batch size, so Mimi's latents for a stream at
 batch 1 and at batch 4 differ in the last bits, and now and then a code on a near-tie flips (seen: a token at frame
-5 of a 3 s espeak-ng clip). On the CPU the mode therefore turns oneDNN off while it is active: PyTorch's native
-convolution computes each sample alone, so the engine equals the batch-1 reference bit for bit (encoding as many
+5 of a 3 s espeak-ng clip), and MKL's sgemm gives a row other bits at 1 and at 2-3 rows than at 4 or more. On the
+CPU the mode therefore turns oneDNN off while it is active (PyTorch's native convolution computes each sample alone)
+and computes every matrix product with at least 4 rows (``_cpu_impls``), so the engine equals the batch-1 reference
+bit for bit (encoding as many
 frames per Mimi call as the engine: the call size is another matter, ``reference``). It costs about 10-20 % of a
 full 4-row step and nothing at 1 row (tiny model, 2 cores: BENCHMARKS.md), and it is what lets the engine step a
 few streams in a lane of their own size (``engine.kyutai.lane``), which halves the step with one client: ``auto``
