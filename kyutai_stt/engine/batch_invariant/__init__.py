@@ -14,11 +14,10 @@ batch 1 and at batch 4 differ in the last bits, and now and then a code on a nea
 5 of a 3 s espeak-ng clip), and MKL's sgemm gives a row other bits at 1 and at 2-3 rows than at 4 or more. On the
 CPU the mode therefore turns oneDNN off while it is active (PyTorch's native convolution computes each sample alone)
 and computes every matrix product with at least 4 rows (``_cpu_impls``), so the engine equals the batch-1 reference
-bit for bit (encoding as many
-frames per Mimi call as the engine: the call size is another matter, ``reference``). It costs about 10-20 % of a
-full 4-row step and nothing at 1 row (tiny model, 2 cores: BENCHMARKS.md), and it is what lets the engine step a
-few streams in a lane of their own size (``engine.kyutai.lane``), which halves the step with one client: ``auto``
-turns it on on the CPU too.
+bit for bit (encoding as many frames per Mimi call as the engine: the call size is another matter, ``reference``).
+It costs about 10-20 % of a full 4-row step and nothing at 1 row (tiny model, 2 cores: BENCHMARKS.md), and it is
+what lets the engine step a few streams in a lane of their own size (``engine.kyutai.lane``), which halves the
+step with one client: ``auto`` turns it on on the CPU too.
 
 The setting ``KYUTAI_STT_BATCH_INVARIANT`` is ``auto`` (default), ``on`` or ``off``; ``auto`` is on everywhere. On
 CUDA the issue asks for it by default when it costs at most 10 % of capacity, which only a GPU can measure

@@ -532,12 +532,13 @@ class Engine:
         step in a lane (None otherwise: a main step). A lane steps *instead of* the main batch, never beside it, so
         it never adds a step; it replaces a full-batch step by a smaller one. Streams stay in their lane rows from
         step to step; one with nothing to step gives its row up when a stepping stream needs it."""
+        if not self._lanes:
+            return None
         k = self.frames_per_step
         stepping = [s for s in self._slots if s.ready(k)]
-        if not all(s.lane_ready(k) for s in stepping):
-            return None
+        # the size first: under load (most steps) it rules the lanes out without a second pass over the slots
         fits = [i for i, lane in enumerate(self._lanes) if lane.size >= len(stepping)]
-        if not fits:
+        if not fits or not all(s.lane_ready(k) for s in stepping):
             return None
         index, n = fits[0], self._lanes[fits[0]].size
         plan = _StepPlan.empty(n, k, lane=index)
