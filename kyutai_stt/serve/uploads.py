@@ -97,6 +97,16 @@ async def _drain(receive: Receive) -> bool:
         return False
 
 
+async def refused_as_declared(declared: str, limit: int, receive: Receive, cap: int) -> HttpProblem | None:
+    """The 413 for a body whose declared length is over ``limit`` (None when it is not), before any of it is used:
+    drained first when at most ``LINGER_FACTOR`` x ``limit``, else with the connection closed. ``cap``: the limit
+    the answer states."""
+    if not (declared.isdigit() and int(declared) > limit):
+        return None
+    drained = int(declared) <= LINGER_FACTOR * limit and await _drain(receive)
+    return too_large(cap, close=not drained)
+
+
 ProblemRenderer = Callable[[Request, HttpProblem], Response]
 
 
@@ -108,14 +118,14 @@ class ProblemRoute(APIRoute):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = scope["app"].state.service.settings.max_upload_bytes + MULTIPART_OVERHEAD
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        declared = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
         received = 0
 
         async def capped() -> Message:
             nonlocal received
-            if declared.isdigit() and int(declared) > limit:  # refused before a byte of the body is used
-                drained = int(declared) <= LINGER_FACTOR * limit and await _drain(receive)
-                raise too_large(limit - MULTIPART_OVERHEAD, close=not drained)
+            refusal = await refused_as_declared(declared, limit, receive, limit - MULTIPART_OVERHEAD)
+            if refusal is not None:
+                raise refusal
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
@@ -214,9 +224,10 @@ async def _decoded(request: Request, spool: IO[bytes], size: int, digest: str | 
 async def read_body(request: Request, raw: RawDecoder | None = None) -> Upload:
     """The request body as an audio file: capped, spooled in chunks, decoded off the event loop."""
     limit = get_service(request).settings.max_upload_bytes
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:  # before using any of it (the route let it by: a little over)
-        raise too_large(limit, close=not await _drain(request.receive))
+    # the route let a body declared a little over (its form overhead) by
+    refusal = await refused_as_declared(request.headers.get("content-length", ""), limit, request.receive, limit)
+    if refusal is not None:
+        raise refusal
     digest, size = hashlib.sha256(), 0
     with tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY) as spool:
         file = UploadFile(spool)  # its write() moves to a thread once the spool is on disk
