@@ -45,8 +45,9 @@ OPERATORS = ("aten::mm", "aten::addmm", "aten::mean.dim", "aten::sum.dim_IntList
              "aten::scaled_dot_product_attention")
 
 
-def resolve_mode(device: torch.device | str, setting: str | None = None) -> bool:
-    """Whether the mode is on for ``device``: ``setting`` or ``$KYUTAI_STT_BATCH_INVARIANT`` (auto/on/off)."""
+def resolve_mode(setting: str | None = None) -> bool:
+    """Whether the mode is on: ``setting`` or ``$KYUTAI_STT_BATCH_INVARIANT`` (auto/on/off; auto is on on every
+    device)."""
     setting = (setting or os.environ.get("KYUTAI_STT_BATCH_INVARIANT", "auto")).lower()
     if setting not in MODES:
         raise ValueError(f"KYUTAI_STT_BATCH_INVARIANT must be one of {', '.join(MODES)}, got {setting!r}")
@@ -214,6 +215,6 @@ def cpu_mode():
 
 def enabled_for(device: torch.device | str, setting: str | None = None) -> contextlib.AbstractContextManager:
     """The mode for ``device`` when ``resolve_mode`` says so, else a no-op context."""
-    if not resolve_mode(device, setting):
+    if not resolve_mode(setting):
         return contextlib.nullcontext()
     return batch_invariant_mode("CUDA") if torch.device(device).type == "cuda" else cpu_mode()

@@ -270,7 +270,7 @@ class Engine:
         device = model.device
         if device.type == "cpu" and batch_invariant.enable_strict_cnr() is False:
             log.warning("MKL is not in strict reproducible mode: a stream's VAD probabilities may depend on its slot")
-        self.batch_invariant = batch_invariant.resolve_mode(device, batch_invariant_mode)
+        self.batch_invariant = batch_invariant.resolve_mode(batch_invariant_mode)
         # greedy; streams that sample or boost keyterms do it in LMGen's text hooks (``decoding``)
         self._decoding = SlotDecoding(slots, model.lm.text_card, self.info.first_piece_token, device, keyterm_boost)
         self._lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0, on_text_logits_hook=self._decoding.on_text_logits,
