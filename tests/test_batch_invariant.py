@@ -141,3 +141,40 @@ def test_the_real_lm_is_batch_invariant_in_the_mode(checkpoint_dir, monkeypatch)
     a, b = randn(3, 96), randn(96, 80)
     assert not torch.equal(split_k_matmul(a, b)[1:2], split_k_matmul(a[1:2], b))  # batch-dependent indeed
     assert not lm_rows_match_alone(model, codes)
+
+
+# ------------------------------------------------------------------------------------- the CPU mode (no Triton)
+# Mimi's convolutions whose output per call is short (2-frame steps), and the long ones: (in, length, out, kernel,
+# stride). The short ones run as one matrix product in the mode, the long ones in PyTorch's kernel per sample.
+MIMI_CONVS = [(512, 40, 1024, 16, 8), (1024, 6, 512, 3, 1), (512, 6, 512, 4, 2), (256, 198, 512, 12, 6),
+              (64, 3844, 128, 8, 4)]
+
+
+@pytest.mark.parametrize("shape", MIMI_CONVS, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_mode_convolutions_are_row_invariant_and_close_to_torch(shape):
+    from kyutai_stt.engine.batch_invariant import cpu_mode
+
+    channels, length, out_channels, kernel, stride = shape
+    x, w, bias = randn(5, channels, length), randn(out_channels, channels, kernel) * 0.05, randn(out_channels)
+    stock = F.conv1d(x, w, bias, stride=stride)
+    with cpu_mode():
+        full = F.conv1d(x, w, bias, stride=stride)
+        for rows in (1, 2, 3):
+            assert torch.equal(F.conv1d(x[:rows], w, bias, stride=stride), full[:rows])
+        assert torch.equal(F.conv1d(x[:1], w, None, stride=stride), F.conv1d(x, w, None, stride=stride)[:1])
+    torch.testing.assert_close(full, stock, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_mode_codebook_distances_are_row_invariant_and_close_to_torch():
+    """Mimi's quantizer: torch.cdist of a step's frames to 2048 codes, a 1- or 2-row matrix product for one stream,
+    whose bits MKL computes otherwise than for 4 rows and more; the mode pads the rows."""
+    from kyutai_stt.engine.batch_invariant import cpu_mode
+
+    frames, codes = randn(1, 7, 256), randn(1, 2048, 256)
+    stock = torch.cdist(frames, codes)
+    with cpu_mode():
+        full = torch.cdist(frames, codes)
+        for rows in (1, 2, 3, 5):
+            assert torch.equal(torch.cdist(frames[:, :rows], codes), full[:, :rows])
+    torch.testing.assert_close(full, stock, rtol=1e-5, atol=1e-4)
+    assert torch.equal(full.argmin(-1), stock.argmin(-1))

@@ -12,12 +12,14 @@ other rows once MKL runs in strict reproducible mode (``mkl``), which the packag
 sizes they can: oneDNN (mkldnn) picks its convolution algorithm by the batch size, so Mimi's latents for a stream at
 batch 1 and at batch 4 differ in the last bits, and now and then a code on a near-tie flips (seen: a token at frame
 5 of a 3 s espeak-ng clip), and MKL's sgemm gives a row other bits at 1 and at 2-3 rows than at 4 or more. On the
-CPU the mode therefore turns oneDNN off while it is active (PyTorch's native convolution computes each sample alone)
-and computes every matrix product with at least 4 rows (``_cpu_impls``), so the engine equals the batch-1 reference
-bit for bit (encoding as many frames per Mimi call as the engine: the call size is another matter, ``reference``).
-It costs about 10-20 % of a full 4-row step and nothing at 1 row (tiny model, 2 cores: BENCHMARKS.md), and it is
-what lets the engine step a few streams in a lane of their own size (``engine.kyutai.lane``), which halves the
-step with one client: ``auto`` turns it on on the CPU too.
+CPU the mode therefore turns oneDNN off while it is active (PyTorch's native convolution computes each sample alone),
+runs the 1-D convolutions with short outputs as one matrix product of im2col columns, and computes every matrix
+product, Mimi's codebook distances included, with at least 4 rows (``_cpu_impls``), so the engine equals the batch-1
+reference bit for bit (encoding as many frames per Mimi call as the engine: the call size is another matter,
+``reference``). It is faster than stock on Mimi's encoder (a 4-row 2-frame step of the tiny model: about 105 ms
+against 135, 2 cores: BENCHMARKS.md), since the native kernel and oneDNN read a layer's weights once per sample and
+the matrix product once per step, and it is what lets the engine step a few streams in a lane of their own size
+(``engine.kyutai.lane``): ``auto`` turns it on on the CPU too.
 
 The setting ``KYUTAI_STT_BATCH_INVARIANT`` is ``auto`` (default), ``on`` or ``off``; ``auto`` is on everywhere. On
 CUDA the issue asks for it by default when it costs at most 10 % of capacity, which only a GPU can measure
@@ -163,12 +165,15 @@ _saved_mkldnn: list[bool] = []
 # for 4 and more (measured: a row's bits are the same for every M >= 4 up to 1100, for the shapes of Mimi and the
 # LM, 1 or 2 threads), so the CPU mode computes every matrix product with at least this many rows
 CPU_MIN_ROWS = 4
+# 1-D convolutions with at most this many output positions per row run as one matrix product (``_cpu_impls``)
+CPU_CONV_MAX_FRAMES = 32
 
 
 def _cpu_impls():
-    """aten::mm and aten::addmm on the CPU with the rows padded to ``CPU_MIN_ROWS``: the LM steps its batch with one
-    row per stream, so without this a stream alone (or in a lane of 1-3 rows) gets other bits than in a batch of 4.
-    Computed through bmm/baddbmm (not overridden: no recursion), whose rows are as invariant."""
+    """The CPU key's aten::mm, aten::addmm, aten::convolution and aten::_euclidean_dist (torch.cdist). Matrix products
+    have their rows padded to ``CPU_MIN_ROWS``: the LM steps its batch with one row per stream, so without this a
+    stream alone (or in a lane of 1-3 rows) gets other bits than in a batch of 4. Computed through bmm/baddbmm (not
+    overridden: no recursion), whose rows are as invariant."""
 
     def rows(a):
         m = a.shape[0]
@@ -184,14 +189,45 @@ def _cpu_impls():
                             alpha=alpha)
         return out[0, :m]
 
-    return {"mm": mm, "addmm": addmm}
+    def convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+        # A 1-D convolution whose output is short (Mimi's last downsampling layers: 2 to 32 positions per call)
+        # is one matrix product of the rows' im2col columns by the weights. PyTorch's native kernel reads the
+        # weights once per sample (33 MB for the 512 -> 1024 layer: 10 ms a row), this reads them once per call;
+        # its rows are those of the matrix product, so they are as invariant. Whether a layer takes this path
+        # depends on its shape per row, never on the batch. Longer outputs: the native kernel, sample by sample.
+        if x.dim() == 3 and not transposed and groups == 1 and not any(padding):
+            (batch, channels, length), (out_channels, _, kernel) = x.shape, weight.shape
+            step, spacing = stride[0], dilation[0]
+            span = (kernel - 1) * spacing + 1
+            frames = (length - span) // step + 1 if length >= span else 0
+            if 0 < frames <= CPU_CONV_MAX_FRAMES:
+                cols = x.unfold(2, span, step)[..., ::spacing]  # [B, C, frames, kernel]
+                cols = cols.permute(0, 2, 1, 3).reshape(batch * frames, channels * kernel)
+                w = weight.reshape(out_channels, channels * kernel).t()
+                out = addmm(bias, cols, w) if bias is not None else mm(cols, w)
+                return out.view(batch, frames, out_channels).transpose(1, 2).contiguous()
+        return torch.ops.aten._convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding,
+                                           groups, False, True, False, False)
+
+    def euclidean_dist(x1, x2):
+        # torch.cdist's matrix-product form (Mimi's quantizer: a frame's distances to a codebook's 2048 codes) with
+        # the rows of the product padded like ``mm`` (one stream's 2 frames are a 2-row product, whose bits MKL
+        # computes otherwise than in a batch of 4); without aten's concatenation of the codebook and its norms
+        m = x1.shape[-2]
+        padded = x1 if m >= CPU_MIN_ROWS else torch.cat(
+            [x1, x1.new_zeros(*x1.shape[:-2], CPU_MIN_ROWS - m, x1.shape[-1])], -2)
+        products = torch.matmul(padded, x2.mT)[..., :m, :]
+        squares = (x1 * x1).sum(-1, keepdim=True) + (x2 * x2).sum(-1).unsqueeze(-2)
+        return squares.sub_(products, alpha=2).clamp_min_(0).sqrt_()
+
+    return {"mm": mm, "addmm": addmm, "convolution": convolution, "_euclidean_dist": euclidean_dist}
 
 
 @contextlib.contextmanager
 def cpu_mode():
     """The CPU's mode while any user holds it (process-wide, nestable; counted, so users that end in another order
-    than they began leave it right): oneDNN off (native convolutions, per sample) and matrix products of at least
-    ``CPU_MIN_ROWS`` rows (``_cpu_impls``)."""
+    than they began leave it right): oneDNN off (native convolutions, per sample), short convolutions as one
+    matrix product, and matrix products of at least ``CPU_MIN_ROWS`` rows (``_cpu_impls``)."""
     with _lock:
         _users["CPU-native"] = _users.get("CPU-native", 0) + 1
         if _users["CPU-native"] == 1:

@@ -30,7 +30,7 @@ in (the main batch or a lane). Without lanes every step runs the full batch of `
 change with the load, and on the CPU that holds bit for bit once MKL runs in strict reproducible mode
 (``batch_invariant.mkl``). Lanes change a stream's batch size with the load, so they need the batch-invariant mode
 (``batch_invariant``, setting ``KYUTAI_STT_BATCH_INVARIANT``, on by default): on CUDA its kernels; on the CPU
-oneDNN's convolutions off and matrix products of at least 4 rows. The reference loop uses the same mode.
+oneDNN's convolutions off, short ones as one matrix product and matrix products of at least 4 rows. The reference loop uses the same mode.
 """
 
 from __future__ import annotations
@@ -207,8 +207,8 @@ def default_frames_per_step(device: torch.device) -> int:
 
 def default_lane_slots(device: torch.device, batch_invariant: bool, slots: int) -> int:
     """The largest lane's rows: 4 on GPU, where a step of a few rows should cost a fraction of a full batch's (not
-    measured yet); ``slots - 1`` on CPU, where a step's cost grows with its rows (2 frames, tiny model: 67 ms for
-    1 row, 96 for 2, 128 for 3, 158 for 4; BENCHMARKS.md). 0 (no lane) outside batch-invariant mode: a lane steps
+    measured yet); ``slots - 1`` on CPU, where a step's cost grows with its rows (2 frames, tiny model: about 72 ms
+    for 1 row, 82 for 2, 106 for 4, 138 for 6; BENCHMARKS.md). 0 (no lane) outside batch-invariant mode: a lane steps
     a stream at another batch size than the main batch, which gives the same results only when a row's results do
     not depend on the batch size."""
     if not batch_invariant:
