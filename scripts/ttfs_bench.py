@@ -176,6 +176,7 @@ def run_one(protocol: str, server_url: str, sessions: int, per_session: int, utt
             "stats": light.percentiles(ttfs), "missing": sum(r["missing"] for r in results),
             "errors": [r["error"] for r in results if r["error"]], "step_ms": step_s * 1000, "steps": count,
             "floor_s": STOP_SECS + needed_steps(delay, fps) * step_s, "wall_s": wall,
+            "busy": (steps_after[0] - steps_before[0]) / wall,
             "client_late_p99_ms": 1000 * max((r.get("late_p99_s", 0.0) for r in results), default=0.0),
             "load_avg": os.getloadavg()}
 
@@ -183,12 +184,12 @@ def run_one(protocol: str, server_url: str, sessions: int, per_session: int, utt
 # ============================================================================================ report
 def table(rows: list[dict], flush_frames: dict) -> str:
     lines = ["| protocol | sessions | turns | TTFS p50 s | p95 s | p99 s | max s | missing | errors | step ms "
-             "| floor s | flush frames/turn | client late p99 ms | load avg |", "|" + "---:|" * 14]
+             "| floor s | engine busy | flush frames/turn | client late p99 ms | load avg |", "|" + "---:|" * 15]
     for r in rows:
         s = r["stats"]
         lines.append(f"| {r['protocol']} | {r['sessions']} | {s['count']}/{r['turns']} | {s['p50']:.3f} | "
                      f"{s['p95']:.3f} | {s['p99']:.3f} | {s['max']:.3f} | {r['missing']} | {len(r['errors'])} | "
-                     f"{r['step_ms']:.1f} | {r['floor_s']:.3f} | {flush_frames.get(r['protocol'], '-')} | "
+                     f"{r['step_ms']:.1f} | {r['floor_s']:.3f} | {100 * r.get('busy', math.nan):.0f} % | {flush_frames.get(r['protocol'], '-')} | "
                      f"{r.get('client_late_p99_ms', math.nan):.1f} | {r['load_avg'][0]:.1f} |")
     return "\n".join(lines)
 
