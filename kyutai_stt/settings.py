@@ -40,6 +40,14 @@ class Settings(BaseSettings):
         description="80 ms frames each stream advances per engine step. 0: auto (1 on GPU; 2 on CPU, where "
         "Mimi's per-call cost dominates: more streams keep real time, for 80 ms more latency). Results are identical.",
     )
+    max_frames_per_step: int | None = Field(
+        None, ge=1, le=64,
+        description="Kyutai models: the most 80 ms frames a step carries per stream when every stream it steps has "
+        "them waiting (a finalize's flush, a backlog under load): one Mimi call then does the work of several, "
+        "at a fraction of their cost. Results are identical; allowed only where that is exact (the CPU in the "
+        "batch-invariant mode, 2 or more frames per step), else refused at start. Default: 4 x frames per step "
+        "there, frames per step elsewhere.",
+    )
     lane_slots: int | None = Field(
         None, ge=0, le=64,
         description="Kyutai models: rows of the largest lane. Lanes are small batches (1, 2, 4, ... rows and this "

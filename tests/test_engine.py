@@ -83,6 +83,28 @@ def test_stream_longer_than_mimi_context_with_several_frames_per_step(engine_mod
     assert stream.tokens == reference.tokens(clip)
 
 
+def test_a_backlog_steps_in_bigger_mimi_calls_bit_for_bit(engine_model, reference, bria, sounds):
+    """A stream whose audio is waiting (here 11 s sent at once, past Mimi's 10 s context) is stepped up to
+    ``max_frames_per_step`` frames at a time, beside a neighbour sent in small chunks: both get the reference's
+    tokens and VAD probabilities bit for bit (the reference encodes 2 frames per call). Exact on the CPU in the
+    batch-invariant mode, with the engine's attention caches in the reference too (``encoder_frames_per_call``)."""
+    clip, neighbour = bria[375441: 375441 + 24000 * 11], sounds(2.0, 31)
+    engine = make_engine(engine_model, 2)
+    assert engine.max_frames_per_step == 8
+    try:
+        backlog = Feeder(engine, clip, 0, chunks=(len(clip),))
+        paced = Feeder(engine, neighbour, 1, chunks=(1920,), pause=(1.0, 0.12))
+        run_feeders([backlog, paced], timeout=300)
+        stats = engine.stats()
+    finally:
+        engine.stop()
+    assert stats.frames > 3 * stats.steps  # most steps carried 8 frames of the backlog, not 2
+    for stream, audio in ((backlog, clip), (paced, neighbour)):
+        expected = reference.outputs(audio)
+        assert [(o.frame, o.token, o.pauses) for o in stream.outputs] == \
+            [(o.frame, o.token, o.pauses) for o in expected]
+
+
 @pytest.mark.slow  # long audio or many connections: `uv run pytest -m slow` (CI runs it)
 def test_mimi_attention_sees_its_whole_context_whatever_the_call_size(checkpoint_dir, bria):
     """Mimi's encoder latents past its 10 s context are the same for 1 or 2 frames per call (float noise only),
@@ -110,6 +132,32 @@ def test_mimi_attention_sees_its_whole_context_whatever_the_call_size(checkpoint
     assert late_difference(mimi) > 5e-6  # moshi's own cache: the grouping of frames shows after 10 s
     fit_encoder_attention(mimi, 2)
     assert late_difference(mimi) < 1e-6
+
+
+@pytest.mark.slow  # long audio or many connections: `uv run pytest -m slow` (CI runs it)
+def test_mimi_latents_do_not_depend_on_the_call_size_in_the_cpu_mode(checkpoint_dir, bria):
+    """What ``max_frames_per_step`` rests on: in the CPU's batch-invariant mode, with the same attention caches,
+    Mimi's latents (before quantization) for 12 s of speech are bitwise the same whether it is given 2, 4 or 8
+    frames per call. Without the mode they are not on the machine this was written on (oneDNN and MKL pick their
+    kernels by the call's shape: 2e-8 apart), which is how the comparison was seen to fail."""
+    import torch
+
+    from kyutai_stt.engine import batch_invariant
+    from kyutai_stt.engine.kyutai.attention_cache import fit_encoder_attention
+
+    pcm = torch.from_numpy(bria[375441: 375441 + FRAME_SIZE * 152].copy())
+    mimi = load_model(str(checkpoint_dir), "cpu", "float32").mimi
+    fit_encoder_attention(mimi, 8)
+
+    @torch.no_grad()
+    def latents(frames_per_call):
+        with mimi.streaming(1):
+            chunks = pcm.view(-1, FRAME_SIZE * frames_per_call)
+            return torch.cat([mimi.encode_to_latent(c[None, None], quantize=False) for c in chunks], -1)[0]
+
+    with batch_invariant.cpu_mode():
+        two, four, eight = latents(2), latents(4), latents(8)
+    assert torch.equal(two, four) and torch.equal(two, eight)
 
 
 def test_output_covers_audio_and_flush(engine_model, reference, sounds):

@@ -172,7 +172,8 @@ def test_streams_through_the_lanes_equal_the_reference(model, reference_model, s
 
 def test_a_lone_stream_steps_in_the_lane(model, reference_model, speech):
     """One client on a 4-slot engine: every step but its first (reset and init, in the main batch) and its padded
-    last one computes the lane's single row, and the outputs are the reference's."""
+    last one computes the lane's single row, and the outputs are the reference's. (Its audio comes faster than
+    real time, so most steps carry several steps' frames: ``max_frames_per_step``.)"""
     engine = Engine(model, 4, frames_per_step=FRAMES_PER_STEP, lane_slots=1).start()
     try:
         stream = Finalizer(engine, [speech[:30000], speech[30000:50000]])
@@ -181,7 +182,7 @@ def test_a_lone_stream_steps_in_the_lane(model, reference_model, speech):
         lane_steps, steps = engine.lane_steps, engine.stats().steps
     finally:
         engine.stop()
-    assert steps - lane_steps <= 2 and lane_steps > 10
+    assert steps - lane_steps <= 2 and lane_steps > 2
     check_against_reference(reference_model, [stream], [])
 
 

@@ -86,7 +86,7 @@ def start_engine(settings: Settings, model=None, *, slots: int | None = None) ->
         frames = settings.frames_per_step or default_frames_per_step(model.device)
         engine = KyutaiEngine(model, slots or settings.slots, flush_seconds=settings.flush_seconds,
                               frames_per_step=frames, keyterm_boost=settings.keyterm_boost,
-                              lane_slots=settings.lane_slots)
+                              lane_slots=settings.lane_slots, max_frames_per_step=settings.max_frames_per_step)
     engine.warmup()  # before any stream: the first steps compile (CUDA graphs) and allocate
     engine.start()
     info = engine.info

@@ -16,8 +16,13 @@ Conventions (equal to ``reference.reference_outputs``, a plain single-stream loo
   finalize (``stream.flush``) feeds the same flush. Models with a silence prefix get it before the audio.
 - Mimi's encoder attention always sees its full 10 s context, whether it is given one frame per call or several
   (``attention_cache``); moshi's default cache drops a few of the oldest keys for multi-step calls.
-- Mimi is always called with ``frames_per_step`` frames of a stream, from a multiple of ``frames_per_step`` of its
-  frames (its codes are not bitwise independent of the frames per call on CPU, while they are of the batch size).
+- Mimi is always called with a multiple of ``frames_per_step`` frames of a stream, from a multiple of
+  ``frames_per_step`` of its frames. A step carries ``frames_per_step`` frames per stream, or more, up to
+  ``max_frames_per_step``, when every stream it steps has that many waiting (a finalize's flush, a backlog under
+  load): one Mimi call then does the work of several, at a fraction of their cost (Mimi's per-call cost
+  dominates on the CPU). That is exact only where Mimi's codes do not depend on the frames per call: on the CPU in
+  the batch-invariant mode, for multiples of 2 frames and a given attention cache (measured bit for bit, 14 s of
+  audio; a 1-frame call differs), so ``default_max_frames_per_step`` allows it there only.
 
 The lanes (``lane``): small batches of 1, 2, 4, ... up to ``lane_slots`` rows beside the main batch. When every
 stream with frames to step fits in one, the step runs in the smallest that fits and computes only its rows, not all
@@ -178,8 +183,8 @@ class _StepPlan:
 
     reset: np.ndarray  # bool [B]: reset the slot's state first
     init: np.ndarray  # bool [B]: the slot's LM init step (no audio)
-    audio: np.ndarray  # bool [B]: the slot steps `frames_per_step` frames of pcm
-    pcm: np.ndarray  # float32 [B, frames_per_step * FRAME_SIZE]
+    audio: np.ndarray  # bool [B]: the slot steps the step's ``frames`` frames of pcm
+    pcm: np.ndarray  # float32 [B, frames * FRAME_SIZE]
     deliver: np.ndarray  # int [B]: how many of those frames are the stream's (the rest pads the last step)
     context_reset: np.ndarray  # bool [B]: reset the LM context (not Mimi's), then an init step, then the audio
     targets: dict  # slot index -> (slot, stream id, sink) for every slot touched
@@ -192,17 +197,39 @@ class _StepPlan:
     enter: list = field(default_factory=list)  # (slot index, lane row)
     leave: list = field(default_factory=list)  # (lane, lane row, slot index)
 
+    @property
+    def frames(self) -> int:
+        """Frames each stepping row carries this step (a multiple of ``frames_per_step``)."""
+        return self.pcm.shape[1] // FRAME_SIZE
+
     @classmethod
-    def empty(cls, rows: int, frames_per_step: int, **fields) -> "_StepPlan":
+    def empty(cls, rows: int, frames: int, **fields) -> "_StepPlan":
         """A step of ``rows`` rows (the main batch's or the lane's) where no row does anything yet."""
         return cls(np.zeros(rows, bool), np.zeros(rows, bool), np.zeros(rows, bool),
-                   np.zeros((rows, frames_per_step * FRAME_SIZE), np.float32), np.zeros(rows, int),
+                   np.zeros((rows, frames * FRAME_SIZE), np.float32), np.zeros(rows, int),
                    np.zeros(rows, bool), {}, **fields)
 
 
 def default_frames_per_step(device: torch.device) -> int:
     """1 on GPU; 2 on CPU, where Mimi's fixed per-call cost dominates (same results, 80 ms more latency)."""
     return 1 if device.type == "cuda" else 2
+
+
+def default_max_frames_per_step(device: torch.device, batch_invariant: bool, frames_per_step: int) -> int:
+    """The most frames a step may carry per stream when every stream it steps has them waiting: 4 x
+    ``frames_per_step`` on the CPU in batch-invariant mode with ``frames_per_step`` >= 2, where Mimi's codes do not
+    depend on the frames per call (multiples of 2; tiny model, Mimi's full encoder, 2 cores: 8 frames in one call
+    take 118 ms, in four calls 250); ``frames_per_step`` elsewhere (not measured on CUDA; a 1-frame call differs
+    from larger ones in the last bits on the CPU)."""
+    if device.type == "cpu" and batch_invariant and frames_per_step >= 2:
+        return 4 * frames_per_step
+    return frames_per_step
+
+
+def encoder_frames_per_call(device: torch.device, batch_invariant: bool, frames_per_step: int) -> int:
+    """The Mimi call size its attention caches are fitted for (``attention_cache``), for the engine and the
+    reference alike: the codes are bitwise the same for any call size only with the same caches."""
+    return default_max_frames_per_step(device, batch_invariant, frames_per_step)
 
 
 def default_lane_slots(device: torch.device, batch_invariant: bool, slots: int) -> int:
@@ -243,8 +270,11 @@ class Engine:
     counts_step_metrics = True  # this process runs the steps: its step listeners feed the metrics
 
     def __init__(self, model: SttModel, slots: int, flush_seconds: float = MIN_FLUSH_SECONDS, frames_per_step: int = 1,
-                 batch_invariant_mode: str | None = None, keyterm_boost: float = 5.0, lane_slots: int | None = None):
+                 batch_invariant_mode: str | None = None, keyterm_boost: float = 5.0, lane_slots: int | None = None,
+                 max_frames_per_step: int | None = None):
         """``batch_invariant_mode``: auto/on/off, default ``$KYUTAI_STT_BATCH_INVARIANT`` (see ``batch_invariant``).
+        ``max_frames_per_step``: the most frames a step carries per stream when they are all waiting (None:
+        ``default_max_frames_per_step``; more than ``frames_per_step`` only where that is exact, else refused).
         ``keyterm_boost``: what a stream's keyterms add to their pieces' text logits (``decoding``).
         ``lane_slots``: rows of the largest lane (``lane_sizes``); 0: none; None: ``default_lane_slots``."""
         self.model = model
@@ -271,6 +301,12 @@ class Engine:
         if device.type == "cpu" and batch_invariant.enable_strict_cnr() is False:
             log.warning("MKL is not in strict reproducible mode: a stream's VAD probabilities may depend on its slot")
         self.batch_invariant = batch_invariant.resolve_mode(batch_invariant_mode)
+        exact_max = default_max_frames_per_step(device, self.batch_invariant, frames_per_step)
+        self.max_frames_per_step = exact_max if max_frames_per_step is None else max_frames_per_step
+        if self.max_frames_per_step % frames_per_step or not frames_per_step <= self.max_frames_per_step <= exact_max:
+            raise ValueError(f"max_frames_per_step {self.max_frames_per_step}: a multiple of frames_per_step "
+                             f"({frames_per_step}) up to {exact_max} here (more frames per Mimi call are exact only "
+                             "on the CPU in batch-invariant mode, with 2 or more frames per step)")
         # greedy; streams that sample or boost keyterms do it in LMGen's text hooks (``decoding``)
         self._decoding = SlotDecoding(slots, model.lm.text_card, self.info.first_piece_token, device, keyterm_boost)
         self._lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0, on_text_logits_hook=self._decoding.on_text_logits,
@@ -281,7 +317,7 @@ class Engine:
             if isinstance(part, StreamingModule):
                 part.set_streaming_detached(True)
         # Mimi encodes frames_per_step frames per call; its attention must see the same keys as frame by frame.
-        fit_encoder_attention(model.mimi, frames_per_step)
+        fit_encoder_attention(model.mimi, encoder_frames_per_call(device, self.batch_invariant, frames_per_step))
         # moshi keeps streaming state on the modules; stop() leaves streaming mode so the model can be reused.
         self._streaming = ExitStack()
         self._streaming.enter_context(batch_invariant.enabled_for(device, "on" if self.batch_invariant else "off"))
@@ -301,7 +337,7 @@ class Engine:
         # On CUDA, audio goes to the device through one reused page-locked buffer per batch size (an asynchronous
         # copy); the previous step's copy is complete by then, since each step ends with a device-to-host sync.
         self._pinned = ({n: torch.empty((n, frames_per_step * FRAME_SIZE), pin_memory=True) for n in sizes}
-                        if device.type == "cuda" else None)
+                        if device.type == "cuda" else None)  # CUDA: max_frames_per_step is frames_per_step
         self._zero_codes = {n: torch.zeros((n, model.mimi.num_codebooks, 1), dtype=torch.long, device=device)
                             for n in sizes}
 
@@ -499,7 +535,7 @@ class Engine:
     def _plan(self) -> _StepPlan:
         """Under the lock: decide what each slot does this step."""
         k, n = self.frames_per_step, self.batch_size
-        plan = _StepPlan.empty(n, k)
+        plan = _StepPlan.empty(n, self._step_frames([s for s in self._slots if s.ready(k) and not s.needs_init]))
         self._set_decoding_active(self._decoding)
         # streams in the lane come back first (their state scattered back before the step)
         plan.leave = [(s.lane, s.lane_row, s.index) for s in self._slots if s.lane >= 0]
@@ -521,6 +557,16 @@ class Engine:
             self._take_frames(plan, slot, i)
         return plan
 
+    def _step_frames(self, takers: list[_Slot]) -> int:
+        """Frames per stream for a step whose audio rows are ``takers``: ``frames_per_step``, or the largest multiple
+        of it up to ``max_frames_per_step`` that every one of them has waiting. A closing stream's short last
+        step is padded to ``frames_per_step``."""
+        k = self.frames_per_step
+        if self.max_frames_per_step == k or not takers:
+            return k
+        fewest = min(s.frames_available() for s in takers)
+        return max(k, min(self.max_frames_per_step, fewest // k * k))
+
     def _set_decoding_active(self, decoding: SlotDecoding, slots: list[_Slot] | None = None) -> None:
         """Whether the hooks have work in the next step: some stream of ``slots`` (default: all) samples or boosts."""
         slots = self._slots if slots is None else slots
@@ -541,7 +587,7 @@ class Engine:
         if not fits or not all(s.lane_ready(k) for s in stepping):
             return None
         index, n = fits[0], self._lanes[fits[0]].size
-        plan = _StepPlan.empty(n, k, lane=index)
+        plan = _StepPlan.empty(n, self._step_frames(stepping), lane=index)
         for slot in stepping:
             if slot.lane >= 0 and slot.lane != index:  # in another lane: back to the main batch, then here
                 plan.leave.append((slot.lane, slot.lane_row, slot.index))
@@ -567,8 +613,8 @@ class Engine:
         return plan
 
     def _take_frames(self, plan: _StepPlan, slot: _Slot, i: int) -> None:
-        """Under the lock: the slot's next ``frames_per_step`` frames into row ``i`` of the step."""
-        k = self.frames_per_step
+        """Under the lock: the slot's next frames (the step's ``frames``) into row ``i`` of the step."""
+        k = plan.frames
         plan.audio[i] = True
         if slot.needs_context_reset:
             plan.context_reset[i] = True
@@ -668,11 +714,11 @@ class Engine:
             batch = host.to(device, non_blocking=True)[:, None, :]
             if clock:
                 clock.mark("prepare")
-            codes = self.model.mimi.encode(batch)  # [B, K, frames_per_step]
+            codes = self.model.mimi.encode(batch)  # [B, K, frames]
             if clock:
                 clock.mark("mimi")
             steps = []
-            for j in range(self.frames_per_step):
+            for j in range(plan.frames):
                 for i, (options, seed, edges), step in plan.reconfigure.get(j, ()):
                     decoding.configure(i, options, seed, edges, step)
                 steps.append(self._lm_step(codes[:, :, j:j + 1], plan.audio, decoding))

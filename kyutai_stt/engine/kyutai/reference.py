@@ -6,7 +6,9 @@ It follows the engine's documented conventions (see ``engine``): the first frame
 encoder attention keeps its whole context (``attention_cache``), so its codes do not depend on call sizes in
 exact arithmetic; in floating point they do, in the last bits, and now and then a code is a near tie that flips (1 of
 36 espeak-ng clips on a CPU, 2 vs 1 frames per call). So the reference encodes as many frames per Mimi call as the
-engine steps (``frames_per_step``, aligned to the stream's start): then the arithmetic is the engine's.
+engine steps (``frames_per_step``, aligned to the stream's start), with the engine's attention caches: then the
+arithmetic is the engine's (which, where it steps several times ``frames_per_step`` frames at once, is the same:
+``engine.default_max_frames_per_step``).
 It needs its own model instance: moshi keeps streaming state on the modules themselves. It runs in the same
 batch-invariant mode as the engine (``batch_invariant``), so "exact" means the same thing on every device.
 Sampling and keyterms go through the same LMGen hooks as in the engine (``decoding``), with one row.
@@ -27,7 +29,7 @@ from kyutai_stt.engine.kyutai.checkpoint import SttModel
 from kyutai_stt.engine.kyutai.decoding import SlotDecoding, keyterm_trie
 from kyutai_stt.engine.kyutai.info import FIRST_PIECE_TOKEN
 from kyutai_stt.engine.kyutai.engine import (MIN_FLUSH_SECONDS, StepOutput, default_frames_per_step,
-                                             flush_frame_count)
+                                             encoder_frames_per_call, flush_frame_count)
 
 
 def padded_stream(model: SttModel, pcm: np.ndarray, flush_seconds: float = MIN_FLUSH_SECONDS) -> np.ndarray:
@@ -78,7 +80,9 @@ def reference_outputs(model: SttModel, pcm: np.ndarray, flush_seconds: float = M
     decoding.exec_mask = torch.ones(1, dtype=torch.bool, device=model.device)
     lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0, on_text_logits_hook=decoding.on_text_logits,
                    on_text_hook=decoding.on_text_token)
-    fit_encoder_attention(model.mimi, per_call)
+    # the engine's attention caches (sized for its largest Mimi call), so that its codes are bitwise these
+    fit_encoder_attention(model.mimi, encoder_frames_per_call(
+        model.device, batch_invariant.resolve_mode(batch_invariant_mode), per_call))
     outputs: list[StepOutput] = []
     with batch_invariant.enabled_for(model.device, batch_invariant_mode), model.mimi.streaming(1), \
             lm_gen.streaming(1):
