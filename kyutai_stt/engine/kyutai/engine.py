@@ -215,21 +215,33 @@ def default_frames_per_step(device: torch.device) -> int:
     return 1 if device.type == "cuda" else 2
 
 
-def default_max_frames_per_step(device: torch.device, batch_invariant: bool, frames_per_step: int) -> int:
-    """The most frames a step may carry per stream when every stream it steps has them waiting: 4 x
-    ``frames_per_step`` on the CPU in batch-invariant mode with ``frames_per_step`` >= 2, where Mimi's codes do not
-    depend on the frames per call (multiples of 2; tiny model, Mimi's full encoder, 2 cores: 8 frames in one call
-    take 118 ms, in four calls 250); ``frames_per_step`` elsewhere (not measured on CUDA; a 1-frame call differs
-    from larger ones in the last bits on the CPU)."""
-    if device.type == "cpu" and batch_invariant and frames_per_step >= 2:
-        return 4 * frames_per_step
-    return frames_per_step
+MAX_FRAMES_PER_CALL = 16  # the largest Mimi call of a stream where calls may be larger than a step (1.28 s)
+
+
+def bigger_steps_are_exact(device: torch.device, batch_invariant: bool, frames_per_step: int) -> bool:
+    """Whether Mimi's codes are the same for calls of any multiple of ``frames_per_step`` frames (given the same
+    attention caches): on the CPU in batch-invariant mode with 2 or more frames per step (measured bit for bit: 2 to
+    16 frames per call, 12 s of speech). Not on the CPU at 1 frame per call (other bits than 2), not measured on
+    CUDA."""
+    return device.type == "cpu" and batch_invariant and frames_per_step >= 2
+
+
+def default_max_frames_per_step(device: torch.device, batch_invariant: bool, frames_per_step: int,
+                                flush_frames: int) -> int:
+    """The most frames a step carries per stream when the streams it steps have them waiting: where that is exact,
+    enough for a finalize's flush and the step of audio before it (10 frames for a 0.5 s delay at 2 frames per step:
+    one step instead of five; on 2 cores 8 frames of one stream take 118 ms in one Mimi call, 250 in four), at most
+    ``MAX_FRAMES_PER_CALL``; elsewhere ``frames_per_step``."""
+    if not bigger_steps_are_exact(device, batch_invariant, frames_per_step):
+        return frames_per_step
+    k = frames_per_step
+    return min(MAX_FRAMES_PER_CALL // k * k, -(-(flush_frames + k) // k) * k)
 
 
 def encoder_frames_per_call(device: torch.device, batch_invariant: bool, frames_per_step: int) -> int:
     """The Mimi call size its attention caches are fitted for (``attention_cache``), for the engine and the
     reference alike: the codes are bitwise the same for any call size only with the same caches."""
-    return default_max_frames_per_step(device, batch_invariant, frames_per_step)
+    return MAX_FRAMES_PER_CALL if bigger_steps_are_exact(device, batch_invariant, frames_per_step) else frames_per_step
 
 
 def default_lane_slots(device: torch.device, batch_invariant: bool, slots: int) -> int:
@@ -301,8 +313,11 @@ class Engine:
         if device.type == "cpu" and batch_invariant.enable_strict_cnr() is False:
             log.warning("MKL is not in strict reproducible mode: a stream's VAD probabilities may depend on its slot")
         self.batch_invariant = batch_invariant.resolve_mode(batch_invariant_mode)
-        exact_max = default_max_frames_per_step(device, self.batch_invariant, frames_per_step)
-        self.max_frames_per_step = exact_max if max_frames_per_step is None else max_frames_per_step
+        exact = bigger_steps_are_exact(device, self.batch_invariant, frames_per_step)
+        exact_max = MAX_FRAMES_PER_CALL // frames_per_step * frames_per_step if exact else frames_per_step
+        self.max_frames_per_step = (default_max_frames_per_step(device, self.batch_invariant, frames_per_step,
+                                                                self.flush_frames)
+                                    if max_frames_per_step is None else max_frames_per_step)
         if self.max_frames_per_step % frames_per_step or not frames_per_step <= self.max_frames_per_step <= exact_max:
             raise ValueError(f"max_frames_per_step {self.max_frames_per_step}: a multiple of frames_per_step "
                              f"({frames_per_step}) up to {exact_max} here (more frames per Mimi call are exact only "
@@ -557,6 +572,18 @@ class Engine:
             self._take_frames(plan, slot, i)
         return plan
 
+    def _most_waiting(self, ready: list[_Slot]) -> list[_Slot]:
+        """The streams a lane step serves: those with the most frames waiting, up to ``max_frames_per_step`` (all
+        of them when each has that many, or without bigger steps). A finalize's flush (and a stream that fell
+        behind) then goes through in one big step while the others' next frames wait for the step after, by
+        then in bigger steps too, instead of dragging its flush through small steps beside them; a stream left
+        out has more waiting at the next step, so it is never left out for long."""
+        if self.max_frames_per_step == self.frames_per_step:
+            return ready
+        k = self.frames_per_step
+        most = max(min(s.frames_available(), self.max_frames_per_step) // k * k for s in ready)
+        return [s for s in ready if s.frames_available() >= most]
+
     def _step_frames(self, takers: list[_Slot]) -> int:
         """Frames per stream for a step whose audio rows are ``takers``: ``frames_per_step``, or the largest multiple
         of it up to ``max_frames_per_step`` that every one of them has waiting. A closing stream's short last
@@ -574,18 +601,18 @@ class Engine:
         decoding.set_active([(options.temperature > 0, bool(edges)) for options, _, edges in used])
 
     def _plan_lane(self) -> _StepPlan | None:
-        """Under the lock: a step in the smallest lane that holds every stream with frames to step, when they can all
-        step in a lane (None otherwise: a main step). A lane steps *instead of* the main batch, never beside it, so
-        it never adds a step; it replaces a full-batch step by a smaller one. Streams stay in their lane rows from
+        """Under the lock: when every stream with frames to step can step in a lane (None otherwise: a main step of
+        them all), a step of those with the most waiting (``_most_waiting``) in the smallest lane that holds them.
+        A lane steps *instead of* the main batch, never beside it; it replaces a full-batch step by a smaller one. Streams stay in their lane rows from
         step to step; one with nothing to step gives its row up when a stepping stream needs it."""
         if not self._lanes:
             return None
         k = self.frames_per_step
         stepping = [s for s in self._slots if s.ready(k)]
-        # the size first: under load (most steps) it rules the lanes out without a second pass over the slots
-        fits = [i for i, lane in enumerate(self._lanes) if lane.size >= len(stepping)]
-        if not fits or not all(s.lane_ready(k) for s in stepping):
+        if len(stepping) > self._lanes[-1].size or not all(s.lane_ready(k) for s in stepping):
             return None
+        stepping = self._most_waiting(stepping)
+        fits = [i for i, lane in enumerate(self._lanes) if lane.size >= len(stepping)]
         index, n = fits[0], self._lanes[fits[0]].size
         plan = _StepPlan.empty(n, self._step_frames(stepping), lane=index)
         for slot in stepping:
@@ -594,8 +621,9 @@ class Engine:
                 slot.lane = slot.lane_row = -1
         held = {s.lane_row: s for s in self._slots if s.lane == index}
         free = [row for row in range(n) if row not in held]
-        # rows held by streams with nothing to step this time, for the stepping streams not in this lane yet
-        spare = [row for row, s in held.items() if not s.ready(k)]
+        # rows held by streams not stepping this time, for the stepping streams not in this lane yet
+        chosen = set(map(id, stepping))
+        spare = [row for row, s in held.items() if id(s) not in chosen]
         for slot in stepping:
             if slot.lane < 0:
                 if not free:
