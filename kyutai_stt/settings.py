@@ -45,8 +45,8 @@ class Settings(BaseSettings):
         description="Kyutai models: the most 80 ms frames a step carries per stream when every stream it steps has "
         "them waiting (a finalize's flush, a backlog under load): one Mimi call then does the work of several, "
         "at a fraction of their cost. Results are identical; allowed only where that is exact (the CPU in the "
-        "batch-invariant mode, 2 or more frames per step), else refused at start. Default: 4 x frames per step "
-        "there, frames per step elsewhere.",
+        "batch-invariant mode, 2 or more frames per step), else refused at start. Default there: a finalize's "
+        "flush and a step of audio, in whole steps, at most 16 frames (10 for a 0.5 s delay); elsewhere frames per step.",
     )
     lane_slots: int | None = Field(
         None, ge=0, le=64,

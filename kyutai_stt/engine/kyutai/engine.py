@@ -573,16 +573,15 @@ class Engine:
         return plan
 
     def _most_waiting(self, ready: list[_Slot]) -> list[_Slot]:
-        """The streams a lane step serves: those with the most frames waiting, up to ``max_frames_per_step`` (all
-        of them when each has that many, or without bigger steps). A finalize's flush (and a stream that fell
-        behind) then goes through in one big step while the others' next frames wait for the step after, by
-        then in bigger steps too, instead of dragging its flush through small steps beside them; a stream left
-        out has more waiting at the next step, so it is never left out for long."""
-        if self.max_frames_per_step == self.frames_per_step:
+        """The streams a lane step serves: when some have a big step's worth of frames waiting (``max_frames_per_step``
+        less one step: a finalize's flush, or a stream that fell far behind), those, in one big step, while the
+        others' frames wait for the next step; else every stream with frames to step. So a flush does not drag
+        through small steps beside the others, and streams that merely arrive out of phase are not made to take
+        turns (that would lengthen every step and everyone's wait)."""
+        big = self.max_frames_per_step - self.frames_per_step
+        if big <= 0:
             return ready
-        k = self.frames_per_step
-        most = max(min(s.frames_available(), self.max_frames_per_step) // k * k for s in ready)
-        return [s for s in ready if s.frames_available() >= most]
+        return [s for s in ready if s.frames_available() >= big] or ready
 
     def _step_frames(self, takers: list[_Slot]) -> int:
         """Frames per stream for a step whose audio rows are ``takers``: ``frames_per_step``, or the largest multiple
