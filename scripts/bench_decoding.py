@@ -71,7 +71,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model(args.checkpoint, args.device, args.dtype)
-    engine = Engine(model, args.slots, frames_per_step=default_frames_per_step(model.device))
+    k = default_frames_per_step(model.device)
+    engine = Engine(model, args.slots, frames_per_step=k, max_frames_per_step=k)  # steps of one size: comparable
     engine.warmup()
     engine.start()
     rng = np.random.default_rng(0)

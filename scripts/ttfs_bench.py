@@ -255,6 +255,9 @@ def run(
     final_timeout: float = typer.Option(light.FINAL_TIMEOUT_S, help="Seconds a client waits for a final before "
                                                                     "counting it missing and going on."),
     startup_timeout: float = typer.Option(900.0),
+    client_nice: int = typer.Option(0, min=0, max=19, help="Run the clients (this process, once the server has "
+                                    "started) at this niceness: on a small machine the load generator, Pipecat's "
+                                    "pipelines above all, competes with the server it measures for the cores."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write every sample and figure as JSON here."),
 ) -> None:
     """TTFS median / p95 / p99 per protocol and concurrency, the compute floor, flush frames, issue 19's targets."""
@@ -288,7 +291,10 @@ def run(
         log(f"starting the server (log {log_path})")
         server.wait_ready(startup_timeout)
         url = server.url
-    machine = {"load_avg_start": os.getloadavg(), "cpus": os.cpu_count(), "date_utc": time.strftime(
+    if client_nice:
+        os.nice(client_nice)  # after the server's start: it keeps its own priority; client processes inherit this
+    machine = {"load_avg_start": os.getloadavg(), "cpus": os.cpu_count(), "client_nice": client_nice,
+               "date_utc": time.strftime(
         "%Y-%m-%d %H:%M", time.gmtime())}
     rows, flush = [], {}
     try:

@@ -120,7 +120,10 @@ def run_engine(stt, batch: int, steps: int, warmup: int, pool: list[np.ndarray],
         if measuring["on"] and t.frames == full:
             timings.append(t)
 
-    engine = Engine(stt, batch, flush_seconds=flush_seconds, frames_per_step=frames_per_step)
+    # the step of ``frames_per_step`` frames is what is measured: no bigger steps for a backlog (back to back,
+    # every stream is behind, and the engine would otherwise carry up to max_frames_per_step frames a step)
+    engine = Engine(stt, batch, flush_seconds=flush_seconds, frames_per_step=frames_per_step,
+                    max_frames_per_step=frames_per_step)
     engine.add_step_listener(on_step)
     gate = WorkerGate(timeout_s=max(60.0, stall_s))
     engine.add_step_listener(gate.on_step)
