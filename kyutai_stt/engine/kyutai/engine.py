@@ -585,13 +585,17 @@ class Engine:
 
     def _step_frames(self, takers: list[_Slot]) -> int:
         """Frames per stream for a step whose audio rows are ``takers``: ``frames_per_step``, or the largest multiple
-        of it up to ``max_frames_per_step`` that every one of them has waiting. A closing stream's short last
-        step is padded to ``frames_per_step``."""
+        of it that every one of them has waiting, up to ``max_frames_per_step`` for one stream and fewer for more:
+        at most ``max_frames_per_step`` frame-rows in all, and never less than 2 steps' worth. Mimi's cost per call
+        is what a bigger step saves, and with several rows there is little left to save beyond 2 steps' worth (tiny
+        model, 2 cores: 3 rows x 4 frames 146 ms, x 8 frames 302), while a finalize arriving meanwhile waits for the
+        whole step. A closing stream's short last step is padded to ``frames_per_step``."""
         k = self.frames_per_step
         if self.max_frames_per_step == k or not takers:
             return k
+        cap = min(self.max_frames_per_step, max(2 * k, self.max_frames_per_step // len(takers) // k * k))
         fewest = min(s.frames_available() for s in takers)
-        return max(k, min(self.max_frames_per_step, fewest // k * k))
+        return max(k, min(cap, fewest // k * k))
 
     def _set_decoding_active(self, decoding: SlotDecoding, slots: list[_Slot] | None = None) -> None:
         """Whether the hooks have work in the next step: some stream of ``slots`` (default: all) samples or boosts."""
