@@ -5,6 +5,10 @@ Each engine step advances every stream holding audio by ``frames_per_step`` 80 m
 
     real_time_factor = wall seconds of the recent steps / audio seconds they advanced each stream by
 
+(A Kyutai engine on the CPU steps more frames at once when every stream it steps has them waiting,
+``max_frames_per_step``; such a step is counted here as ``frames_per_step`` frames, so while the engine catches up
+the factor overstates how slow it is: the backlog figure is then the one to read.)
+
 Above 1 the engine is slower than real time: a client sending at real pace gets its words later and later (its
 audio waits in the session's spool, never lost) and the log says so once per episode; back under 0.9 it says
 that too. ``/status`` and ``/metrics`` show the factor and the longest backlog of any stream.
