@@ -137,7 +137,7 @@ def test_mimi_attention_sees_its_whole_context_whatever_the_call_size(checkpoint
 @pytest.mark.slow  # long audio or many connections: `uv run pytest -m slow` (CI runs it)
 def test_mimi_latents_do_not_depend_on_the_call_size_in_the_cpu_mode(checkpoint_dir, bria):
     """What ``max_frames_per_step`` rests on: in the CPU's batch-invariant mode, with the same attention caches,
-    Mimi's latents (before quantization) for 12 s of speech are bitwise the same whether it is given 2, 4, 8 or
+    Mimi's latents (before quantization) for 11.5 s of speech are bitwise the same whether it is given 2, 4, 8 or
     16 frames per call. Without the mode they are not on the machine this was written on (oneDNN and MKL pick their
     kernels by the call's shape: 2e-8 apart), which is how the comparison was seen to fail."""
     import torch
@@ -145,7 +145,7 @@ def test_mimi_latents_do_not_depend_on_the_call_size_in_the_cpu_mode(checkpoint_
     from kyutai_stt.engine import batch_invariant
     from kyutai_stt.engine.kyutai.attention_cache import fit_encoder_attention
 
-    pcm = torch.from_numpy(bria[375441: 375441 + FRAME_SIZE * 160].copy())
+    pcm = torch.from_numpy(bria[375441: 375441 + FRAME_SIZE * 144].copy())  # 11.5 s, past the 10 s context
     mimi = load_model(str(checkpoint_dir), "cpu", "float32").mimi
     fit_encoder_attention(mimi, 16)
 

@@ -221,7 +221,7 @@ MAX_FRAMES_PER_CALL = 16  # the largest Mimi call of a stream where calls may be
 def bigger_steps_are_exact(device: torch.device, batch_invariant: bool, frames_per_step: int) -> bool:
     """Whether Mimi's codes are the same for calls of any multiple of ``frames_per_step`` frames (given the same
     attention caches): on the CPU in batch-invariant mode with 2 or more frames per step (measured bit for bit: 2 to
-    16 frames per call, 12 s of speech). Not on the CPU at 1 frame per call (other bits than 2), not measured on
+    16 frames per call, 11.5 s of speech). Not on the CPU at 1 frame per call (other bits than 2), not measured on
     CUDA."""
     return device.type == "cpu" and batch_invariant and frames_per_step >= 2
 
