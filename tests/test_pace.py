@@ -128,7 +128,10 @@ async def test_real_time_client_on_a_slow_engine_is_slowed_complete_and_reported
     """The engine made slower than real time (each step takes 2.5x the audio it advances): a client streaming at
     real pace keeps its connection (1 s pings), gets every word, later; /status, /metrics and the log say so."""
     clip = sounds(6.0, 31)
-    with start_server(checkpoint_dir, slots=2, ping_interval_s=PING_S, max_buffered_audio_s=0.5) as running:
+    # steps of 2 frames only: with bigger steps for a backlog (max_frames_per_step) a step that sleeps a fixed time
+    # carries more audio, and the engine would no longer be slower than real time
+    with start_server(checkpoint_dir, slots=2, ping_interval_s=PING_S, max_buffered_audio_s=0.5,
+                      max_frames_per_step=2) as running:
         step_audio = running.engine.frames_per_step * FRAME_SIZE / SAMPLE_RATE
         running.engine.fault_injector = lambda: time.sleep(2.5 * step_audio)
         pcm = (np.clip(clip, -1, 1) * 32767).astype("<i2")

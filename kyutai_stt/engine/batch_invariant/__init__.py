@@ -206,8 +206,10 @@ def _cpu_impls():
                 w = weight.reshape(out_channels, channels * kernel).t()
                 out = addmm(bias, cols, w) if bias is not None else mm(cols, w)
                 return out.view(batch, frames, out_channels).transpose(1, 2).contiguous()
-        return torch.ops.aten._convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding,
-                                           groups, False, True, False, False)
+        # torch._convolution, not torch.ops.aten._convolution: the former lets go of the GIL while it computes (the
+        # long layers take tens of ms; the server's event loop runs meanwhile), and it is not overridden
+        return torch._convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups,
+                                  False, True, False, False)
 
     def euclidean_dist(x1, x2):
         # torch.cdist's matrix-product form (Mimi's quantizer: a frame's distances to a codebook's 2048 codes) with
