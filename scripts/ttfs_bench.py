@@ -189,7 +189,8 @@ def table(rows: list[dict], flush_frames: dict) -> str:
         s = r["stats"]
         lines.append(f"| {r['protocol']} | {r['sessions']} | {s['count']}/{r['turns']} | {s['p50']:.3f} | "
                      f"{s['p95']:.3f} | {s['p99']:.3f} | {s['max']:.3f} | {r['missing']} | {len(r['errors'])} | "
-                     f"{r['step_ms']:.1f} | {r['floor_s']:.3f} | {100 * r.get('busy', math.nan):.0f} % | {flush_frames.get(r['protocol'], '-')} | "
+                     f"{r['step_ms']:.1f} | {r['floor_s']:.3f} | {100 * r.get('busy', math.nan):.0f} % | "
+                     f"{flush_frames.get(r['protocol'], '-')} | "
                      f"{r.get('client_late_p99_ms', math.nan):.1f} | {r['load_avg'][0]:.1f} |")
     return "\n".join(lines)
 

@@ -176,8 +176,9 @@ def _cpu_impls():
     overridden: no recursion), whose rows are as invariant."""
 
     def rows(a):
-        m = a.shape[0]
-        return a if m >= CPU_MIN_ROWS else torch.cat([a, a.new_zeros(CPU_MIN_ROWS - m, *a.shape[1:])])
+        """``a`` with its rows (dim -2) padded with zeros to ``CPU_MIN_ROWS``."""
+        m = a.shape[-2]
+        return a if m >= CPU_MIN_ROWS else torch.cat([a, a.new_zeros(*a.shape[:-2], CPU_MIN_ROWS - m, a.shape[-1])], -2)
 
     def mm(a, b):
         return torch.bmm(rows(a)[None], b[None])[0, :a.shape[0]]
@@ -215,10 +216,7 @@ def _cpu_impls():
         # torch.cdist's matrix-product form (Mimi's quantizer: a frame's distances to a codebook's 2048 codes) with
         # the rows of the product padded like ``mm`` (one stream's 2 frames are a 2-row product, whose bits MKL
         # computes otherwise than in a batch of 4); without aten's concatenation of the codebook and its norms
-        m = x1.shape[-2]
-        padded = x1 if m >= CPU_MIN_ROWS else torch.cat(
-            [x1, x1.new_zeros(*x1.shape[:-2], CPU_MIN_ROWS - m, x1.shape[-1])], -2)
-        products = torch.matmul(padded, x2.mT)[..., :m, :]
+        products = torch.matmul(rows(x1), x2.mT)[..., :x1.shape[-2], :]
         squares = (x1 * x1).sum(-1, keepdim=True) + (x2 * x2).sum(-1).unsqueeze(-2)
         return squares.sub_(products, alpha=2).clamp_min_(0).sqrt_()
 

@@ -21,8 +21,8 @@ Conventions (equal to ``reference.reference_outputs``, a plain single-stream loo
   ``max_frames_per_step``, when every stream it steps has that many waiting (a finalize's flush, a backlog under
   load): one Mimi call then does the work of several, at a fraction of their cost (Mimi's per-call cost
   dominates on the CPU). That is exact only where Mimi's codes do not depend on the frames per call: on the CPU in
-  the batch-invariant mode, for multiples of 2 frames and a given attention cache (measured bit for bit, 14 s of
-  audio; a 1-frame call differs), so ``default_max_frames_per_step`` allows it there only.
+  the batch-invariant mode, for multiples of 2 frames and a given attention cache (measured bit for bit, 11.5 s
+  of speech; a 1-frame call differs), so ``max_frames_per_call`` allows it there only.
 
 The lanes (``lane``): small batches of 1, 2, 4, ... up to ``lane_slots`` rows beside the main batch. When every
 stream with frames to step fits in one, the step runs in the smallest that fits and computes only its rows, not all
@@ -35,7 +35,8 @@ in (the main batch or a lane). Without lanes every step runs the full batch of `
 change with the load, and on the CPU that holds bit for bit once MKL runs in strict reproducible mode
 (``batch_invariant.mkl``). Lanes change a stream's batch size with the load, so they need the batch-invariant mode
 (``batch_invariant``, setting ``KYUTAI_STT_BATCH_INVARIANT``, on by default): on CUDA its kernels; on the CPU
-oneDNN's convolutions off, short ones as one matrix product and matrix products of at least 4 rows. The reference loop uses the same mode.
+oneDNN's convolutions off, short ones as one matrix product and matrix products of at least 4 rows. The reference
+loop uses the same mode.
 """
 
 from __future__ import annotations
@@ -226,16 +227,22 @@ def bigger_steps_are_exact(device: torch.device, batch_invariant: bool, frames_p
     return device.type == "cpu" and batch_invariant and frames_per_step >= 2
 
 
+def max_frames_per_call(device: torch.device, batch_invariant: bool, frames_per_step: int) -> int:
+    """The most frames of a stream Mimi may take in one call (the largest ``max_frames_per_step`` allowed): the
+    largest multiple of ``frames_per_step`` up to ``MAX_FRAMES_PER_CALL`` where bigger steps are exact, else
+    ``frames_per_step``."""
+    k = frames_per_step
+    return MAX_FRAMES_PER_CALL // k * k if bigger_steps_are_exact(device, batch_invariant, k) else k
+
+
 def default_max_frames_per_step(device: torch.device, batch_invariant: bool, frames_per_step: int,
                                 flush_frames: int) -> int:
-    """The most frames a step carries per stream when the streams it steps have them waiting: where that is exact,
-    enough for a finalize's flush and the step of audio before it (10 frames for a 0.5 s delay at 2 frames per step:
-    one step instead of five; on 2 cores 8 frames of one stream take 118 ms in one Mimi call, 250 in four), at most
-    ``MAX_FRAMES_PER_CALL``; elsewhere ``frames_per_step``."""
-    if not bigger_steps_are_exact(device, batch_invariant, frames_per_step):
-        return frames_per_step
+    """The most frames a step carries per stream when the streams it steps have them waiting: enough for a
+    finalize's flush and the step of audio before it (10 frames for a 0.5 s delay at 2 frames per step: one step
+    instead of five; on 2 cores 8 frames of one stream take 118 ms in one Mimi call, 250 in four), within
+    ``max_frames_per_call`` (so ``frames_per_step`` where bigger steps are not exact)."""
     k = frames_per_step
-    return min(MAX_FRAMES_PER_CALL // k * k, -(-(flush_frames + k) // k) * k)
+    return min(max_frames_per_call(device, batch_invariant, k), -(-(flush_frames + k) // k) * k)
 
 
 def encoder_frames_per_call(device: torch.device, batch_invariant: bool, frames_per_step: int) -> int:
@@ -313,8 +320,7 @@ class Engine:
         if device.type == "cpu" and batch_invariant.enable_strict_cnr() is False:
             log.warning("MKL is not in strict reproducible mode: a stream's VAD probabilities may depend on its slot")
         self.batch_invariant = batch_invariant.resolve_mode(batch_invariant_mode)
-        exact = bigger_steps_are_exact(device, self.batch_invariant, frames_per_step)
-        exact_max = MAX_FRAMES_PER_CALL // frames_per_step * frames_per_step if exact else frames_per_step
+        exact_max = max_frames_per_call(device, self.batch_invariant, frames_per_step)
         self.max_frames_per_step = (default_max_frames_per_step(device, self.batch_invariant, frames_per_step,
                                                                 self.flush_frames)
                                     if max_frames_per_step is None else max_frames_per_step)
@@ -606,8 +612,9 @@ class Engine:
     def _plan_lane(self) -> _StepPlan | None:
         """Under the lock: when every stream with frames to step can step in a lane (None otherwise: a main step of
         them all), a step of those with the most waiting (``_most_waiting``) in the smallest lane that holds them.
-        A lane steps *instead of* the main batch, never beside it; it replaces a full-batch step by a smaller one. Streams stay in their lane rows from
-        step to step; one with nothing to step gives its row up when a stepping stream needs it."""
+        A lane steps *instead of* the main batch, never beside it; it replaces a full-batch step by a smaller one.
+        Streams stay in their lane rows from step to step; one not stepping gives its row up when a stepping stream
+        needs it."""
         if not self._lanes:
             return None
         k = self.frames_per_step
@@ -625,8 +632,7 @@ class Engine:
         held = {s.lane_row: s for s in self._slots if s.lane == index}
         free = [row for row in range(n) if row not in held]
         # rows held by streams not stepping this time, for the stepping streams not in this lane yet
-        chosen = set(map(id, stepping))
-        spare = [row for row, s in held.items() if id(s) not in chosen]
+        spare = [row for row, s in held.items() if s not in stepping]  # _Slot compares by identity
         for slot in stepping:
             if slot.lane < 0:
                 if not free:
