@@ -15,6 +15,7 @@ import uvicorn
 
 from kyutai_stt.engine.kyutai.checkpoint import load_model
 from kyutai_stt.engine.kyutai.reference import reference_outputs
+from kyutai_stt.serve.server import uvicorn_config
 from kyutai_stt.settings import Settings
 from kyutai_stt.engine.kyutai.testing_checkpoint import make_checkpoint, synthetic_sounds
 
@@ -98,9 +99,8 @@ class RunningServer:
         self.http = f"http://127.0.0.1:{port}"
         self.ws = f"ws://127.0.0.1:{port}"
         settings = app.state.service.settings
-        # keepalive as `kyutai-stt serve` configures it (server.serve)
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws_max_size=settings.max_message_bytes,
-                                ws_ping_interval=settings.ping_interval_s, ws_ping_timeout=2 * settings.ping_interval_s)
+        # uvicorn as `kyutai-stt serve` configures it (keepalive, message cap), on this port
+        config = uvicorn_config(app, settings.model_copy(update={"host": "127.0.0.1", "port": port}))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

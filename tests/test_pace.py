@@ -213,3 +213,30 @@ async def test_disconnects_are_told_apart_in_logs_and_metrics(checkpoint_dir, ca
     assert len(messages) == 2 and sum(": keepalive timeout after" in m for m in messages) == 1, messages
     assert 'kyutai_stt_errors_total{kind="keepalive_timeout"} 1.0' in metrics
     assert 'kind="client_closed"' not in metrics
+
+
+async def test_real_time_client_that_reads_only_at_the_end_keeps_its_connection(checkpoint_dir, reference, sounds):
+    """A client streams at real pace and reads nothing until it has sent everything. Its `websockets` library stops
+    reading the socket once 16 messages wait unread (the Step messages fill that in 1.3 s), so the server's pings go
+    unanswered for seconds. The audio that keeps arriving says the client is alive: the server keeps the connection
+    (before: closed 1011 "keepalive ping timeout" after 0.6 s) and the client gets every word of the file mode."""
+    clip = sounds(4.0, 32)
+    with start_server(checkpoint_dir, slots=1, ping_interval_s=0.3) as running:
+        async with websockets.connect(running.ws + "/api/asr-streaming", ping_interval=None) as ws:
+            started = time.monotonic()
+            for i in range(0, len(clip), FRAME_SIZE):
+                await ws.send(audio_message(clip[i:i + FRAME_SIZE]))
+                await asyncio.sleep(max(0.0, started + (i + FRAME_SIZE) / SAMPLE_RATE - time.monotonic()))
+            await ws.send(msgpack.packb({"type": "Marker", "id": 0}))
+            for _ in range(3):
+                await ws.send(audio_message(np.zeros(SAMPLE_RATE)))
+            words = []
+            async for message in ws:
+                data = msgpack.unpackb(message)
+                if data["type"] == "Word":
+                    words.append((data["text"], data["start_time"]))
+                if data["type"] == "Marker":
+                    break
+        code = ws.close_code
+    assert code == 1000
+    assert words == words_before_marker(reference, np.concatenate([clip, np.zeros(3 * SAMPLE_RATE, np.float32)]))
