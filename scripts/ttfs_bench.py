@@ -13,7 +13,9 @@ stopped, the client finalizes; TTFS = arrival of the final transcript - (VAD sto
 
 Printed per protocol and concurrency: TTFS median / p95 / p99 / max, the mean engine step time during the run
 (from /metrics), the compute floor (stop_secs + the steps the words still need after the VAD stop, at that step
-time), and, once per server-side flush, the frames the server's flush adds per turn (measured on /status). Then
+time), and, once per server-side flush, the frames the server's flush adds per turn (measured on /status), the
+server's own share (``kyutai_stt_finalize_seconds``: finalize in to final words out, p50 / p99 as the upper bound of
+their histogram bucket; what TTFS adds beyond it is the client's VAD, the network and the client's own work). Then
 whether issue 19's targets hold. Markdown on stdout, JSON with ``--out``.
 
     uv run python scripts/ttfs_bench.py run --model /work/ckpt/tiny --slots 4 --clients 1,3   # the CPU run
@@ -65,6 +67,23 @@ def step_totals(url: str) -> tuple[float, float]:
         match = re.search(rf"^kyutai_stt_step_duration_seconds_{name}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)
         total[name] = float(match.group(1)) if match else 0.0
     return total["sum"], total["count"]
+
+
+def finalize_buckets(url: str) -> dict[float, float]:
+    """The server's ``kyutai_stt_finalize_seconds`` histogram so far: upper bound -> finalizes at or under it."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {float(le): float(v) for le, v in
+            re.findall(r'^kyutai_stt_finalize_seconds_bucket{[^}]*le="([^"]+)"[^}]*} ([0-9.eE+-]+)$', text, re.M)}
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The upper bound of the bucket holding the ``q`` quantile of the finalizes timed between the two readings
+    (nan if none)."""
+    counts = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    total = counts[-1][1] if counts else 0.0
+    return next((le for le, n in counts if n >= q * total), math.nan) if total else math.nan
 
 
 def frames_done(url: str) -> int:
@@ -150,7 +169,7 @@ def run_one(protocol: str, server_url: str, sessions: int, per_session: int, utt
     waited = wait_idle(server_url)
     if waited > 1:
         log(f"  waited {waited:.0f} s for the previous run's streams to finish")
-    steps_before = step_totals(server_url)
+    steps_before, finalized_before = step_totals(server_url), finalize_buckets(server_url)
     t = time.perf_counter()
     if protocol == "pipecat":
         from ttfskit import pipecat_run
@@ -168,7 +187,7 @@ def run_one(protocol: str, server_url: str, sessions: int, per_session: int, utt
             with ProcessPoolExecutor(procs) as pool:
                 results = [r for share in pool.map(_light_worker, jobs) for r in share]
     wall = time.perf_counter() - t
-    steps_after = step_totals(server_url)
+    steps_after, finalized_after = step_totals(server_url), finalize_buckets(server_url)
     count = steps_after[1] - steps_before[1]
     step_s = (steps_after[0] - steps_before[0]) / count if count else math.nan
     ttfs = [v for r in results for v in r["ttfs"]]
@@ -177,6 +196,8 @@ def run_one(protocol: str, server_url: str, sessions: int, per_session: int, utt
             "errors": [r["error"] for r in results if r["error"]], "step_ms": step_s * 1000, "steps": count,
             "floor_s": STOP_SECS + needed_steps(delay, fps) * step_s, "wall_s": wall,
             "busy": (steps_after[0] - steps_before[0]) / wall,
+            "server_finalize_p50_s": bucket_quantile(finalized_before, finalized_after, 0.5),
+            "server_finalize_p99_s": bucket_quantile(finalized_before, finalized_after, 0.99),
             "client_late_p99_ms": 1000 * max((r.get("late_p99_s", 0.0) for r in results), default=0.0),
             "load_avg": os.getloadavg()}
 
@@ -184,13 +205,15 @@ def run_one(protocol: str, server_url: str, sessions: int, per_session: int, utt
 # ============================================================================================ report
 def table(rows: list[dict], flush_frames: dict) -> str:
     lines = ["| protocol | sessions | turns | TTFS p50 s | p95 s | p99 s | max s | missing | errors | step ms "
-             "| floor s | engine busy | flush frames/turn | client late p99 ms | load avg |", "|" + "---:|" * 15]
+             "| floor s | engine busy | flush frames/turn | server finalize p50 / p99 s | client late p99 ms "
+             "| load avg |", "|" + "---:|" * 16]
     for r in rows:
         s = r["stats"]
         lines.append(f"| {r['protocol']} | {r['sessions']} | {s['count']}/{r['turns']} | {s['p50']:.3f} | "
                      f"{s['p95']:.3f} | {s['p99']:.3f} | {s['max']:.3f} | {r['missing']} | {len(r['errors'])} | "
                      f"{r['step_ms']:.1f} | {r['floor_s']:.3f} | {100 * r.get('busy', math.nan):.0f} % | "
                      f"{flush_frames.get(r['protocol'], '-')} | "
+                     f"{r.get('server_finalize_p50_s', math.nan):.2f} / {r.get('server_finalize_p99_s', math.nan):.2f} | "
                      f"{r.get('client_late_p99_ms', math.nan):.1f} | {r['load_avg'][0]:.1f} |")
     return "\n".join(lines)
 

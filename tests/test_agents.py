@@ -93,8 +93,20 @@ def results_words(messages):
             for w in m.channel.alternatives[0].words]
 
 
+def finalizes_timed(server) -> float:
+    """Finalizes the server has timed so far (/metrics' ``kyutai_stt_finalize_seconds`` histogram)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.http + "/metrics", headers={"Authorization": f"Token {KEY}"}).text
+    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "kyutai_stt_finalize_seconds"
+               for s in f.samples if s.name.endswith("_count"))
+
+
 async def test_deepgram_sdk_live_finalize_and_close(keyed, reference, sounds):
+    """A Finalize, then more audio and CloseStream: exactly the file mode's words, the finalized ones first (with
+    ``from_finalize``); the server times the finalize in /metrics."""
     first, second = int16(sounds(1.6, 71)), int16(sounds(1.2, 72))
+    timed = finalizes_timed(keyed)
     want, count_before = words_after_finalize(reference, first[1], second[1])
     messages = []
     async with deepgram_client(keyed).listen.v1.connect(
@@ -119,6 +131,7 @@ async def test_deepgram_sdk_live_finalize_and_close(keyed, reference, sounds):
     assert messages[-1].duration == pytest.approx((len(first[1]) + len(second[1])) / SAMPLE_RATE, abs=1e-3)
     interims = [m for m in messages if isinstance(m, ListenV1Results) and not m.is_final]
     assert interims and all(m.channel.alternatives[0].transcript for m in interims)
+    assert finalizes_timed(keyed) == timed + 1
 
 
 async def test_deepgram_bad_query_and_bad_data(keyed, reference, sounds):

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from kyutai_stt.engine.threads import name_os_thread
 
 STEP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+FINALIZE_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 ENGINE_THREAD_NAME = "stt-engine"
 
@@ -43,6 +44,9 @@ class Metrics:
                                     **engine_wide)
         self.step_seconds = Histogram("kyutai_stt_step_duration_seconds", "Duration of one batched engine step",
                                       buckets=STEP_BUCKETS, registry=r)
+        self.finalize_seconds = Histogram(
+            "kyutai_stt_finalize_seconds", "From a finalize (Finalize, commit, ForceEndTurn, the server's end of "
+            "turn) reaching the stream to its final words, on the server", buckets=FINALIZE_BUCKETS, registry=r)
         self.frames = Counter("kyutai_stt_frames_processed", "80 ms audio frames transcribed", registry=r)
         self.sessions = Counter("kyutai_stt_sessions", "Streams started, by protocol", ["protocol"], registry=r)
         self.errors = Counter("kyutai_stt_errors", "Streams or requests ended by an error, by kind", ["kind"],

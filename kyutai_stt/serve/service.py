@@ -61,7 +61,8 @@ class Service:
         """A live stream's session, bounded by the settings (not started: see ``admit``); with ``channels`` > 1 a
         multichannel one (a slot per channel); with ``diarize`` its words carry speakers (``DiarizedSession``);
         ``decoding``: its sampling and keyterms (``decoding_options``)."""
-        extra = dict(decoding=decoding, on_reset=self._count_reset)
+        extra = dict(decoding=decoding, on_reset=self._count_reset,
+                     on_finalized=self.metrics.finalize_seconds.observe)
         if channels > 1:
             return ChannelSession.from_settings(self.running_engine, self.settings, channels, **extra)
         if diarize:

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import math
 import tempfile
+import time
 import uuid
 from collections import deque
 from pathlib import Path
@@ -85,14 +86,17 @@ class Session:
     def __init__(self, engine: Engine, *, end_of_turn_threshold: float = 0.5, max_seconds: float = math.inf,
                  record_dir: str | None = None, session_id: str | None = None, max_pending_events: int = 0,
                  max_buffered_seconds: float = math.inf, spool_memory_seconds: float = 30.0,
-                 decoding: DecodingOptions | None = None, stall_seconds: float = 0.0, on_reset=None):
+                 decoding: DecodingOptions | None = None, stall_seconds: float = 0.0, on_reset=None,
+                 on_finalized=None):
         """``decoding``: sampling and keyterms (default greedy); ``stall_seconds`` > 0 runs the stall watchdog
-        (``watchdog``); ``on_reset(reason)`` is told of every context reset (metrics)."""
+        (``watchdog``); ``on_reset(reason)`` is told of every context reset, ``on_finalized(seconds)`` of the time
+        from each finalizing marker to its echo, the final words out (metrics)."""
         self.engine = engine
         self.decoding = decoding
         self.seed: int | None = None  # the sampling seed in use, once started
         self._watchdog = StallWatchdog(engine.info, stall_seconds) if stall_seconds > 0 else None
         self._on_reset = on_reset
+        self._on_finalized = on_finalized
         self._reset_reasons: deque[str] = deque()  # asked for, not yet done by the engine
         self.id = session_id or uuid.uuid4().hex[:12]
         self.samples_received = 0
@@ -104,7 +108,8 @@ class Session:
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._handle: StreamHandle | None = None
-        self._markers: deque[tuple[int, int, bool]] = deque()  # (frames needed, marker id, finalize)
+        # (frames needed, marker id, finalize, monotonic time it came)
+        self._markers: deque[tuple[int, int, bool, float]] = deque()
         self._max_pending = max_pending_events  # 0: unbounded (in-process consumers)
         self._max_buffered = max_buffered_seconds * SAMPLE_RATE
         self._spool = AudioSpool(int(spool_memory_seconds * SAMPLE_RATE) * 4)
@@ -208,7 +213,7 @@ class Session:
         ``WordEnd`` before the ``Marker``), as at the end of a stream; ``flush.flush_now`` places such a marker at
         the end of its flush."""
         frames = math.ceil(self.samples_received / FRAME_SIZE) + self._lead_frames
-        self._markers.append((frames, marker_id, finalize))
+        self._markers.append((frames, marker_id, finalize, time.monotonic()))
         self._echo_markers()
 
     def end(self) -> None:
@@ -295,7 +300,7 @@ class Session:
             elif isinstance(item, StreamEnd):
                 for event in self._reader.end(item):
                     self._emit(event)
-                for _, marker_id, _ in self._markers:
+                for _, marker_id, _, _ in self._markers:
                     self._emit(Marker(id=marker_id))
                 self._markers.clear()
                 self.finished = True
@@ -318,10 +323,12 @@ class Session:
 
     def _echo_markers(self) -> None:
         while self._markers and self._reader.frames_done >= self._markers[0][0]:
-            _, marker_id, finalize = self._markers.popleft()
+            _, marker_id, finalize, since = self._markers.popleft()
             if finalize:
                 for event in self._reader.finalize():
                     self._emit(event)
+                if self._on_finalized is not None:
+                    self._on_finalized(time.monotonic() - since)
             self._emit(Marker(id=marker_id))
 
     def _record(self, pcm: np.ndarray) -> None:
