@@ -6,6 +6,7 @@ Mimi called ``frames_per_step`` frames at a time as the engine does."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -197,3 +198,85 @@ def test_the_check_fails_when_the_lane_loses_its_rows(model, reference_model, sp
     assert lane_steps >= 2 and moves.scatters > 0
     with pytest.raises(AssertionError):
         check_against_reference(reference_model, streams, options)
+
+
+class Recorder:
+    """A stream's sink: its outputs, and for each the engine step that delivered it."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.outputs, self.steps, self.end = engine, [], [], None
+        self.audio: list[np.ndarray] = []
+        self.resets: list[int] = []
+        self.handle = engine.open(self.sink)
+
+    def sink(self, events) -> None:
+        for event in events:
+            if isinstance(event, StepOutput):
+                self.outputs.append(event)
+                self.steps.append(self.engine.stats().steps)  # called after the step is counted
+            elif isinstance(event, StreamEnd):
+                self.end = event
+
+    def push(self, pcm: np.ndarray) -> None:
+        self.audio.append(pcm)
+        self.engine.push(self.handle, pcm)
+
+
+def wait_until(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_an_awaited_finalize_steps_first_and_alone(model, reference_model, sounds):
+    """Four streams fill four slots, more than the largest lane holds, so they step in the main batch. Once
+    stream 0's client awaits a finalize (``expedite``), its frames step alone in the lane, in steps no bigger than
+    they need, before any other stream's next frame; and every stream still gets the reference's outputs."""
+    engine = Engine(model, 4, frames_per_step=FRAMES_PER_STEP).start()  # lanes of 1, 2 and 3 rows
+    held, release = threading.Event(), threading.Event()
+
+    def hold_once() -> None:
+        engine.fault_injector = None
+        held.set()
+        release.wait(60)
+
+    try:
+        streams = [Recorder(engine) for _ in range(4)]
+        clips = [sounds(1.6, 60 + n) for n in range(4)]
+        for stream, clip in zip(streams, clips):
+            stream.push(clip[:12 * FRAME_SIZE])
+        prefix = engine.info.prefix_frames
+        wait_until(lambda: all(len(s.outputs) >= prefix + 12 for s in streams))
+        engine.fault_injector = hold_once
+        for stream, clip in zip(streams, clips):  # the step these start is held while the rest comes in
+            stream.push(clip[12 * FRAME_SIZE:14 * FRAME_SIZE])
+        assert held.wait(60)
+        held_step = engine.stats().steps + 1
+        for stream, clip in zip(streams[1:], clips[1:]):  # a step's worth and more for every other stream
+            stream.push(clip[14 * FRAME_SIZE:20 * FRAME_SIZE])
+        pad, frames = flush_frames_after(14 * FRAME_SIZE, engine.info)  # the finalize's flush (stream.flush)
+        streams[0].push(np.zeros(pad + frames * FRAME_SIZE, np.float32))
+        awaited = prefix + 14 + engine.info.flush_frames
+        engine.expedite(streams[0].handle, awaited)
+        release.set()
+        wait_until(lambda: len(streams[0].outputs) >= awaited)
+        finalize_steps = sorted({step for step in streams[0].steps[prefix + 14:awaited] if step > held_step})
+        lane_steps_before = engine.lane_steps
+        for stream, clip in zip(streams, clips):
+            if stream is not streams[0]:
+                stream.push(clip[20 * FRAME_SIZE:])
+            engine.close(stream.handle)
+        wait_until(lambda: all(s.end is not None for s in streams))
+    finally:
+        release.set()
+        engine.stop()
+    # the finalize's frames after the held step: in one step of stream 0 alone, right after the held one
+    assert finalize_steps == [held_step + 1]  # the flush, in one step
+    for other in streams[1:]:
+        assert not set(other.steps) & set(finalize_steps)
+        assert all(step < finalize_steps[0] or step > finalize_steps[-1] for step in other.steps)
+    assert lane_steps_before >= len(finalize_steps)
+    for stream in streams:
+        stream.audio = np.concatenate(stream.audio)
+    check_against_reference(reference_model, streams, [None] * 3)

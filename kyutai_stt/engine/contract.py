@@ -251,6 +251,11 @@ class Engine(Protocol):
         sampling stream keeps its seed (a greedy one gets ``options.seed`` or a random one) and its draws
         restart at step ``frame + 1``. ``options`` must be checked (``DecodingOptions.check``)."""
 
+    def expedite(self, handle: StreamHandle, frame: int) -> None:
+        """A client awaits the stream's outputs up to frame ``frame`` (a finalize; counted as ``StepOutput.frame +
+        1``, the silence prefix included): step those frames ahead of other streams' where the engine can.
+        Scheduling only: outputs never depend on it."""
+
     def buffered_samples(self, handle: StreamHandle) -> int:
         """Audio of the stream waiting in the engine (0 once it is gone)."""
 

@@ -10,7 +10,7 @@ for a worker are one message, and a worker's pushes between two wakes are one me
 
 Wire messages are msgspec structs, tagged by their class name, with one encoder and one decoder per direction
 (``WorkerBatch`` in, ``EngineBatch`` out): worker -> engine ``Hello``, ``Open``, ``Push`` (float32 PCM bytes),
-``Close``, ``Abort``, ``Reset``, ``Reconfigure``, ``StatsRequest``, ``Beat``, ``Bye``, and the launcher's ``Gone`` when a worker process died;
+``Close``, ``Abort``, ``Reset``, ``Reconfigure``, ``Expedite``, ``StatsRequest``, ``Beat``, ``Bye``, and the launcher's ``Gone`` when a worker process died;
 engine -> worker ``Info`` (the engine's ``ModelInfo`` and slots), ``Opened``, ``Refused``, ``Stats``, ``Events``
 (the stream's ``EngineEvent``s, the same structs the engine delivers), ``Steps`` (the timing of every engine step since
 the last message, sent to every worker, whose step listeners, e.g. the real-time monitor, get them), ``Beat``.
@@ -137,6 +137,12 @@ class Reconfigure(StreamCommand, tag=True):
     frame: int
 
 
+class Expedite(StreamCommand, tag=True):
+    """``Engine.expedite``: a client awaits the outputs up to frame ``frame``."""
+
+    frame: int
+
+
 class StatsRequest(msgspec.Struct, tag=True):
     request: int
 
@@ -157,7 +163,7 @@ class Gone(msgspec.Struct, tag=True):
 
 # stream commands that call one engine method with the stream's handle, nothing else
 _ROUTED: dict[type, str] = {Close: "close", Reset: "reset"}
-Command = Hello | Open | Push | Close | Abort | Reset | Reconfigure | StatsRequest | Beat | Bye | Gone
+Command = Hello | Open | Push | Close | Abort | Reset | Reconfigure | Expedite | StatsRequest | Beat | Bye | Gone
 
 
 class WorkerBatch(msgspec.Struct):
@@ -350,6 +356,10 @@ class EngineServer:
                         self.engine.reconfigure(route.handle, command.options, command.frame)
                     except ValueError:  # the worker checked the options; only a keyterm trie too big is left
                         log.warning("stream %d: new decoding options refused", command.stream, exc_info=True)
+            elif isinstance(command, Expedite):
+                route = self._routes.get((command.slot, command.stream))
+                if route is not None:
+                    self.engine.expedite(route.handle, command.frame)
             elif isinstance(command, Abort):
                 route = self._routes.pop((command.slot, command.stream), None)
                 if route is not None:
@@ -516,6 +526,10 @@ class EngineClient:
     def reconfigure(self, handle: StreamHandle, options: DecodingOptions, frame: int) -> None:
         if (handle.slot, handle.stream_id) in self._streams:
             self._send(Reconfigure(handle.slot, handle.stream_id, options, frame))
+
+    def expedite(self, handle: StreamHandle, frame: int) -> None:
+        if (handle.slot, handle.stream_id) in self._streams:
+            self._send(Expedite(handle.slot, handle.stream_id, frame))
 
     def buffered_samples(self, handle: StreamHandle) -> int:
         stream = self._streams.get((handle.slot, handle.stream_id))

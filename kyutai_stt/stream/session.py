@@ -214,6 +214,8 @@ class Session:
         the end of its flush."""
         frames = math.ceil(self.samples_received / FRAME_SIZE) + self._lead_frames
         self._markers.append((frames, marker_id, finalize, time.monotonic()))
+        if finalize and self._handle is not None and not self.finished:
+            self.engine.expedite(self._handle, frames)  # its client waits for these words: step them first
         self._echo_markers()
 
     def end(self) -> None:

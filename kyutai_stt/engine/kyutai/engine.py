@@ -142,6 +142,7 @@ class _Slot:
     changes: list = field(default_factory=list)  # Engine.reconfigure: (frame, decoding) in frame order
     lane: int = -1  # the lane holding the slot's state (-1: the main batch)
     lane_row: int = -1  # its row there
+    awaited: int = 0  # Engine.expedite: a client awaits the outputs of the frames before this one (a finalize)
 
     @property
     def in_use(self) -> bool:
@@ -176,6 +177,10 @@ class _Slot:
 
     def done(self) -> bool:
         return self.closing and len(self.buffer) == 0 and self.flush_frames_left <= 0
+
+    def awaited_frames(self) -> int:
+        """Frames still to step before a finalize's words are out (``Engine.expedite``); 0 when none is awaited."""
+        return max(0, self.awaited - self.frames_taken)
 
 
 @dataclass
@@ -268,6 +273,11 @@ def lane_sizes(lane_slots: int) -> list[int]:
     sizes = [1 << i for i in range(lane_slots.bit_length()) if 1 << i < lane_slots]
     return sizes + [lane_slots] if lane_slots > 0 else []
 
+
+# Engine.expedite's priority (in big steps, ``max_frames_per_step`` frames): a finalize this close to its words goes
+# first; a stream this far behind steps beside it anyway (never starved)
+AWAITED_STEPS = 2
+STARVING_STEPS = 3
 
 MIN_FLUSH_SECONDS = 1 / FRAME_RATE  # one frame: the default and least ``flush_seconds``
 
@@ -450,6 +460,7 @@ class Engine:
             slot.decoding = (options, seed, edges)
             slot.needs_context_reset = False
             slot.frames_taken = 0
+            slot.awaited = 0
             slot.changes = []
             self._cond.notify_all()
             return StreamHandle(slot.index, slot.stream_id, seed)
@@ -491,6 +502,14 @@ class Engine:
             slot = self._own(handle)
             if slot is not None:
                 slot.needs_context_reset = True
+
+    def expedite(self, handle: StreamHandle, frame: int) -> None:
+        """A client awaits the stream's outputs up to frame ``frame`` (a finalize): in lane steps its frames go
+        ahead of other streams' (``_most_waiting``), in steps no bigger than they need (``_step_frames``)."""
+        with self._cond:
+            slot = self._own(handle)
+            if slot is not None:
+                slot.awaited = max(slot.awaited, frame)
 
     def reconfigure(self, handle: StreamHandle, options: DecodingOptions, frame: int) -> None:
         """New decoding from the stream's frame ``frame`` on (``contract.Engine.reconfigure``); ``ValueError``
@@ -579,15 +598,32 @@ class Engine:
         return plan
 
     def _most_waiting(self, ready: list[_Slot]) -> list[_Slot]:
-        """The streams a lane step serves: when some have a big step's worth of frames waiting (``max_frames_per_step``
-        less one step: a finalize's flush, or a stream that fell far behind), those, in one big step, while the
-        others' frames wait for the next step; else every stream with frames to step. So a flush does not drag
-        through small steps beside the others, and streams that merely arrive out of phase are not made to take
-        turns (that would lengthen every step and everyone's wait)."""
-        big = self.max_frames_per_step - self.frames_per_step
-        if big <= 0:
+        """The streams a lane step serves.
+
+        1. Streams whose client awaits a finalize's words (``expedite``), a few steps from them (at most
+           ``AWAITED_STEPS`` big steps' worth): alone, so the words wait for their own frames only; with them any
+           stream ``STARVING_STEPS`` big steps behind, so a client finalizing nonstop cannot starve the others.
+        2. Else those with a big step's worth of frames waiting (``max_frames_per_step`` less one step: a stream
+           that fell far behind), in one big step, while the others' frames wait for the next step.
+        3. Else every stream with frames to step: streams that merely arrive out of phase are not made to take
+           turns (that would lengthen every step and everyone's wait).
+        All of it only where steps can be bigger than ``frames_per_step`` (the CPU mode), where a stream's steps
+        alone cost less than with others."""
+        most, k = self.max_frames_per_step, self.frames_per_step
+        if most <= k:
             return ready
-        return [s for s in ready if s.frames_available() >= big] or ready
+        awaited = self._awaited(ready)
+        if awaited:
+            return awaited + [s for s in ready if s not in awaited and s.frames_available() >= STARVING_STEPS * most]
+        return [s for s in ready if s.frames_available() >= most - k] or ready
+
+    def _awaited(self, ready: list[_Slot]) -> list[_Slot]:
+        """The streams of ``ready`` whose finalize's words are at most ``AWAITED_STEPS`` big steps away (none where
+        steps are never bigger than ``frames_per_step``)."""
+        most = self.max_frames_per_step
+        if most <= self.frames_per_step:
+            return []
+        return [s for s in ready if 0 < s.awaited_frames() <= AWAITED_STEPS * most]
 
     def _step_frames(self, takers: list[_Slot]) -> int:
         """Frames per stream for a step whose audio rows are ``takers``: ``frames_per_step``, or the largest multiple
@@ -595,11 +631,15 @@ class Engine:
         at most ``max_frames_per_step`` frame-rows in all, and never less than 2 steps' worth. Mimi's cost per call
         is what a bigger step saves, and with several rows there is little left to save beyond 2 steps' worth (tiny
         model, 2 cores: 3 rows x 4 frames 146 ms, x 8 frames 302), while a finalize arriving meanwhile waits for the
-        whole step. A closing stream's short last step is padded to ``frames_per_step``."""
+        whole step. When a client awaits a taker's finalize, no more than the frames its words need (whole steps):
+        more would only delay them. A closing stream's short last step is padded to ``frames_per_step``."""
         k = self.frames_per_step
         if self.max_frames_per_step == k or not takers:
             return k
         cap = min(self.max_frames_per_step, max(2 * k, self.max_frames_per_step // len(takers) // k * k))
+        awaited = max(s.awaited_frames() for s in takers)
+        if awaited:
+            cap = min(cap, -(-awaited // k) * k)
         fewest = min(s.frames_available() for s in takers)
         return max(k, min(cap, fewest // k * k))
 
@@ -610,18 +650,22 @@ class Engine:
         decoding.set_active([(options.temperature > 0, bool(edges)) for options, _, edges in used])
 
     def _plan_lane(self) -> _StepPlan | None:
-        """Under the lock: when every stream with frames to step can step in a lane (None otherwise: a main step of
-        them all), a step of those with the most waiting (``_most_waiting``) in the smallest lane that holds them.
+        """Under the lock: when every stream with frames to step can step in a lane, or the streams of an awaited
+        finalize can (None otherwise: a main step of them all), a step of those ``_most_waiting`` chooses in the
+        smallest lane that holds them.
         A lane steps *instead of* the main batch, never beside it; it replaces a full-batch step by a smaller one.
         Streams stay in their lane rows from step to step; one not stepping gives its row up when a stepping stream
         needs it."""
         if not self._lanes:
             return None
         k = self.frames_per_step
-        stepping = [s for s in self._slots if s.ready(k)]
-        if len(stepping) > self._lanes[-1].size or not all(s.lane_ready(k) for s in stepping):
+        ready = [s for s in self._slots if s.ready(k)]
+        stepping = self._most_waiting(ready)
+        # a finalize's streams step in a lane even when the others would not fit in one: the others wait a step
+        alone = bool(self._awaited(ready))
+        if not all(len(group) <= self._lanes[-1].size and all(s.lane_ready(k) for s in group)
+                   for group in ((stepping,) if alone else (ready, stepping))):
             return None
-        stepping = self._most_waiting(stepping)
         fits = [i for i, lane in enumerate(self._lanes) if lane.size >= len(stepping)]
         index, n = fits[0], self._lanes[fits[0]].size
         plan = _StepPlan.empty(n, self._step_frames(stepping), lane=index)

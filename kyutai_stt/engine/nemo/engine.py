@@ -227,6 +227,9 @@ class Engine:
         if not options.check().is_default:
             raise ValueError("the NeMo family decodes greedily: temperature and keyterms are not supported")
 
+    def expedite(self, handle: StreamHandle, frame: int) -> None:
+        """Nothing to reorder: every stream with a chunk ready steps in each batch."""
+
     def _own(self, handle: StreamHandle) -> _Slot | None:
         slot = self._slots[handle.slot]
         return slot if slot.in_use and slot.stream_id == handle.stream_id else None
