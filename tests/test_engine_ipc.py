@@ -135,3 +135,21 @@ def test_the_contract_and_the_wire_need_no_torch():
             "print(sorted(m for m in ('torch', 'moshi', 'sentencepiece') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_finalize_expedite_crosses_the_wire(served, sounds, monkeypatch):
+    """``expedite`` (a finalize's client waiting for its words) reaches the engine for the right stream and frame."""
+    engine, _, client = served
+    calls, expedite = [], engine.expedite
+
+    def seen(handle, frame):
+        calls.append((handle.slot, handle.stream_id, frame))
+        expedite(handle, frame)
+    monkeypatch.setattr(engine, "expedite", seen)
+    events, done, sink = collect()
+    handle = client.open(sink)
+    client.push(handle, np.zeros(30 * FRAME_SIZE, np.float32))
+    client.expedite(handle, 17)
+    client.close(handle)
+    assert done.wait(120) and isinstance(events[-1], StreamEnd)
+    assert calls == [(handle.slot, handle.stream_id, 17)]

@@ -156,6 +156,26 @@ def check_finalizes(engine, model, reference, clip, offset, seconds, cuts):
         at += piece.size / SAMPLE_RATE
 
 
+async def test_a_finalize_tells_the_engine_which_frame_its_client_awaits(engine, model, sounds, monkeypatch):
+    """A finalize asks the engine to step first (``Engine.expedite``) exactly the frames its words need: the silence
+    prefix, the audio so far and the flush, where the reference's words of the cut end; its marker then comes."""
+    asked, expedite = [], engine.expedite
+
+    def seen(handle, frame):
+        asked.append(frame)
+        expedite(handle, frame)
+    monkeypatch.setattr(engine, "expedite", seen)
+    session = Session(engine)
+    session.start()
+    pcm = sounds(1.3, 81)
+    session.push_pcm(pcm)
+    flush_now(session, 0, Timeline())
+    session.end()
+    events = [event async for event in session]
+    assert asked == [model.prefix_frames + -(-pcm.size // FRAME_SIZE) + flush_frame_count(model)]
+    assert any(isinstance(e, Marker) for e in events)
+
+
 def test_the_flush_is_the_delay_plus_one_frame(model, engine):
     """Frames of silence per finalize: the model's delay plus one (before: delay + 7 + the delay again + 1)."""
     assert engine.info.flush_frames == flush_frame_count(model) == model.delay_frames + 1
