@@ -49,7 +49,7 @@ def run(engine: Engine, pcm: np.ndarray, config: str, terms: tuple[str, ...]) ->
                 done[i].set()
         return sink
 
-    engine._step_listeners[:] = [lambda frames, seconds: recording.is_set() and steps.append(seconds)]
+    engine._step_listeners[:] = [lambda frames, seconds, streams: recording.is_set() and steps.append(seconds)]
     handles = [engine.open(sink_for(i), options=options_for(config, i, terms)) for i in range(engine.batch_size)]
     recording.set()
     for handle in handles:

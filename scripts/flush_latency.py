@@ -105,7 +105,7 @@ def main(model: str = typer.Option(..., help="checkpoint folder or repo"),
         lane_steps: list[float] = []
         counted = [0]
 
-        def on_step(frames: int, seconds: float) -> None:
+        def on_step(frames: int, seconds: float, streams: int) -> None:
             # a lane step was planned (and counted) just before it ran; the next plan comes after this call
             (lane_steps if engine.lane_steps != counted[0] else steps).append(seconds)
             counted[0] = engine.lane_steps

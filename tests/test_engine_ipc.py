@@ -83,18 +83,20 @@ def test_a_lone_stream_steps_in_the_lane_exactly(served, reference, sounds):
 
 
 def test_step_timings_reach_the_clients_listeners(served, sounds):
-    """The worker's step listeners (its real-time monitor) get every step's (frames, seconds), as the engine's
+    """The worker's step listeners (its real-time monitor) get every step's (frames, seconds, streams), as the engine's
     own listeners do, by the time the stream's last events arrive."""
     engine, _, client = served
     in_engine, in_client = [], []
-    engine.add_step_listener(lambda frames, seconds: in_engine.append((frames, seconds)))
-    client.add_step_listener(lambda frames, seconds: in_client.append((frames, seconds)))
+    engine.add_step_listener(lambda *step: in_engine.append(step))
+    client.add_step_listener(lambda *step: in_client.append(step))
     events, done, sink = collect()
     handle = client.open(sink)
     client.push(handle, sounds(0.8, 4))
     client.close(handle)
     assert done.wait(120) and isinstance(events[-1], StreamEnd)
-    assert sum(frames for frames, _ in in_engine) > 0  # (the stream's first step, its init, has 0 frames)
+    # (the stream's first step, its init, has 0 frames); a step with frames stepped at least this stream
+    assert sum(frames for frames, _, _ in in_engine) > 0
+    assert all(streams >= 1 for frames, _, streams in in_engine if frames)
     assert in_client == in_engine
 
 

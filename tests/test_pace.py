@@ -19,6 +19,7 @@ import websockets
 
 from kyutai_stt.audio.constants import FRAME_SIZE, SAMPLE_RATE
 from kyutai_stt.messages.events import Word
+from kyutai_stt.serve.pace import RealTimeMonitor
 from kyutai_stt.stream.words import WordAssembler, pair_words
 
 
@@ -159,6 +160,23 @@ async def test_real_time_client_on_a_slow_engine_is_slowed_complete_and_reported
     rtf = [line for line in metrics.splitlines() if line.startswith("kyutai_stt_real_time_factor ")]
     assert rtf and float(rtf[0].split()[1]) > 1.5
     assert any("slower than real time" in r.getMessage() for r in caplog.records)
+
+
+def test_the_real_time_factor_shares_the_frames_among_the_streams_stepped(caplog):
+    """Three streams taking turns in 10-frame lane steps of 170 ms advance each stream by 0.8 s every 0.51 s: a
+    factor of 0.64, no warning (counting steps of ``frames_per_step`` frames, as before, read 1.06 and warned). One
+    stream in 2-frame steps of 0.4 s: 2.5, warned. Init steps (no frames) count their time only."""
+    fast, slow = RealTimeMonitor(), RealTimeMonitor()
+    with caplog.at_level(logging.WARNING, logger="kyutai_stt.serve.pace"):
+        fast.on_step(0, 0.05, 0)
+        for _ in range(6):
+            fast.on_step(10, 0.17, 3)
+        assert fast.real_time_factor() == pytest.approx((0.05 + 6 * 0.17) / (60 * 0.08 / 3))
+        assert not caplog.records
+        for _ in range(3):
+            slow.on_step(2, 0.4, 1)
+    assert slow.real_time_factor() == pytest.approx(2.5)
+    assert [r.getMessage() for r in caplog.records if "slower than real time" in r.getMessage()]
 
 
 async def test_idle_client_gets_the_words_of_its_audio_and_end_before_the_close(checkpoint_dir, reference):

@@ -22,6 +22,7 @@ the engine import it freely.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, ClassVar, Protocol, runtime_checkable
 
 import msgspec
@@ -212,7 +213,23 @@ class ModelLoadError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- the engine
-StepListener = Callable[[int, float], None]  # (frames in the step, seconds)
+# (frames in the step, seconds, streams): ``streams`` is how many streams the engine stepped in the last
+# ``ACTIVE_SECONDS`` (this step's included), so a listener can tell the audio each stream advanced when steps serve
+# some streams only (lanes) or carry more frames for some (bigger steps)
+StepListener = Callable[[int, float, int], None]
+ACTIVE_SECONDS = 5.0
+
+
+class ActiveStreams:
+    """Which slots stepped recently: ``stepped(slots)`` after each step returns the ``streams`` of ``StepListener``."""
+
+    def __init__(self, slots: int):
+        self._at = np.full(slots, -np.inf)
+
+    def stepped(self, slots: list[int]) -> int:
+        now = time.monotonic()
+        self._at[slots] = now
+        return int((self._at > now - ACTIVE_SECONDS).sum())
 
 
 @runtime_checkable
@@ -262,7 +279,7 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
     def add_step_listener(self, listener: StepListener) -> None:
-        """Call ``listener(frames, seconds)`` after every step (metrics, the real-time monitor)."""
+        """Call ``listener(frames, seconds, streams)`` after every step (metrics, the real-time monitor)."""
 
     def add_step_timing_listener(self, listener: Callable[[StepTiming], None]) -> None:
         """Call ``listener(StepTiming)`` after every step (benchmarks; slows the steps a little)."""

@@ -205,7 +205,7 @@ class Events(msgspec.Struct, tag=True):
 
 
 class Steps(msgspec.Struct, tag=True):
-    steps: list[tuple[int, float]]  # (frames, seconds) per engine step
+    steps: list[tuple[int, float, int]]  # (frames, seconds, streams) per engine step (``StepListener``)
 
 
 Item = Info | Opened | Refused | Stats | Events | Steps | Beat
@@ -248,7 +248,7 @@ class EngineServer:
         self._router.bind(endpoints.events)
         self._waker = _Waker()
         self._outbox: deque[tuple[_Route, list[EngineEvent]]] = deque()
-        self._steps: deque[tuple[int, float]] = deque()  # (frames, seconds) of steps not yet sent to the workers
+        self._steps: deque[tuple[int, float, int]] = deque()  # steps not yet sent to the workers
         engine.add_step_listener(self._on_step)
         self._routes: dict[tuple[int, int], _Route] = {}
         self._workers: dict[str, float] = {}  # worker id -> last time heard
@@ -260,8 +260,8 @@ class EngineServer:
         self._waker.wake()
 
     # engine worker thread
-    def _on_step(self, frames: int, seconds: float) -> None:
-        self._steps.append((frames, seconds))  # sent with the step's events (the engine calls listeners first)
+    def _on_step(self, frames: int, seconds: float, streams: int) -> None:
+        self._steps.append((frames, seconds, streams))  # sent with the step's events (the engine calls listeners first)
         self._waker.wake()
 
     def _sink_for(self, route: _Route) -> Callable[[list[EngineEvent]], None]:
@@ -551,7 +551,7 @@ class EngineClient:
         return EngineStats(self.batch_size, 0, 0, 0, False, 0.0, 0)
 
     def add_step_listener(self, listener: StepListener) -> None:
-        """Call ``listener(frames, seconds)`` for every engine step, on the I/O thread, as the engine process
+        """Call ``listener(frames, seconds, streams)`` for every engine step, on the I/O thread, as the engine process
         reports them (with the step's events): the real-time monitor of each worker. The step metrics are not
         counted here but in the engine process (``counts_step_metrics``), or /metrics would sum them N+1 times."""
         self._step_listeners.append(listener)
@@ -636,9 +636,9 @@ class EngineClient:
 
     def _on_item(self, item: Item) -> None:
         if isinstance(item, Steps):
-            for frames, seconds in item.steps:
+            for frames, seconds, streams in item.steps:
                 for listener in self._step_listeners:
-                    listener(frames, seconds)
+                    listener(frames, seconds, streams)
         elif isinstance(item, Events):
             key = (item.slot, item.stream)
             events = item.events

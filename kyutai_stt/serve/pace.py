@@ -1,13 +1,16 @@
 """Is the engine keeping real time? A real-time factor from its steps, a backlog from its streams, a warning.
 
-Each engine step advances every stream holding audio by ``frames_per_step`` 80 ms frames, whatever the batch
-(streams slow down evenly), so the real-time factor of the engine is
+Over the last few seconds of steps,
 
-    real_time_factor = wall seconds of the recent steps / audio seconds they advanced each stream by
+    real_time_factor = wall seconds of the steps / audio seconds they advanced each stream by, on average
+                     = sum(seconds) / (sum(frames) x 0.08 s / streams stepped in that time)
 
-(A Kyutai engine on the CPU steps more frames at once when every stream it steps has them waiting,
-``max_frames_per_step``; such a step is counted here as ``frames_per_step`` frames, so while the engine catches up
-the factor overstates how slow it is: the backlog figure is then the one to read.)
+Steps need not advance every stream alike: a Kyutai engine's lane steps serve some streams only, and its bigger steps
+carry more frames for the streams that have them waiting (``max_frames_per_step``), so the figure is the frames the
+steps delivered shared among the streams they served (the engine's ``streams``, ``contract.StepListener``), not a
+count of steps. (Counting steps, as this did before, read 1.01 for three streams taking turns in big steps on an
+engine 85 % busy, and warned.) A stream that sends faster than real time has more frames stepped than the others and
+lowers the average: the backlog figure says who waits.
 
 Above 1 the engine is slower than real time: a client sending at real pace gets its words later and later (its
 audio waits in the session's spool, never lost) and the log says so once per episode; back under 0.9 it says
@@ -25,10 +28,13 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Gauge
 
 from kyutai_stt.audio.constants import FRAME_RATE, SAMPLE_RATE
+from kyutai_stt.engine.contract import ACTIVE_SECONDS
 
 log = logging.getLogger(__name__)
 
-WINDOW_SECONDS = 5.0  # steps of the last few seconds make the figure: one slow step is not a trend
+# steps of the last few seconds make the figure (one slow step is not a trend); the engine counts the streams it
+# stepped over the same time
+WINDOW_SECONDS = ACTIVE_SECONDS
 SLOW_ABOVE = 1.0
 BACK_BELOW = 0.9
 
@@ -36,14 +42,13 @@ BACK_BELOW = 0.9
 class RealTimeMonitor:
     """Step listener (``Engine.add_step_listener``) computing the engine's real-time factor.
 
-    ``frames_per_step``: frames each stream advances per step. ``backlogs``: returns the samples each live
-    stream has received and not yet transcribed (engine buffer + spool), for the backlog figure."""
+    ``backlogs``: returns the samples each live stream has received and not yet transcribed (engine buffer +
+    spool), for the backlog figure."""
 
-    def __init__(self, frames_per_step: int, backlogs: Callable[[], Iterable[int]] = lambda: (),
-                 registry: CollectorRegistry | None = None):
-        self.step_audio_seconds = frames_per_step / FRAME_RATE
+    def __init__(self, backlogs: Callable[[], Iterable[int]] = lambda: (), registry: CollectorRegistry | None = None):
         self._backlogs = backlogs
-        self._steps: deque[tuple[float, float]] = deque()  # (time of the step's end, its wall seconds)
+        self._steps: deque[tuple[float, float, int]] = deque()  # (time of the step's end, its wall seconds, frames)
+        self._streams = 0  # streams the engine stepped in the window (the last step's figure)
         self._lock = threading.Lock()
         self.slow = False  # in a slow episode (warned)
         if registry is not None:
@@ -53,10 +58,11 @@ class RealTimeMonitor:
             Gauge("kyutai_stt_max_backlog_seconds", "Longest backlog of any stream: audio received and not yet "
                   "transcribed, in seconds", registry=registry).set_function(self.max_backlog_seconds)
 
-    def on_step(self, frames: int, seconds: float) -> None:  # engine worker thread
+    def on_step(self, frames: int, seconds: float, streams: int) -> None:  # engine worker thread
         now = time.monotonic()
         with self._lock:
-            self._steps.append((now, seconds))
+            self._steps.append((now, seconds, frames))
+            self._streams = streams
             while self._steps and self._steps[0][0] < now - WINDOW_SECONDS:
                 self._steps.popleft()
             factor = self._factor()
@@ -70,9 +76,10 @@ class RealTimeMonitor:
             log.info("engine back to real time (real-time factor %.2f)", factor)
 
     def _factor(self) -> float:
-        if not self._steps:
+        frames = sum(f for _, _, f in self._steps)
+        if not frames:
             return 0.0
-        return sum(s for _, s in self._steps) / (len(self._steps) * self.step_audio_seconds)
+        return sum(s for _, s, _ in self._steps) / (frames / FRAME_RATE / max(1, self._streams))
 
     def real_time_factor(self) -> float:
         """Recent steps' wall time over the audio time they advanced each stream by (0 when idle)."""

@@ -42,8 +42,7 @@ class Service:
 
     def attach(self, engine: Engine) -> None:
         """Serve ``engine``: its steps feed the metrics and the real-time monitor (``pace``)."""
-        self.pace = RealTimeMonitor(engine.info.frames_per_step,
-                                    lambda: [s.buffered_samples for s in list(self.sessions)], self.metrics.registry)
+        self.pace = RealTimeMonitor(lambda: [s.buffered_samples for s in list(self.sessions)], self.metrics.registry)
         if engine.counts_step_metrics:  # an EngineClient's steps are counted once, in the engine process
             engine.add_step_listener(self.metrics.on_step)
         engine.add_step_listener(self.pace.on_step)

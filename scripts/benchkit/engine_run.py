@@ -36,7 +36,7 @@ class WorkerGate:
         self.parks = 0  # steps after which the worker was held
         self._timeout_s = timeout_s
 
-    def on_step(self, frames: int, seconds: float) -> None:
+    def on_step(self, frames: int, seconds: float, streams: int) -> None:
         with self._cond:
             if not self._armed:
                 return
@@ -102,7 +102,7 @@ def run_engine(stt, batch: int, steps: int, warmup: int, pool: list[np.ndarray],
     progress = threading.Condition()
     measuring = {"on": False}
 
-    def on_step(frames: int, seconds: float) -> None:
+    def on_step(frames: int, seconds: float, streams: int) -> None:
         if not measuring["on"]:
             return
         with progress:

@@ -61,8 +61,8 @@ from moshi.modules.streaming import StreamingModule
 from kyutai_stt.audio.constants import FRAME_RATE, FRAME_SIZE
 from kyutai_stt.engine import batch_invariant
 # the contract's events and errors, also importable from here (the engine raises and delivers them)
-from kyutai_stt.engine.contract import (ContextReset, DecodingOptions, EngineEvent, EngineStats, EngineStopped,
-    NoFreeSlot, Sink, StepListener, StepOutput, StepTiming, StreamClosed, StreamEnd, StreamFailed, StreamHandle,
+from kyutai_stt.engine.contract import (ActiveStreams, ContextReset, DecodingOptions, EngineEvent, EngineStats,
+    EngineStopped, NoFreeSlot, Sink, StepListener, StepOutput, StepTiming, StreamClosed, StreamEnd, StreamFailed, StreamHandle,
     call_sink)
 from kyutai_stt.engine.kyutai.attention_cache import fit_encoder_attention
 from kyutai_stt.engine.kyutai.checkpoint import SttModel
@@ -314,6 +314,7 @@ class Engine:
         self.flush_frames = flush_frame_count(model, flush_seconds)
         self.info = describe(model, frames_per_step, self.flush_frames)
         self._step_listeners: list[StepListener] = []
+        self._active = ActiveStreams(slots)  # the listeners' ``streams``
         self._timing_listeners: list[Callable[[StepTiming], None]] = []
         self._slots = [_Slot(i) for i in range(slots)]
         self._ids = itertools.count(1)
@@ -389,7 +390,7 @@ class Engine:
             self._streaming.close()
 
     def add_step_listener(self, listener: StepListener) -> None:
-        """Call ``listener(frames, seconds)`` after every step, on the worker thread (metrics, benchmarks)."""
+        """Call ``listener(frames, seconds, streams)`` after every step, on the worker thread (metrics, benchmarks)."""
         self._step_listeners.append(listener)
 
     def add_step_timing_listener(self, listener: Callable[[StepTiming], None]) -> None:
@@ -752,8 +753,9 @@ class Engine:
         self._steps += 1
         self._frames += frames
         self._last_step_seconds = elapsed
+        streams = self._active.stepped([t[0].index for row, t in plan.targets.items() if plan.deliver[row]])
         for listener in self._step_listeners:
-            listener(frames, elapsed)
+            listener(frames, elapsed, streams)
         deliver_start = time.perf_counter()  # after the step listeners, which may be slow
         if tokens is not None:
             self._deliver_outputs(plan, tokens, pauses)

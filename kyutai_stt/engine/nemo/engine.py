@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from kyutai_stt.engine import batch_invariant
-from kyutai_stt.engine.contract import (ContextReset, DecodingOptions, EngineEvent, EngineStats, EngineStopped,
+from kyutai_stt.engine.contract import (ActiveStreams, ContextReset, DecodingOptions, EngineEvent, EngineStats, EngineStopped,
     ModelInfo, NoFreeSlot, Sink, StepListener, StepOutput, StepTiming, StreamClosed, StreamEnd, StreamFailed, StreamHandle, call_sink)
 from kyutai_stt.engine.nemo.checkpoint import NemoModel
 from kyutai_stt.engine.nemo.features import FRAME_24K, LOOKAHEAD_24K, FeatureBatch
@@ -141,6 +141,7 @@ class Engine:
         self.info = describe(model, self.chunk_frames)
         self.frames_per_step = self.chunk_frames
         self._step_listeners: list[StepListener] = []
+        self._active = ActiveStreams(slots)  # the listeners' ``streams``
         self._timing_listeners: list[Callable[[StepTiming], None]] = []
         self._slots = [_Slot(i) for i in range(slots)]
         self._ids = itertools.count(1)
@@ -411,8 +412,9 @@ class Engine:
         self._steps += 1
         self._frames += frames
         self._last_step_seconds = elapsed
+        streams = self._active.stepped([i for i in targets if deliver[i]])
         for listener in self._step_listeners:
-            listener(frames, elapsed)
+            listener(frames, elapsed, streams)
         deliver_start = time.perf_counter()
         self._deliver(targets, tokens, deliver)
         if self._timing_listeners:
