@@ -57,6 +57,16 @@ def audio_message(pcm) -> bytes:
     return msgpack.packb({"type": "Audio", "pcm": [float(x) for x in pcm]}, use_single_float=True)
 
 
+async def words_until_marker(ws, words: list[tuple[str, float]]) -> None:
+    """Read Kyutai messages into ``words`` (text, start) until the marker comes back."""
+    async for message in ws:
+        data = msgpack.unpackb(message)
+        if data["type"] == "Word":
+            words.append((data["text"], data["start_time"]))
+        if data["type"] == "Marker":
+            return
+
+
 async def kyutai_full_speed_client(url: str, pcm: np.ndarray) -> tuple[list[tuple[str, float]], int | None]:
     """As Kyutai's ``scripts/stt_from_file_rust_server.py --rtf 1000``: 1 s of silence, the audio frame by frame at
     full speed, 5 s of silence, a marker, then up to 35 s of silence, reading concurrently until the marker."""
@@ -74,16 +84,8 @@ async def kyutai_full_speed_client(url: str, pcm: np.ndarray) -> tuple[list[tupl
             for _ in range(35):
                 await ws.send(audio_message(np.zeros(SAMPLE_RATE)))
 
-        async def receive():
-            async for message in ws:
-                data = msgpack.unpackb(message)
-                if data["type"] == "Word":
-                    words.append((data["text"], data["start_time"]))
-                if data["type"] == "Marker":
-                    return
-
         sender = asyncio.create_task(send())
-        await receive()
+        await words_until_marker(ws, words)
         await sender
     return words, ws.close_code
 
@@ -101,12 +103,7 @@ async def kyutai_read_at_end_client(url: str, pcm: np.ndarray) -> tuple[list[tup
         await ws.send(msgpack.packb({"type": "Marker", "id": 0}))
         for _ in range(20):
             await ws.send(audio_message(np.zeros(SAMPLE_RATE)))
-        async for message in ws:
-            data = msgpack.unpackb(message)
-            if data["type"] == "Word":
-                words.append((data["text"], data["start_time"]))
-            if data["type"] == "Marker":
-                break
+        await words_until_marker(ws, words)
     return words, ws.close_code
 
 
@@ -248,13 +245,8 @@ async def test_real_time_client_that_reads_only_at_the_end_keeps_its_connection(
             await ws.send(msgpack.packb({"type": "Marker", "id": 0}))
             for _ in range(3):
                 await ws.send(audio_message(np.zeros(SAMPLE_RATE)))
-            words = []
-            async for message in ws:
-                data = msgpack.unpackb(message)
-                if data["type"] == "Word":
-                    words.append((data["text"], data["start_time"]))
-                if data["type"] == "Marker":
-                    break
+            words: list[tuple[str, float]] = []
+            await words_until_marker(ws, words)
         code = ws.close_code
     assert code == 1000
     assert words == words_before_marker(reference, np.concatenate([clip, np.zeros(3 * SAMPLE_RATE, np.float32)]))
