@@ -111,8 +111,8 @@ class Settings(BaseSettings):
     # --- session bounds -----------------------------------------------------------------------------------
     idle_timeout_s: float = Field(30.0, gt=0, description="Close a stream that sends nothing for this long.")
     ping_interval_s: float = Field(10.0, gt=0, description=(
-        "WebSocket keepalive ping interval. A connection is failed (1011) when, for twice this long after a ping, "
-        "neither its pong nor any data came."))
+        "WebSocket keepalive ping interval. A connection is failed (1011) once its pong has not come and no data "
+        "came either for twice this long (after the ping and after the last data)."))
     max_session_s: float = Field(4 * 3600.0, gt=0, description="Longest audio a single stream may send, in seconds.")
     max_message_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest WebSocket message accepted.")
     max_buffered_audio_s: float = Field(

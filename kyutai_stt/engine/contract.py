@@ -213,18 +213,22 @@ class ModelLoadError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- the engine
-# (frames in the step, seconds, streams): ``streams`` is how many streams the engine stepped in the last
-# ``ACTIVE_SECONDS`` (this step's included), so a listener can tell the audio each stream advanced when steps serve
-# some streams only (lanes) or carry more frames for some (bigger steps)
+# (frames in the step, seconds, streams): ``streams`` is how many streams that still hold their slot the engine
+# stepped in the last ``ACTIVE_SECONDS`` (this step's included), so a listener can tell the audio each stream
+# advanced when steps serve some streams only (lanes) or carry more frames for some (bigger steps)
 StepListener = Callable[[int, float, int], None]
 ACTIVE_SECONDS = 5.0
 
 
 class ActiveStreams:
-    """Which slots stepped recently: ``stepped(slots)`` after each step returns the ``streams`` of ``StepListener``."""
+    """Which slots stepped recently: ``stepped(slots)`` after each step returns the ``streams`` of ``StepListener``;
+    ``release(slot)`` when its stream is gone (it no longer counts)."""
 
     def __init__(self, slots: int):
         self._at = np.full(slots, -np.inf)
+
+    def release(self, slot: int) -> None:
+        self._at[slot] = -np.inf
 
     def stepped(self, slots: list[int]) -> int:
         now = time.monotonic()

@@ -3,12 +3,13 @@
 Over the last few seconds of steps,
 
     real_time_factor = wall seconds of the steps / audio seconds they advanced each stream by, on average
-                     = sum(seconds) / (sum(frames) x 0.08 s / streams stepped in that time)
+                     = sum(seconds) / sum(frames x 0.08 s / streams), per step
 
 Steps need not advance every stream alike: a Kyutai engine's lane steps serve some streams only, and its bigger steps
-carry more frames for the streams that have them waiting (``max_frames_per_step``), so the figure is the frames the
-steps delivered shared among the streams they served (the engine's ``streams``, ``contract.StepListener``), not a
-count of steps. (Counting steps, as this did before, read 1.01 for three streams taking turns in big steps on an
+carry more frames for the streams that have them waiting (``max_frames_per_step``), so each step counts the frames
+it delivered shared among the streams the engine is serving then (its ``streams``: those stepped in the last 5 s
+that still hold their slot, ``contract.StepListener``), not a count of steps. The warning waits for a second of
+each stream's audio in the window (streams that just came are no trend). (Counting steps, as this did before, read 1.01 for three streams taking turns in big steps on an
 engine 85 % busy, and warned.) A stream that sends faster than real time has more frames stepped than the others and
 lowers the average: the backlog figure says who waits.
 
@@ -47,8 +48,9 @@ class RealTimeMonitor:
 
     def __init__(self, backlogs: Callable[[], Iterable[int]] = lambda: (), registry: CollectorRegistry | None = None):
         self._backlogs = backlogs
-        self._steps: deque[tuple[float, float, int]] = deque()  # (time of the step's end, its wall seconds, frames)
-        self._streams = 0  # streams the engine stepped in the window (the last step's figure)
+        # (time of the step's end, its wall seconds, the frames it advanced each stream by on average: its frames
+        # shared among the streams the engine is stepping)
+        self._steps: deque[tuple[float, float, float]] = deque()
         self._lock = threading.Lock()
         self.slow = False  # in a slow episode (warned)
         if registry is not None:
@@ -61,12 +63,14 @@ class RealTimeMonitor:
     def on_step(self, frames: int, seconds: float, streams: int) -> None:  # engine worker thread
         now = time.monotonic()
         with self._lock:
-            self._steps.append((now, seconds, frames))
-            self._streams = streams
+            self._steps.append((now, seconds, frames / max(1, streams)))
             while self._steps and self._steps[0][0] < now - WINDOW_SECONDS:
                 self._steps.popleft()
             factor = self._factor()
-        if factor > SLOW_ABOVE and not self.slow:
+            # a verdict needs a second of each stream's audio: the first steps of streams that just came (their
+            # init steps carry no audio) are no trend
+            judged = sum(f for _, _, f in self._steps) >= FRAME_RATE
+        if factor > SLOW_ABOVE and not self.slow and judged:
             self.slow = True
             log.warning("engine slower than real time (real-time factor %.2f): every stream is transcribed at "
                         "%.0f%% of real pace, its audio waits in the server (longest backlog %.1f s)",
@@ -76,10 +80,10 @@ class RealTimeMonitor:
             log.info("engine back to real time (real-time factor %.2f)", factor)
 
     def _factor(self) -> float:
-        frames = sum(f for _, _, f in self._steps)
+        frames = sum(f for _, _, f in self._steps)  # each stream's, on average
         if not frames:
             return 0.0
-        return sum(s for _, s, _ in self._steps) / (frames / FRAME_RATE / max(1, self._streams))
+        return sum(s for _, s, _ in self._steps) / (frames / FRAME_RATE)
 
     def real_time_factor(self) -> float:
         """Recent steps' wall time over the audio time they advanced each stream by (0 when idle)."""

@@ -546,6 +546,7 @@ class Engine:
         slot.buffer = _AudioQueue()
         slot.closing = False
         slot.lane = slot.lane_row = -1  # its lane row (if any) is free; its next stream is reset in the main batch
+        self._active.release(slot.index)
         self._cond.notify_all()  # wakes an open() waiting for a free slot
 
     # ---------------------------------------------------------------- worker
@@ -753,7 +754,8 @@ class Engine:
         self._steps += 1
         self._frames += frames
         self._last_step_seconds = elapsed
-        streams = self._active.stepped([t[0].index for row, t in plan.targets.items() if plan.deliver[row]])
+        streams = self._active.stepped([slot.index for row, (slot, stream_id, _) in plan.targets.items()
+                                        if plan.deliver[row] and slot.stream_id == stream_id and slot.in_use])
         for listener in self._step_listeners:
             listener(frames, elapsed, streams)
         deliver_start = time.perf_counter()  # after the step listeners, which may be slow

@@ -276,6 +276,7 @@ class Engine:
         slot.sink = None
         slot.buffer = _AudioQueue()
         slot.closing = False
+        self._active.release(slot.index)
         self._cond.notify_all()
 
     # ---------------------------------------------------------------- worker
@@ -412,7 +413,8 @@ class Engine:
         self._steps += 1
         self._frames += frames
         self._last_step_seconds = elapsed
-        streams = self._active.stepped([i for i in targets if deliver[i]])
+        streams = self._active.stepped([i for i, (slot, stream_id, _) in targets.items()
+                                        if deliver[i] and slot.stream_id == stream_id and slot.in_use])
         for listener in self._step_listeners:
             listener(frames, elapsed, streams)
         deliver_start = time.perf_counter()
