@@ -57,11 +57,15 @@ def log(message: str) -> None:
 
 
 # ============================================================================================ the server's figures
-def step_totals(url: str) -> tuple[float, float]:
-    """(sum of step seconds, count of steps) of the engine so far, from /metrics."""
+def server_metrics(url: str) -> str:
+    """The server's /metrics, read once for ``step_totals`` and ``finalize_buckets``."""
     import httpx
 
-    text = httpx.get(url + "/metrics", timeout=30).text
+    return httpx.get(url + "/metrics", timeout=30).text
+
+
+def step_totals(text: str) -> tuple[float, float]:
+    """(sum of step seconds, count of steps) of the engine so far, from /metrics' ``text``."""
     total = {}
     for name in ("sum", "count"):
         match = re.search(rf"^kyutai_stt_step_duration_seconds_{name}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)
@@ -69,11 +73,9 @@ def step_totals(url: str) -> tuple[float, float]:
     return total["sum"], total["count"]
 
 
-def finalize_buckets(url: str) -> dict[float, float]:
-    """The server's ``kyutai_stt_finalize_seconds`` histogram so far: upper bound -> finalizes at or under it."""
-    import httpx
-
-    text = httpx.get(url + "/metrics", timeout=30).text
+def finalize_buckets(text: str) -> dict[float, float]:
+    """The server's ``kyutai_stt_finalize_seconds`` histogram so far, from /metrics' ``text``: upper bound ->
+    finalizes at or under it."""
     return {float(le): float(v) for le, v in
             re.findall(r'^kyutai_stt_finalize_seconds_bucket{[^}]*le="([^"]+)"[^}]*} ([0-9.eE+-]+)$', text, re.M)}
 
@@ -169,7 +171,8 @@ def run_one(protocol: str, server_url: str, sessions: int, per_session: int, utt
     waited = wait_idle(server_url)
     if waited > 1:
         log(f"  waited {waited:.0f} s for the previous run's streams to finish")
-    steps_before, finalized_before = step_totals(server_url), finalize_buckets(server_url)
+    before = server_metrics(server_url)
+    steps_before, finalized_before = step_totals(before), finalize_buckets(before)
     t = time.perf_counter()
     if protocol == "pipecat":
         from ttfskit import pipecat_run
@@ -187,7 +190,8 @@ def run_one(protocol: str, server_url: str, sessions: int, per_session: int, utt
             with ProcessPoolExecutor(procs) as pool:
                 results = [r for share in pool.map(_light_worker, jobs) for r in share]
     wall = time.perf_counter() - t
-    steps_after, finalized_after = step_totals(server_url), finalize_buckets(server_url)
+    after = server_metrics(server_url)
+    steps_after, finalized_after = step_totals(after), finalize_buckets(after)
     count = steps_after[1] - steps_before[1]
     step_s = (steps_after[0] - steps_before[0]) / count if count else math.nan
     ttfs = [v for r in results for v in r["ttfs"]]
@@ -213,7 +217,8 @@ def table(rows: list[dict], flush_frames: dict) -> str:
                      f"{s['p95']:.3f} | {s['p99']:.3f} | {s['max']:.3f} | {r['missing']} | {len(r['errors'])} | "
                      f"{r['step_ms']:.1f} | {r['floor_s']:.3f} | {100 * r.get('busy', math.nan):.0f} % | "
                      f"{flush_frames.get(r['protocol'], '-')} | "
-                     f"{r.get('server_finalize_p50_s', math.nan):.2f} / {r.get('server_finalize_p99_s', math.nan):.2f} | "
+                     f"{r.get('server_finalize_p50_s', math.nan):.2f} / "
+                     f"{r.get('server_finalize_p99_s', math.nan):.2f} | "
                      f"{r.get('client_late_p99_ms', math.nan):.1f} | {r['load_avg'][0]:.1f} |")
     return "\n".join(lines)
 

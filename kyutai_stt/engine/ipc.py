@@ -10,7 +10,8 @@ for a worker are one message, and a worker's pushes between two wakes are one me
 
 Wire messages are msgspec structs, tagged by their class name, with one encoder and one decoder per direction
 (``WorkerBatch`` in, ``EngineBatch`` out): worker -> engine ``Hello``, ``Open``, ``Push`` (float32 PCM bytes),
-``Close``, ``Abort``, ``Reset``, ``Reconfigure``, ``Expedite``, ``StatsRequest``, ``Beat``, ``Bye``, and the launcher's ``Gone`` when a worker process died;
+``Close``, ``Abort``, ``Reset``, ``Reconfigure``, ``Expedite``, ``StatsRequest``, ``Beat``, ``Bye``, and the
+launcher's ``Gone`` when a worker process died;
 engine -> worker ``Info`` (the engine's ``ModelInfo`` and slots), ``Opened``, ``Refused``, ``Stats``, ``Events``
 (the stream's ``EngineEvent``s, the same structs the engine delivers), ``Steps`` (the timing of every engine step since
 the last message, sent to every worker, whose step listeners, e.g. the real-time monitor, get them), ``Beat``.

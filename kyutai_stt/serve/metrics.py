@@ -55,7 +55,8 @@ class Metrics:
                                       "(stall: the watchdog; client: asked for)", ["reason"], registry=r)
         self._named = False
 
-    def on_step(self, frames: int, seconds: float, streams: int) -> None:  # engine worker thread; prometheus_client is thread-safe
+    # engine worker thread; prometheus_client is thread-safe
+    def on_step(self, frames: int, seconds: float, streams: int) -> None:
         if not self._named:  # the first step tells us which thread is the engine's
             self._named = True
             name_os_thread(ENGINE_THREAD_NAME)

@@ -8,10 +8,10 @@ Over the last few seconds of steps,
 Steps need not advance every stream alike: a Kyutai engine's lane steps serve some streams only, and its bigger steps
 carry more frames for the streams that have them waiting (``max_frames_per_step``), so each step counts the frames
 it delivered shared among the streams the engine is serving then (its ``streams``: those stepped in the last 5 s
-that still hold their slot, ``contract.StepListener``), not a count of steps. The warning waits for a second of
-each stream's audio in the window (streams that just came are no trend). (Counting steps, as this did before, read 1.01 for three streams taking turns in big steps on an
-engine 85 % busy, and warned.) A stream that sends faster than real time has more frames stepped than the others and
-lowers the average: the backlog figure says who waits.
+that still hold their slot, ``contract.StepListener``), not a count of steps. (Counting steps, as this did before,
+read 1.01 for three streams taking turns in big steps on an engine 85 % busy, and warned.) The warning waits for a
+second of each stream's audio in the window (streams that just came are no trend). A stream that sends faster than
+real time has more frames stepped than the others and lowers the average: the backlog figure says who waits.
 
 Above 1 the engine is slower than real time: a client sending at real pace gets its words later and later (its
 audio waits in the session's spool, never lost) and the log says so once per episode; back under 0.9 it says
@@ -66,11 +66,11 @@ class RealTimeMonitor:
             self._steps.append((now, seconds, frames / max(1, streams)))
             while self._steps and self._steps[0][0] < now - WINDOW_SECONDS:
                 self._steps.popleft()
-            factor = self._factor()
-            # a verdict needs a second of each stream's audio: the first steps of streams that just came (their
-            # init steps carry no audio) are no trend
-            judged = sum(f for _, _, f in self._steps) >= FRAME_RATE
-        if factor > SLOW_ABOVE and not self.slow and judged:
+            busy, advanced = self._totals()
+        factor = self._factor(busy, advanced)
+        # a verdict needs a second of each stream's audio: the first steps of streams that just came (their init
+        # steps carry no audio) are no trend
+        if factor > SLOW_ABOVE and not self.slow and advanced >= FRAME_RATE:
             self.slow = True
             log.warning("engine slower than real time (real-time factor %.2f): every stream is transcribed at "
                         "%.0f%% of real pace, its audio waits in the server (longest backlog %.1f s)",
@@ -79,18 +79,20 @@ class RealTimeMonitor:
             self.slow = False
             log.info("engine back to real time (real-time factor %.2f)", factor)
 
-    def _factor(self) -> float:
-        frames = sum(f for _, _, f in self._steps)  # each stream's, on average
-        if not frames:
-            return 0.0
-        return sum(s for _, s, _ in self._steps) / (frames / FRAME_RATE)
+    def _totals(self) -> tuple[float, float]:
+        """(wall seconds, frames each stream advanced by on average) of the steps in the window."""
+        return sum(s for _, s, _ in self._steps), sum(f for _, _, f in self._steps)
+
+    @staticmethod
+    def _factor(seconds: float, frames: float) -> float:
+        return seconds / (frames / FRAME_RATE) if frames else 0.0
 
     def real_time_factor(self) -> float:
         """Recent steps' wall time over the audio time they advanced each stream by (0 when idle)."""
         with self._lock:
             if self._steps and self._steps[-1][0] < time.monotonic() - WINDOW_SECONDS:
                 self._steps.clear()  # idle: nothing recent
-            return self._factor()
+            return self._factor(*self._totals())
 
     def max_backlog_seconds(self) -> float:
         try:

@@ -62,8 +62,8 @@ from kyutai_stt.audio.constants import FRAME_RATE, FRAME_SIZE
 from kyutai_stt.engine import batch_invariant
 # the contract's events and errors, also importable from here (the engine raises and delivers them)
 from kyutai_stt.engine.contract import (ActiveStreams, ContextReset, DecodingOptions, EngineEvent, EngineStats,
-    EngineStopped, NoFreeSlot, Sink, StepListener, StepOutput, StepTiming, StreamClosed, StreamEnd, StreamFailed, StreamHandle,
-    call_sink)
+    EngineStopped, NoFreeSlot, Sink, StepListener, StepOutput, StepTiming, StreamClosed, StreamEnd, StreamFailed,
+    StreamHandle, call_sink)
 from kyutai_stt.engine.kyutai.attention_cache import fit_encoder_attention
 from kyutai_stt.engine.kyutai.checkpoint import SttModel
 from kyutai_stt.engine.kyutai.decoding import SlotDecoding, keyterm_trie
@@ -390,7 +390,8 @@ class Engine:
             self._streaming.close()
 
     def add_step_listener(self, listener: StepListener) -> None:
-        """Call ``listener(frames, seconds, streams)`` after every step, on the worker thread (metrics, benchmarks)."""
+        """Call ``listener(frames, seconds, streams)`` after every step, on the worker thread (metrics, the
+        real-time monitor, benchmarks)."""
         self._step_listeners.append(listener)
 
     def add_step_timing_listener(self, listener: Callable[[StepTiming], None]) -> None:
@@ -599,8 +600,8 @@ class Engine:
             self._take_frames(plan, slot, i)
         return plan
 
-    def _most_waiting(self, ready: list[_Slot]) -> list[_Slot]:
-        """The streams a lane step serves.
+    def _most_waiting(self, ready: list[_Slot], awaited: list[_Slot]) -> list[_Slot]:
+        """The streams a lane step serves, of ``ready``, ``awaited`` being ``_awaited(ready)``.
 
         1. Streams whose client awaits a finalize's words (``expedite``), a few steps from them (at most
            ``AWAITED_STEPS`` big steps' worth): alone, so the words wait for their own frames only; with them any
@@ -614,7 +615,6 @@ class Engine:
         most, k = self.max_frames_per_step, self.frames_per_step
         if most <= k:
             return ready
-        awaited = self._awaited(ready)
         if awaited:
             return awaited + [s for s in ready if s not in awaited and s.frames_available() >= STARVING_STEPS * most]
         return [s for s in ready if s.frames_available() >= most - k] or ready
@@ -662,11 +662,12 @@ class Engine:
             return None
         k = self.frames_per_step
         ready = [s for s in self._slots if s.ready(k)]
-        stepping = self._most_waiting(ready)
-        # a finalize's streams step in a lane even when the others would not fit in one: the others wait a step
-        alone = bool(self._awaited(ready))
-        if not all(len(group) <= self._lanes[-1].size and all(s.lane_ready(k) for s in group)
-                   for group in ((stepping,) if alone else (ready, stepping))):
+        awaited = self._awaited(ready)
+        stepping = self._most_waiting(ready, awaited)
+        # a finalize's streams step in a lane even when the others would not fit in one (the others wait a step);
+        # otherwise every ready stream must fit, and those chosen are among them
+        must_fit = stepping if awaited else ready
+        if len(must_fit) > self._lanes[-1].size or not all(s.lane_ready(k) for s in must_fit):
             return None
         fits = [i for i, lane in enumerate(self._lanes) if lane.size >= len(stepping)]
         index, n = fits[0], self._lanes[fits[0]].size

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from kyutai_stt.engine import batch_invariant
-from kyutai_stt.engine.contract import (ActiveStreams, ContextReset, DecodingOptions, EngineEvent, EngineStats, EngineStopped,
-    ModelInfo, NoFreeSlot, Sink, StepListener, StepOutput, StepTiming, StreamClosed, StreamEnd, StreamFailed, StreamHandle, call_sink)
+from kyutai_stt.engine.contract import (ActiveStreams, ContextReset, DecodingOptions, EngineEvent, EngineStats,
+    EngineStopped, ModelInfo, NoFreeSlot, Sink, StepListener, StepOutput, StepTiming, StreamClosed, StreamEnd,
+    StreamFailed, StreamHandle, call_sink)
 from kyutai_stt.engine.nemo.checkpoint import NemoModel
 from kyutai_stt.engine.nemo.features import FRAME_24K, LOOKAHEAD_24K, FeatureBatch
 
