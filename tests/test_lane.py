@@ -231,8 +231,10 @@ def wait_until(condition, timeout: float = 120) -> None:
 
 def test_an_awaited_finalize_steps_first_and_alone(model, reference_model, sounds):
     """Four streams fill four slots, more than the largest lane holds, so they step in the main batch. Once
-    stream 0's client awaits a finalize (``expedite``), its frames step alone in the lane, in steps no bigger than
-    they need, before any other stream's next frame; and every stream still gets the reference's outputs."""
+    stream 0's client awaits a finalize (``expedite``), its frames (a backlog of 6 frames and the flush) step alone
+    in the lane, in one step of exactly what its words need (more than ``max_frames_per_step``: one Mimi call, up to
+    ``max_frames_per_call``), before any other stream's next frame; and every stream still gets the reference's
+    outputs."""
     engine = Engine(model, 4, frames_per_step=FRAMES_PER_STEP).start()  # lanes of 1, 2 and 3 rows
     held, release = threading.Event(), threading.Event()
 
@@ -253,11 +255,12 @@ def test_an_awaited_finalize_steps_first_and_alone(model, reference_model, sound
             stream.push(clip[12 * FRAME_SIZE:14 * FRAME_SIZE])
         assert held.wait(60)
         held_step = engine.stats().steps + 1
-        for stream, clip in zip(streams[1:], clips[1:]):  # a step's worth and more for every other stream
+        for stream, clip in zip(streams, clips):  # a step's worth and more for every stream
             stream.push(clip[14 * FRAME_SIZE:20 * FRAME_SIZE])
-        pad, frames = flush_frames_after(14 * FRAME_SIZE, engine.info)  # the finalize's flush (stream.flush)
+        pad, frames = flush_frames_after(20 * FRAME_SIZE, engine.info)  # the finalize's flush (stream.flush)
         streams[0].push(np.zeros(pad + frames * FRAME_SIZE, np.float32))
-        awaited = prefix + 14 + engine.info.flush_frames
+        awaited = prefix + 20 + engine.info.flush_frames
+        assert engine.max_frames_per_step < awaited - prefix - 14 <= engine.awaited_frames_per_step
         engine.expedite(streams[0].handle, awaited)
         release.set()
         wait_until(lambda: len(streams[0].outputs) >= awaited)
@@ -272,7 +275,7 @@ def test_an_awaited_finalize_steps_first_and_alone(model, reference_model, sound
         release.set()
         engine.stop()
     # the finalize's frames after the held step: in one step of stream 0 alone, right after the held one
-    assert finalize_steps == [held_step + 1]  # the flush, in one step
+    assert finalize_steps == [held_step + 1]  # the backlog and the flush, in one step
     for other in streams[1:]:
         assert not set(other.steps) & set(finalize_steps)
         assert all(step < finalize_steps[0] or step > finalize_steps[-1] for step in other.steps)

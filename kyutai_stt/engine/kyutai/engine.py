@@ -339,6 +339,8 @@ class Engine:
             raise ValueError(f"max_frames_per_step {self.max_frames_per_step}: a multiple of frames_per_step "
                              f"({frames_per_step}) up to {exact_max} here (more frames per Mimi call are exact only "
                              "on the CPU in batch-invariant mode, with 2 or more frames per step)")
+        # a lone finalize's frames: in one Mimi call as large as is exact, unless the most per step was set
+        self.awaited_frames_per_step = exact_max if max_frames_per_step is None else self.max_frames_per_step
         # greedy; streams that sample or boost keyterms do it in LMGen's text hooks (``decoding``)
         self._decoding = SlotDecoding(slots, model.lm.text_card, self.info.first_piece_token, device, keyterm_boost)
         self._lm_gen = LMGen(model.lm, temp=0.0, temp_text=0.0, on_text_logits_hook=self._decoding.on_text_logits,
@@ -634,13 +636,18 @@ class Engine:
         is what a bigger step saves, and with several rows there is little left to save beyond 2 steps' worth (tiny
         model, 2 cores: 3 rows x 4 frames 146 ms, x 8 frames 302), while a finalize arriving meanwhile waits for the
         whole step. When a client awaits a taker's finalize, no more than the frames its words need (whole steps):
-        more would only delay them. A closing stream's short last step is padded to ``frames_per_step``."""
+        more would only delay them; and a lone such taker takes them all in one step up to
+        ``awaited_frames_per_step`` (by default ``max_frames_per_call``, 16 frames), beyond ``max_frames_per_step``: a
+        second step would cost Mimi's call again while its client waits (its backlog and flush, often 11-16 frames
+        under load, in one step of about 250 ms on 2 cores instead of two of 190 and 100). A closing stream's short last step is padded to ``frames_per_step``."""
         k = self.frames_per_step
         if self.max_frames_per_step == k or not takers:
             return k
         cap = min(self.max_frames_per_step, max(2 * k, self.max_frames_per_step // len(takers) // k * k))
         awaited = max(s.awaited_frames() for s in takers)
         if awaited:
+            if len(takers) == 1:  # its words wait for every frame: a second step would cost Mimi's call again
+                cap = max(cap, self.awaited_frames_per_step)
             cap = min(cap, -(-awaited // k) * k)
         fewest = min(s.frames_available() for s in takers)
         return max(k, min(cap, fewest // k * k))
