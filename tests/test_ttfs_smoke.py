@@ -48,6 +48,22 @@ def test_floor_counts_the_steps_the_last_word_needs(ttfs):
     assert ttfs.needed_steps(31, 1) == 30  # stt-2.6b's 2.5 s delay
 
 
+def test_targets_count_every_turn_measured(ttfs):
+    """A run holds only with every turn measured and no error; Pipecat may report more samples than turns (each a
+    real finalize's TTFB)."""
+    def row(sessions, p99, count, missing=0, errors=0):
+        return {"protocol": "pipecat", "sessions": sessions, "turns": 8 * sessions, "floor_s": 0.45,
+                "stats": {"p99": p99, "count": count}, "missing": missing, "errors": errors}
+
+    def verdicts(rows):
+        return [holds for _, holds in ttfs.targets(rows, "cpu", 3)]
+
+    assert verdicts([row(1, 0.45, 10), row(3, 0.60, 24)]) == [True, True]
+    assert verdicts([row(1, 0.45, 8), row(3, 0.70, 24)]) == [True, False]  # 0.70 > 1.5 x 0.45
+    assert verdicts([row(1, 0.45, 7, missing=1), row(3, 0.60, 23, missing=1)]) == [False, False]
+    assert verdicts([row(1, 0.45, 8, errors=1), row(3, 0.60, 24)]) == [False, True]
+
+
 def test_one_turn_per_protocol_against_a_real_server(ttfs, checkpoint_dir, tmp_path):
     out = tmp_path / "ttfs.json"
     result = CliRunner().invoke(ttfs.app, [
