@@ -283,3 +283,27 @@ def test_an_awaited_finalize_steps_first_and_alone(model, reference_model, sound
     for stream in streams:
         stream.audio = np.concatenate(stream.audio)
     check_against_reference(reference_model, streams, [None] * 3)
+
+
+def test_a_released_slot_leaves_the_step_listeners_streams_at_once(model):
+    """The real-time monitor shares each step's frames among ``streams`` (``contract.StepListener``): a stream
+    aborted or ended stops counting at once, not ``ACTIVE_SECONDS`` later."""
+    engine = Engine(model, 4, frames_per_step=FRAMES_PER_STEP)
+    seen: list[int] = []
+    engine.add_step_listener(lambda frames, seconds, streams: seen.append(streams))
+    engine.start()
+    try:
+        a, b, c = Recorder(engine), Recorder(engine), Recorder(engine)
+        prefix = engine.info.prefix_frames
+        for stream in (a, b, c):
+            stream.push(np.zeros(2 * FRAME_SIZE, np.float32))
+        wait_until(lambda: all(len(s.outputs) >= prefix + 2 for s in (a, b, c)))
+        assert seen[-1] == 3
+        engine.abort(b.handle)
+        engine.close(c.handle)
+        wait_until(lambda: c.end is not None)
+        a.push(np.zeros(2 * FRAME_SIZE, np.float32))
+        wait_until(lambda: len(a.outputs) >= prefix + 4)
+        assert seen[-1] == 1
+    finally:
+        engine.stop()
