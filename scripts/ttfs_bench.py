@@ -232,7 +232,7 @@ def targets(rows: list[dict], target: str, load_sessions: int) -> list[tuple[str
         one, loaded = by.get(1), by.get(load_sessions)
 
         def ok(row):  # every turn measured, nothing failed. Pipecat's pipeline may report more samples than turns:
-            # each is a real finalize and its TTFB (Silero stopping twice in an utterance under load), none is dropped
+            # each is a finalize it sent and the TTFB it measured, so none is dropped
             return row["stats"]["count"] >= row["turns"] and not row["missing"] and not row["errors"]
 
         if target == "cpu":

@@ -639,7 +639,8 @@ class Engine:
         more would only delay them; and a lone such taker takes them all in one step up to
         ``awaited_frames_per_step`` (by default ``max_frames_per_call``, 16 frames), beyond ``max_frames_per_step``: a
         second step would cost Mimi's call again while its client waits (its backlog and flush, often 11-16 frames
-        under load, in one step of about 250 ms on 2 cores instead of two of 190 and 100). A closing stream's short last step is padded to ``frames_per_step``."""
+        under load, in one step of about 250 ms on 2 cores instead of two of 190 and 100). A closing stream's short
+        last step is padded to ``frames_per_step``."""
         k = self.frames_per_step
         if self.max_frames_per_step == k or not takers:
             return k
