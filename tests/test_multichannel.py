@@ -16,7 +16,10 @@ from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results
 from kyutai_stt.audio.constants import SAMPLE_RATE
 from kyutai_stt.audio.decoders import stream_decoder
 from kyutai_stt.client import Client
-from kyutai_stt.messages.events import End, Word, WordEnd
+from kyutai_stt.engine.kyutai.checkpoint import load_model
+from kyutai_stt.engine.kyutai.engine import Engine
+from kyutai_stt.messages.events import End, Marker, Word, WordEnd
+from kyutai_stt.stream.channels import ChannelSession
 
 from .conftest import start_server
 from .helpers import ref_words, words_of
@@ -32,6 +35,26 @@ def served(checkpoint_dir):
 
 def int16(pcm: np.ndarray) -> np.ndarray:
     return np.clip(np.round(pcm * 32768), -32768, 32767).astype("<i2")
+
+
+async def test_a_channel_past_a_marker_waits_for_the_merged_marker(checkpoint_dir):
+    """The channels' streams are stepped separately, so one may echo a finalize's marker and go on (words of the
+    next segment) while another has not reached it: what follows a channel's echo must come after the merged
+    Marker, which a protocol reads as the end of the finalized segment (Deepgram's from_finalize results took a
+    later word into the finalized segment when both channels finalized in one engine step)."""
+    engine = Engine(load_model(str(checkpoint_dir), "cpu", "float32"), 2)  # not started: the channels' own events
+    session = ChannelSession(engine, 2)
+    first, second = session.channels
+    for channel, event in [(first, Word(text="a", start_time=0.0)), (first, Marker(id=1)),
+                           (first, Word(text="next", start_time=1.0)), (first, Marker(id=2)),
+                           (first, Word(text="later", start_time=2.0)), (second, Word(text="b", start_time=0.0)),
+                           (second, Marker(id=1)), (second, Marker(id=2))]:
+        channel._emit(event)
+    got = []
+    while not session._queue.empty():
+        event = session._queue.get_nowait()
+        got.append((event.text, event.channel) if isinstance(event, Word) else event.id)
+    assert got == [("a", 0), ("b", 1), 1, ("next", 0), 2, ("later", 0)]
 
 
 def test_channels_decoder_gives_each_channel_as_its_mono_stream():

@@ -9,7 +9,10 @@ the neighbours, each channel's words are exactly those of that channel sent alon
 
 Merged events: one ``Ready`` (once every channel has its slot), each channel's ``Text``/``Word``/``WordEnd``/
 ``Step``/``EndOfTurn`` tagged with its channel, a ``Marker`` once every channel has echoed it, one ``End`` after
-the last channel's; the first channel ``Error`` fails the whole stream.
+the last channel's; the first channel ``Error`` fails the whole stream. A channel that has echoed a marker the
+others have not yet holds back what follows until the merged ``Marker`` is out: the channels' streams are stepped
+separately (one may be a step ahead), and a protocol reads the ``Marker`` of a finalize as "what came before it is
+the finalized segment", so a word after the marker must never come before it.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class ChannelSession:
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._max_pending = max_pending_events
         self._echoes: Counter[int] = Counter()  # marker id -> channels that echoed it
+        self._held: dict[int, list[Event]] = {}  # channel -> its events since its echo of a marker not merged yet
         self._ended: set[int] = set()
         self.dropped = asyncio.Event()
         self.finished = False
@@ -159,13 +163,21 @@ class ChannelSession:
     def _on_channel(self, index: int, event: Event) -> None:
         if self.finished:
             return
-        if isinstance(event, _TAGGED):
+        if index in self._held and not isinstance(event, Error):  # past a marker the others have not echoed yet
+            self._held[index].append(event)
+        elif isinstance(event, _TAGGED):
             self._emit(event.model_copy(update={"channel": index}))
         elif isinstance(event, Marker):
             self._echoes[event.id] += 1
-            if self._echoes[event.id] == len(self.channels):
-                del self._echoes[event.id]
-                self._emit(Marker(id=event.id))
+            if self._echoes[event.id] < len(self.channels):
+                self._held[index] = []
+                return
+            del self._echoes[event.id]
+            self._emit(Marker(id=event.id))
+            held, self._held = self._held, {}
+            for channel, events in held.items():  # each channel's in the order they came (a marker holds again)
+                for later in events:
+                    self._on_channel(channel, later)
         elif isinstance(event, End):
             self._ended.add(index)
             if len(self._ended) == len(self.channels):
