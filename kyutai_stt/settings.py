@@ -46,8 +46,8 @@ class Settings(BaseSettings):
         "them waiting (a finalize's flush, a backlog under load): one Mimi call then does the work of several, "
         "at a fraction of their cost. Results are identical; allowed only where that is exact (the CPU in the "
         "batch-invariant mode, 2 or more frames per step), else refused at start. Default there: a finalize's "
-        "flush and a step of audio, in whole steps, at most 16 frames (10 for a 0.5 s delay), and a lone finalize's "
-        "frames (its backlog and flush) in one step of up to 16; elsewhere frames per step.",
+        "flush and a step of audio, in whole steps, at most 16 frames (10 for a 0.5 s delay), and the frames of "
+        "finalizes (backlog and flush) in one step of up to 16; elsewhere frames per step.",
     )
     lane_slots: int | None = Field(
         None, ge=0, le=64,

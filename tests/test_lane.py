@@ -229,12 +229,13 @@ def wait_until(condition, timeout: float = 120) -> None:
         time.sleep(0.005)
 
 
-def test_an_awaited_finalize_steps_first_and_alone(model, reference_model, sounds):
-    """Four streams fill four slots, more than the largest lane holds, so they step in the main batch. Once
-    stream 0's client awaits a finalize (``expedite``), its frames (a backlog of 6 frames and the flush) step alone
-    in the lane, in one step of exactly what its words need (more than ``max_frames_per_step``: one Mimi call, up to
-    ``max_frames_per_call``), before any other stream's next frame; and every stream still gets the reference's
-    outputs."""
+@pytest.mark.parametrize("finalizing", [1, 2])
+def test_an_awaited_finalize_steps_first_and_alone(model, reference_model, sounds, finalizing):
+    """Four streams fill four slots, more than the largest lane holds, so they step in the main batch. Once the
+    client of stream 0 (and of stream 1: two finalizes at once) awaits a finalize (``expedite``), its frames (a
+    backlog of 6 frames and the flush) step in the lane without the others, in one step of exactly what the words
+    need (more than ``max_frames_per_step`` and its share per row: one Mimi call, up to ``max_frames_per_call``),
+    before any other stream's next frame; and every stream still gets the reference's outputs."""
     engine = Engine(model, 4, frames_per_step=FRAMES_PER_STEP).start()  # lanes of 1, 2 and 3 rows
     held, release = threading.Event(), threading.Event()
 
@@ -258,25 +259,27 @@ def test_an_awaited_finalize_steps_first_and_alone(model, reference_model, sound
         for stream, clip in zip(streams, clips):  # a step's worth and more for every stream
             stream.push(clip[14 * FRAME_SIZE:20 * FRAME_SIZE])
         pad, frames = flush_frames_after(20 * FRAME_SIZE, engine.info)  # the finalize's flush (stream.flush)
-        streams[0].push(np.zeros(pad + frames * FRAME_SIZE, np.float32))
         awaited = prefix + 20 + engine.info.flush_frames
         assert engine.max_frames_per_step < awaited - prefix - 14 <= engine.awaited_frames_per_step
-        engine.expedite(streams[0].handle, awaited)
+        finalizers, others = streams[:finalizing], streams[finalizing:]
+        for stream in finalizers:
+            stream.push(np.zeros(pad + frames * FRAME_SIZE, np.float32))
+            engine.expedite(stream.handle, awaited)
         release.set()
-        wait_until(lambda: len(streams[0].outputs) >= awaited)
-        finalize_steps = sorted({step for step in streams[0].steps[prefix + 14:awaited] if step > held_step})
+        wait_until(lambda: all(len(s.outputs) >= awaited for s in finalizers))
+        finalize_steps = sorted({step for s in finalizers for step in s.steps[prefix + 14:awaited] if step > held_step})
         lane_steps_before = engine.lane_steps
         for stream, clip in zip(streams, clips):
-            if stream is not streams[0]:
+            if stream in others:
                 stream.push(clip[20 * FRAME_SIZE:])
             engine.close(stream.handle)
         wait_until(lambda: all(s.end is not None for s in streams))
     finally:
         release.set()
         engine.stop()
-    # the finalize's frames after the held step: in one step of stream 0 alone, right after the held one
+    # the finalizes' frames after the held step: in one step of the finalizing streams only, right after the held one
     assert finalize_steps == [held_step + 1]  # the backlog and the flush, in one step
-    for other in streams[1:]:
+    for other in others:
         assert not set(other.steps) & set(finalize_steps)
         assert all(step < finalize_steps[0] or step > finalize_steps[-1] for step in other.steps)
     assert lane_steps_before >= len(finalize_steps)

@@ -636,19 +636,20 @@ class Engine:
         is what a bigger step saves, and with several rows there is little left to save beyond 2 steps' worth (tiny
         model, 2 cores: 3 rows x 4 frames 146 ms, x 8 frames 302), while a finalize arriving meanwhile waits for the
         whole step. When a client awaits a taker's finalize, no more than the frames its words need (whole steps):
-        more would only delay them; and a lone such taker takes them all in one step up to
-        ``awaited_frames_per_step`` (by default ``max_frames_per_call``, 16 frames), beyond ``max_frames_per_step``: a
-        second step would cost Mimi's call again while its client waits (its backlog and flush, often 11-16 frames
-        under load, in one step of about 250 ms on 2 cores instead of two of 190 and 100). A closing stream's short
-        last step is padded to ``frames_per_step``."""
+        more would only delay them; and takers that are all awaited take them in one step up to
+        ``awaited_frames_per_step`` (by default ``max_frames_per_call``, 16 frames), beyond ``max_frames_per_step``
+        and its share per row: a second step would cost Mimi's call again while their clients wait (a backlog and
+        flush, often 11-16 frames under load: one step of about 250 ms on 2 cores instead of 190 and 100; two
+        finalizes at once: one step of both instead of three of 4 frames each). A closing stream's short last step is
+        padded to ``frames_per_step``."""
         k = self.frames_per_step
         if self.max_frames_per_step == k or not takers:
             return k
         cap = min(self.max_frames_per_step, max(2 * k, self.max_frames_per_step // len(takers) // k * k))
         awaited = max(s.awaited_frames() for s in takers)
         if awaited:
-            if len(takers) == 1:  # its words wait for every frame: a second step would cost Mimi's call again
-                cap = max(cap, self.awaited_frames_per_step)
+            if all(s.awaited_frames() for s in takers):  # finalizes only: their words wait for every frame, and a
+                cap = max(cap, self.awaited_frames_per_step)  # second step would cost Mimi's call again
             cap = min(cap, -(-awaited // k) * k)
         fewest = min(s.frames_available() for s in takers)
         return max(k, min(cap, fewest // k * k))
