@@ -104,7 +104,9 @@ def finalizes_timed(server) -> float:
 
 async def test_deepgram_sdk_live_finalize_and_close(keyed, reference, sounds):
     """A Finalize, then more audio and CloseStream: exactly the file mode's words, the finalized ones first (with
-    ``from_finalize``); the server times the finalize in /metrics."""
+    ``from_finalize``); the server times the finalize in /metrics. A second Finalize right after the first, with no
+    audio between, feeds no flush (the model hears no more silence: the words stay the file mode's) and gets its
+    own ``from_finalize`` result, with no words."""
     first, second = int16(sounds(1.6, 71)), int16(sounds(1.2, 72))
     timed = finalizes_timed(keyed)
     want, count_before = words_after_finalize(reference, first[1], second[1])
@@ -115,11 +117,13 @@ async def test_deepgram_sdk_live_finalize_and_close(keyed, reference, sounds):
         for i in range(0, len(first[0]), 3840):
             await socket.send_media(first[0][i:i + 3840])
         await socket.send_finalize()
+        await socket.send_finalize()
         async for message in socket:
             messages.append(message)
-            if isinstance(message, ListenV1Results) and message.from_finalize:
+            if sum(isinstance(m, ListenV1Results) and m.from_finalize for m in messages) == 2:
                 break
         assert results_words(messages) == want[:count_before]
+        assert not messages[-1].channel.alternatives[0].words
         for i in range(0, len(second[0]), 3840):
             await socket.send_media(second[0][i:i + 3840])
         await socket.send_keep_alive()
@@ -131,7 +135,7 @@ async def test_deepgram_sdk_live_finalize_and_close(keyed, reference, sounds):
     assert messages[-1].duration == pytest.approx((len(first[1]) + len(second[1])) / SAMPLE_RATE, abs=1e-3)
     interims = [m for m in messages if isinstance(m, ListenV1Results) and not m.is_final]
     assert interims and all(m.channel.alternatives[0].transcript for m in interims)
-    assert finalizes_timed(keyed) == timed + 1
+    assert finalizes_timed(keyed) == timed + 2
 
 
 async def test_deepgram_bad_query_and_bad_data(keyed, reference, sounds):

@@ -124,9 +124,9 @@ class ChannelSession:
         for channel, row in zip(self.channels, pcm):
             channel.push_pcm(row)
 
-    def push_marker(self, marker_id: int, finalize: bool = False) -> None:
-        for channel in self.channels:  # a finalize closes each channel's word in progress (``stream.flush``)
-            channel.push_marker(marker_id, finalize)
+    def push_marker(self, marker_id: int, finalize: bool = False, frames: int | None = None) -> int:
+        # a finalize closes each channel's word in progress (``stream.flush``); the channels wait for as many frames
+        return max([channel.push_marker(marker_id, finalize, frames) for channel in self.channels])
 
     def end(self) -> None:
         for channel in self.channels:

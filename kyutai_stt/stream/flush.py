@@ -9,6 +9,10 @@ model is causal, so the tokens up to that point are those of a stream that ends 
 equal (tested). A frame or so of silence more may follow so that the stream's frames fill whole engine steps
 (``frames_per_step``): the engine steps a live stream only in whole steps, and the finalize must not wait for the
 next audio. The silence becomes part of the stream; ``Timeline`` takes it out of the times given to the client.
+A finalize with no audio since the last one (or before any audio) has nothing to flush: it feeds nothing, and its
+marker comes back once the frames the stream already has are stepped (the last flush's tail: at most a step), with
+whatever word they spelt closed, so a turn's eager end and its end still see the same words. Feeding a flush there
+cost the engine a flush's frames for nothing, and the model heard that silence before the next audio.
 
 When the other streams are waiting for audio, the Kyutai engine steps the flush in its lane (a small batch stepped
 instead of the full one: ``engine.kyutai.lane``), so the final words wait for a few small steps, not full-batch ones.
@@ -29,6 +33,8 @@ class Timeline:
     """Stream time (with the flush silences) to client time (without them), in seconds."""
 
     inserted: list[tuple[float, float]] = field(default_factory=list)  # (client time where it starts, length)
+    # the stream's samples at the end of the last flush, and its frames then (the prefix's included; none yet: 0, 0)
+    last_flush: tuple[int, int] = (0, 0)
 
     def client_time(self, t: float) -> float:
         for at, length in self.inserted:
@@ -51,6 +57,10 @@ def flush_now(session: Session, marker_id: int, timeline: Timeline) -> float:
     info = session.engine.info
     at = session.samples_received / SAMPLE_RATE
     client_at = timeline.client_time(at)  # the silences of earlier flushes taken out
+    flushed_to, frames_then = timeline.last_flush
+    if session.samples_received == flushed_to:  # no audio since: nothing to feed, the stream's frames to step
+        session.push_marker(marker_id, finalize=True, frames=frames_then)
+        return client_at
     pad, frames = flush_frames_after(session.samples_received, info)
     # a marker is echoed once the frames of the audio before it and the model's delay are transcribed: placed
     # after (flush - delay) frames of silence, that is exactly the end of the flush
@@ -62,4 +72,7 @@ def flush_now(session: Session, marker_id: int, timeline: Timeline) -> float:
     lookahead = getattr(info, "lookahead_frames", 0)  # 0 for Kyutai (and the tests' stand-in infos)
     session.push_pcm(np.zeros((frames - before + lookahead) * FRAME_SIZE, np.float32))
     timeline.inserted.append((client_at, session.samples_received / SAMPLE_RATE - at))
+    # (a look-ahead model steps its frames only with the look-ahead after them: those stay for the next audio)
+    timeline.last_flush = (session.samples_received,
+                           session.samples_received // FRAME_SIZE + info.prefix_frames - lookahead)
     return client_at

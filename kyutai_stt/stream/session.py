@@ -207,16 +207,19 @@ class Session:
             self._close_pending = False
             self.engine.close(self._handle)
 
-    def push_marker(self, marker_id: int, finalize: bool = False) -> None:
+    def push_marker(self, marker_id: int, finalize: bool = False, frames: int | None = None) -> int:
         """Echo ``Marker(marker_id)`` once every frame of the audio so far has been transcribed (the model's delay
-        included). ``finalize``: the word in progress is then complete and closed at that point (``Word`` and
-        ``WordEnd`` before the ``Marker``), as at the end of a stream; ``flush.flush_now`` places such a marker at
-        the end of its flush."""
-        frames = math.ceil(self.samples_received / FRAME_SIZE) + self._lead_frames
+        included), or the first ``frames`` frames (not past those of the audio so far). ``finalize``: the word in
+        progress is then complete and closed at that point (``Word`` and ``WordEnd`` before the ``Marker``), as at
+        the end of a stream; ``flush.flush_now`` places such a marker at the end of its flush. Returns the frames
+        it waits for."""
+        due = math.ceil(self.samples_received / FRAME_SIZE) + self._lead_frames
+        frames = due if frames is None else min(frames, due)
         self._markers.append((frames, marker_id, finalize, time.monotonic()))
         if finalize and self._handle is not None and not self.finished:
             self.engine.expedite(self._handle, frames)  # its client waits for these words: step them first
         self._echo_markers()
+        return frames
 
     def end(self) -> None:
         if self.ended or self._handle is None:

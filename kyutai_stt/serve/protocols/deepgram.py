@@ -345,17 +345,12 @@ class _Transcript:
         """A Finalize's flush was fed: the words it releases are held for its from_finalize result."""
         self.finalizing += 1
 
-    def finalized(self, end: float) -> list[BaseModel]:
+    def finalized(self) -> list[BaseModel]:
         """The Finalize's marker is back: every word heard before it goes out in one ``from_finalize`` result, as
-        Deepgram sends it (the pending word ends at the end of the flush, ``end``: client time already)."""
+        Deepgram sends it. The finalizing marker closed them all (``WordEnd`` before it), so no word is pending
+        here (a Finalize with no audio since the last one: the words its tail spelt, or none)."""
         self.finalizing = max(0, self.finalizing - 1)
         words, self.held = self.held, []
-        pending = self.words.pending
-        if pending is not None:
-            self.words.pending = None
-            start = self.shift(pending.start_time)
-            speaker = self.speakers.pop(0) if self.speakers else None
-            words.append(_result_word(pending.text, start, max(end, start), speaker))
         end = words[-1].end if words else self.cursor
         message = self._results(words, True, end, from_finalize=True)
         self.cursor = end
@@ -396,7 +391,7 @@ class DeepgramTranslator(runner.Translator):
         self.digest = hashlib.sha256()
         self.created = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
         self.markers = itertools.count(1)
-        self.finalize_ends: dict[int, float] = {}  # marker id -> client time where the audio before Finalize ended
+        self.finalizes: set[int] = set()  # the marker ids of the Finalizes under way
 
     def parse(self, message: dict) -> list[runner.Input]:
         data = message.get("bytes")
@@ -417,7 +412,7 @@ class DeepgramTranslator(runner.Translator):
         return []  # KeepAlive: reading it reset the idle timer
 
     def flushed(self, marker: int, end: float) -> None:
-        self.finalize_ends[marker] = end
+        self.finalizes.add(marker)
         for transcript in self.transcripts:
             transcript.finalize()
 
@@ -428,9 +423,9 @@ class DeepgramTranslator(runner.Translator):
     def render(self, event) -> list[str]:
         if isinstance(event, Error):
             return [_stream_error("NET-0000", event.message)]
-        if isinstance(event, Marker) and event.id in self.finalize_ends:
-            end = self.finalize_ends.pop(event.id)
-            items = [item for transcript in self.transcripts for item in transcript.finalized(end)]
+        if isinstance(event, Marker) and event.id in self.finalizes:
+            self.finalizes.discard(event.id)
+            items = [item for transcript in self.transcripts for item in transcript.finalized()]
         else:
             items = self.transcripts[getattr(event, "channel", None) or 0].on_event(event)
         return [item.model_dump_json() for item in items]
