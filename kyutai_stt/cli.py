@@ -71,6 +71,7 @@ def serve(
                          record_dir=record_dir, api_keys=api_key or None, log_format=log_format, workers=workers,
                          nemo_lookahead=nemo_lookahead, diarizer=diarizer)
     _logging(verbose, settings.log_format)
+    _check_port(settings.host, settings.port)
     from kyutai_stt.serve.workers import default_workers, serve_workers
 
     if (settings.workers or default_workers(settings.device)) > 1:  # one engine process, N front-end processes
@@ -90,6 +91,23 @@ def serve(
                   f"(streaming: ws://{settings.host}:{settings.port}/v1/stream, /api/asr-streaming, /ws)")
 
     run_server(settings, stt, on_ready=ready)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Say now, not after loading and warming the model (a minute on a CPU), that the port is taken. The probe
+    binds as uvicorn does (SO_REUSEADDR) and lets go at once."""
+    import socket
+
+    if not port:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            err.print(f"[red]error:[/red] cannot listen on {host}:{port}: {exc.strerror or exc} (another server "
+                      f"there? --port or KYUTAI_STT_PORT picks another)", highlight=False)
+            raise typer.Exit(2)
 
 
 @app.command("make-checkpoint")

@@ -57,6 +57,19 @@ def test_transcribe_text_format_prints_timestamped_words(tmp_path, server, refer
     assert result.stdout.splitlines() == [f"[{w.start:8.2f}] {w.text}" for w in want]
 
 
+def test_serve_on_a_taken_port_says_so_before_loading(tmp_path):
+    """The port is checked first: the error comes at once, not after the model has loaded (the folder given is
+    not even a checkpoint)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = kyutai_stt("serve", "--model", str(tmp_path), "--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr.replace("\n", " ")
+
+
 def test_transcribe_reports_missing_file_and_unreachable_hub(tmp_path):
     missing = kyutai_stt("transcribe", str(tmp_path / "nope.wav"))
     assert missing.returncode == 2 and "no such audio file" in missing.stderr

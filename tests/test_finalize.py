@@ -269,9 +269,11 @@ async def collect(stream) -> list:
 async def test_flush_on_an_empty_stream_and_twice_in_a_row(server, reference, sounds):
     """Over the raw ``websockets`` package: a flush before any audio is answered at 0 s; two flushes with nothing
     between them, the second without an id (``id`` null); the words as the reference gives them. A flush with no
-    audio since the last one (or before any) feeds nothing: no words, and the model never hears a silence for it."""
+    audio since the last one (or before any) feeds nothing: no words, and the model never hears a silence for it.
+    A marker right after a flush, and a flush after it, come back before any more audio is sent."""
     first, second = sounds(1.3, 94), sounds(1.1, 95)
-    pieces = [np.zeros(0, np.float32), first, np.zeros(0, np.float32), second]
+    nothing = np.zeros(0, np.float32)
+    pieces = [nothing, first, nothing, nothing, second]
     received = []
     async with websockets.connect(server.ws + "/v1/stream?format=pcm_f32le&sample_rate=24000") as ws:
         async def read_until(kind: str) -> None:
@@ -285,17 +287,22 @@ async def test_flush_on_an_empty_stream_and_twice_in_a_row(server, reference, so
         await ws.send(first.tobytes())
         await ws.send(json.dumps({"type": "flush", "id": 8}))
         await ws.send(json.dumps({"type": "flush"}))
+        await ws.send(json.dumps({"type": "marker", "id": 9}))
+        await ws.send(json.dumps({"type": "flush", "id": 10}))
+        await asyncio.wait_for(read_until("flushed"), 120)  # 8
+        await asyncio.wait_for(read_until("flushed"), 120)  # null
+        await asyncio.wait_for(read_until("flushed"), 120)  # 10, after marker 9: none waits for more audio
         await ws.send(second.tobytes())
         await ws.send(json.dumps({"type": "end"}))
         await read_until("end")
     flushes = [e for e in received if e["type"] == "flushed"]
-    assert [(e["id"], e.keys()) for e in flushes] == [(i, {"type", "id", "audio_seconds"}) for i in (7, 8, None)]
-    assert [e["audio_seconds"] for e in flushes] == pytest.approx([0.0, first.size / SAMPLE_RATE] + [
-        first.size / SAMPLE_RATE], abs=1e-6)
+    assert [(e["id"], e.keys()) for e in flushes] == [(i, {"type", "id", "audio_seconds"}) for i in (7, 8, None, 10)]
+    assert [e["audio_seconds"] for e in flushes] == pytest.approx([0.0] + [first.size / SAMPLE_RATE] * 3, abs=1e-6)
+    assert [e["id"] for e in received if e["type"] in ("marker", "flushed")][2:] == [None, 9, 10]
     segments, _ = split_at_flushes([parse_event(json.dumps(e)) for e in received])
     want, _ = flushed_stream_words(reference, pieces)
     assert segments == want
-    assert segments[0] == segments[2] == [] and segments[1]  # the flushes with nothing new: no words
+    assert segments[0] == segments[2] == segments[3] == [] and segments[1]  # the flushes with nothing new: no words
     assert received[-1]["duration"] == pytest.approx((first.size + second.size) / SAMPLE_RATE, abs=1e-6)
 
 

@@ -194,7 +194,12 @@ def test_the_check_fails_when_the_lane_loses_its_rows(model, reference_model, sp
     monkeypatch.setattr(Lane, "scatter", lambda self, row, slot, decoding: None)
     options = [None, None, None]
     moves = MoveCounter(monkeypatch)  # counts the broken scatter's calls
-    streams, (lane_steps, _) = run_finalizers(model, speech[:30000], sounds(1.0, 8), lane_slots=2, options=options)
+    for _ in range(3):  # which steps go through the lane depends on the threads' timing: on a loaded machine a run
+        moves.scatters = 0  # may step nearly everything in the main batch; such a run shows nothing, so run again
+        streams, (lane_steps, _) = run_finalizers(model, speech[:30000], sounds(1.0, 8), lane_slots=2,
+                                                  options=options)
+        if lane_steps >= 2 and moves.scatters > 0:
+            break
     assert lane_steps >= 2 and moves.scatters > 0
     with pytest.raises(AssertionError):
         check_against_reference(reference_model, streams, options)

@@ -276,6 +276,7 @@ async def test_realtime_commit_empty(turns_server, reference, sounds):
             kinds.append(event.type)
             if event.type == "conversation.item.input_audio_transcription.completed":
                 assert event.transcript == want
+                assert event.usage.seconds == pytest.approx(heard.size / 24000, abs=1e-3)  # its audio, no flush
                 break
         await rt.input_audio_buffer.commit(event_id="c4")
         again = await rt.recv()

@@ -61,17 +61,20 @@ def test_every_mid_stream_flush_is_taken_out_of_client_times():
 
 
 def test_deepgram_finalize_ends_the_pending_word_where_the_client_audio_ended():
-    """After an earlier Finalize, the pending word still ends where the audio before this Finalize ended (the end
-    given by the flush is client time already: it is not shifted twice)."""
-    from kyutai_stt.messages.events import Word
+    """After an earlier Finalize, the pending word still ends where the audio before this Finalize ended: the
+    finalizing marker closes it inside the flush's silence (stream time), which is client time 4.0, and the
+    from_finalize result carries it."""
+    from kyutai_stt.messages.events import Word, WordEnd
     from kyutai_stt.serve.protocols.deepgram import ListenOptions, _Transcript
     from kyutai_stt.stream.flush import Timeline
 
     timeline = Timeline(inserted=[(2.0, 0.48), (4.0, 0.48)])  # two flushes of 0.48 s, at client 2 s and 4 s
     transcript = _Transcript(ListenOptions(), "request", "model", "uuid")
     transcript.shift = timeline.client_time
+    transcript.finalize()  # the Finalize's flush was fed
     assert transcript.on_event(Word(text="hello", start_time=3.5 + 0.48)) == []  # stream time
-    (result,) = transcript.finalized(4.0)
+    assert transcript.on_event(WordEnd(stop_time=4.0 + 0.48 + 0.2)) == []  # held for the from_finalize result
+    (result,) = transcript.finalized()
     word = result.channel.alternatives[0].words[0]
     assert (word.start, word.end, result.from_finalize) == (3.5, 4.0, True)
 

@@ -76,3 +76,12 @@ def flush_now(session: Session, marker_id: int, timeline: Timeline) -> float:
     timeline.last_flush = (session.samples_received,
                            session.samples_received // FRAME_SIZE + info.prefix_frames - lookahead)
     return client_at
+
+
+def mark_now(session: Session, marker_id: int, timeline: Timeline) -> None:
+    """A plain marker (Kyutai's ``Marker``, ``/v1/stream``'s ``marker``): echoed once every frame of the audio so
+    far is transcribed, the model's delay included. Right after a flush, with no audio since, that audio is already
+    through: the marker waits only for the frames the stream has, as a repeated finalize does (else it waited for
+    the delay's worth of audio to come, and a later flush behind it too)."""
+    flushed_to, frames_then = timeline.last_flush
+    session.push_marker(marker_id, frames=frames_then if 0 < flushed_to == session.samples_received else None)

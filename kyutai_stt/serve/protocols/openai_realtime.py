@@ -235,6 +235,8 @@ class RealtimeTranslator(runner.Translator):
         self.items = itertools.count(1)
         self.markers = itertools.count(1)
         self.pending_markers: dict[int, str] = {}  # marker id -> "commit" | "clear"
+        self.marker_ends: dict[int, float] = {}  # marker id -> client seconds where the audio before it ended
+        self.audio_from = 0.0  # client seconds where the current item's audio begins (its usage counts from there)
         self.item: str | None = None  # the current item, once it has text
         self.previous: str | None = None
         self.words: list[str] = []
@@ -324,11 +326,16 @@ class RealtimeTranslator(runner.Translator):
             self.item = f"item_{next(self.items)}"
         return self.item
 
-    def _end_item(self) -> list[str]:
-        """The current item is over: committed, then its transcript."""
+    def flushed(self, marker: int, end: float) -> None:
+        self.marker_ends[marker] = end
+
+    def _end_item(self, end: float) -> list[str]:
+        """The current item is over, its audio ending at ``end`` (client seconds): committed, then its transcript
+        (its ``usage``: the item's own audio, as OpenAI counts it, not the flush silence nor earlier items)."""
         if self.item is None:
             return []
         item = self.item
+        seconds, self.audio_from = max(0.0, end - self.audio_from), max(self.audio_from, end)
         words = self.words
         if self.spelling.strip():  # its deltas went out with this item: so does the word (its Word comes later)
             words = words + [self.spelling.strip()]
@@ -336,7 +343,7 @@ class RealtimeTranslator(runner.Translator):
         self.spelling = ""
         out = [self.emit(rt.Committed(item_id=item, previous_item_id=self.previous)),
                self.emit(rt.TranscriptionCompleted(item_id=item, transcript=" ".join(words), usage=rt.Usage(
-                   seconds=round(self.session.samples_received / SAMPLE_RATE, 3))))]
+                   seconds=round(seconds, 3))))]
         self.previous, self.item, self.words, self.delta_sent = item, None, [], False
         return out
 
@@ -344,12 +351,14 @@ class RealtimeTranslator(runner.Translator):
         if isinstance(event, Error):
             return [self.error(event.message, None, "server_error")]
         if isinstance(event, Marker) and event.id in self.pending_markers:
+            end = self.marker_ends.pop(event.id, self.audio_from)
             if self.pending_markers.pop(event.id) == "clear":
                 self.drop = False
                 self.item, self.words, self.delta_sent = None, [], False
+                self.audio_from = max(self.audio_from, end)
                 return [self.emit(rt.Cleared())]
             self._item_id()
-            return self._end_item()
+            return self._end_item(end)
         if self.drop:
             return []
         out = []
@@ -371,9 +380,9 @@ class RealtimeTranslator(runner.Translator):
             self.words.append(event.text)
         elif isinstance(event, EndOfTurn) and self.config.server_vad and self.item is not None:
             self.buffered_ms = 0.0  # the automatic commit
-            out.append(self.emit(rt.SpeechStopped(item_id=self.item,
-                                                  audio_end_ms=round(self.timeline.client_time(event.time) * 1000))))
-            out += self._end_item()
+            end = self.timeline.client_time(event.time)
+            out.append(self.emit(rt.SpeechStopped(item_id=self.item, audio_end_ms=round(end * 1000))))
+            out += self._end_item(end)
         return out
 
 

@@ -35,7 +35,7 @@ from kyutai_stt.serve.protocols.common import close, receive_message
 from kyutai_stt.serve.protocols.errors import (ERROR_KINDS, INTERNAL_ERROR, NORMAL, CloseSocket, FinishThenClose,
     PolicyViolation, ServerFault, close_for)
 from kyutai_stt.serve.service import get_service
-from kyutai_stt.stream.flush import Timeline, flush_now
+from kyutai_stt.stream.flush import Timeline, flush_now, mark_now
 from kyutai_stt.stream.session import Session
 from kyutai_stt.stream.turns import TurnTracker
 
@@ -174,7 +174,7 @@ async def feed_inputs(receive: Receive, send: Send, session: Session, translator
             case Samples(pcm=pcm):
                 session.push_pcm(pcm)
             case Marker(id=marker_id):
-                session.push_marker(marker_id)
+                mark_now(session, marker_id, translator.timeline)
             case Flush(marker=marker):
                 if decoder is not None:
                     session.push_pcm(decoder.flush())
