@@ -271,17 +271,22 @@ async def test_realtime_commit_empty(turns_server, reference, sounds):
         await asyncio.sleep(2.0)  # idle past the server's idle_timeout_s (1.5 s): still open
         await rt.input_audio_buffer.append(audio=base64.b64encode(speech).decode())
         await rt.input_audio_buffer.commit(event_id="c3")
+        await rt.input_audio_buffer.commit(event_id="c4")  # at once: nothing new
+        await rt.input_audio_buffer.append(audio=base64.b64encode(short + short + short).decode())
+        await rt.input_audio_buffer.clear()  # its words dropped; the committed item's kept (it dropped them before)
         kinds = []
         async for event in rt:
             kinds.append(event.type)
+            if event.type == "error":
+                assert event.error.code == "input_audio_buffer_commit_empty" and event.error.event_id == "c4"
             if event.type == "conversation.item.input_audio_transcription.completed":
                 assert event.transcript == want
                 assert event.usage.seconds == pytest.approx(heard.size / 24000, abs=1e-3)  # its audio, no flush
                 break
-        await rt.input_audio_buffer.commit(event_id="c4")
-        again = await rt.recv()
-        assert again.type == "error" and again.error.code == "input_audio_buffer_commit_empty"
     assert kinds.count("input_audio_buffer.committed") == 1 and "input_audio_buffer.speech_started" not in kinds
+    # answered in order, as OpenAI does: c3's committed at once, then c4's error (it overtook it before)
+    assert kinds.index("input_audio_buffer.committed") < kinds.index("error") < kinds.index(
+        "input_audio_buffer.cleared")
 
 
 async def test_realtime_turn_detection_parameters(turns_server):

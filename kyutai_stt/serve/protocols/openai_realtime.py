@@ -17,8 +17,10 @@ Client events (the GA names, and the beta ``transcription_session.update``):
 
 Server events: ``session.created`` / ``session.updated`` (``transcription_session.*`` for the beta names),
 ``input_audio_buffer.speech_started`` (the first text of a turn), ``.speech_stopped`` and ``.committed`` (the VAD
-head's end of turn, or a commit), ``conversation.item.input_audio_transcription.delta`` (each text piece as the
-model produces it) and ``.completed`` (the item's words), ``input_audio_buffer.cleared``, and ``error``
+head's end of turn; a commit is answered with it at once, as a clear with ``.cleared``, so that an error for a
+later event never overtakes them), ``conversation.item.input_audio_transcription.delta`` (each text piece as the
+model produces it: those of audio before a commit go to the committed item, also after ``.committed``) and
+``.completed`` (the item's words, once the commit's flush is through), ``input_audio_buffer.cleared``, and ``error``
 (``{"type": "error", "error": {"type", "code", "message", "param", "event_id"}}``): a bad event (unknown type,
 a setting we cannot honour, audio that is not base64) is answered with an error and the session goes on, as
 OpenAI's does; a stream past ``max_session_s`` is closed (1008).
@@ -30,6 +32,7 @@ import base64
 import binascii
 import itertools
 import uuid
+from collections import deque
 from typing import Any, Callable
 
 from fastapi import APIRouter, WebSocket
@@ -234,11 +237,13 @@ class RealtimeTranslator(runner.Translator):
         self.event_ids = itertools.count(1)
         self.items = itertools.count(1)
         self.markers = itertools.count(1)
-        self.pending_markers: dict[int, str] = {}  # marker id -> "commit" | "clear"
+        # the commits and clears under way, in order: (marker, "commit" | "clear", the committed item); the
+        # session's events belong to the first one's audio until its marker is back
+        self.boundaries: deque[tuple[int, str, str | None]] = deque()
         self.marker_ends: dict[int, float] = {}  # marker id -> client seconds where the audio before it ended
         self.audio_from = 0.0  # client seconds where the current item's audio begins (its usage counts from there)
-        self.item: str | None = None  # the current item, once it has text
-        self.previous: str | None = None
+        self.item: str | None = None  # the item the session's events go to now, once it has an id
+        self.previous: str | None = None  # the last item committed
         self.words: list[str] = []
         self.drop = False  # a clear is under way: its words are dropped
         self.delta_sent = False
@@ -305,11 +310,20 @@ class RealtimeTranslator(runner.Translator):
                                 f"{MIN_COMMIT_MS} ms of audio, but buffer only has {self.buffered_ms:.2f} ms of audio.",
                                 None, "input_audio_buffer_commit_empty")
         if isinstance(event, (Commit, Clear)):
+            # answered at once, as OpenAI does (an error for a later event must not overtake it); the words follow
+            # once the flush is through: the events before its marker are still the committed (or cleared) audio's
             self.buffered_ms = 0.0
             marker = next(self.markers)
-            self.pending_markers[marker] = "commit" if isinstance(event, Commit) else "clear"
-            self.drop = self.drop or isinstance(event, Clear)
-            return [runner.Flush(marker)]
+            if isinstance(event, Clear):
+                self.boundaries.append((marker, "clear", None))
+                self.drop = self.drop or len(self.boundaries) == 1
+                return [runner.Reply([self.emit(rt.Cleared())]), runner.Flush(marker)]
+            # the item receiving events now, or (behind earlier commits or clears) the one after them
+            item = self._item_id() if not self.boundaries else f"item_{next(self.items)}"
+            self.boundaries.append((marker, "commit", item))
+            committed = self.emit(rt.Committed(item_id=item, previous_item_id=self.previous))
+            self.previous = item
+            return [runner.Reply([committed]), runner.Flush(marker)]
         return []
 
     def idle_timeout(self, settings) -> None:
@@ -329,9 +343,10 @@ class RealtimeTranslator(runner.Translator):
     def flushed(self, marker: int, end: float) -> None:
         self.marker_ends[marker] = end
 
-    def _end_item(self, end: float) -> list[str]:
-        """The current item is over, its audio ending at ``end`` (client seconds): committed, then its transcript
-        (its ``usage``: the item's own audio, as OpenAI counts it, not the flush silence nor earlier items)."""
+    def _end_item(self, end: float, committed: bool = False) -> list[str]:
+        """The current item is over, its audio ending at ``end`` (client seconds): committed (unless a commit
+        already said so), then its transcript (its ``usage``: the item's own audio, as OpenAI counts it, not the
+        flush silence nor earlier items)."""
         if self.item is None:
             return []
         item = self.item
@@ -341,24 +356,35 @@ class RealtimeTranslator(runner.Translator):
             words = words + [self.spelling.strip()]
             self.carried += 1
         self.spelling = ""
-        out = [self.emit(rt.Committed(item_id=item, previous_item_id=self.previous)),
-               self.emit(rt.TranscriptionCompleted(item_id=item, transcript=" ".join(words), usage=rt.Usage(
-                   seconds=round(seconds, 3))))]
-        self.previous, self.item, self.words, self.delta_sent = item, None, [], False
+        out = [] if committed else [self.emit(rt.Committed(item_id=item, previous_item_id=self.previous))]
+        out.append(self.emit(rt.TranscriptionCompleted(item_id=item, transcript=" ".join(words), usage=rt.Usage(
+            seconds=round(seconds, 3)))))
+        self.previous = self.previous if committed else item
+        self.item, self.words, self.delta_sent = None, [], False
         return out
+
+    def _next_boundary(self) -> None:
+        """The events from now on go to the next commit's item, are dropped (a clear), or go to a new item."""
+        if self.boundaries:
+            _, kind, item = self.boundaries[0]
+            self.item, self.drop = item, kind == "clear"
+        else:
+            self.drop = False
 
     def render(self, event: Event) -> list[str]:
         if isinstance(event, Error):
             return [self.error(event.message, None, "server_error")]
-        if isinstance(event, Marker) and event.id in self.pending_markers:
+        if isinstance(event, Marker) and self.boundaries and event.id == self.boundaries[0][0]:
+            _, kind, _ = self.boundaries.popleft()
             end = self.marker_ends.pop(event.id, self.audio_from)
-            if self.pending_markers.pop(event.id) == "clear":
-                self.drop = False
-                self.item, self.words, self.delta_sent = None, [], False
+            out = []
+            if kind == "clear":
+                self.item, self.words, self.delta_sent, self.spelling = None, [], False, ""
                 self.audio_from = max(self.audio_from, end)
-                return [self.emit(rt.Cleared())]
-            self._item_id()
-            return self._end_item(end)
+            else:
+                out = self._end_item(end, committed=True)
+            self._next_boundary()
+            return out
         if self.drop:
             return []
         out = []
@@ -378,7 +404,7 @@ class RealtimeTranslator(runner.Translator):
                 return out
             self._item_id()
             self.words.append(event.text)
-        elif isinstance(event, EndOfTurn) and self.config.server_vad and self.item is not None:
+        elif isinstance(event, EndOfTurn) and self.config.server_vad and self.item is not None and not self.boundaries:
             self.buffered_ms = 0.0  # the automatic commit
             end = self.timeline.client_time(event.time)
             out.append(self.emit(rt.SpeechStopped(item_id=self.item, audio_end_ms=round(end * 1000))))
