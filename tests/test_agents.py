@@ -138,6 +138,29 @@ async def test_deepgram_sdk_live_finalize_and_close(keyed, reference, sounds):
     assert finalizes_timed(keyed) == timed + 2
 
 
+async def test_deepgram_finalize_then_close_adds_nothing(keyed, reference, sounds):
+    """CloseStream right after a Finalize (no audio between) adds no flush: every word is in the from_finalize
+    result, as for CloseStream alone, and nothing more comes (before, the end's flush silence was fed too, and
+    random weights spelt a word in it); a stream with no audio at all gets no words."""
+    data, heard = int16(sounds(2.0, 79))  # 25 frames: the Finalize's flush fills whole engine steps (no tail)
+    want = [(w.text, round(w.start, 4), round(w.end, 4))
+            for w in expected_words(reference.model, reference.outputs(heard))]
+    client = deepgram_client(keyed)
+    for audio in (data, b""):
+        messages = []
+        async with client.listen.v1.connect(model="nova-3", encoding="linear16", sample_rate=24000) as socket:
+            if audio:
+                await socket.send_media(audio)
+            await socket.send_finalize()
+            await socket.send_close_stream()
+            async for message in socket:
+                messages.append(message)
+        finals = [m for m in messages if isinstance(m, ListenV1Results) and m.is_final]
+        assert finals[0].from_finalize and all(not m.channel.alternatives[0].words for m in finals[1:])
+        assert results_words(messages) == (want if audio else [])
+        assert messages[-1].duration == pytest.approx(len(audio) / 2 / SAMPLE_RATE)
+
+
 async def test_deepgram_bad_query_and_bad_data(keyed, reference, sounds):
     client = deepgram_client(keyed)
     from deepgram.core.api_error import ApiError

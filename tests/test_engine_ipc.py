@@ -67,6 +67,25 @@ def test_tokens_exact_through_the_client(served, reference, sounds):
     assert client.stats().slots_in_use == 0
 
 
+def test_a_close_without_flush_through_the_client(served, reference, sounds):
+    """``close(flush=False)`` (the end right after a finalize's flush): the stream's own frames only, the
+    reference's tokens for them, then ``StreamEnd``; with nothing left to step at all (no audio), ``StreamEnd`` at
+    once (no step would deliver it)."""
+    engine, _, client = served
+    pcm = sounds(1.0, 6)[:6 * FRAME_SIZE]
+    events, done, sink = collect()
+    handle = client.open(sink)
+    client.push(handle, pcm)
+    client.close(handle, flush=False)
+    assert done.wait(120) and isinstance(events[-1], StreamEnd) and events[-1].frames == 6
+    assert [e.token for e in events if isinstance(e, StepOutput)] == reference.tokens(pcm)[:6]
+    events, done, sink = collect()
+    handle = client.open(sink)
+    client.close(handle, flush=False)
+    assert done.wait(120) and events == [StreamEnd(0)]
+    assert client.stats().slots_in_use == 0
+
+
 def test_a_lone_stream_steps_in_the_lane_exactly(served, reference, sounds):
     """Through the wire, a stream alone on a lane engine is stepped in the lane's small batch (but for its first
     step, a reset, and its padded last one) and gets exactly the reference's tokens."""

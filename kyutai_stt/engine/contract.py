@@ -255,8 +255,10 @@ class Engine(Protocol):
     def push(self, handle: StreamHandle, pcm: np.ndarray) -> None:
         """Queue float PCM of any length (``StreamClosed`` once the stream is closing or gone)."""
 
-    def close(self, handle: StreamHandle) -> None:
-        """No more audio: flush, deliver the last outputs and ``StreamEnd``, then free the slot."""
+    def close(self, handle: StreamHandle, flush: bool = True) -> None:
+        """No more audio: flush, deliver the last outputs and ``StreamEnd``, then free the slot. ``flush=False``:
+        no flush silence after the audio (a finalize's flush just covered it: nothing since needs the model's
+        delay); a family whose end has no such silence (NeMo pads its last chunk only) ends as always."""
 
     def abort(self, handle: StreamHandle) -> None:
         """Drop the stream now: no more outputs, the slot is free at once."""

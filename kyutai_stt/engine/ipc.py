@@ -120,7 +120,9 @@ class Push(StreamCommand, tag=True):
 
 
 class Close(StreamCommand, tag=True):
-    """``Engine.close``: no more audio."""
+    """``Engine.close``: no more audio (``flush``: as ``Engine.close``'s)."""
+
+    flush: bool = True
 
 
 class Abort(StreamCommand, tag=True):
@@ -163,7 +165,7 @@ class Gone(msgspec.Struct, tag=True):
 
 
 # stream commands that call one engine method with the stream's handle, nothing else
-_ROUTED: dict[type, str] = {Close: "close", Reset: "reset"}
+_ROUTED: dict[type, str] = {Reset: "reset"}
 Command = Hello | Open | Push | Close | Abort | Reset | Reconfigure | Expedite | StatsRequest | Beat | Bye | Gone
 
 
@@ -350,6 +352,10 @@ class EngineServer:
                 route = self._routes.get((command.slot, command.stream))
                 if route is not None:
                     getattr(self.engine, _ROUTED[type(command)])(route.handle)
+            elif isinstance(command, Close):
+                route = self._routes.get((command.slot, command.stream))
+                if route is not None:
+                    self.engine.close(route.handle, command.flush)
             elif isinstance(command, Reconfigure):
                 route = self._routes.get((command.slot, command.stream))
                 if route is not None:
@@ -508,11 +514,11 @@ class EngineClient:
         stream.sent += pcm.size
         self._send(Push(handle.slot, handle.stream_id, pcm.tobytes()))
 
-    def close(self, handle: StreamHandle) -> None:
+    def close(self, handle: StreamHandle, flush: bool = True) -> None:
         stream = self._streams.get((handle.slot, handle.stream_id))
         if stream is not None and not stream.closing:
             stream.closing = True
-            self._send(Close(handle.slot, handle.stream_id))
+            self._send(Close(handle.slot, handle.stream_id, flush))
 
     def abort(self, handle: StreamHandle) -> None:
         with self._lock:

@@ -128,9 +128,9 @@ class ChannelSession:
         # a finalize closes each channel's word in progress (``stream.flush``); the channels wait for as many frames
         return max([channel.push_marker(marker_id, finalize, frames) for channel in self.channels])
 
-    def end(self) -> None:
+    def end(self, flush: bool = True) -> None:
         for channel in self.channels:
-            channel.end()
+            channel.end(flush)
 
     def abort(self) -> None:
         for channel in self.channels:

@@ -78,6 +78,13 @@ def flush_now(session: Session, marker_id: int, timeline: Timeline) -> float:
     return client_at
 
 
+def end_now(session: Session, timeline: Timeline) -> None:
+    """The client ended its audio. With none since the last flush (or none at all) the stream ends without the
+    end's own flush: the last flush made every word final, and more silence would only cost its frames and give
+    the model more to spell (so a Finalize then CloseStream gives the words of CloseStream alone)."""
+    session.end(flush=session.samples_received != timeline.last_flush[0])
+
+
 def mark_now(session: Session, marker_id: int, timeline: Timeline) -> None:
     """A plain marker (Kyutai's ``Marker``, ``/v1/stream``'s ``marker``): echoed once every frame of the audio so
     far is transcribed, the model's delay included. Right after a flush, with no audio since, that audio is already

@@ -114,6 +114,7 @@ class Session:
         self._max_buffered = max_buffered_seconds * SAMPLE_RATE
         self._spool = AudioSpool(int(spool_memory_seconds * SAMPLE_RATE) * 4)
         self._close_pending = False  # end() came while audio was still spooled
+        self._close_flush = True  # end()'s flush, for that deferred close
         self._progress = asyncio.Event()  # set whenever the engine reports on this stream
         self.dropped = asyncio.Event()  # set when the consumer fell too far behind: the stream was aborted
         self.ended = False  # end() was called
@@ -205,7 +206,7 @@ class Session:
             self._push_to_engine(self._spool.take(int(room)))
         if self._close_pending and not len(self._spool):
             self._close_pending = False
-            self.engine.close(self._handle)
+            self.engine.close(self._handle, self._close_flush)
 
     def push_marker(self, marker_id: int, finalize: bool = False, frames: int | None = None) -> int:
         """Echo ``Marker(marker_id)`` once every frame of the audio so far has been transcribed (the model's delay
@@ -221,10 +222,12 @@ class Session:
         self._echo_markers()
         return frames
 
-    def end(self) -> None:
+    def end(self, flush: bool = True) -> None:
+        """No more audio: the stream ends once its words are out (``flush``: as ``Engine.close``'s)."""
         if self.ended or self._handle is None:
             return
         self.ended = True
+        self._close_flush = flush
         self._reader.set_audio_end(self.samples_received / SAMPLE_RATE)  # the flush silence is not audio
         self._close_pending = True
         self._drain()

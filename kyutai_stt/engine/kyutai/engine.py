@@ -178,6 +178,11 @@ class _Slot:
     def done(self) -> bool:
         return self.closing and len(self.buffer) == 0 and self.flush_frames_left <= 0
 
+    def ends_unstepped(self) -> bool:
+        """Closed with nothing left to step and no step of it in flight (a close without a flush right after the
+        last step): no step will deliver its ``StreamEnd``, so the worker does."""
+        return self.in_use and self.done() and self.frames_taken == self.frames_done
+
     def awaited_frames(self) -> int:
         """Frames still to step before a finalize's words are out (``Engine.expedite``); 0 when none is awaited."""
         return max(0, self.awaited - self.frames_taken)
@@ -485,12 +490,15 @@ class Engine:
             if len(slot.buffer) >= FRAME_SIZE * self.frames_per_step:
                 self._cond.notify_all()
 
-    def close(self, handle: StreamHandle) -> None:
-        """No more audio: flush, deliver the last outputs and StreamEnd, then free the slot."""
+    def close(self, handle: StreamHandle, flush: bool = True) -> None:
+        """No more audio: flush (unless ``flush`` is false), deliver the last outputs and StreamEnd, then free the
+        slot."""
         with self._cond:
             slot = self._own(handle)
             if slot is not None and not slot.closing:
                 slot.closing = True
+                if not flush:
+                    slot.flush_frames_left = 0
                 self._cond.notify_all()
 
     def abort(self, handle: StreamHandle) -> None:
@@ -558,15 +566,25 @@ class Engine:
             while True:
                 with self._cond:
                     k = self.frames_per_step
-                    while not self._stopping and not any(s.ready(k) for s in self._slots):
+                    while not self._stopping and not any(s.ready(k) or s.ends_unstepped() for s in self._slots):
                         self._cond.wait()
                     if self._stopping:
                         break
-                    t = time.perf_counter() if self._timing_listeners else 0.0
-                    plan = self._plan_lane() or self._plan()
-                    if self._timing_listeners:
-                        plan.plan_seconds = time.perf_counter() - t
-                self._execute(plan)
+                    # here, after every delivery of the steps before: a StreamEnd never overtakes outputs
+                    ends = [(s.sink, StreamEnd(s.frames_done)) for s in self._slots if s.ends_unstepped()]
+                    for slot in self._slots:
+                        if slot.ends_unstepped():
+                            self._release(slot)
+                    plan = None
+                    if any(s.ready(k) for s in self._slots):
+                        t = time.perf_counter() if self._timing_listeners else 0.0
+                        plan = self._plan_lane() or self._plan()
+                        if self._timing_listeners:
+                            plan.plan_seconds = time.perf_counter() - t
+                for sink, end in ends:
+                    call_sink(sink, [end])
+                if plan is not None:
+                    self._execute(plan)
         except BaseException:  # pragma: no cover - reported by /status as unhealthy
             log.exception("engine worker died")
             raise

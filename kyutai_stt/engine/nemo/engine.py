@@ -248,7 +248,8 @@ class Engine:
             if slot.ready(self.chunk_frames):
                 self._cond.notify_all()
 
-    def close(self, handle: StreamHandle) -> None:
+    def close(self, handle: StreamHandle, flush: bool = True) -> None:
+        # (no delay flush in this family: its end steps the buffered frames, the last chunk padded, either way)
         with self._cond:
             slot = self._own(handle)
             if slot is not None and not slot.closing:

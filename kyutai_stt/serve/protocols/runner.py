@@ -35,7 +35,7 @@ from kyutai_stt.serve.protocols.common import close, receive_message
 from kyutai_stt.serve.protocols.errors import (ERROR_KINDS, INTERNAL_ERROR, NORMAL, CloseSocket, FinishThenClose,
     PolicyViolation, ServerFault, close_for)
 from kyutai_stt.serve.service import get_service
-from kyutai_stt.stream.flush import Timeline, flush_now, mark_now
+from kyutai_stt.stream.flush import Timeline, end_now, flush_now, mark_now
 from kyutai_stt.stream.session import Session
 from kyutai_stt.stream.turns import TurnTracker
 
@@ -195,7 +195,7 @@ async def feed_inputs(receive: Receive, send: Send, session: Session, translator
             case End():
                 if decoder is not None:  # a container's or a whole file's rest takes a while: off the event loop
                     session.push_pcm(await asyncio.to_thread(decoder.end))
-                session.end()
+                end_now(session, translator.timeline)
                 return True
         return False
 
@@ -248,13 +248,13 @@ async def run_stream(ws: WebSocket, session: Session, translator: Translator) ->
         await forward_events(send, session, translator)
 
     try:
-        await _serve(ws, session, receive, forward, translator.protocol)
+        await _serve(ws, session, receive, forward, translator.protocol, lambda: end_now(session, translator.timeline))
     finally:
         if translator.decoder is not None:
             translator.decoder.close()  # a container decoder's helper thread
 
 
-async def _serve(ws: WebSocket, session: Session, receive, send, protocol: str) -> None:
+async def _serve(ws: WebSocket, session: Session, receive, send, protocol: str, end: Callable[[], None]) -> None:
     """Run the receive and send loops of one session, then clean up and close with a clear code.
 
     ``receive`` returns once the client has ended its audio (the session then flushes), raises ``CloseSocket``
@@ -275,7 +275,7 @@ async def _serve(ws: WebSocket, session: Session, receive, send, protocol: str) 
         first = receiver if receiver in done else sender
         exc = first.exception()
         if first is receiver and isinstance(exc, FinishThenClose) and not session.finished:
-            session.end()  # finish the audio already received, then close
+            end()  # finish the audio already received (``flush.end_now``), then close
         if first is receiver and (exc is None or isinstance(exc, FinishThenClose)):
             # The client ended its audio: the words still due come during the flush, which takes as long as the
             # buffered audio needs. Wait as long as the stream makes progress; give up only if it stalls.
