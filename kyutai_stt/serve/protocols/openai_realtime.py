@@ -17,8 +17,9 @@ Client events (the GA names, and the beta ``transcription_session.update``):
 
 Server events: ``session.created`` / ``session.updated`` (``transcription_session.*`` for the beta names),
 ``input_audio_buffer.speech_started`` (the first text of a turn), ``.speech_stopped`` and ``.committed`` (the VAD
-head's end of turn; a commit is answered with it at once, as a clear with ``.cleared``, so that an error for a
-later event never overtakes them), ``conversation.item.input_audio_transcription.delta`` (each text piece as the
+head's end of turn; without turn detection a commit is answered with it at once, as OpenAI does, so that an error
+for a later event never overtakes it; under server VAD, once the audio before the commit is through, since the VAD
+may still end items in it; a clear is answered with ``.cleared`` at once), ``conversation.item.input_audio_transcription.delta`` (each text piece as the
 model produces it: those of audio before a commit go to the committed item, also after ``.committed``) and
 ``.completed`` (the item's words, once the commit's flush is through), ``input_audio_buffer.cleared``, and ``error``
 (``{"type": "error", "error": {"type", "code", "message", "param", "event_id"}}``): a bad event (unknown type,
@@ -318,6 +319,9 @@ class RealtimeTranslator(runner.Translator):
                 self.boundaries.append((marker, "clear", None))
                 self.drop = self.drop or len(self.boundaries) == 1
                 return [runner.Reply([self.emit(rt.Cleared())]), runner.Flush(marker)]
+            if self.config.server_vad:  # the VAD may still end turns (items) in the audio before it: which item
+                self.boundaries.append((marker, "commit", None))  # it commits is known once that audio is through
+                return [runner.Flush(marker)]
             # the item receiving events now, or (behind earlier commits or clears) the one after them
             item = self._item_id() if not self.boundaries else f"item_{next(self.items)}"
             self.boundaries.append((marker, "commit", item))
@@ -375,12 +379,15 @@ class RealtimeTranslator(runner.Translator):
         if isinstance(event, Error):
             return [self.error(event.message, None, "server_error")]
         if isinstance(event, Marker) and self.boundaries and event.id == self.boundaries[0][0]:
-            _, kind, _ = self.boundaries.popleft()
+            _, kind, item = self.boundaries.popleft()
             end = self.marker_ends.pop(event.id, self.audio_from)
             out = []
             if kind == "clear":
                 self.item, self.words, self.delta_sent, self.spelling = None, [], False, ""
                 self.audio_from = max(self.audio_from, end)
+            elif item is None:  # a commit under server VAD: committed now, in the stream's order
+                self._item_id()
+                out = self._end_item(end)
             else:
                 out = self._end_item(end, committed=True)
             self._next_boundary()
@@ -404,7 +411,7 @@ class RealtimeTranslator(runner.Translator):
                 return out
             self._item_id()
             self.words.append(event.text)
-        elif isinstance(event, EndOfTurn) and self.config.server_vad and self.item is not None and not self.boundaries:
+        elif isinstance(event, EndOfTurn) and self.config.server_vad and self.item is not None:
             self.buffered_ms = 0.0  # the automatic commit
             end = self.timeline.client_time(event.time)
             out.append(self.emit(rt.SpeechStopped(item_id=self.item, audio_end_ms=round(end * 1000))))
