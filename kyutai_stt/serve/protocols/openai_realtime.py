@@ -17,11 +17,11 @@ Client events (the GA names, and the beta ``transcription_session.update``):
 
 Server events: ``session.created`` / ``session.updated`` (``transcription_session.*`` for the beta names),
 ``input_audio_buffer.speech_started`` (the first text of a turn), ``.speech_stopped`` and ``.committed`` (the VAD
-head's end of turn; without turn detection a commit is answered with it at once, as OpenAI does, so that an error
-for a later event never overtakes it; under server VAD, once the audio before the commit is through, since the VAD
-may still end items in it; a clear is answered with ``.cleared`` at once), ``conversation.item.input_audio_transcription.delta`` (each text piece as the
-model produces it: those of audio before a commit go to the committed item, also after ``.committed``) and
-``.completed`` (the item's words, once the commit's flush is through), ``input_audio_buffer.cleared``, and ``error``
+head's end of turn, or a commit: without turn detection at once, as OpenAI does, so that an error for a later event
+never overtakes it; under server VAD once the audio before the commit is through, since the VAD may still end items
+in it), ``conversation.item.input_audio_transcription.delta`` (each text piece as the model produces it: those of
+the audio before a commit go to the committed item, also after ``.committed``) and ``.completed`` (the item's
+words, once the commit's flush is through), ``input_audio_buffer.cleared`` (at once), and ``error``
 (``{"type": "error", "error": {"type", "code", "message", "param", "event_id"}}``): a bad event (unknown type,
 a setting we cannot honour, audio that is not base64) is answered with an error and the session goes on, as
 OpenAI's does; a stream past ``max_session_s`` is closed (1008).
@@ -311,8 +311,8 @@ class RealtimeTranslator(runner.Translator):
                                 f"{MIN_COMMIT_MS} ms of audio, but buffer only has {self.buffered_ms:.2f} ms of audio.",
                                 None, "input_audio_buffer_commit_empty")
         if isinstance(event, (Commit, Clear)):
-            # answered at once, as OpenAI does (an error for a later event must not overtake it); the words follow
-            # once the flush is through: the events before its marker are still the committed (or cleared) audio's
+            # the events before the flush's marker are still the committed (or cleared) audio's; the answer goes
+            # out at once where that is known now, as OpenAI's does (an error for a later event must not overtake it)
             self.buffered_ms = 0.0
             marker = next(self.markers)
             if isinstance(event, Clear):
