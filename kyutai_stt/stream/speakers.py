@@ -70,8 +70,8 @@ class DiarizedSession(Session):
         if self._diarization is not None and self.samples_received > before:
             self.diarizer.push(self._diarization, np.asarray(pcm, np.float32).reshape(-1))
 
-    def end(self) -> None:
-        super().end()
+    def end(self, flush: bool = True) -> None:
+        super().end(flush)
         if self._diarization is not None:
             self.diarizer.close(self._diarization)
 
