@@ -444,12 +444,11 @@ async def test_empty_messages(hard, reference, clip):
             await ws.send(msgpack.packb({"type": "Init"}))
             assert msgpack.unpackb(await ws.recv()) == {"type": "Ready"}
         post, openai = await post_both(hard, b"")
-    # no audio at all is a (silent) stream too: the flush runs over silence, exactly as the reference does
-    assert seed.code == 1000 and seed.received[-1] == b"\x00"
-    silence = np.zeros(0, np.float32)
-    assert [m[1:].decode() for m in seed.received[:-1]] == expected_pieces(reference.model, reference.outputs(silence))
-    assert opus.code == 1000 and events_of(opus)[-1].type == "end"
-    assert words_of(events_of(opus)) == ref_words(reference, silence)
+    # no audio at all ends cleanly with no words: there is nothing to flush (the end's flush silence is not fed to
+    # the model, whose random weights spelt "words" in it; the file endpoints refuse empty audio)
+    assert seed.code == 1000 and seed.received == [b"\x00"]
+    assert opus.code == 1000 and events_of(opus)[-1].type == "end" and events_of(opus)[-1].duration == 0
+    assert words_of(events_of(opus)) == []
     assert pcm_events.code == 1000 and words_of(events_of(pcm_events)) == ref_words(reference, clip)
     assert text.code == 1008 and text.reason.startswith("unknown control")
     assert_kyutai_error(kyutai, "malformed msgpack")
