@@ -571,10 +571,10 @@ class Engine:
                     if self._stopping:
                         break
                     # here, after every delivery of the steps before: a StreamEnd never overtakes outputs
-                    ends = [(s.sink, StreamEnd(s.frames_done)) for s in self._slots if s.ends_unstepped()]
-                    for slot in self._slots:
-                        if slot.ends_unstepped():
-                            self._release(slot)
+                    ending = [s for s in self._slots if s.ends_unstepped()]
+                    ends = [(s.sink, StreamEnd(s.frames_done)) for s in ending]
+                    for slot in ending:
+                        self._release(slot)
                     plan = None
                     if any(s.ready(k) for s in self._slots):
                         t = time.perf_counter() if self._timing_listeners else 0.0

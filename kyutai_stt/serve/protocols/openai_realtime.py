@@ -363,7 +363,8 @@ class RealtimeTranslator(runner.Translator):
         out = [] if committed else [self.emit(rt.Committed(item_id=item, previous_item_id=self.previous))]
         out.append(self.emit(rt.TranscriptionCompleted(item_id=item, transcript=" ".join(words), usage=rt.Usage(
             seconds=round(seconds, 3)))))
-        self.previous = self.previous if committed else item
+        if not committed:
+            self.previous = item
         self.item, self.words, self.delta_sent = None, [], False
         return out
 
