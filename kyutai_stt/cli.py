@@ -54,6 +54,8 @@ def serve(
     log_format: Optional[str] = typer.Option(None, help="text or json [env KYUTAI_STT_LOG_FORMAT]."),
     workers: Optional[int] = typer.Option(None, help="Front-end worker processes sharing the port, around one engine "
                                           "process; 0: auto (cores - 1 on CUDA, 1 on CPU) [env KYUTAI_STT_WORKERS]."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the model (the CPU only); 0: auto (OMP_NUM_THREADS, "
+                                          "else cores - 1, at least 1) [env KYUTAI_STT_THREADS]."),
     nemo_lookahead: Optional[int] = typer.Option(None, help="NVIDIA (.nemo) models: encoder frames of right context "
                                                  "per chunk (the chunk is lookahead + 1 x 80 ms) [env "
                                                  "KYUTAI_STT_NEMO_LOOKAHEAD, default: the model's own]."),
@@ -69,7 +71,7 @@ def serve(
 
     settings = _settings(host=host, port=port, model=model, device=device, dtype=dtype, slots=slots,
                          record_dir=record_dir, api_keys=api_key or None, log_format=log_format, workers=workers,
-                         nemo_lookahead=nemo_lookahead, diarizer=diarizer)
+                         threads=threads, nemo_lookahead=nemo_lookahead, diarizer=diarizer)
     _logging(verbose, settings.log_format)
     _check_port(settings.host, settings.port)
     from kyutai_stt.serve.workers import default_workers, serve_workers

@@ -57,6 +57,13 @@ class Settings(BaseSettings):
         "smallest lane's rows that hold them. Results are identical (they need the batch-invariant mode, "
         "KYUTAI_STT_BATCH_INVARIANT). 0: no lanes. Default: 4 on GPU, slots - 1 on CPU; 0 where the mode is off.",
     )
+    threads: int = Field(
+        0, ge=0, le=1024,
+        description="CPU threads for the model's computations (torch's intra-op threads; the CPU only). 0: auto: "
+        "OMP_NUM_THREADS when it is set, else one fewer than the cores torch would use, at least 1, so that the "
+        "event loop, audio decoding and the protocols keep a core (on 2 cores, under load, an engine step took 91 ms "
+        "with 1 thread against 112-122 ms with 2; BENCHMARKS.md).",
+    )
     nemo_lookahead: int | None = Field(
         None, ge=0, le=64,
         description="NVIDIA (NeMo) models only: encoder frames (80 ms) of right context per chunk, one of the "

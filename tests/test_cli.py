@@ -118,3 +118,31 @@ def test_mic_ctrl_c_flushes_the_last_words(tmp_path, server, reference, sounds):
     want = expected_words(reference.model, reference.outputs(heard))
     assert want and [(w["text"], w["start"], w["end"]) for w in json.loads(stdout)["words"]] == [
         (w.text, round(w.start, 3), round(w.end, 3)) for w in want]
+
+
+def test_cpu_threads_leave_a_core_to_the_rest_of_the_server(monkeypatch):
+    import torch
+
+    from kyutai_stt.engine import startup
+    from kyutai_stt.settings import Settings
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for cores, auto in ((1, 1), (2, 1), (16, 15)):
+        monkeypatch.setattr(startup, "_TORCH_THREADS", [cores])
+        assert startup.cpu_threads(Settings(device="cpu")) == auto
+        assert startup.cpu_threads(Settings(device="cpu", threads=3)) == 3  # asked for: as asked
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert startup.cpu_threads(Settings(device="cpu")) is None  # the environment's choice stands
+    assert startup.cpu_threads(Settings(device="cpu", threads=1)) == 1
+
+    before = torch.get_num_threads()
+    try:
+        assert startup.set_cpu_threads(Settings(device="cpu", threads=1)) == 1 == torch.get_num_threads()
+        # a second start-up in the same process takes no more away (torch's own choice is read once)
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(startup, "_TORCH_THREADS", [])
+        torch.set_num_threads(4)
+        assert startup.set_cpu_threads(Settings(device="cpu")) == 3
+        assert startup.set_cpu_threads(Settings(device="cpu")) == 3
+    finally:
+        torch.set_num_threads(before)

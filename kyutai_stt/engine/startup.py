@@ -8,6 +8,7 @@ share one set of defaults (``Settings``). A second model family is chosen here (
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from kyutai_stt.engine.contract import Engine
@@ -70,12 +71,46 @@ def start_diarizer(settings: Settings):
     return diarizer
 
 
+_TORCH_THREADS: list[int] = []  # torch's own choice, read once (a second start must not take one more away)
+
+
+def cpu_threads(settings: Settings) -> int | None:
+    """The intra-op threads ``settings.threads`` asks for on the CPU (None: leave torch's choice, OMP_NUM_THREADS
+    being set). Auto leaves one core to the rest of the server: the engine thread shares the machine with the event
+    loop, the audio decoding and, on a small machine, often the clients; torch's threads, which wait for each other
+    at every operation, lose more to a busy core than the second thread gains (BENCHMARKS.md, "One core for the
+    rest")."""
+    import torch
+
+    if settings.threads:
+        return settings.threads
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    if not _TORCH_THREADS:
+        _TORCH_THREADS.append(torch.get_num_threads())
+    return max(1, _TORCH_THREADS[0] - 1)
+
+
+def set_cpu_threads(settings: Settings) -> int | None:
+    """Apply ``cpu_threads`` when the model runs on the CPU (process-wide: torch has one pool); the threads then
+    (None on a GPU)."""
+    import torch
+
+    if device_type(settings.device) != "cpu":
+        return None
+    threads = cpu_threads(settings)
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def start_engine(settings: Settings, model=None, *, slots: int | None = None) -> Engine:
     """Build the engine for ``settings`` (over ``model`` when it is already loaded), warm it up and start it.
 
     ``slots``: override ``settings.slots`` (a CLI run sized to its files). The caller stops the engine."""
     start = time.perf_counter()
     model = model if model is not None else load(settings)
+    threads = set_cpu_threads(settings)
     if family(settings.model) == "nemo":
         from kyutai_stt.engine.nemo.engine import Engine as NemoEngine
 
@@ -92,6 +127,8 @@ def start_engine(settings: Settings, model=None, *, slots: int | None = None) ->
     info = engine.info
     if info.random_weights:
         log.warning("%s has RANDOM WEIGHTS: it produces meaningless text", info.name)
-    log.info("engine ready: %s on %s (%s), %d slots, %d frame(s) per step, in %.1f s", info.name, info.device,
-             info.dtype, engine.batch_size, info.frames_per_step, time.perf_counter() - start)
+    log.info("engine ready: %s on %s (%s), %d slots, %d frame(s) per step, in %.1f s%s", info.name, info.device,
+             info.dtype, engine.batch_size, info.frames_per_step, time.perf_counter() - start,
+             f", {threads} CPU thread(s)" if threads else "")
     return engine
+
