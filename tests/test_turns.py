@@ -282,8 +282,11 @@ async def test_realtime_commit_empty(turns_server, reference, sounds):
             if event.type == "conversation.item.input_audio_transcription.completed":
                 assert event.transcript == want
                 assert event.usage.seconds == pytest.approx(heard.size / 24000, abs=1e-3)  # its audio, no flush
+            if event.type == "conversation.item.done":
+                assert event.item.content[0].transcript == want and event.previous_item_id is None
                 break
     assert kinds.count("input_audio_buffer.committed") == 1 and "input_audio_buffer.speech_started" not in kinds
+    assert kinds.index("input_audio_buffer.committed") + 1 == kinds.index("conversation.item.added")
     # answered in order, as OpenAI does: c3's committed at once, then c4's error (it overtook it before)
     assert kinds.index("input_audio_buffer.committed") < kinds.index("error") < kinds.index(
         "input_audio_buffer.cleared")
@@ -346,7 +349,7 @@ async def test_realtime_server_vad_items(turns_server, reference, sounds):
         events = []
         async for event in rt:
             events.append(event)
-            if sum(e.type.endswith(".completed") for e in events) == len(items):
+            if sum(e.type == "conversation.item.done" for e in events) == len(items):
                 break
     by_item: dict[str, list] = {}
     for event in events:
@@ -359,6 +362,19 @@ async def test_realtime_server_vad_items(turns_server, reference, sounds):
         assert "".join(e.delta for e in its if e.type.endswith(".delta")) == completed.transcript
         got.append((its[0].audio_start_ms, completed.transcript))
     assert got == list(zip(starts, items))
+    # each item as OpenAI's: committed, at once the item added (no transcript yet), and once completed the item
+    # done with its transcript; each after the one before
+    kinds = ("input_audio_buffer.committed", "conversation.item.added",
+             "conversation.item.input_audio_transcription.completed", "conversation.item.done")
+    of = {kind: [e for e in events if e.type == kind] for kind in kinds}
+    committed, added, completed, done = of.values()
+    ids = [e.item_id for e in committed]
+    assert [e.item.id for e in added] == ids == [e.item_id for e in completed] == [e.item.id for e in done]
+    assert [e.previous_item_id for e in added] == [None] + ids[:-1] == [e.previous_item_id for e in done]
+    assert [e.item.content[0].transcript for e in added] == [None] * len(ids)
+    assert [e.item.content[0].transcript for e in done] == [e.transcript for e in completed]
+    assert [events.index(e) for e in added] == [events.index(e) + 1 for e in committed]
+    assert [events.index(e) for e in done] == [events.index(e) + 1 for e in completed]
 
 
 @pytest.mark.slow  # waits out the turn's end at the engine's pace (~20 s of a loaded 2-core CPU)

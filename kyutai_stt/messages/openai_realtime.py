@@ -140,6 +140,35 @@ class Committed(_ServerEvent):
     previous_item_id: str | None
 
 
+class InputAudio(BaseModel):
+    type: Literal["input_audio"] = "input_audio"
+    transcript: str | None = None  # None until the item's transcription is completed
+
+
+class UserItem(BaseModel):
+    """A committed item: the user's audio (never sent back) and, once done, its transcript."""
+    id: str
+    object: Literal["realtime.item"] = "realtime.item"
+    type: Literal["message"] = "message"
+    role: Literal["user"] = "user"
+    status: Literal["completed"] = "completed"
+    content: list[InputAudio]
+
+
+class ItemAdded(_ServerEvent):
+    """Right after ``committed``; the beta API's name is ``conversation.item.created``."""
+    type: Literal["conversation.item.added", "conversation.item.created"] = "conversation.item.added"
+    previous_item_id: str | None
+    item: UserItem
+
+
+class ItemDone(_ServerEvent):
+    """Right after ``completed``: the item with its transcript (GA only)."""
+    type: Literal["conversation.item.done"] = "conversation.item.done"
+    previous_item_id: str | None
+    item: UserItem
+
+
 class Cleared(_ServerEvent):
     type: Literal["input_audio_buffer.cleared"] = "input_audio_buffer.cleared"
 
@@ -167,4 +196,4 @@ class TranscriptionCompleted(_ServerEvent):
 
 
 ServerEvent = Union[SessionCreated, SessionUpdated, ServerError, SpeechStarted, SpeechStopped, Committed, Cleared,
-                    TranscriptionDelta, TranscriptionCompleted]
+                    ItemAdded, ItemDone, TranscriptionDelta, TranscriptionCompleted]

@@ -18,13 +18,15 @@ Client events (the GA names, and the beta ``transcription_session.update``):
 Server events: ``session.created`` / ``session.updated`` (``transcription_session.*`` for the beta names),
 ``input_audio_buffer.speech_started`` (the first text of a turn), ``.speech_stopped`` and ``.committed`` (the VAD
 head's end of turn, or a commit: without turn detection at once, as OpenAI does, so that an error for a later event
-never overtakes it; under server VAD once the audio before the commit is through, since the VAD may still end items
-in it), ``conversation.item.input_audio_transcription.delta`` (each text piece as the model produces it: those of
-the audio before a commit go to the committed item, also after ``.committed``) and ``.completed`` (the item's
-words, once the commit's flush is through), ``input_audio_buffer.cleared`` (at once), and ``error``
-(``{"type": "error", "error": {"type", "code", "message", "param", "event_id"}}``): a bad event (unknown type,
-a setting we cannot honour, audio that is not base64) is answered with an error and the session goes on, as
-OpenAI's does; a stream past ``max_session_s`` is closed (1008).
+never overtakes it; under server VAD once the audio before the commit is through, since the VAD may still end items in
+it), each followed by ``conversation.item.added`` (the user item, its transcript null; beta:
+``conversation.item.created``), ``conversation.item.input_audio_transcription.delta`` (each text piece as the model
+produces it: those of the audio before a commit go to the committed item, also after ``.committed``) and
+``.completed`` (the item's words, once the commit's flush is through), then ``conversation.item.done`` (the item with
+its transcript; GA only), ``input_audio_buffer.cleared`` (at once), and ``error`` (``{"type": "error", "error":
+{"type", "code", "message", "param", "event_id"}}``): a bad event (unknown type, a setting we cannot honour, audio
+that is not base64) is answered with an error and the session goes on, as OpenAI's does; a stream past
+``max_session_s`` is closed (1008).
 """
 
 from __future__ import annotations
@@ -245,6 +247,8 @@ class RealtimeTranslator(runner.Translator):
         self.audio_from = 0.0  # client seconds where the current item's audio begins (its usage counts from there)
         self.item: str | None = None  # the item the session's events go to now, once it has an id
         self.previous: str | None = None  # the last item committed
+        self.item_previous: dict[str, str | None] = {}  # committed items not done yet -> the item before each
+        self.beta = False  # the client speaks the beta API (transcription_session.update): its event names
         self.words: list[str] = []
         self.drop = False  # a clear is under way: its words are dropped
         self.delta_sent = False
@@ -294,7 +298,7 @@ class RealtimeTranslator(runner.Translator):
                 self.keyterms = self.config.keyterms
                 inputs.append(runner.Decode(self.decoding_options(keyterms=self.keyterms)))
             self.turns.thresholds = self.config.thresholds()
-            beta = event.type.startswith("transcription_session")
+            beta = self.beta = event.type.startswith("transcription_session")
             updated = rt.SessionUpdated(type="transcription_session.updated" if beta else "session.updated",
                                         session=self.config.describe(self.session_id))
             return inputs + [runner.Reply([self.emit(updated)])]
@@ -325,9 +329,7 @@ class RealtimeTranslator(runner.Translator):
             # the item receiving events now, or (behind earlier commits or clears) the one after them
             item = self._item_id() if not self.boundaries else f"item_{next(self.items)}"
             self.boundaries.append((marker, "commit", item))
-            committed = self.emit(rt.Committed(item_id=item, previous_item_id=self.previous))
-            self.previous = item
-            return [runner.Reply([committed]), runner.Flush(marker)]
+            return [runner.Reply(self._committed(item)), runner.Flush(marker)]
         return []
 
     def idle_timeout(self, settings) -> None:
@@ -360,13 +362,24 @@ class RealtimeTranslator(runner.Translator):
             words = words + [self.spelling.strip()]
             self.carried += 1
         self.spelling = ""
-        out = [] if committed else [self.emit(rt.Committed(item_id=item, previous_item_id=self.previous))]
-        out.append(self.emit(rt.TranscriptionCompleted(item_id=item, transcript=" ".join(words), usage=rt.Usage(
+        out = [] if committed else self._committed(item)
+        transcript = " ".join(words)
+        out.append(self.emit(rt.TranscriptionCompleted(item_id=item, transcript=transcript, usage=rt.Usage(
             seconds=round(seconds, 3)))))
-        if not committed:
-            self.previous = item
+        previous = self.item_previous.pop(item, None)
+        if not self.beta:  # the beta API had no item.done
+            out.append(self.emit(rt.ItemDone(previous_item_id=previous, item=rt.UserItem(
+                id=item, content=[rt.InputAudio(transcript=transcript)]))))
         self.item, self.words, self.delta_sent = None, [], False
         return out
+
+    def _committed(self, item: str) -> list[str]:
+        """``committed``, then the item added to the conversation (OpenAI's order), after the last committed one."""
+        previous, self.previous = self.previous, item
+        self.item_previous[item] = previous
+        added = rt.ItemAdded(type="conversation.item.created" if self.beta else "conversation.item.added",
+                             previous_item_id=previous, item=rt.UserItem(id=item, content=[rt.InputAudio()]))
+        return [self.emit(rt.Committed(item_id=item, previous_item_id=previous)), self.emit(added)]
 
     def _next_boundary(self) -> None:
         """The events from now on go to the next commit's item, are dropped (a clear), or go to a new item."""
