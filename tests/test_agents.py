@@ -136,6 +136,11 @@ async def test_deepgram_sdk_live_finalize_and_close(keyed, reference, sounds):
     interims = [m for m in messages if isinstance(m, ListenV1Results) and not m.is_final]
     assert interims and all(m.channel.alternatives[0].transcript for m in interims)
     assert finalizes_timed(keyed) == timed + 2
+    # the finals tile the audio, and a Finalize's result covers all of it up to the Finalize (silence included)
+    finals = [m for m in messages if isinstance(m, ListenV1Results) and m.is_final]
+    assert all(a.start + a.duration == pytest.approx(b.start, abs=2e-4) for a, b in zip(finals, finals[1:]))
+    done = [m for m in finals if m.from_finalize]
+    assert [m.start + m.duration for m in done] == pytest.approx([len(first[1]) / SAMPLE_RATE] * 2, abs=2e-4)
 
 
 async def test_deepgram_finalize_then_close_adds_nothing(keyed, reference, sounds):

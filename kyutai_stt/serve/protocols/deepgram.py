@@ -345,13 +345,15 @@ class _Transcript:
         """A Finalize's flush was fed: the words it releases are held for its from_finalize result."""
         self.finalizing += 1
 
-    def finalized(self) -> list[BaseModel]:
+    def finalized(self, audio_end: float) -> list[BaseModel]:
         """The Finalize's marker is back: every word heard before it goes out in one ``from_finalize`` result, as
-        Deepgram sends it. The finalizing marker closed them all (``WordEnd`` before it), so no word is pending
-        here (a Finalize with no audio since the last one: the words its tail spelt, or none)."""
+        Deepgram sends it, covering all the audio up to the Finalize (``audio_end``, client seconds: a final is
+        "a transcript of all audio up to that point", so the next result starts there, silence or not). The
+        finalizing marker closed the words (``WordEnd`` before it), so no word is pending here (a Finalize with no
+        audio since the last one: the words its tail spelt, or none)."""
         self.finalizing = max(0, self.finalizing - 1)
         words, self.held = self.held, []
-        end = words[-1].end if words else self.cursor
+        end = max(words[-1].end if words else self.cursor, audio_end, self.cursor)
         message = self._results(words, True, end, from_finalize=True)
         self.cursor = end
         return [message, *self._turn_ended()]
@@ -391,7 +393,7 @@ class DeepgramTranslator(runner.Translator):
         self.digest = hashlib.sha256()
         self.created = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
         self.markers = itertools.count(1)
-        self.finalizes: set[int] = set()  # the marker ids of the Finalizes under way
+        self.finalizes: dict[int, float] = {}  # the Finalizes under way: marker id -> client seconds of audio before it
 
     def parse(self, message: dict) -> list[runner.Input]:
         data = message.get("bytes")
@@ -412,7 +414,7 @@ class DeepgramTranslator(runner.Translator):
         return []  # KeepAlive: reading it reset the idle timer
 
     def flushed(self, marker: int, end: float) -> None:
-        self.finalizes.add(marker)
+        self.finalizes[marker] = end
         for transcript in self.transcripts:
             transcript.finalize()
 
@@ -424,8 +426,8 @@ class DeepgramTranslator(runner.Translator):
         if isinstance(event, Error):
             return [_stream_error("NET-0000", event.message)]
         if isinstance(event, Marker) and event.id in self.finalizes:
-            self.finalizes.discard(event.id)
-            items = [item for transcript in self.transcripts for item in transcript.finalized()]
+            end = self.finalizes.pop(event.id)
+            items = [item for transcript in self.transcripts for item in transcript.finalized(end)]
         else:
             items = self.transcripts[getattr(event, "channel", None) or 0].on_event(event)
         return [item.model_dump_json() for item in items]
