@@ -275,16 +275,17 @@ async def test_realtime_commit_empty(turns_server, reference, sounds):
         await rt.input_audio_buffer.append(audio=base64.b64encode(short + short + short).decode())
         await rt.input_audio_buffer.clear()  # its words dropped; the committed item's kept (it dropped them before)
         kinds = []
-        async for event in rt:
-            kinds.append(event.type)
-            if event.type == "error":
-                assert event.error.code == "input_audio_buffer_commit_empty" and event.error.event_id == "c4"
-            if event.type == "conversation.item.input_audio_transcription.completed":
-                assert event.transcript == want
-                assert event.usage.seconds == pytest.approx(heard.size / 24000, abs=1e-3)  # its audio, no flush
-            if event.type == "conversation.item.done":
-                assert event.item.content[0].transcript == want and event.previous_item_id is None
-                break
+        async with asyncio.timeout(90):  # the events wanted, or a failure (never a hang)
+            async for event in rt:
+                kinds.append(event.type)
+                if event.type == "error":
+                    assert event.error.code == "input_audio_buffer_commit_empty" and event.error.event_id == "c4"
+                if event.type == "conversation.item.input_audio_transcription.completed":
+                    assert event.transcript == want
+                    assert event.usage.seconds == pytest.approx(heard.size / 24000, abs=1e-3)  # its audio, no flush
+                if event.type == "conversation.item.done":
+                    assert event.item.content[0].transcript == want and event.previous_item_id is None
+                    break
     assert kinds.count("input_audio_buffer.committed") == 1 and "input_audio_buffer.speech_started" not in kinds
     assert kinds.index("input_audio_buffer.committed") + 1 == kinds.index("conversation.item.added")
     # answered in order, as OpenAI does: c3's committed at once, then c4's error (it overtook it before)
@@ -347,10 +348,11 @@ async def test_realtime_server_vad_items(turns_server, reference, sounds):
         # audio, so the items before it split as without it
         await rt.input_audio_buffer.commit()
         events = []
-        async for event in rt:
-            events.append(event)
-            if sum(e.type == "conversation.item.done" for e in events) == len(items):
-                break
+        async with asyncio.timeout(90):  # the events wanted, or a failure (never a hang)
+            async for event in rt:
+                events.append(event)
+                if sum(e.type == "conversation.item.done" for e in events) == len(items):
+                    break
     by_item: dict[str, list] = {}
     for event in events:
         if getattr(event, "item_id", None):

@@ -74,9 +74,26 @@ def test_deepgram_finalize_ends_the_pending_word_where_the_client_audio_ended():
     transcript.finalize()  # the Finalize's flush was fed
     assert transcript.on_event(Word(text="hello", start_time=3.5 + 0.48)) == []  # stream time
     assert transcript.on_event(WordEnd(stop_time=4.0 + 0.48 + 0.2)) == []  # held for the from_finalize result
-    (result,) = transcript.finalized()
+    (result,) = transcript.finalized(4.0)
     word = result.channel.alternatives[0].words[0]
     assert (word.start, word.end, result.from_finalize) == (3.5, 4.0, True)
+
+
+def test_deepgram_finals_tile_the_audio_and_a_finalize_covers_it_to_the_end():
+    """A final is "a transcript of all audio up to that point": a Finalize's result ends where the audio before it
+    ended, after the silence that followed the last word, and the next result starts there."""
+    from kyutai_stt.messages.events import Word, WordEnd
+    from kyutai_stt.serve.protocols.deepgram import ListenOptions, _Transcript
+
+    transcript = _Transcript(ListenOptions(), "request", "model", "uuid")
+    transcript.on_event(Word(text="hello", start_time=0.5))
+    (first,) = transcript.on_event(WordEnd(stop_time=1.0))  # a final result, before any Finalize
+    transcript.finalize()
+    (done,) = transcript.finalized(2.5)  # the audio went on, silent, to 2.5 s: no word was left
+    transcript.on_event(Word(text="world", start_time=3.0))
+    (after,) = transcript.on_event(WordEnd(stop_time=3.4))
+    assert [(r.start, r.duration, r.from_finalize) for r in (first, done, after)] == [
+        (0.0, 1.0, False), (1.0, 1.5, True), (2.5, 0.9, False)]
 
 
 def test_the_client_and_the_wire_messages_import_no_torch_moshi_or_pyav():
