@@ -201,23 +201,40 @@ def test_the_streams_are_those_stepped_lately_that_still_hold_their_slot():
 
 async def test_idle_client_gets_the_words_of_its_audio_and_end_before_the_close(checkpoint_dir, reference):
     """A client streams 1.5 s of speech, then sends nothing: at the idle timeout the server finishes the audio it
-    received, sends its words and `end`, then closes 1008 with the reason."""
+    received, sends its words and `end`, then closes 1008 with the reason. Also the audio its decoder still held
+    (16 kHz PCM: the resampler's last samples; WAV: the container's rest): `end.duration` is all the audio sent."""
+    import io
+
     import soundfile
 
     from .conftest import CASES
 
     pcm, rate = soundfile.read(str(CASES / "speech_fr_first1500ms_24k.wav"), dtype="int16")
     assert rate == SAMPLE_RATE
-    with start_server(checkpoint_dir, slots=1, idle_timeout_s=1.0) as running:
-        async with websockets.connect(running.ws + "/v1/stream?format=pcm_s16le") as ws:
-            for i in range(0, len(pcm), FRAME_SIZE):
-                await ws.send(pcm[i:i + FRAME_SIZE].tobytes())
+    wav = io.BytesIO()
+    soundfile.write(wav, pcm, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+
+    async def idle_after(running, query: str, data: bytes) -> tuple[list, websockets.ClientConnection]:
+        async with websockets.connect(running.ws + "/v1/stream?" + query) as ws:
+            for i in range(0, len(data), 2 * FRAME_SIZE):
+                await ws.send(data[i:i + 2 * FRAME_SIZE])
             events = []
             with pytest.raises(websockets.ConnectionClosedError):  # closed 1008, after everything was sent
                 while True:
                     events.append(json.loads(await ws.recv()))
-    assert ws.close_code == 1008 and "no data" in (ws.close_reason or "")
-    assert events[-1]["type"] == "end"
+        assert ws.close_code == 1008 and "no data" in (ws.close_reason or "")
+        assert events[-1]["type"] == "end"
+        return events, ws
+
+    with start_server(checkpoint_dir, slots=1, idle_timeout_s=1.0) as running:
+        events, ws = await idle_after(running, "format=pcm_s16le", pcm.tobytes())
+        # the same bytes read as 16 kHz (resampled to 24) and as a WAV file: nothing the decoder held is lost
+        resampled, _ = await idle_after(running, "format=pcm_s16le&sample_rate=16000", pcm.tobytes())
+        contained, _ = await idle_after(running, "format=wav", wav.getvalue())
+    assert events[-1]["duration"] == pytest.approx(len(pcm) / SAMPLE_RATE, abs=1e-3)
+    assert resampled[-1]["duration"] == pytest.approx(len(pcm) / 16000, abs=1e-3)
+    assert contained[-1]["duration"] == pytest.approx(len(pcm) / SAMPLE_RATE, abs=1e-3)
+    assert [e for e in contained if e["type"] == "word"] == [e for e in events if e["type"] == "word"]
     audio = pcm.astype(np.float32) / 32768
     want = pair_words(e for e in expected_events(reference.model, reference.outputs(audio)))
     got = [(e["text"], e["start_time"]) for e in events if e["type"] == "word"]

@@ -200,7 +200,14 @@ async def feed_inputs(receive: Receive, send: Send, session: Session, translator
         return False
 
     while True:
-        message = await receive()
+        try:
+            message = await receive()
+        except FinishThenClose:
+            # the server ends the stream (idle): what the decoder still holds (a resampler's last samples, a
+            # container's undecoded rest) is audio the client sent, finished like the rest before the close
+            if translator.decoder is not None and not session.finished:
+                session.push_pcm(await asyncio.to_thread(translator.decoder.end))
+            raise
         try:
             for item in translator.parse(message):
                 if await apply(item):
