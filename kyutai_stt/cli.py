@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -193,7 +194,7 @@ def transcribe(
     from kyutai_stt.audio.decode import AudioFormatError, load_audio_file
     from kyutai_stt.audio.constants import SAMPLE_RATE
     from kyutai_stt.engine.contract import ModelLoadError
-    from kyutai_stt.messages.events import Step, Word, WordEnd
+    from kyutai_stt.messages.events import Step, Text, Word, WordEnd
     from kyutai_stt.stream.formats import render
     from kyutai_stt.stream.words import pair_words
 
@@ -204,6 +205,9 @@ def transcribe(
         raise typer.Exit(2)
     if protocol not in ("events", "kyutai", "seed"):
         err.print("[red]error:[/red] --protocol must be events, kyutai or seed")
+        raise typer.Exit(2)
+    if protocol == "seed" and url and format in ("srt", "vtt"):
+        err.print("[red]error:[/red] the seed protocol sends text without timestamps: use --format text or json")
         raise typer.Exit(2)
     if mic == bool(files):
         err.print("[red]error:[/red] give audio files, or --mic (not both)")
@@ -229,6 +233,7 @@ def transcribe(
         return len(audio) / SAMPLE_RATE if hasattr(audio, "__len__") else 0.0
 
     events: list[list] = [[] for _ in files]
+    text_only = bool(url) and protocol == "seed"  # text pieces, no words nor times
     many = len(files) > 1
     show_progress = err.is_terminal and not realtime and not mic
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
@@ -243,6 +248,10 @@ def transcribe(
             prefix = f"{files[index].name}: " if many else ""
             progress.console.print(f"{prefix}[{event.start_time:8.2f}] {event.text}", highlight=False, soft_wrap=True) \
                 if show_progress else print(f"{prefix}[{event.start_time:8.2f}] {event.text}", flush=True)
+        elif isinstance(event, Text) and text_only and format == "text":  # seed: its pieces, no times
+            prefix = f"{files[index].name}: " if many else ""
+            progress.console.print(f"{prefix}{event.text.strip()}", highlight=False, soft_wrap=True) \
+                if show_progress else print(f"{prefix}{event.text.strip()}", flush=True)
 
     async def run_remote() -> None:
         from kyutai_stt.client import stream_events
@@ -300,6 +309,11 @@ def transcribe(
             words = pair_words(e for e in events[index] if isinstance(e, (Word, WordEnd)))
             if many:
                 print(f"==> {file} <==")
+            if text_only:  # json: the text the pieces spell, no words
+                text = "".join(e.text for e in events[index] if isinstance(e, Text)).strip()
+                print(json.dumps({"text": text, "words": [], "duration": round(duration(audios[index]), 3)},
+                                 ensure_ascii=False, indent=2))
+                continue
             print(render(format, words, duration=round(duration(audios[index]), 3)))
 
 

@@ -57,6 +57,24 @@ def test_transcribe_text_format_prints_timestamped_words(tmp_path, server, refer
     assert result.stdout.splitlines() == [f"[{w.start:8.2f}] {w.text}" for w in want]
 
 
+def test_transcribe_over_the_seed_protocol_prints_its_text(tmp_path, server, reference, sounds):
+    """The seed protocol (Opus in, text pieces out, no times): the pieces as they come, the text they spell in
+    json; srt and vtt, which need times, are refused. (Both printed nothing before: they read words only.)"""
+    from .helpers import expected_pieces, opus_pages_and_decoded
+
+    clip = sounds(1.5, 13)
+    path = tmp_path / "clip.wav"
+    soundfile.write(path, clip, 24000, subtype="FLOAT")
+    _, decoded = opus_pages_and_decoded(load_audio_file(str(path)))
+    pieces = expected_pieces(reference.model, reference.outputs(decoded))
+    assert pieces
+    args = ("transcribe", str(path), "--url", server.ws, "--protocol", "seed", "--format")
+    text, as_json, srt = kyutai_stt(*args, "text"), kyutai_stt(*args, "json"), kyutai_stt(*args, "srt")
+    assert text.returncode == 0 and text.stdout.splitlines() == [p.strip() for p in pieces]
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["text"] == "".join(pieces).strip()
+    assert srt.returncode == 2 and "without timestamps" in srt.stderr
+
+
 def test_serve_on_a_taken_port_says_so_before_loading(tmp_path):
     """The port is checked first: the error comes at once, not after the model has loaded (the folder given is
     not even a checkpoint)."""
