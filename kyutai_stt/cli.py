@@ -77,9 +77,13 @@ def serve(
     _check_port(settings.host, settings.port)
     from kyutai_stt.serve.workers import default_workers, serve_workers
 
+    def ready() -> None:  # once the engine is warm and the socket listens: the URL answers from now on
+        err.print(f"kyutai-stt: open [bold]http://{settings.host}:{settings.port}/[/bold] "
+                  f"(streaming: ws://{settings.host}:{settings.port}/v1/stream, /api/asr-streaming, /ws)")
+
     if (settings.workers or default_workers(settings.device)) > 1:  # one engine process, N front-end processes
-        err.print(f"kyutai-stt: open [bold]http://{settings.host}:{settings.port}/[/bold]")
-        raise typer.Exit(serve_workers(settings, settings.workers or default_workers(settings.device), verbose))
+        raise typer.Exit(serve_workers(settings, settings.workers or default_workers(settings.device), verbose,
+                                       on_ready=ready))
     try:
         with err.status(f"loading {settings.model} (a first run downloads it; ~2 GB for the default model)"):
             stt = load(settings)
@@ -88,10 +92,6 @@ def serve(
         raise typer.Exit(2)
     err.print(f"loaded {settings.model}; warming up the engine ({settings.slots} slots on {stt.device})...",
               highlight=False)
-
-    def ready() -> None:  # once the engine is warm and the socket listens: the URL answers from now on
-        err.print(f"kyutai-stt: open [bold]http://{settings.host}:{settings.port}/[/bold] "
-                  f"(streaming: ws://{settings.host}:{settings.port}/v1/stream, /api/asr-streaming, /ws)")
 
     run_server(settings, stt, on_ready=ready)
 

@@ -11,8 +11,7 @@ import websockets
 
 from kyutai_stt.audio.constants import FRAME_SIZE
 from kyutai_stt.client import Client
-from kyutai_stt.messages.events import Text, Word, WordEnd
-from kyutai_stt.stream.words import pair_words
+from kyutai_stt.messages.events import Text
 
 from .helpers import expected_pieces, expected_words, opus_pages_and_decoded, ref_words, words_of  # noqa: F401
 

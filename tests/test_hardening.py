@@ -12,11 +12,9 @@ import sys
 import time
 
 import httpx
-import numpy as np
 import pytest
 import websockets
 
-from kyutai_stt.engine.kyutai.engine import Engine
 from kyutai_stt.messages.events import Word
 from kyutai_stt.serve.logs import JsonFormatter
 from kyutai_stt.stream.session import Session

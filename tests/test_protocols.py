@@ -21,7 +21,7 @@ from kyutai_stt.audio.constants import FRAME_SIZE
 from kyutai_stt.client import Client
 from kyutai_stt.messages.events import End, Ready, Step, Text, Word, WordEnd
 from kyutai_stt.stream.local import SpeechToText
-from kyutai_stt.stream.words import WordAssembler, pair_words
+from kyutai_stt.stream.words import WordAssembler
 
 from .conftest import FLUSH_SECONDS, start_server
 from .helpers import expected_events, expected_pieces, expected_words, opus_pages_and_decoded, ref_words, words_of

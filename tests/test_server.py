@@ -6,7 +6,6 @@ import asyncio
 import random
 
 import httpx
-import numpy as np
 import pytest
 import websockets
 

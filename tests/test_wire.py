@@ -3,7 +3,6 @@ down), and the engine's own wait for a free slot."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time

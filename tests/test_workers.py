@@ -62,6 +62,9 @@ class Launcher:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log()
+            if "kyutai-stt: open" in self.log():  # the URL is printed once the server answers (README), not before
+                assert httpx.get(self.http + "/status", timeout=10).status_code == 200
+                return
             roles = self.roles()
             if len([r for r in roles if r.startswith("worker-")]) == 2:
                 try:

@@ -25,6 +25,7 @@ import socket
 import tempfile
 import time
 from multiprocessing.connection import wait
+from typing import Callable
 
 from kyutai_stt.engine.ipc import EngineClient, EngineServer, Endpoints, tell_engine_worker_gone
 from kyutai_stt.serve.metrics import MULTIPROCESS_ENV
@@ -94,7 +95,9 @@ def run_worker_process(settings_json: str, endpoints: Endpoints, worker_id: str,
 class Launcher:
     """Starts and supervises the engine process and the workers (``serve_workers`` runs one)."""
 
-    def __init__(self, settings: Settings, workers: int, verbose: bool = False):
+    def __init__(self, settings: Settings, workers: int, verbose: bool = False,
+                 on_ready: Callable[[], None] | None = None):
+        self.on_ready = on_ready
         self.settings = settings
         self.count = workers
         self.verbose = verbose
@@ -158,14 +161,33 @@ class Launcher:
                 return 2
             for index in range(self.count):
                 self._start_worker(index)
+            if not self._wait_listening():
+                return 0 if self._stop else 2
             log.info("serving on http://%s:%d with %d worker process(es) and one engine process",
                      self.settings.host, self.settings.port, self.count)
+            if self.on_ready is not None:
+                self.on_ready()
             self._supervise()
             return 0
         finally:
             self._shutdown()
             self._sock.close()
             shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _wait_listening(self) -> bool:
+        """Until a worker accepts connections on the port (each listens on the shared socket once its app is up):
+        True; False when stopped first, or when every worker died."""
+        probe = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.settings.host, self.settings.host)
+        while not self._stop:
+            if not any(process.is_alive() for _, process in self.workers.values()):
+                log.error("every worker process exited before it served")
+                return False
+            try:
+                socket.create_connection((probe, self.settings.port), timeout=1).close()
+                return True
+            except OSError:
+                time.sleep(0.1)
+        return False
 
     def _on_signal(self, *_):
         self._stop = True
@@ -222,6 +244,8 @@ class Launcher:
                 self.engine.join(5)
 
 
-def serve_workers(settings: Settings, workers: int, verbose: bool = False) -> int:
-    """Run the multi-process server until SIGTERM/SIGINT; returns the exit status."""
-    return Launcher(settings, workers, verbose).run()
+def serve_workers(settings: Settings, workers: int, verbose: bool = False,
+                  on_ready: Callable[[], None] | None = None) -> int:
+    """Run the multi-process server until SIGTERM/SIGINT; returns the exit status. ``on_ready`` is called once a
+    worker answers on the port."""
+    return Launcher(settings, workers, verbose, on_ready).run()
