@@ -33,9 +33,20 @@ def _default(field: str):
 
 
 def _settings(**overrides):
+    """The settings from the environment and the flags given; a value out of range is a usage error (exit 2), told
+    by the setting's flag and environment variable, not a traceback."""
+    from pydantic import ValidationError
+
     from kyutai_stt.settings import Settings
 
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        for problem in exc.errors():
+            name = str(problem["loc"][0]) if problem["loc"] else "?"
+            err.print(f"[red]error:[/red] --{name.replace('_', '-')} / KYUTAI_STT_{name.upper()}: {problem['msg']} "
+                      f"(got {problem.get('input')!r})", highlight=False)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -138,6 +138,12 @@ def test_mic_ctrl_c_flushes_the_last_words(tmp_path, server, reference, sounds):
         (w.text, round(w.start, 3), round(w.end, 3)) for w in want]
 
 
+def test_a_setting_out_of_range_is_a_usage_error_not_a_traceback():
+    result = kyutai_stt("serve", "--threads", "-1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--threads / KYUTAI_STT_THREADS" in " ".join(result.stderr.split()), result.stderr
+
+
 def test_cpu_threads_leave_a_core_to_the_rest_of_the_server(monkeypatch):
     import torch
 
