@@ -378,6 +378,13 @@ async def test_deepgram_mulaw_8k_and_utterance_end(keyed, reference, sounds):
     assert [w.punctuated_word for m in messages if isinstance(m, ListenV1Results) and m.is_final
             for w in m.channel.alternatives[0].words] == want
     assert ends and sum(getattr(m, "type", "") == "UtteranceEnd" for m in messages) == ends
+    # each UtteranceEnd's last_word_end is the end of the last final word before it (Deepgram's field)
+    last = None
+    for m in messages:
+        if isinstance(m, ListenV1Results) and m.is_final and m.channel.alternatives[0].words:
+            last = m.channel.alternatives[0].words[-1].end
+        elif getattr(m, "type", "") == "UtteranceEnd":
+            assert last is not None and m.last_word_end == pytest.approx(last, abs=1e-4)
 
 
 async def test_deepgram_turn_ends_after_the_turns_last_word(keyed, reference, bria):

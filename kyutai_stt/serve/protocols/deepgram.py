@@ -13,7 +13,8 @@ Mapping onto our session events:
   file's), which holds an end until the word being spelt is complete. A turn's end never comes before its last
   word is final: ``speech_final: true`` goes on the final result of the turn's last word (an empty final result
   when that word was already out), unless ``endpointing=false``; ``UtteranceEnd`` (when ``utterance_end_ms`` is
-  given) right after that result, with ``last_word_end`` the time the VAD decided. ``SpeechStarted``
+  given) right after that result, with ``last_word_end`` that word's end (Deepgram's field: the end of the last
+  word before the gap). ``SpeechStarted``
   (``vad_events=true``) with the first text of a turn.
 - ``Finalize``: the stream is flushed without ending (``flush.flush_now``, the minimal flush); the words final
   from then until its marker comes back (every word of the audio so far, the last one closed where the audio
@@ -255,6 +256,7 @@ class _Transcript:
         self.pieces: list[Text] = []  # the word being recognised
         self.speakers: list[int | None] = []  # of the words fed to the pairer, not yet final (diarize=true)
         self.cursor = 0.0  # end of the last final result
+        self.last_word_end = 0.0  # end of the last final word (an UtteranceEnd's last_word_end)
         self.in_turn = False
         self.speech_final_due = False  # the pending word is the last of a turn that has ended
         self.utterance_end_due: UtteranceEnd | None = None  # sent right after that word's final result
@@ -282,14 +284,17 @@ class _Transcript:
             self.held.append(result)
             return []
         message = self._results([result], True, end)
-        self.cursor = end
+        self.cursor = self.last_word_end = end
         return [message, *self._turn_ended()]
 
     def _turn_ended(self) -> list[BaseModel]:
-        """The turn's last word has gone out as final: its ``UtteranceEnd`` may follow."""
+        """The turn's last word has gone out as final: its ``UtteranceEnd`` may follow, at that word's end."""
         self.speech_final_due = False
         end, self.utterance_end_due = self.utterance_end_due, None
-        return [end] if end is not None else []
+        if end is None:
+            return []
+        end.last_word_end = round(self.last_word_end, 4)
+        return [end]
 
     def on_event(self, event) -> list[BaseModel]:
         out: list[BaseModel] = []
@@ -318,8 +323,7 @@ class _Transcript:
             self.in_turn = False
             self.speech_final_due = True
             if self.options.utterance_end:
-                self.utterance_end_due = UtteranceEnd(channel=self.channel_index,
-                                                      last_word_end=round(self.shift(event.time), 4))
+                self.utterance_end_due = UtteranceEnd(channel=self.channel_index, last_word_end=0.0)  # set when sent
             if self.words.pending is None and not self.finalizing:  # its last word is already out: say so now
                 if self.options.endpointing:
                     out.append(self._results([], True, self.cursor))
@@ -353,6 +357,7 @@ class _Transcript:
         audio since the last one: the words its tail spelt, or none)."""
         self.finalizing = max(0, self.finalizing - 1)
         words, self.held = self.held, []
+        self.last_word_end = words[-1].end if words else self.last_word_end
         end = max(words[-1].end if words else self.cursor, audio_end, self.cursor)
         message = self._results(words, True, end, from_finalize=True)
         self.cursor = end
@@ -364,7 +369,7 @@ class _Transcript:
         if not words:
             return []
         message = self._results(words, True, words[-1].end)
-        self.cursor = words[-1].end
+        self.cursor = self.last_word_end = words[-1].end
         return [message, *self._turn_ended()]
 
 
