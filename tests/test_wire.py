@@ -93,6 +93,12 @@ def test_deepgram_finals_tile_the_audio_and_a_finalize_covers_it_to_the_end():
     (after,) = transcript.on_event(WordEnd(stop_time=3.4))
     assert [(r.start, r.duration, r.from_finalize) for r in (first, done, after)] == [
         (0.0, 1.0, False), (1.0, 1.5, True), (2.5, 0.9, False)]
+    # in the rounded times the client reads too: Finalizes at 0.06256 s and 0.834125 s of audio
+    transcript = _Transcript(ListenOptions(), "request", "model", "uuid")
+    for audio_end in (0.06256, 0.834125):
+        transcript.finalize()
+        (last,) = transcript.finalized(audio_end)
+    assert (last.start, last.duration) == (0.0626, 0.7715)  # it ends at 0.8341: the end, rounded
 
 
 def test_the_client_and_the_wire_messages_import_no_torch_moshi_or_pyav():

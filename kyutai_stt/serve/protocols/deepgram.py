@@ -269,7 +269,8 @@ class _Transcript:
         if is_final and self.speech_final_due and self.options.endpointing:
             speech_final, self.speech_final_due = True, False
         start = self.cursor if is_final else (words[0].start if words else self.cursor)
-        return Results(channel_index=self.channel_index, duration=round(max(0.0, end - start), 4),
+        # from the rounded times: start + duration is the rounded end, so results tile in what the client reads
+        return Results(channel_index=self.channel_index, duration=round(max(0.0, round(end, 4) - round(start, 4)), 4),
                        start=round(start, 4), is_final=is_final,
                        speech_final=speech_final, from_finalize=from_finalize,
                        channel=ResultChannel(alternatives=[Alternative(
