@@ -78,6 +78,12 @@ def test_deepgram_finalize_ends_the_pending_word_where_the_client_audio_ended():
     assert (word.start, word.end, result.from_finalize) == (3.5, 4.0, True)
 
 
+def test_deepgram_plain_word_drops_punctuation_not_spaces():
+    from kyutai_stt.serve.protocols.deepgram import _plain
+
+    assert [_plain(t) for t in ("Hello!", "don't", "Brec brec,", "...")] == ["hello", "don't", "brec brec", "..."]
+
+
 def test_deepgram_finals_tile_the_audio_and_a_finalize_covers_it_to_the_end():
     """A final is "a transcript of all audio up to that point": a Finalize's result ends where the audio before it
     ended, after the silence that followed the last word, and the next result starts there."""

@@ -217,8 +217,9 @@ def rest_error(status: int, message: str, err_code: str, request_id: str) -> JSO
 
 
 def _plain(text: str) -> str:
-    """Deepgram's ``word``: lower case, without punctuation (``punctuated_word`` keeps the model's spelling)."""
-    return re.sub(r"[^\w'-]+", "", text.lower()) or text.lower()
+    """Deepgram's ``word``: lower case, without punctuation (``punctuated_word`` keeps the model's spelling). A
+    word the model spelt with a space inside (pieces with no padding between them) keeps it."""
+    return " ".join(re.sub(r"[^\w'\s-]+", "", text.lower()).split()) or text.lower()
 
 
 def _result_word(text: str, start: float, end: float, speaker: int | None = None) -> ResultWord:
