@@ -251,18 +251,18 @@ def transcribe(
                         TimeRemainingColumn(), console=err, disable=not show_progress)
     tasks = [progress.add_task(f.name, total=duration(a)) for f, a in zip(files, audios)]
 
+    def show(index: int, line: str) -> None:
+        line = f"{files[index].name}: {line}" if many else line
+        progress.console.print(line, highlight=False, soft_wrap=True) if show_progress else print(line, flush=True)
+
     def on_event(index: int, event) -> None:
         events[index].append(event)
         if isinstance(event, Step):
             progress.update(tasks[index], completed=min(duration(audios[index]), (event.step_idx + 1) * 0.08))
         elif isinstance(event, Word) and format == "text":
-            prefix = f"{files[index].name}: " if many else ""
-            progress.console.print(f"{prefix}[{event.start_time:8.2f}] {event.text}", highlight=False, soft_wrap=True) \
-                if show_progress else print(f"{prefix}[{event.start_time:8.2f}] {event.text}", flush=True)
+            show(index, f"[{event.start_time:8.2f}] {event.text}")
         elif isinstance(event, Text) and text_only and format == "text":  # seed: its pieces, no times
-            prefix = f"{files[index].name}: " if many else ""
-            progress.console.print(f"{prefix}{event.text.strip()}", highlight=False, soft_wrap=True) \
-                if show_progress else print(f"{prefix}{event.text.strip()}", flush=True)
+            show(index, event.text.strip())
 
     async def run_remote() -> None:
         from kyutai_stt.client import stream_events

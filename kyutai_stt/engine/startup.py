@@ -99,10 +99,10 @@ def set_cpu_threads(settings: Settings) -> int | None:
     if device_type(settings.device) != "cpu":
         return None
     threads = cpu_threads(settings)
-    if threads is not None and threads > (os.cpu_count() or threads):
-        log.warning("%d CPU threads for %d cores: threads beyond the cores only wait for each other (KYUTAI_STT_THREADS)",
-                    threads, os.cpu_count())
-    if threads is not None and threads != torch.get_num_threads():
+    if threads is not None:
+        if threads > (os.cpu_count() or threads):
+            log.warning("%d CPU threads for %d cores: threads beyond the cores only wait for each other "
+                        "(KYUTAI_STT_THREADS)", threads, os.cpu_count())
         torch.set_num_threads(threads)
     return torch.get_num_threads()
 

@@ -260,7 +260,7 @@ class _Transcript:
         self.last_word_end = 0.0  # end of the last final word (an UtteranceEnd's last_word_end)
         self.in_turn = False
         self.speech_final_due = False  # the pending word is the last of a turn that has ended
-        self.utterance_end_due: UtteranceEnd | None = None  # sent right after that word's final result
+        self.utterance_end_due = False  # an UtteranceEnd goes right after that word's final result
         self.finalizing = 0  # Finalize requests whose flush is under way
         self.held: list[ResultWord] = []  # final words that came during them
         self.shift: Callable[[float], float] = lambda t: t
@@ -292,11 +292,8 @@ class _Transcript:
     def _turn_ended(self) -> list[BaseModel]:
         """The turn's last word has gone out as final: its ``UtteranceEnd`` may follow, at that word's end."""
         self.speech_final_due = False
-        end, self.utterance_end_due = self.utterance_end_due, None
-        if end is None:
-            return []
-        end.last_word_end = round(self.last_word_end, 4)
-        return [end]
+        due, self.utterance_end_due = self.utterance_end_due, False
+        return [UtteranceEnd(channel=self.channel_index, last_word_end=round(self.last_word_end, 4))] if due else []
 
     def on_event(self, event) -> list[BaseModel]:
         out: list[BaseModel] = []
@@ -325,7 +322,7 @@ class _Transcript:
             self.in_turn = False
             self.speech_final_due = True
             if self.options.utterance_end:
-                self.utterance_end_due = UtteranceEnd(channel=self.channel_index, last_word_end=0.0)  # set when sent
+                self.utterance_end_due = True
             if self.words.pending is None and not self.finalizing:  # its last word is already out: say so now
                 if self.options.endpointing:
                     out.append(self._results([], True, self.cursor))
@@ -359,8 +356,9 @@ class _Transcript:
         audio since the last one: the words its tail spelt, or none)."""
         self.finalizing = max(0, self.finalizing - 1)
         words, self.held = self.held, []
-        self.last_word_end = words[-1].end if words else self.last_word_end
-        end = max(words[-1].end if words else self.cursor, audio_end, self.cursor)
+        if words:
+            self.last_word_end = words[-1].end
+        end = max(self.cursor, audio_end, *(w.end for w in words[-1:]))
         message = self._results(words, True, end, from_finalize=True)
         self.cursor = end
         return [message, *self._turn_ended()]

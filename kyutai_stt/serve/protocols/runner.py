@@ -203,10 +203,10 @@ async def feed_inputs(receive: Receive, send: Send, session: Session, translator
         try:
             message = await receive()
         except FinishThenClose:
-            # the server ends the stream (idle): what the decoder still holds (a resampler's last samples, a
-            # container's undecoded rest) is audio the client sent, finished like the rest before the close
-            if translator.decoder is not None and not session.finished:
-                session.push_pcm(await asyncio.to_thread(translator.decoder.end))
+            # the server ends the stream (idle): the audio received is finished as at the client's own end, what
+            # the decoder still holds included (a resampler's last samples, a container's undecoded rest)
+            if not session.finished:
+                await apply(End())
             raise
         try:
             for item in translator.parse(message):
@@ -255,17 +255,18 @@ async def run_stream(ws: WebSocket, session: Session, translator: Translator) ->
         await forward_events(send, session, translator)
 
     try:
-        await _serve(ws, session, receive, forward, translator.protocol, lambda: end_now(session, translator.timeline))
+        await _serve(ws, session, receive, forward, translator.protocol)
     finally:
         if translator.decoder is not None:
             translator.decoder.close()  # a container decoder's helper thread
 
 
-async def _serve(ws: WebSocket, session: Session, receive, send, protocol: str, end: Callable[[], None]) -> None:
+async def _serve(ws: WebSocket, session: Session, receive, send, protocol: str) -> None:
     """Run the receive and send loops of one session, then clean up and close with a clear code.
 
-    ``receive`` returns once the client has ended its audio (the session then flushes), raises ``CloseSocket``
-    on bad input, or ``WebSocketDisconnect`` when the client is gone. ``send`` forwards events and returns after
+    ``receive`` returns once the client has ended its audio (the session then flushes), raises
+    ``FinishThenClose`` once it has ended it itself (idle: the same end, then that close), ``CloseSocket`` on bad
+    input, or ``WebSocketDisconnect`` when the client is gone. ``send`` forwards events and returns after
     the last one (or raises ``CloseSocket``). A client that stops reading is dropped once its backlog passes
     ``max_pending_events``: it never holds up the engine. The slot is always given back, whatever happens.
     """
@@ -281,8 +282,6 @@ async def _serve(ws: WebSocket, session: Session, receive, send, protocol: str, 
             raise PolicyViolation("client is not reading its results")
         first = receiver if receiver in done else sender
         exc = first.exception()
-        if first is receiver and isinstance(exc, FinishThenClose) and not session.finished:
-            end()  # finish the audio already received (``flush.end_now``), then close
         if first is receiver and (exc is None or isinstance(exc, FinishThenClose)):
             # The client ended its audio: the words still due come during the flush, which takes as long as the
             # buffered audio needs. Wait as long as the stream makes progress; give up only if it stalls.
