@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 import warnings
@@ -25,6 +26,29 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
         return json.dumps(payload, default=str)
+
+
+_QUERY = re.compile(r"(/[^\s?\"']*)\?[^\s\"']*")  # a path's query string
+
+
+class NoQueryStrings(logging.Filter):
+    """Takes the query strings out of uvicorn's own lines (a WebSocket's "[accepted]" line at INFO, the request
+    lines at DEBUG, its access log): a query may carry an API key (``api_key=``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = _QUERY.sub(r"\1", record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_QUERY.sub(r"\1", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def redact_uvicorn_logs() -> None:
+    """``NoQueryStrings`` on uvicorn's loggers (once per process)."""
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, NoQueryStrings) for f in logger.filters):
+            logger.addFilter(NoQueryStrings())
 
 
 def quiet_library_warnings() -> None:

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from kyutai_stt.engine.contract import Engine, NoFreeSlot
 from kyutai_stt.engine.startup import start_diarizer, start_engine
 from kyutai_stt.serve.keepalive import SendingPeerIsAlive
+from kyutai_stt.serve.logs import redact_uvicorn_logs
 from kyutai_stt.serve.metrics import Metrics
 from kyutai_stt.serve.service import Service, get_service
 from kyutai_stt.serve.uploads import HttpProblem, problem_response, server_busy
@@ -150,7 +151,8 @@ class GracefulServer(uvicorn.Server):
 
 def uvicorn_config(app: FastAPI | None, settings: Settings) -> uvicorn.Config:
     """uvicorn as every server process runs it: keepalive pings that never cut off a client still sending
-    (``keepalive``), message cap, our own access log."""
+    (``keepalive``), message cap, our own access log, no query string (an API key) in uvicorn's lines."""
+    redact_uvicorn_logs()
     return uvicorn.Config(app, host=settings.host, port=settings.port, ws=SendingPeerIsAlive,
                           ws_max_size=settings.max_message_bytes, ws_ping_interval=settings.ping_interval_s,
                           ws_ping_timeout=2 * settings.ping_interval_s, access_log=False, log_config=None)
